@@ -1,0 +1,746 @@
+"""
+gpt_numpy.py: a Llama-style transformer language model in NumPy, with every gradient written by hand.
+
+What this is: one file you can read top to bottom. Token embedding, RoPE, causal multi-head attention,
+RMSNorm or LayerNorm, a SwiGLU feed-forward, the LM head and softmax cross-entropy; each forward with
+its backward right beside it. Then the model, gradient checkpointing, AdamW and generation with a KV
+cache. The contract (parameter names, shapes, conventions) is SPEC.md; the README says where it lives.
+
+What it deliberately is not: no autograd, no framework, no classes where a function will do. The only
+state is the parameter dict, the optimizer-state dict and the KV cache.
+
+References: Llama (Touvron et al. 2023), RoFormer / RoPE (Su et al. 2021), GLU variants / SwiGLU
+(Shazeer 2020), RMSNorm (Zhang & Sennrich 2019), AdamW (Loshchilov & Hutter 2019), gradient
+checkpointing (Chen et al. 2016).
+
+Legend: B batch, T time, C d_model, nh heads, hs head size (C // nh), F d_ff, V vocab, L layers.
+Convention: weights multiply from the right, y = x @ W with W shaped (in, out).
+"""
+
+from dataclasses import dataclass, asdict
+import math
+
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------------
+# The backend switch. `xp` is the array namespace every function below uses: NumPy here; gpt_cupy.py
+# loads this same file as a second module and sets `xp` to CuPy. Nothing else knows which one runs.
+
+xp = np
+
+
+def set_backend(module):
+    """Make every function in this module compute with `module` (numpy or cupy)."""
+    global xp
+    xp = module
+
+
+def to_device(a):
+    """Host (NumPy) array -> array of the current backend. A no-op on NumPy."""
+    return xp.asarray(a)
+
+
+def to_host(a):
+    """Backend array -> NumPy array (copies from the GPU on CuPy; synchronizes)."""
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+NORMS = ("rmsnorm", "layernorm")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65          # V: number of token ids, e.g. 65 (characters) or 50304 (GPT-2 BPE)
+    n_layer: int = 4              # L: transformer blocks, e.g. 4 .. 12
+    n_head: int = 4               # nh: attention heads; head size hs = d_model // n_head must be even
+    d_model: int = 128            # C: width of the residual stream, e.g. 128 .. 768
+    d_ff: int = 344               # F: SwiGLU hidden width, typically about 8/3 * d_model
+    max_seq_len: int = 64         # longest sequence the model takes, e.g. 64 .. 1024
+    norm: str = "rmsnorm"         # "rmsnorm" (Llama) or "layernorm" (GPT-2)
+    norm_eps: float = 1e-5        # epsilon inside the norm's square root
+    rope_theta: float = 10000.0   # RoPE base; inv_freq[j] = theta^(-2j/hs)
+    tie_embeddings: bool = True   # LM head is tok_emb.T (True) or its own (C, V) matrix (False)
+    dropout: float = 0.0          # dropout rate during training, e.g. 0.0 .. 0.2
+    checkpoint: bool = False      # gradient checkpointing: recompute each block in the backward pass
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.d_model % self.n_head != 0:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if (self.d_model // self.n_head) % 2 != 0:
+            raise ValueError(f"head size d_model / n_head = {self.d_model // self.n_head} must be even "
+                             f"for RoPE (it rotates pairs of dimensions)")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}: choose one of {', '.join(NORMS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+
+    @property
+    def head_size(self):
+        return self.d_model // self.n_head
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameters
+
+def param_shapes(cfg):
+    """The weights table of SPEC.md: {name: shape}, in a fixed order."""
+    C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    ln = cfg.norm == "layernorm"
+    shapes = {"tok_emb": (V, C)}
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        shapes[p + "norm1.weight"] = (C,)
+        if ln:
+            shapes[p + "norm1.bias"] = (C,)
+        shapes[p + "attn.qkv"] = (C, 3 * C)
+        shapes[p + "attn.proj"] = (C, C)
+        shapes[p + "norm2.weight"] = (C,)
+        if ln:
+            shapes[p + "norm2.bias"] = (C,)
+        shapes[p + "ffn.w_gate"] = (C, F)
+        shapes[p + "ffn.w_up"] = (C, F)
+        shapes[p + "ffn.w_down"] = (F, C)
+    shapes["norm_f.weight"] = (C,)
+    if ln:
+        shapes["norm_f.bias"] = (C,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (C, V)
+    return shapes
+
+
+def init_params(cfg, seed=0, dtype=np.float32):
+    """Fresh weights: normal(0, 0.02) matrices, residual outputs scaled by 1/sqrt(2L), norms 1 and 0.
+
+    The random numbers come from a host (NumPy) generator in float64, so CPU and GPU runs, and float32
+    and float64 runs, start from the same weights.
+    """
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith(".weight"):                    # norm gains
+            w = np.ones(shape)
+        elif name.endswith(".bias"):                    # layernorm shifts
+            w = np.zeros(shape)
+        elif name.endswith(("attn.proj", "ffn.w_down")):  # residual branch outputs (GPT-2's scaling)
+            w = rng.normal(0.0, 0.02 / math.sqrt(2 * cfg.n_layer), shape)
+        else:                                           # tok_emb, qkv, w_gate, w_up, lm_head
+            w = rng.normal(0.0, 0.02, shape)
+        params[name] = to_device(w.astype(dtype))
+    return params
+
+
+def num_params(params):
+    return sum(int(p.size) for p in params.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layers. Each op: `out, cache = op_forward(...)` and `d_inputs... = op_backward(dout, cache)`.
+# The caller adds gradients where paths merge (the residual stream, the tied embedding).
+
+# Embedding: out[b, t] = W[ids[b, t]]
+def embedding_forward(ids, W):
+    out = W[ids]                                        # (B, T) -> (B, T, C)
+    return out, (ids, W.shape)
+
+
+def embedding_backward(dout, cache):
+    # forward was a row lookup, so each row of dW collects the gradients of every position using it.
+    # subtle: an id can repeat in a batch; `dW[ids] += dout` would keep only one of the updates.
+    # xp.add.at accumulates them all.
+    ids, shape = cache
+    dW = xp.zeros(shape, dtype=dout.dtype)              # (V, C)
+    xp.add.at(dW, ids.ravel(), dout.reshape(-1, shape[1]))
+    return dW
+
+
+# RMSNorm: y = x / sqrt(mean(x^2) + eps) * w, over the last axis.
+def rmsnorm_forward(x, w, eps):
+    rstd = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)   # (B, T, 1)
+    xhat = x * rstd                                                     # (B, T, C)
+    return xhat * w, (xhat, rstd, w)
+
+
+def rmsnorm_backward(dout, cache):
+    # forward: xhat = x * rstd, y = xhat * w. With g = dout * w, the gradient through rstd is
+    # dx = rstd * (g - xhat * mean(g * xhat)).
+    xhat, rstd, w = cache
+    dw = (dout * xhat).reshape(-1, xhat.shape[-1]).sum(axis=0)          # (C,)
+    g = dout * w                                                        # (B, T, C)
+    dx = g - xhat * (g * xhat).mean(axis=-1, keepdims=True)
+    dx *= rstd
+    return dx, dw
+
+
+# LayerNorm: y = (x - mean) / sqrt(var + eps) * w + b, population variance over the last axis.
+def layernorm_forward(x, w, b, eps):
+    mu = x.mean(axis=-1, keepdims=True)                                 # (B, T, 1)
+    xc = x - mu
+    rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)  # (B, T, 1)
+    xhat = xc * rstd                                                    # (B, T, C)
+    return xhat * w + b, (xhat, rstd, w)
+
+
+def layernorm_backward(dout, cache):
+    # as RMSNorm, plus the mean: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * w.
+    xhat, rstd, w = cache
+    C = xhat.shape[-1]
+    dw = (dout * xhat).reshape(-1, C).sum(axis=0)                       # (C,)
+    db = dout.reshape(-1, C).sum(axis=0)                                # (C,)
+    g = dout * w
+    dx = g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True)
+    dx *= rstd
+    return dx, dw, db
+
+
+def norm_forward(x, params, prefix, cfg):
+    """The block's norm by config: returns (y, cache)."""
+    if cfg.norm == "rmsnorm":
+        return rmsnorm_forward(x, params[prefix + ".weight"], cfg.norm_eps)
+    return layernorm_forward(x, params[prefix + ".weight"], params[prefix + ".bias"], cfg.norm_eps)
+
+
+def norm_backward(dout, cache, grads, prefix, cfg):
+    """Backward of norm_forward: writes the weight (and bias) gradients into `grads`, returns dx."""
+    if cfg.norm == "rmsnorm":
+        dx, grads[prefix + ".weight"] = rmsnorm_backward(dout, cache)
+    else:
+        dx, grads[prefix + ".weight"], grads[prefix + ".bias"] = layernorm_backward(dout, cache)
+    return dx
+
+
+# Matmul: y = x @ W, (..., in) @ (in, out) -> (..., out)
+def matmul_forward(x, W):
+    return x @ W, (x, W)
+
+
+def matmul_backward(dout, cache):
+    # forward was y = x @ W, so dx = dout @ W^T and dW = x^T @ dout, batch and time flattened into
+    # one large (in, B*T) @ (B*T, out) matmul.
+    x, W = cache
+    dx = dout @ W.T
+    dW = x.reshape(-1, W.shape[0]).T @ dout.reshape(-1, W.shape[1])
+    return dx, dW
+
+
+# RoPE, half-split convention (Hugging Face Llama): u' = u * cos + rotate_half(u) * sin, where
+# rotate_half(u) = concat(-u2, u1) for the halves u1, u2 of the head dimension, and the angles of
+# position p are p * theta^(-2j/hs) for j < hs/2, repeated twice along the last axis.
+def rope_tables(positions, hs, theta, dtype):
+    """cos and sin of shape (T, hs) for the given positions (host math in float64, then cast)."""
+    inv_freq = theta ** (-np.arange(0, hs, 2, dtype=np.float64) / hs)   # (hs/2,)
+    angle = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq   # (T, hs/2)
+    angle = np.concatenate([angle, angle], axis=-1)                      # (T, hs)
+    return to_device(np.cos(angle).astype(dtype)), to_device(np.sin(angle).astype(dtype))
+
+
+def rope_forward(u, cos, sin):
+    # u (B, nh, T, hs). Written per half so no rotated copy is made: with s = sin[:, :hs/2],
+    # out1 = u1 * cos - u2 * s and out2 = u2 * cos + u1 * s.
+    h = u.shape[-1] // 2
+    s = sin[:, :h]
+    out = u * cos
+    out[..., :h] -= u[..., h:] * s
+    out[..., h:] += u[..., :h] * s
+    return out
+
+
+def rope_backward(dout, cos, sin):
+    # forward is a rotation of each pair (u1[j], u2[j]) by angle a_j; its transpose rotates by -a_j:
+    # du1 = d1 * cos + d2 * s, du2 = d2 * cos - d1 * s.
+    h = dout.shape[-1] // 2
+    s = sin[:, :h]
+    du = dout * cos
+    du[..., :h] += dout[..., h:] * s
+    du[..., h:] -= dout[..., :h] * s
+    return du
+
+
+# Softmax over the last axis, in place. subtle: subtracting the row max first keeps exp() from
+# overflowing; it cancels in the ratio.
+def softmax_(a):
+    a -= a.max(axis=-1, keepdims=True)
+    xp.exp(a, out=a)
+    a /= a.sum(axis=-1, keepdims=True)
+    return a
+
+
+def softmax_backward_(dp, p):
+    # forward p = softmax(a): da = p * (dp - sum(dp * p)) along the row. Overwrites and returns dp.
+    dp -= (dp * p).sum(axis=-1, keepdims=True)
+    dp *= p
+    return dp
+
+
+# Dropout with inverted scaling: out = x * keep / (1 - p), keep ~ Bernoulli(1 - p).
+# Masks come from a generator seeded by (seed, layer, site), so the recomputation in gradient
+# checkpointing draws exactly the same masks as the first forward did.
+def dropout_mask(shape, p, key):
+    """Boolean keep-mask, or None when p == 0. `key` is a tuple of ints naming the call site."""
+    if p == 0.0:
+        return None
+    seed = int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+    return xp.random.default_rng(seed).random(shape, dtype=np.float32) >= p
+
+
+def dropout_forward(x, keep, p):
+    if keep is None:
+        return x
+    out = x * keep
+    out *= 1.0 / (1.0 - p)
+    return out
+
+
+def dropout_backward(dout, keep, p):
+    return dropout_forward(dout, keep, p)               # the same mask and scale, applied to dout
+
+
+# Causal multi-head attention with RoPE:
+#   q, k, v = split(x @ Wqkv); q, k = rope(q), rope(k)
+#   att = softmax(q k^T / sqrt(hs) + causal mask); y = dropout(att) @ v; out = merge(y) @ Wproj
+# With a KV cache (generation), the new k, v are written at positions pos.. and q attends to all of
+# the cache so far. Training calls it with kv=None, pos=0.
+def causal_mask(T, Tk, pos, dtype):
+    """(T, Tk) additive mask: 0 where query pos+i may see key j (j <= pos+i), -inf elsewhere."""
+    i = np.arange(T)[:, None] + pos
+    j = np.arange(Tk)[None, :]
+    return to_device(np.where(j <= i, 0.0, -np.inf).astype(dtype))
+
+
+def attention_forward(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv=None, pos=0):
+    B, T, C = x.shape
+    hs = C // n_head
+    qkv = x @ Wqkv                                                   # (B, T, C) @ (C, 3C) -> (B, T, 3C)
+    # split into q, k, v and heads: (B, T, 3, nh, hs) -> 3 x (B, nh, T, hs)
+    q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)
+    q = rope_forward(q, cos, sin)
+    q *= 1.0 / math.sqrt(hs)                                         # fold the 1/sqrt(hs) into q
+    k = rope_forward(k, cos, sin)
+    if kv is not None:                                               # generation: append to the cache
+        K, Vc = kv
+        K[:, :, pos:pos + T] = k
+        Vc[:, :, pos:pos + T] = v
+        k, v = K[:, :, :pos + T], Vc[:, :, :pos + T]
+    att = q @ k.transpose(0, 1, 3, 2)                                # (B, nh, T, hs) @ (.., hs, Tk) -> (B, nh, T, Tk)
+    # subtle: the causal mask is added before the softmax, so masked scores become exp(-inf) = 0.
+    # Scores are softmaxed in float32 or wider even when the inputs are half precision.
+    att = att.astype(xp.promote_types(att.dtype, np.float32), copy=False)
+    att += causal_mask(T, att.shape[-1], pos, att.dtype)
+    softmax_(att)
+    keep = dropout_mask(att.shape, p_drop, key)
+    att_d = dropout_forward(att, keep, p_drop).astype(x.dtype, copy=False)
+    y = att_d @ v                                                    # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs)
+    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)                     # merge heads -> (B, T, C)
+    out = y @ Wproj                                                  # (B, T, C) @ (C, C) -> (B, T, C)
+    return out, (x, Wqkv, Wproj, cos, sin, q, k, v, att, keep, att_d, y, p_drop)
+
+
+def attention_backward(dout, cache):
+    x, Wqkv, Wproj, cos, sin, q, k, v, att, keep, att_d, y, p_drop = cache
+    B, nh, T, hs = q.shape
+    C = nh * hs
+    # forward: out = y @ Wproj
+    dy, dWproj = matmul_backward(dout, (y, Wproj))
+    dy = dy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)             # split heads -> (B, nh, T, hs)
+    # forward: y = att_d @ v, so datt_d = dy @ v^T and dv = att_d^T @ dy
+    datt = dy @ v.transpose(0, 1, 3, 2)                              # (B, nh, T, T)
+    dv = att_d.transpose(0, 1, 3, 2) @ dy                            # (B, nh, T, hs)
+    datt = dropout_backward(datt, keep, p_drop)
+    # forward: att = softmax(scores); masked entries have att = 0, so they get no gradient
+    dscores = softmax_backward_(datt, att)
+    # forward: scores = q @ k^T (q already scaled), so dq = dscores @ k and dk = dscores^T @ q
+    dq = dscores @ k                                                 # (B, nh, T, hs)
+    dk = dscores.transpose(0, 1, 3, 2) @ q                           # (B, nh, T, hs)
+    dq *= 1.0 / math.sqrt(hs)
+    # merge q, k, v gradients back into one (B, T, 3C) array, undoing rope on q and k
+    dqkv = xp.empty((B, T, 3, nh, hs), dtype=dout.dtype)
+    dqkv[:, :, 0] = rope_backward(dq, cos, sin).transpose(0, 2, 1, 3)
+    dqkv[:, :, 1] = rope_backward(dk, cos, sin).transpose(0, 2, 1, 3)
+    dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)
+    dx, dWqkv = matmul_backward(dqkv.reshape(B, T, 3 * C), (x, Wqkv))
+    return dx, dWqkv, dWproj
+
+
+# SwiGLU feed-forward: out = (silu(x @ Wg) * (x @ Wu)) @ Wd, silu(a) = a * sigmoid(a).
+def swiglu_forward(x, Wg, Wu, Wd):
+    a = x @ Wg                                           # (B, T, C) @ (C, F) -> (B, T, F)
+    b = x @ Wu                                           # (B, T, F)
+    sig = 1.0 / (1.0 + xp.exp(-a))                      # sigmoid(a)
+    h = a * sig                                          # silu(a)
+    h *= b                                               # (B, T, F)
+    out = h @ Wd                                         # (B, T, F) @ (F, C) -> (B, T, C)
+    return out, (x, Wg, Wu, Wd, a, b, sig, h)
+
+
+def swiglu_backward(dout, cache):
+    x, Wg, Wu, Wd, a, b, sig, h = cache
+    # forward: out = h @ Wd
+    dh, dWd = matmul_backward(dout, (h, Wd))            # (B, T, F)
+    # forward: h = silu(a) * b, so db = dh * silu(a) and da = dh * b * silu'(a),
+    # silu'(a) = sig * (1 + a * (1 - sig))
+    db = dh * a
+    db *= sig                                            # dh * silu(a)
+    da = dh
+    da *= b
+    da *= sig * (1.0 + a * (1.0 - sig))
+    # forward: a = x @ Wg and b = x @ Wu; both paths reach x
+    dx, dWg = matmul_backward(da, (x, Wg))
+    dx_b, dWu = matmul_backward(db, (x, Wu))
+    dx += dx_b
+    return dx, dWg, dWu, dWd
+
+
+# Cross-entropy fused with softmax: loss = mean over positions with target != -1 of
+# logsumexp(logits) - logits[target]; its gradient is (softmax(logits) - onehot(target)) / n.
+def cross_entropy_forward(logits, targets):
+    V = logits.shape[-1]
+    logits = logits.reshape(-1, V)                       # (N, V), N = B * T
+    targets = targets.reshape(-1)                        # (N,)
+    valid = targets >= 0                                 # subtle: -1 marks positions to ignore
+    n = int(valid.sum())
+    t = xp.where(valid, targets, 0)                      # a harmless index where ignored
+    rows = xp.arange(logits.shape[0])
+    probs = logits - logits.max(axis=-1, keepdims=True)  # max-shifted copy, becomes the softmax
+    picked = probs[rows, t]                              # shifted logit of the target, (N,)
+    xp.exp(probs, out=probs)
+    sumexp = probs.sum(axis=-1)                          # (N,)
+    nll = xp.log(sumexp) - picked                        # -log softmax[target], (N,)
+    loss = float((nll * valid).sum()) / n
+    probs /= sumexp[:, None]
+    return loss, (probs, t, valid, n, rows)
+
+
+def cross_entropy_backward(cache, dloss=1.0):
+    # Overwrites the cached probabilities: the cache is used once.
+    probs, t, valid, n, rows = cache
+    dlogits = probs
+    dlogits[rows, t] -= 1.0
+    dlogits *= (valid * (dloss / n)).astype(dlogits.dtype)[:, None]   # ignored rows -> 0
+    return dlogits                                       # (N, V)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model: blocks, then the whole forward and backward, mirroring each other in reverse.
+
+def block_forward(x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv=None, pos=0):
+    """One pre-norm block: x + Attn(Norm1(x)), then + SwiGLU(Norm2(x)). Returns (out, cache)."""
+    p = f"blocks.{i}."
+    h, c_n1 = norm_forward(x, params, p + "norm1", cfg)
+    a, c_attn = attention_forward(h, params[p + "attn.qkv"], params[p + "attn.proj"], cos, sin,
+                                  cfg.n_head, p_drop, (seed, i, 0), kv, pos)
+    keep_a = dropout_mask(a.shape, p_drop, (seed, i, 1))
+    x1 = x + dropout_forward(a, keep_a, p_drop)                       # residual, (B, T, C)
+    h2, c_n2 = norm_forward(x1, params, p + "norm2", cfg)
+    f, c_ffn = swiglu_forward(h2, params[p + "ffn.w_gate"], params[p + "ffn.w_up"], params[p + "ffn.w_down"])
+    keep_f = dropout_mask(f.shape, p_drop, (seed, i, 2))
+    out = x1 + dropout_forward(f, keep_f, p_drop)                     # residual, (B, T, C)
+    return out, (c_n1, c_attn, keep_a, c_n2, c_ffn, keep_f, p_drop)
+
+
+def block_backward(dout, cache, grads, i, cfg):
+    """Reverse of block_forward: writes this block's gradients into `grads`, returns dx."""
+    c_n1, c_attn, keep_a, c_n2, c_ffn, keep_f, p_drop = cache
+    p = f"blocks.{i}."
+    # forward: out = x1 + dropout(ffn(norm2(x1))): the residual passes dout straight to x1
+    df = dropout_backward(dout, keep_f, p_drop)
+    dh2, grads[p + "ffn.w_gate"], grads[p + "ffn.w_up"], grads[p + "ffn.w_down"] = swiglu_backward(df, c_ffn)
+    dx1 = dout + norm_backward(dh2, c_n2, grads, p + "norm2", cfg)
+    # forward: x1 = x + dropout(attn(norm1(x)))
+    da = dropout_backward(dx1, keep_a, p_drop)
+    dh, grads[p + "attn.qkv"], grads[p + "attn.proj"] = attention_backward(da, c_attn)
+    dx = dx1 + norm_backward(dh, c_n1, grads, p + "norm1", cfg)
+    return dx
+
+
+def lm_head(params, cfg):
+    """The (C, V) output matrix: tok_emb.T when tied (a view, no copy), else lm_head."""
+    return params["tok_emb"].T if cfg.tie_embeddings else params["lm_head"]
+
+
+def check_ids(ids, cfg, what="ids"):
+    """Raise ValueError unless ids is a (B, T) integer array with 1 <= T <= max_seq_len and every
+    id in [0, vocab_size). Checked on the host: CuPy would wrap a bad index silently."""
+    h = to_host(ids)
+    if h.ndim != 2:
+        raise ValueError(f"{what} must have shape (B, T), got shape {h.shape}")
+    if not np.issubdtype(h.dtype, np.integer):
+        raise ValueError(f"{what} must be integers, got dtype {h.dtype}")
+    B, T = h.shape
+    if B < 1 or T < 1:
+        raise ValueError(f"{what} must not be empty, got shape {h.shape}")
+    if T > cfg.max_seq_len:
+        raise ValueError(f"sequence length {T} exceeds max_seq_len {cfg.max_seq_len}: "
+                         f"T must be in [1, {cfg.max_seq_len}]")
+    lo, hi = int(h.min()), int(h.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token id {bad} out of range: ids must be in [0, {cfg.vocab_size})")
+
+
+def check_targets(targets, ids, cfg):
+    h = to_host(targets)
+    if h.shape != tuple(ids.shape):
+        raise ValueError(f"targets shape {h.shape} differs from ids shape {tuple(ids.shape)}")
+    if not np.issubdtype(h.dtype, np.integer):
+        raise ValueError(f"targets must be integers, got dtype {h.dtype}")
+    lo, hi = int(h.min()), int(h.max())
+    if lo < -1 or hi >= cfg.vocab_size:
+        bad = lo if lo < -1 else hi
+        raise ValueError(f"target {bad} out of range: targets must be in [0, {cfg.vocab_size}) or -1 (ignored)")
+    if hi < 0:
+        raise ValueError("every target is -1: the loss needs at least one position to predict")
+
+
+def model_forward(params, ids, cfg, train=False, seed=0):
+    """Embedding, L blocks, final norm, LM head. Returns (logits (B, T, V), cache).
+
+    With train=False: no dropout and nothing kept (cache is None). With train=True the cache keeps
+    every block's activations, or, with cfg.checkpoint, only each block's input.
+    """
+    ids = to_device(ids)
+    B, T = ids.shape
+    cos, sin = rope_tables(np.arange(T), cfg.head_size, cfg.rope_theta, params["tok_emb"].dtype)
+    p_drop = cfg.dropout if train else 0.0
+    x, c_emb = embedding_forward(ids, params["tok_emb"])                # (B, T, C)
+    blocks = []
+    for i in range(cfg.n_layer):
+        x_in = x
+        x, c = block_forward(x, params, i, cfg, cos, sin, p_drop, seed)
+        # gradient checkpointing: keep the block's input (B*T*C numbers) instead of its activations
+        # (roughly 10x as many, plus the (B, nh, T, T) attention), and recompute them in the backward.
+        blocks.append(x_in if cfg.checkpoint else c)
+    xf, c_nf = norm_forward(x, params, "norm_f", cfg)                   # (B, T, C)
+    logits = xf @ lm_head(params, cfg)                                  # (B, T, C) @ (C, V) -> (B, T, V)
+    if not train:
+        return logits, None
+    return logits, (c_emb, blocks, c_nf, xf, cos, sin, p_drop, seed)
+
+
+def model_backward(dlogits, cache, params, cfg):
+    """Reverse of model_forward for dlogits (B*T, V). Returns grads with params' keys and shapes."""
+    c_emb, blocks, c_nf, xf, cos, sin, p_drop, seed = cache
+    grads = {}
+    C = cfg.d_model
+    xf2 = xf.reshape(-1, C)                                             # (N, C)
+    # forward: logits = xf @ W_head, so dxf = dlogits @ W_head^T and dW_head = xf^T @ dlogits
+    W = lm_head(params, cfg)
+    dxf = (dlogits @ W.T).reshape(xf.shape)                             # (N, V) @ (V, C) -> (B, T, C)
+    if cfg.tie_embeddings:
+        dW_emb_head = dlogits.T @ xf2                                   # (V, N) @ (N, C) -> (V, C)
+    else:
+        grads["lm_head"] = xf2.T @ dlogits                              # (C, N) @ (N, V) -> (C, V)
+    dx = norm_backward(dxf, c_nf, grads, "norm_f", cfg)
+    for i in reversed(range(cfg.n_layer)):
+        c = blocks[i]
+        if cfg.checkpoint:                                              # recompute the activations
+            _, c = block_forward(c, params, i, cfg, cos, sin, p_drop, seed)
+        dx = block_backward(dx, c, grads, i, cfg)
+        blocks[i] = None                                                # free as we go
+    dW_emb = embedding_backward(dx, c_emb)
+    if cfg.tie_embeddings:
+        dW_emb += dW_emb_head                                           # tied: both uses add up
+    grads["tok_emb"] = dW_emb
+    return {k: grads[k] for k in params}                                # params' key order
+
+
+def forward(params, ids, cfg):
+    """Logits (B, T, V) for token ids (B, T), no dropout."""
+    check_ids(ids, cfg)
+    return model_forward(params, ids, cfg, train=False)[0]
+
+
+def loss_fn(params, ids, targets, cfg):
+    """Mean cross-entropy without dropout or gradients (evaluation)."""
+    check_ids(ids, cfg)
+    check_targets(targets, ids, cfg)
+    logits, _ = model_forward(params, ids, cfg, train=False)
+    return cross_entropy_forward(logits, to_device(targets))[0]
+
+
+def loss_and_grads(params, ids, targets, cfg, seed=0):
+    """Training loss (dropout on when cfg.dropout > 0, masks drawn from `seed`) and its gradients."""
+    check_ids(ids, cfg)
+    check_targets(targets, ids, cfg)
+    logits, cache = model_forward(params, ids, cfg, train=True, seed=seed)
+    loss, c_ce = cross_entropy_forward(logits, to_device(targets))
+    del logits                                                          # its buffer lives on in c_ce
+    dlogits = cross_entropy_backward(c_ce)
+    return loss, model_backward(dlogits, cache, params, cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer: AdamW (decoupled weight decay), gradient clipping, warmup + cosine schedule.
+# The state is a dict of plain arrays plus the step count, so a checkpoint restores it exactly.
+
+def adamw_init(params):
+    return {"t": 0,
+            "m": {k: xp.zeros_like(p) for k, p in params.items()},
+            "v": {k: xp.zeros_like(p) for k, p in params.items()}}
+
+
+def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
+    """One in-place AdamW update of every parameter.
+
+    m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  m^ = m / (1 - b1^t);  v^ = v / (1 - b2^t)
+    p = p - lr * wd * p  (matrices only: norm weights and biases are not decayed)
+    p = p - lr * m^ / (sqrt(v^) + eps)
+    """
+    state["t"] += 1
+    t = state["t"]
+    bc1 = 1.0 - beta1 ** t                               # bias corrections: m and v start at 0
+    bc2 = 1.0 - beta2 ** t
+    for k, p in params.items():
+        g, m, v = grads[k], state["m"][k], state["v"][k]
+        m *= beta1
+        m += (1.0 - beta1) * g                           # first moment: running mean of g
+        v *= beta2
+        v += (1.0 - beta2) * (g * g)                     # second moment: running mean of g^2
+        if weight_decay and p.ndim >= 2:
+            p *= 1.0 - lr * weight_decay                 # decoupled decay, before the Adam step
+        denom = xp.sqrt(v / bc2)
+        denom += eps
+        p -= (lr / bc1) * m / denom
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients in place so their global L2 norm is at most max_norm. Returns the norm
+    before clipping (a host float; inf or nan if a gradient is not finite)."""
+    norm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+    if max_norm and max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads.values():
+            g *= scale
+    return norm
+
+
+def lr_schedule(step, max_lr, min_lr, warmup, total):
+    """Linear warmup to max_lr over `warmup` steps, then cosine decay to min_lr at `total`."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    if step >= total:
+        return min_lr
+    frac = (step - warmup) / max(1, total - warmup)      # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (max_lr - min_lr)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation with a KV cache: each layer keeps the rotated keys and the values of every position so
+# far, so a new token costs one position's work instead of a full forward of the whole context.
+
+def kv_cache_init(cfg, dtype, batch=1):
+    shape = (batch, cfg.n_head, cfg.max_seq_len, cfg.head_size)
+    return [(xp.zeros(shape, dtype=dtype), xp.zeros(shape, dtype=dtype)) for _ in range(cfg.n_layer)]
+
+
+def forward_cached(params, ids, cfg, kv, pos):
+    """Logits (B, T, V) for new tokens ids (B, T) at positions pos .. pos+T-1, attending to the
+    cache; writes their keys and values into `kv`. Equals forward() on the whole context so far."""
+    ids = to_device(ids)
+    T = ids.shape[1]
+    cos, sin = rope_tables(np.arange(pos, pos + T), cfg.head_size, cfg.rope_theta, params["tok_emb"].dtype)
+    x = params["tok_emb"][ids]                                          # (B, T, C)
+    for i in range(cfg.n_layer):
+        x, _ = block_forward(x, params, i, cfg, cos, sin, kv=kv[i], pos=pos)
+    xf, _ = norm_forward(x, params, "norm_f", cfg)
+    return xf @ lm_head(params, cfg)                                    # (B, T, V)
+
+
+def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """Pick a token id from host logits (V,): greedy when temperature == 0, else a sample from
+    softmax(logits / temperature) restricted to the top_k ids and the top_p probability mass."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature == 0:
+        return int(np.argmax(logits))
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.size:
+        kth = np.partition(logits, -top_k)[-top_k]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cum = np.cumsum(probs[order])
+        cut = int(np.searchsorted(cum, top_p)) + 1      # smallest prefix whose mass reaches top_p
+        mask = np.zeros_like(probs)
+        mask[order[:cut]] = 1.0
+        probs = probs * mask
+        probs /= probs.sum()
+    return int(rng.choice(probs.size, p=probs))
+
+
+def generate_stream(params, ids, cfg, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                    seed=None, stop_ids=()):
+    """Yield new token ids one at a time after the prompt `ids` (a 1-D sequence of ints).
+
+    The context is cropped to its last max_seq_len tokens; once it is full, the cache is rebuilt from
+    the cropped context each step (RoPE positions restart at 0, as a fresh forward would see them).
+    """
+    ids = [int(i) for i in np.asarray(to_host(ids) if hasattr(ids, "shape") else ids).ravel()]
+    if not ids:
+        raise ValueError("generate needs a prompt of at least one token id")
+    check_ids(np.asarray([ids[-cfg.max_seq_len:]]), cfg, "prompt")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    rng = np.random.default_rng(seed)
+    stop = set(int(s) for s in (stop_ids or ()))
+    kv = kv_cache_init(cfg, params["tok_emb"].dtype)
+    ctx = ids[-cfg.max_seq_len:]
+    logits = forward_cached(params, np.asarray([ctx]), cfg, kv, 0)      # prefill the cache
+    pos = len(ctx)
+    for _ in range(max_new_tokens):
+        nxt = sample_next(to_host(logits[0, -1]), rng, temperature, top_k, top_p)
+        yield nxt
+        if nxt in stop:
+            return
+        ctx.append(nxt)
+        if pos < cfg.max_seq_len:                                       # room left: one new position
+            logits = forward_cached(params, np.asarray([[nxt]]), cfg, kv, pos)
+            pos += 1
+        else:                                                           # full: crop and re-prefill
+            ctx = ctx[-cfg.max_seq_len:]
+            logits = forward_cached(params, np.asarray([ctx]), cfg, kv, 0)
+
+
+def generate(params, ids, cfg, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
+             stop_ids=()):
+    """The prompt followed by up to max_new_tokens sampled ids, as a list of ints (stops early after a
+    stop id). temperature=0 is greedy decoding; a seed makes sampling reproducible."""
+    prompt = [int(i) for i in np.asarray(to_host(ids) if hasattr(ids, "shape") else ids).ravel()]
+    return prompt + list(generate_stream(params, prompt, cfg, max_new_tokens, temperature, top_k, top_p,
+                                         seed, stop_ids))
+
+
+# ----------------------------------------------------------------------------------------------------
+# A small demo: overfit one batch of random tokens, then generate from it.
+
+if __name__ == "__main__":
+    cfg = GPTConfig(vocab_size=32, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=16)
+    params = init_params(cfg, seed=0)
+    state = adamw_init(params)
+    data = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, cfg.max_seq_len + 1))
+    ids, targets = data[:, :-1], data[:, 1:]
+    for step in range(200):
+        loss, grads = loss_and_grads(params, ids, targets, cfg, seed=step)
+        clip_grad_norm(grads, 1.0)
+        adamw_step(params, grads, state, lr_schedule(step, 1e-2, 1e-3, 10, 200), weight_decay=0.0)
+        if step % 40 == 0 or step == 199:
+            print(f"step {step:3d}  loss {loss:.4f}")
+    print("memorised:", generate(params, ids[0, :4], cfg, 12, temperature=0))
+    print("target:   ", data[0, :16].tolist())
