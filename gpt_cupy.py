@@ -1,0 +1,113 @@
+"""
+gpt_cupy.py: the model of gpt_numpy.py, run on an NVIDIA GPU through CuPy.
+
+One source of truth: this file does not copy the model. It loads gpt_numpy.py a second time, as its own
+module object, and points that copy's array namespace `xp` at CuPy. Every function of gpt_numpy is
+then available here under the same name and runs on the GPU:
+
+    import gpt_cupy as gm                      # raises RuntimeError with a clear message without a GPU
+    params = gm.init_params(cfg, seed=0)       # same weights as gpt_numpy (drawn on the host)
+    loss, grads = gm.loss_and_grads(params, ids, targets, cfg)   # ids, targets: NumPy arrays are fine
+    host = {k: gm.to_host(v) for k, v in params.items()}         # back to NumPy for a checkpoint
+
+Installing CuPy: `pip install cupy-cuda12x[ctk]` (CUDA 12) or `cupy-cuda13x` (CUDA 13). The plain
+`cupy-cuda12x` wheel lacks NVRTC, which CuPy needs to compile its elementwise kernels; the `[ctk]`
+extra brings it.
+
+GPU-only options:
+    gm.enable_tf32(True)   # TF32 tensor-core matmuls for float32 (about 10 mantissa bits; off by default)
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+
+
+def _require_gpu():
+    try:
+        import cupy
+    except ImportError as e:
+        raise RuntimeError("the cupy backend needs CuPy: install it with `pip install cupy-cuda12x[ctk]` "
+                           "(CUDA 12) or `pip install cupy-cuda13x` (CUDA 13), or use --backend numpy"
+                           ) from e
+    try:
+        ok = cupy.cuda.is_available()                  # the probe that never raises
+    except Exception:                                  # a broken driver install
+        ok = False
+    if not ok:
+        raise RuntimeError("the cupy backend needs an NVIDIA GPU with a working CUDA driver, and none was "
+                           "found (cupy.cuda.is_available() is False); use --backend numpy")
+    return cupy
+
+
+cupy = _require_gpu()
+
+# Load gpt_numpy.py as a separate module, so that `import gpt_numpy` elsewhere stays on NumPy.
+_spec = importlib.util.spec_from_file_location("gpt_numpy_on_cupy", Path(__file__).with_name("gpt_numpy.py"))
+_model = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_model)
+_model.set_backend(cupy)
+
+# Re-export the model's public names: these are the very function objects of the CuPy copy, so they
+# look up `xp` (and each other) in that copy.
+globals().update({k: v for k, v in vars(_model).items() if not k.startswith("__")})
+model = _model
+
+
+def enable_tf32(on=True):
+    """Let float32 matmuls use TF32 tensor cores (faster; about 1e-3 relative precision)."""
+    from cupy._core import _routines_linalg as linalg
+    linalg.set_compute_type(cupy.float32, linalg.COMPUTE_TYPE_TF32 if on else linalg.COMPUTE_TYPE_DEFAULT)
+
+
+def synchronize():
+    """Wait for the GPU to finish queued work (for timing)."""
+    cupy.cuda.Stream.null.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU-only speed-ups: fused kernels that replace a chain of elementwise passes by one. Each is opt-in
+# (use_fused_kernels) and checked against the NumPy reference in tests/test_gpt_cupy.py on a GPU.
+
+# AdamW, one pass over p, g, m, v instead of about ten (see gpt_numpy.adamw_step for the math).
+_adamw_kernel = cupy.ElementwiseKernel(
+    "T g, T b1, T b2, T lr_bc1, T inv_bc2, T eps, T decay",
+    "T p, T m, T v",
+    """
+    m = b1 * m + (1 - b1) * g;                          // first moment
+    v = b2 * v + (1 - b2) * g * g;                      // second moment
+    p = p * decay - lr_bc1 * m / (sqrt(v * inv_bc2) + eps);
+    """,
+    "gpt_adamw_step")
+
+
+def fused_adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
+    """gpt_numpy.adamw_step in one kernel per parameter."""
+    state["t"] += 1
+    t = state["t"]
+    bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
+    for k, p in params.items():
+        decay = 1.0 - lr * weight_decay if (weight_decay and p.ndim >= 2) else 1.0
+        _adamw_kernel(grads[k], beta1, beta2, lr / bc1, 1.0 / bc2, eps, decay,
+                      p, state["m"][k], state["v"][k])
+
+
+# Embedding backward: CuPy's scatter_add is the atomic-add twin of numpy.add.at.
+def scatter_embedding_backward(dout, cache):
+    import cupyx
+    ids, shape = cache
+    dW = cupy.zeros(shape, dtype=dout.dtype)
+    cupyx.scatter_add(dW, ids.ravel(), dout.reshape(-1, shape[1]))
+    return dW
+
+
+_REFERENCE = {name: getattr(_model, name) for name in ("adamw_step", "embedding_backward")}
+_FUSED = {"adamw_step": fused_adamw_step, "embedding_backward": scatter_embedding_backward}
+
+
+def use_fused_kernels(on=True):
+    """Swap the fused kernels in (or back out). The model's functions call each other through the
+    module's globals, so replacing a name in the model copy changes every caller."""
+    for name, fn in (_FUSED if on else _REFERENCE).items():
+        setattr(_model, name, fn)
+        globals()[name] = fn
