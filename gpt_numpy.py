@@ -45,6 +45,26 @@ def to_host(a):
     return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
+def keep_freed_memory():
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS. Call it once
+    at the start of a CPU training script; returns False (and does nothing) off glibc.
+
+    Every step allocates and frees the same activations again. By default glibc unmaps big freed
+    blocks and trims the top of its heap, so the next step page-faults the memory back in and the
+    kernel zeroes each page (on a 2-core machine: 63 -> 47 ms per cpu-small step, 2 threads). Raising
+    the mmap and trim thresholds keeps the blocks in the heap, where the next step reuses them; the
+    process then holds on to its peak memory. Process-wide; host memory only (no effect on CuPy).
+    """
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                   # from glibc's malloc.h
+    mmap_ok = mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    return bool(mmap_ok and mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Config
 
@@ -160,16 +180,23 @@ def embedding_forward(ids, W):
 def embedding_backward(dout, cache):
     # forward was a row lookup, so each row of dW collects the gradients of every position using it.
     # subtle: an id can repeat in a batch; `dW[ids] += dout` would keep only one of the updates.
-    # xp.add.at accumulates them all.
+    # xp.add.at accumulates them all. It runs on the flat (V*C,) view with one index per number,
+    # idx = id * C + column: NumPy's add.at is several times faster on 1-D indices than on rows.
     ids, shape = cache
+    C = shape[1]
     dW = xp.zeros(shape, dtype=dout.dtype)              # (V, C)
-    xp.add.at(dW, ids.ravel(), dout.reshape(-1, shape[1]))
+    idx = ids.reshape(-1, 1) * C + xp.arange(C)         # (B*T, C): flat index of dW[id, c]
+    xp.add.at(dW.reshape(-1), idx.reshape(-1), dout.reshape(-1))
     return dW
 
 
 # RMSNorm: y = x / sqrt(mean(x^2) + eps) * w, over the last axis.
+# The row sums of products below are einsums: they read both arrays once and write no (B, T, C)
+# temporary, where `(x * x).mean(-1)` writes one and reads it back.
 def rmsnorm_forward(x, w, eps):
-    rstd = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)   # (B, T, 1)
+    C = x.shape[-1]
+    ms = xp.einsum("...c,...c->...", x, x)[..., None] / C             # mean(x^2), (B, T, 1)
+    rstd = 1.0 / xp.sqrt(ms + eps)                                      # (B, T, 1)
     xhat = x * rstd                                                     # (B, T, C)
     return xhat * w, (xhat, rstd, w)
 
@@ -178,32 +205,40 @@ def rmsnorm_backward(dout, cache):
     # forward: xhat = x * rstd, y = xhat * w. With g = dout * w, the gradient through rstd is
     # dx = rstd * (g - xhat * mean(g * xhat)).
     xhat, rstd, w = cache
-    dw = (dout * xhat).reshape(-1, xhat.shape[-1]).sum(axis=0)          # (C,)
+    C = xhat.shape[-1]
+    dw = xp.einsum("nc,nc->c", dout.reshape(-1, C), xhat.reshape(-1, C))   # sum over B, T of dout * xhat
     g = dout * w                                                        # (B, T, C)
-    dx = g - xhat * (g * xhat).mean(axis=-1, keepdims=True)
-    dx *= rstd
-    return dx, dw
+    gx = xp.einsum("...c,...c->...", g, xhat)[..., None] / C          # mean(g * xhat), (B, T, 1)
+    g -= xhat * gx
+    g *= rstd                                                           # g is now dx
+    return g, dw
 
 
 # LayerNorm: y = (x - mean) / sqrt(var + eps) * w + b, population variance over the last axis.
 def layernorm_forward(x, w, b, eps):
+    C = x.shape[-1]
     mu = x.mean(axis=-1, keepdims=True)                                 # (B, T, 1)
-    xc = x - mu
-    rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)  # (B, T, 1)
-    xhat = xc * rstd                                                    # (B, T, C)
-    return xhat * w + b, (xhat, rstd, w)
+    xhat = x - mu                                                       # centred x, (B, T, C)
+    var = xp.einsum("...c,...c->...", xhat, xhat)[..., None] / C      # (B, T, 1)
+    rstd = 1.0 / xp.sqrt(var + eps)                                     # (B, T, 1)
+    xhat *= rstd                                                        # (x - mean) * rstd
+    y = xhat * w
+    y += b
+    return y, (xhat, rstd, w)
 
 
 def layernorm_backward(dout, cache):
     # as RMSNorm, plus the mean: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * w.
     xhat, rstd, w = cache
     C = xhat.shape[-1]
-    dw = (dout * xhat).reshape(-1, C).sum(axis=0)                       # (C,)
+    dw = xp.einsum("nc,nc->c", dout.reshape(-1, C), xhat.reshape(-1, C))   # (C,)
     db = dout.reshape(-1, C).sum(axis=0)                                # (C,)
-    g = dout * w
-    dx = g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True)
-    dx *= rstd
-    return dx, dw, db
+    g = dout * w                                                        # (B, T, C)
+    gx = xp.einsum("...c,...c->...", g, xhat)[..., None] / C          # mean(g * xhat), (B, T, 1)
+    g -= g.mean(axis=-1, keepdims=True)
+    g -= xhat * gx
+    g *= rstd                                                           # g is now dx
+    return g, dw, db
 
 
 def norm_forward(x, params, prefix, cfg):
@@ -222,17 +257,25 @@ def norm_backward(dout, cache, grads, prefix, cfg):
     return dx
 
 
-# Matmul: y = x @ W, (..., in) @ (in, out) -> (..., out)
+# Matmul: y = x @ W, (..., in) @ (in, out) -> (..., out).
+# subtle: NumPy computes a 3-D (B, T, in) @ (in, out) as B separate (T, in) @ (in, out) products.
+# Flattening batch and time first makes it one (B*T, in) @ (in, out) call, which the BLAS runs
+# closer to its peak (reshape is free on a contiguous array).
+def matmul(x, W):
+    return (x.reshape(-1, W.shape[0]) @ W).reshape(*x.shape[:-1], W.shape[1])
+
+
 def matmul_forward(x, W):
-    return x @ W, (x, W)
+    return matmul(x, W), (x, W)
 
 
 def matmul_backward(dout, cache):
     # forward was y = x @ W, so dx = dout @ W^T and dW = x^T @ dout, batch and time flattened into
     # one large (in, B*T) @ (B*T, out) matmul.
     x, W = cache
-    dx = dout @ W.T
-    dW = x.reshape(-1, W.shape[0]).T @ dout.reshape(-1, W.shape[1])
+    dout2 = dout.reshape(-1, W.shape[1])                                # (N, out), N = B * T
+    dx = (dout2 @ W.T).reshape(x.shape)                                 # (N, out) @ (out, in) -> (B, T, in)
+    dW = x.reshape(-1, W.shape[0]).T @ dout2                            # (in, N) @ (N, out) -> (in, out)
     return dx, dW
 
 
@@ -247,25 +290,43 @@ def rope_tables(positions, hs, theta, dtype):
     return to_device(np.cos(angle).astype(dtype)), to_device(np.sin(angle).astype(dtype))
 
 
+def rope_wide(cos, sin, n):
+    """The (T, hs) tables widened to (T, n*hs) for n heads side by side on the last axis, with the
+    sign of rotate_half moved into sin: rotate_half(u) * sin = swap_halves(u) * [-sin1, sin2]."""
+    h = cos.shape[-1] // 2
+    sin = sin.copy()
+    sin[:, :h] *= -1                                                    # (T, hs)
+    return xp.tile(cos, n), xp.tile(sin, n)                             # 2 x (T, n*hs)
+
+
+def swap_halves(u, hs):
+    """concat(u2, u1) within every head of size hs on the last axis (a copy)."""
+    heads = u.reshape(*u.shape[:-1], u.shape[-1] // hs, 2, hs // 2)       # (..., n, 2, hs/2)
+    return heads[..., ::-1, :].reshape(u.shape)
+
+
 def rope_forward(u, cos, sin):
-    # u (B, nh, T, hs). Written per half so no rotated copy is made: with s = sin[:, :hs/2],
-    # out1 = u1 * cos - u2 * s and out2 = u2 * cos + u1 * s.
-    h = u.shape[-1] // 2
-    s = sin[:, :h]
-    out = u * cos
-    out[..., :h] -= u[..., h:] * s
-    out[..., h:] += u[..., :h] * s
+    # u (..., T, n*hs): one head, or several side by side on the last axis (attention rotates q and
+    # k of every head in one call); cos, sin (T, hs). Four passes over u's size, with long inner loops.
+    hs = cos.shape[-1]
+    cos_w, sin_w = rope_wide(cos, sin, u.shape[-1] // hs)
+    out = u * cos_w
+    rot = swap_halves(u, hs)
+    rot *= sin_w                                                        # rotate_half(u) * sin
+    out += rot
     return out
 
 
-def rope_backward(dout, cos, sin):
-    # forward is a rotation of each pair (u1[j], u2[j]) by angle a_j; its transpose rotates by -a_j:
-    # du1 = d1 * cos + d2 * s, du2 = d2 * cos - d1 * s.
-    h = dout.shape[-1] // 2
-    s = sin[:, :h]
-    du = dout * cos
-    du[..., :h] += dout[..., h:] * s
-    du[..., h:] -= dout[..., :h] * s
+def rope_backward(dout, cos, sin, out=None):
+    # forward: u' = u * cos + R(u) * sin with R(u) = concat(-u2, u1), a linear map whose transpose is
+    # R^T(d) = concat(d2, -d1) = -R(d). So du = dout * cos - R(dout * sin) = dout * cos - R(dout) * sin.
+    # `out` (may be dout itself) receives du.
+    hs = cos.shape[-1]
+    cos_w, sin_w = rope_wide(cos, sin, dout.shape[-1] // hs)
+    rot = swap_halves(dout, hs)                                         # before out overwrites dout
+    rot *= sin_w                                                        # R(dout) * sin
+    du = xp.multiply(dout, cos_w, out=out)
+    du -= rot
     return du
 
 
@@ -278,9 +339,12 @@ def softmax_(a):
     return a
 
 
-def softmax_backward_(dp, p):
+def softmax_backward_(dp, p, rowsum=None):
     # forward p = softmax(a): da = p * (dp - sum(dp * p)) along the row. Overwrites and returns dp.
-    dp -= (dp * p).sum(axis=-1, keepdims=True)
+    # rowsum: sum(dp * p) when the caller has a cheaper way to it (attention does).
+    if rowsum is None:
+        rowsum = xp.einsum("...j,...j->...", dp, p)[..., None]
+    dp -= rowsum
     dp *= p
     return dp
 
@@ -323,12 +387,13 @@ def causal_mask(T, Tk, pos, dtype):
 def attention_forward(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv=None, pos=0):
     B, T, C = x.shape
     hs = C // n_head
-    qkv = x @ Wqkv                                                   # (B, T, C) @ (C, 3C) -> (B, T, 3C)
-    # split into q, k, v and heads: (B, T, 3, nh, hs) -> 3 x (B, nh, T, hs)
-    q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)
-    q = rope_forward(q, cos, sin)
-    q *= 1.0 / math.sqrt(hs)                                         # fold the 1/sqrt(hs) into q
-    k = rope_forward(k, cos, sin)
+    qkv = matmul(x, Wqkv)                                            # (B, T, C) @ (C, 3C) -> (B, T, 3C)
+    # rotate q and k of every head in one call: their 2C columns sit side by side in each row of qkv
+    qk = rope_forward(qkv[:, :, :2 * C], cos, sin)                   # (B, T, 2C)
+    qk[:, :, :C] *= 1.0 / math.sqrt(hs)                              # fold the 1/sqrt(hs) into q
+    # split into heads: (B, T, nh, hs) -> (B, nh, T, hs), strided views (no copies)
+    q, k = qk.reshape(B, T, 2, n_head, hs).transpose(2, 0, 3, 1, 4)
+    v = qkv[:, :, 2 * C:].reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
     if kv is not None:                                               # generation: append to the cache
         K, Vc = kv
         K[:, :, pos:pos + T] = k
@@ -344,7 +409,7 @@ def attention_forward(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv
     att_d = dropout_forward(att, keep, p_drop).astype(x.dtype, copy=False)
     y = att_d @ v                                                    # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs)
     y = y.transpose(0, 2, 1, 3).reshape(B, T, C)                     # merge heads -> (B, T, C)
-    out = y @ Wproj                                                  # (B, T, C) @ (C, C) -> (B, T, C)
+    out = matmul(y, Wproj)                                           # (B, T, C) @ (C, C) -> (B, T, C)
     return out, (x, Wqkv, Wproj, cos, sin, q, k, v, att, keep, att_d, y, p_drop)
 
 
@@ -353,49 +418,63 @@ def attention_backward(dout, cache):
     B, nh, T, hs = q.shape
     C = nh * hs
     # forward: out = y @ Wproj
-    dy, dWproj = matmul_backward(dout, (y, Wproj))
+    dy, dWproj = matmul_backward(dout, (y, Wproj))                  # (B, T, C)
+    # The softmax backward needs, per row i, sum_j datt_ij * att_ij. With datt = dropout'(dy @ v^T)
+    # and y = att_d @ v, that sum is dy_i . y_i (head by head): a (B, T, C) product instead of a
+    # (B, nh, T, T) one (the "D" of FlashAttention's backward).
+    rowsum = xp.einsum("btnh,btnh->bnt", dy.reshape(B, T, nh, hs), y.reshape(B, T, nh, hs))[..., None]
     dy = dy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)             # split heads -> (B, nh, T, hs)
     # forward: y = att_d @ v, so datt_d = dy @ v^T and dv = att_d^T @ dy
     datt = dy @ v.transpose(0, 1, 3, 2)                              # (B, nh, T, T)
     dv = att_d.transpose(0, 1, 3, 2) @ dy                            # (B, nh, T, hs)
     datt = dropout_backward(datt, keep, p_drop)
     # forward: att = softmax(scores); masked entries have att = 0, so they get no gradient
-    dscores = softmax_backward_(datt, att)
+    dscores = softmax_backward_(datt, att, rowsum)
     # forward: scores = q @ k^T (q already scaled), so dq = dscores @ k and dk = dscores^T @ q
     dq = dscores @ k                                                 # (B, nh, T, hs)
     dk = dscores.transpose(0, 1, 3, 2) @ q                           # (B, nh, T, hs)
     dq *= 1.0 / math.sqrt(hs)
-    # merge q, k, v gradients back into one (B, T, 3C) array, undoing rope on q and k
+    # merge the q, k, v gradients back into one (B, T, 3C) array, then undo rope on the q and k
+    # columns in place
     dqkv = xp.empty((B, T, 3, nh, hs), dtype=dout.dtype)
-    dqkv[:, :, 0] = rope_backward(dq, cos, sin).transpose(0, 2, 1, 3)
-    dqkv[:, :, 1] = rope_backward(dk, cos, sin).transpose(0, 2, 1, 3)
+    dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)
+    dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)
     dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)
-    dx, dWqkv = matmul_backward(dqkv.reshape(B, T, 3 * C), (x, Wqkv))
+    dqkv = dqkv.reshape(B, T, 3 * C)
+    rope_backward(dqkv[:, :, :2 * C], cos, sin, out=dqkv[:, :, :2 * C])
+    dx, dWqkv = matmul_backward(dqkv, (x, Wqkv))
     return dx, dWqkv, dWproj
 
 
-# SwiGLU feed-forward: out = (silu(x @ Wg) * (x @ Wu)) @ Wd, silu(a) = a * sigmoid(a).
-def swiglu_forward(x, Wg, Wu, Wd):
-    a = x @ Wg                                           # (B, T, C) @ (C, F) -> (B, T, F)
-    b = x @ Wu                                           # (B, T, F)
-    sig = 1.0 / (1.0 + xp.exp(-a))                      # sigmoid(a)
-    h = a * sig                                          # silu(a)
-    h *= b                                               # (B, T, F)
-    out = h @ Wd                                         # (B, T, F) @ (F, C) -> (B, T, C)
-    return out, (x, Wg, Wu, Wd, a, b, sig, h)
+# SwiGLU feed-forward: out = (silu(a) * b) @ Wd with a = x @ Wg, b = x @ Wu, silu(a) = a * sigmoid(a).
+def swiglu_forward(x, Wg, Wu, Wd, recompute=False):
+    a = matmul(x, Wg)                                    # (B, T, C) @ (C, F) -> (B, T, F)
+    b = matmul(x, Wu)                                    # (B, T, F)
+    sig = xp.negative(a)                                 # sigmoid(a) = 1 / (1 + exp(-a)), in place
+    xp.exp(sig, out=sig)
+    sig += 1.0
+    xp.reciprocal(sig, out=sig)
+    silu = a                                             # a is not needed again: silu(a) overwrites it
+    silu *= sig
+    h = silu * b                                         # (B, T, F)
+    # recompute (checkpointing): only the cache is wanted, so the down projection is skipped
+    out = None if recompute else matmul(h, Wd)           # (B, T, F) @ (F, C) -> (B, T, C)
+    return out, (x, Wg, Wu, Wd, b, sig, silu, h)
 
 
 def swiglu_backward(dout, cache):
-    x, Wg, Wu, Wd, a, b, sig, h = cache
+    x, Wg, Wu, Wd, b, sig, silu, h = cache
     # forward: out = h @ Wd
     dh, dWd = matmul_backward(dout, (h, Wd))            # (B, T, F)
-    # forward: h = silu(a) * b, so db = dh * silu(a) and da = dh * b * silu'(a),
-    # silu'(a) = sig * (1 + a * (1 - sig))
-    db = dh * a
-    db *= sig                                            # dh * silu(a)
-    da = dh
+    # forward: h = silu(a) * b, so db = dh * silu(a) and da = dh * b * silu'(a), with
+    # silu'(a) = sig + a * sig * (1 - sig) = sig + silu * (1 - sig)
+    db = dh * silu
+    dsilu = 1.0 - sig
+    dsilu *= silu
+    dsilu += sig                                         # silu'(a)
+    da = dh                                              # dh is not needed again
     da *= b
-    da *= sig * (1.0 + a * (1.0 - sig))
+    da *= dsilu
     # forward: a = x @ Wg and b = x @ Wu; both paths reach x
     dx, dWg = matmul_backward(da, (x, Wg))
     dx_b, dWu = matmul_backward(db, (x, Wu))
@@ -419,7 +498,7 @@ def cross_entropy_forward(logits, targets):
     sumexp = probs.sum(axis=-1)                          # (N,)
     nll = xp.log(sumexp) - picked                        # -log softmax[target], (N,)
     loss = float((nll * valid).sum()) / n
-    probs /= sumexp[:, None]
+    probs *= (1.0 / sumexp)[:, None]
     return loss, (probs, t, valid, n, rows)
 
 
@@ -435,8 +514,10 @@ def cross_entropy_backward(cache, dloss=1.0):
 # ----------------------------------------------------------------------------------------------------
 # Model: blocks, then the whole forward and backward, mirroring each other in reverse.
 
-def block_forward(x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv=None, pos=0):
-    """One pre-norm block: x + Attn(Norm1(x)), then + SwiGLU(Norm2(x)). Returns (out, cache)."""
+def block_forward(x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv=None, pos=0, recompute=False):
+    """One pre-norm block: x + Attn(Norm1(x)), then + SwiGLU(Norm2(x)). Returns (out, cache).
+    recompute=True (the checkpointed backward) wants only the cache: it returns (None, cache) and
+    skips the last matmul, SwiGLU's down projection, whose output the backward does not need."""
     p = f"blocks.{i}."
     h, c_n1 = norm_forward(x, params, p + "norm1", cfg)
     a, c_attn = attention_forward(h, params[p + "attn.qkv"], params[p + "attn.proj"], cos, sin,
@@ -444,10 +525,14 @@ def block_forward(x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv=None, pos=
     keep_a = dropout_mask(a.shape, p_drop, (seed, i, 1))
     x1 = x + dropout_forward(a, keep_a, p_drop)                       # residual, (B, T, C)
     h2, c_n2 = norm_forward(x1, params, p + "norm2", cfg)
-    f, c_ffn = swiglu_forward(h2, params[p + "ffn.w_gate"], params[p + "ffn.w_up"], params[p + "ffn.w_down"])
-    keep_f = dropout_mask(f.shape, p_drop, (seed, i, 2))
+    f, c_ffn = swiglu_forward(h2, params[p + "ffn.w_gate"], params[p + "ffn.w_up"], params[p + "ffn.w_down"],
+                              recompute)
+    keep_f = dropout_mask(x1.shape, p_drop, (seed, i, 2))
+    cache = (c_n1, c_attn, keep_a, c_n2, c_ffn, keep_f, p_drop)
+    if recompute:
+        return None, cache
     out = x1 + dropout_forward(f, keep_f, p_drop)                     # residual, (B, T, C)
-    return out, (c_n1, c_attn, keep_a, c_n2, c_ffn, keep_f, p_drop)
+    return out, cache
 
 
 def block_backward(dout, cache, grads, i, cfg):
@@ -520,10 +605,11 @@ def model_forward(params, ids, cfg, train=False, seed=0):
         x_in = x
         x, c = block_forward(x, params, i, cfg, cos, sin, p_drop, seed)
         # gradient checkpointing: keep the block's input (B*T*C numbers) instead of its activations
-        # (roughly 10x as many, plus the (B, nh, T, T) attention), and recompute them in the backward.
+        # (about 10 B*T*C + 4 B*T*F + the (B, nh, T, T) attention: 25x as many at C=384, T=256), and
+        # recompute them in the backward: one more forward of each block, about 1.3x the step time.
         blocks.append(x_in if cfg.checkpoint else c)
     xf, c_nf = norm_forward(x, params, "norm_f", cfg)                   # (B, T, C)
-    logits = xf @ lm_head(params, cfg)                                  # (B, T, C) @ (C, V) -> (B, T, V)
+    logits = matmul(xf, lm_head(params, cfg))                           # (B, T, C) @ (C, V) -> (B, T, V)
     if not train:
         return logits, None
     return logits, (c_emb, blocks, c_nf, xf, cos, sin, p_drop, seed)
@@ -546,7 +632,7 @@ def model_backward(dlogits, cache, params, cfg):
     for i in reversed(range(cfg.n_layer)):
         c = blocks[i]
         if cfg.checkpoint:                                              # recompute the activations
-            _, c = block_forward(c, params, i, cfg, cos, sin, p_drop, seed)
+            _, c = block_forward(c, params, i, cfg, cos, sin, p_drop, seed, recompute=True)
         dx = block_backward(dx, c, grads, i, cfg)
         blocks[i] = None                                                # free as we go
     dW_emb = embedding_backward(dx, c_emb)
@@ -597,6 +683,7 @@ def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight
     m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  m^ = m / (1 - b1^t);  v^ = v / (1 - b2^t)
     p = p - lr * wd * p  (matrices only: norm weights and biases are not decayed)
     p = p - lr * m^ / (sqrt(v^) + eps)
+    Every pass writes into m, v, p or one scratch array u: no temporaries.
     """
     state["t"] += 1
     t = state["t"]
@@ -604,21 +691,27 @@ def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight
     bc2 = 1.0 - beta2 ** t
     for k, p in params.items():
         g, m, v = grads[k], state["m"][k], state["v"][k]
+        u = xp.multiply(g, 1.0 - beta1)                  # the scratch array
         m *= beta1
-        m += (1.0 - beta1) * g                           # first moment: running mean of g
+        m += u                                           # first moment: running mean of g
+        xp.multiply(g, g, out=u)
+        u *= 1.0 - beta2
         v *= beta2
-        v += (1.0 - beta2) * (g * g)                     # second moment: running mean of g^2
+        v += u                                           # second moment: running mean of g^2
         if weight_decay and p.ndim >= 2:
             p *= 1.0 - lr * weight_decay                 # decoupled decay, before the Adam step
-        denom = xp.sqrt(v / bc2)
-        denom += eps
-        p -= (lr / bc1) * m / denom
+        xp.multiply(v, 1.0 / bc2, out=u)
+        xp.sqrt(u, out=u)
+        u += eps                                         # sqrt(v^) + eps
+        xp.divide(m, u, out=u)
+        u *= lr / bc1                                    # lr * m^ / (sqrt(v^) + eps)
+        p -= u
 
 
 def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place so their global L2 norm is at most max_norm. Returns the norm
     before clipping (a host float; inf or nan if a gradient is not finite)."""
-    norm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+    norm = math.sqrt(sum(float(xp.vdot(g.ravel(), g.ravel())) for g in grads.values()))
     if max_norm and max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for g in grads.values():
@@ -655,7 +748,7 @@ def forward_cached(params, ids, cfg, kv, pos):
     for i in range(cfg.n_layer):
         x, _ = block_forward(x, params, i, cfg, cos, sin, kv=kv[i], pos=pos)
     xf, _ = norm_forward(x, params, "norm_f", cfg)
-    return xf @ lm_head(params, cfg)                                    # (B, T, V)
+    return matmul(xf, lm_head(params, cfg))                             # (B, T, V)
 
 
 def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):

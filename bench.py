@@ -1,0 +1,409 @@
+"""
+bench.py: how fast gpt_numpy trains, measured against this machine's own float32 matmul peak.
+
+For each named config it times full training steps (loss_and_grads, clip_grad_norm, adamw_step) and
+prints the median ms/step after warm-up, tokens/s, the model FLOPs of a step, the achieved GFLOP/s,
+and the MFU: achieved GFLOP/s over the float32 matmul peak measured in the same process, with the same
+backend and thread count, between the timing trials (a (2048 x 2048) @ (2048 x 2048) float32 matmul,
+median of repeats). Each config runs in a fresh subprocess, so its peak memory is its own.
+
+    python bench.py --threads 2                               # cpu-small, cpu-mid, bpe-mid on NumPy
+    python bench.py --threads 1 --configs cpu-small --steps 30 --trials 5
+    python bench.py --threads 2 --checkpoint-activations      # adds checkpointed runs: time, memory ratios
+    python bench.py --threads 2 --memory                      # activation bytes, 8-layer config, +/- checkpointing
+    python bench.py --threads 2 --torch                       # adds PyTorch eager on the same model (if installed)
+    python bench.py --backend cupy --configs shakespeare-gpu,gpt2-small [--tf32]
+
+FLOPs per training step (model FLOPs, the PaLM / nanoGPT MFU convention; a multiply-add is 2 flops,
+the backward pass is 2x the forward, so a step is 3x the forward):
+
+    N_mm  = L * (4 C^2 + 3 C F) + C V        matmul weights: qkv 3C^2, proj C^2, gate, up, down 3CF,
+                                             LM head CV (counted even when tied to the embedding;
+                                             the embedding lookup itself is not a matmul and not counted)
+    step  = 6 * N_mm * tokens                weight matmuls, tokens = B * T
+          + 12 * L * T * C * tokens          attention: q k^T and att @ v, 2 * B * T^2 * C flops each per
+                                             layer in the forward; the full T x T (the causal half that
+                                             is masked out is not subtracted)
+
+Elementwise work (norms, RoPE, softmax, SwiGLU gating, AdamW) is not counted: it is the overhead.
+
+Memory:
+  peak RSS delta   ru_maxrss of the subprocess during the timed steps minus ru_maxrss just before the
+                   first step (after the weights, optimizer state, batch and matmul-peak buffers exist):
+                   activations, gradients, temporaries. Sound for NumPy buffers, which tracemalloc does
+                   not see reliably. On CuPy: the memory pool's high-water bytes instead.
+  activations      bytes of the distinct array buffers reachable from the cache that
+                   model_forward(..., train=True) returns (views of one buffer counted once; the
+                   parameters, which the cache also references, excluded): what is kept between the
+                   forward and the backward pass.
+
+The machine is shared and noisy: check `cat /proc/loadavg` (printed before and after each config), and
+compare MFU, a ratio against the peak measured in the same process, rather than raw times.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+# name: (V, L, H, C, F, T, B)
+CONFIGS = {
+    "cpu-small":       dict(V=65,    L=4,  H=4,  C=128, F=344,  T=64,   B=12),
+    "cpu-mid":         dict(V=65,    L=6,  H=6,  C=384, F=1024, T=256,  B=8),
+    "bpe-mid":         dict(V=4096,  L=6,  H=6,  C=384, F=1024, T=256,  B=8),
+    "shakespeare-gpu": dict(V=65,    L=6,  H=6,  C=384, F=1024, T=256,  B=64),
+    "gpt2-small":      dict(V=50304, L=12, H=12, C=768, F=2048, T=1024, B=8),
+    # the config of the activation-memory comparison: cpu-mid with 8 layers
+    "mem-8l":          dict(V=65,    L=8,  H=6,  C=384, F=1024, T=256,  B=8),
+}
+DEFAULT_CONFIGS = "cpu-small,cpu-mid,bpe-mid"
+MEMORY_CONFIG = "mem-8l"
+PEAK_N = 2048                                   # the peak matmul: (N x N) @ (N x N), float32
+
+
+def matmul_params(c):
+    """N_mm: weights that take part in a matmul, LM head included, embedding lookup excluded."""
+    return c["L"] * (4 * c["C"] ** 2 + 3 * c["C"] * c["F"]) + c["C"] * c["V"]
+
+
+def flops_per_step(c):
+    """6 * N_mm * tokens + 12 * L * T * C * tokens (see the docstring)."""
+    tokens = c["B"] * c["T"]
+    return 6 * matmul_params(c) * tokens + 12 * c["L"] * c["T"] * c["C"] * tokens
+
+
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The child: one config, one backend, one process.
+
+def maxrss_bytes():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # KiB on Linux
+
+
+def activation_bytes(cache, params):
+    """Bytes of the distinct buffers reachable from a model_forward cache, parameters excluded."""
+    def owner(a):                                   # the array that owns the memory a views
+        while getattr(a, "base", None) is not None and hasattr(a.base, "nbytes"):
+            a = a.base
+        return a
+    skip = {id(owner(p)) for p in params.values()}
+    found, stack = {}, [cache]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif hasattr(o, "nbytes") and hasattr(o, "shape"):
+            b = owner(o)
+            if id(b) not in skip:
+                found[id(b)] = b                    # keep b alive so its id stays unique
+    return sum(int(b.nbytes) for b in found.values())
+
+
+def child(a):
+    import numpy as np
+    out_malloc = False
+    if a.backend == "cupy":
+        import gpt_cupy as gm                       # raises RuntimeError with a clear message without a GPU
+        xp = gm.cupy
+        if a.tf32:
+            gm.enable_tf32(True)
+        sync = gm.synchronize
+    else:
+        import gpt_numpy as gm
+        xp = np
+        sync = lambda: None
+        if not a.no_malloc_tuning:
+            out_malloc = gm.keep_freed_memory()     # as a CPU training script should
+    c = CONFIGS[a.child]
+    cfg = gm.GPTConfig(vocab_size=c["V"], n_layer=c["L"], n_head=c["H"], d_model=c["C"], d_ff=c["F"],
+                       max_seq_len=c["T"], checkpoint=bool(a.ckpt))
+    out = {"config": a.child, "checkpoint": bool(a.ckpt), "backend": a.backend, "load_before": loadavg()}
+    if a.backend == "numpy":
+        out["malloc_tuned"] = bool(not a.no_malloc_tuning and out_malloc)
+
+    # the matmul peak: buffers made before the memory baseline
+    A = xp.asarray(np.random.default_rng(1).standard_normal((PEAK_N, PEAK_N), dtype=np.float32))
+    Bm = xp.asarray(np.random.default_rng(2).standard_normal((PEAK_N, PEAK_N), dtype=np.float32))
+    Cm = xp.empty_like(A)
+
+    def peak_gflops(reps=5):
+        xp.matmul(A, Bm, out=Cm)
+        sync()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            xp.matmul(A, Bm, out=Cm)
+            sync()
+            ts.append(time.perf_counter() - t0)
+        return 2 * PEAK_N ** 3 / float(np.median(ts)) / 1e9
+
+    params = gm.init_params(cfg, seed=0)
+    state = gm.adamw_init(params)
+    data = np.random.default_rng(0).integers(0, cfg.vocab_size, (c["B"], c["T"] + 1))
+    ids, targets = data[:, :-1], data[:, 1:]
+
+    def step():
+        loss, grads = gm.loss_and_grads(params, ids, targets, cfg)
+        gm.clip_grad_norm(grads, 1.0)
+        gm.adamw_step(params, grads, state, 1e-4)
+        return loss
+
+    peak_gflops(1)                                  # touches Cm and the BLAS buffers before the baseline
+    sync()
+    if a.backend == "cupy":
+        pool = xp.get_default_memory_pool()
+        base = pool.total_bytes()
+    rss0 = maxrss_bytes()
+    for _ in range(a.warmup):
+        step()
+    sync()
+    times, peaks, trial_ms = [], [], []
+    for _ in range(a.trials):
+        peaks.append(peak_gflops())
+        ts = []
+        for _ in range(a.steps):
+            t0 = time.perf_counter()
+            step()
+            sync()
+            ts.append(time.perf_counter() - t0)
+        times += ts
+        trial_ms.append(1e3 * float(np.median(ts)))
+    peaks.append(peak_gflops())
+    out["ms"] = 1e3 * float(np.median(times))
+    out["trial_ms"] = trial_ms
+    out["peak"] = float(np.median(peaks))
+    out["peak_range"] = [min(peaks), max(peaks)]
+    if a.backend == "cupy":
+        out["mem_bytes"] = int(pool.total_bytes() - base)
+        out["mem_method"] = "cupy pool bytes"
+    else:
+        out["mem_bytes"] = maxrss_bytes() - rss0
+        out["mem_method"] = "maxrss delta"
+
+    if a.activations:                               # bytes kept between forward and backward (after
+        _, cache = gm.model_forward(params, ids, cfg, train=True)      # the RSS measurement: it adds)
+        out["activation_bytes"] = activation_bytes(cache, params)
+        del cache
+    if a.torch and not a.ckpt:
+        loss_ref = gm.loss_fn(params, ids, targets, cfg)
+        out.update(torch_bench(a, c, params, ids, targets, peak_gflops, loss_ref))
+    out["load_after"] = loadavg()
+    print("RESULT " + json.dumps(out))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optional: the same architecture in PyTorch eager, same weights, same step (clip + AdamW).
+
+def torch_bench(a, c, params, ids, targets, peak_gflops, loss_ref):
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return {"torch": None}
+    import numpy as np
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
+    P = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in params.items()}
+    L, H, C, T = c["L"], c["H"], c["C"], c["T"]
+    hs = C // H
+    inv = 10000.0 ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv
+    ang = torch.cat([ang, ang], -1)
+    cos, sin = ang.cos().float(), ang.sin().float()
+    mask = torch.full((T, T), float("-inf")).triu(1)
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    def rope(u):
+        u1, u2 = u[..., :hs // 2], u[..., hs // 2:]
+        return u * cos + torch.cat([-u2, u1], -1) * sin
+
+    def loss_fn(ids, tg):
+        B = ids.shape[0]
+        x = P["tok_emb"][ids]
+        for i in range(L):
+            p = f"blocks.{i}."
+            h = rms(x, P[p + "norm1.weight"])
+            q, k, v = (h @ P[p + "attn.qkv"]).split(C, -1)
+            q, k, v = (z.view(B, T, H, hs).transpose(1, 2) for z in (q, k, v))
+            if a.torch_attention == "sdpa":            # PyTorch's fused (flash) CPU kernel
+                y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+            else:                                       # the same math as gpt_numpy, op by op
+                att = (rope(q) @ rope(k).transpose(-2, -1)) * hs ** -0.5 + mask
+                y = att.softmax(-1) @ v
+            x = x + y.transpose(1, 2).reshape(B, T, C) @ P[p + "attn.proj"]
+            h = rms(x, P[p + "norm2.weight"])
+            x = x + (F.silu(h @ P[p + "ffn.w_gate"]) * (h @ P[p + "ffn.w_up"])) @ P[p + "ffn.w_down"]
+        logits = rms(x, P["norm_f.weight"]) @ P["tok_emb"].T
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), tg.reshape(-1))
+
+    decay = [p for k, p in P.items() if p.ndim >= 2]
+    no_decay = [p for k, p in P.items() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+    ti, tt = torch.as_tensor(ids), torch.as_tensor(targets)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(ti, tt)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(P.values(), 1.0)
+        opt.step()
+
+    with torch.no_grad():                           # same weights, same batch: the same loss?
+        check = abs(float(loss_fn(ti, tt)) - float(loss_ref))
+    for _ in range(a.warmup):
+        step()
+    times, peaks = [], []
+    for _ in range(a.trials):
+        peaks.append(peak_gflops())
+        for _ in range(a.steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return {"torch": torch.__version__, "torch_loss_diff": check, "torch_ms": 1e3 * float(np.median(times)),
+            "torch_peak": float(np.median(peaks)), "torch_threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The parent: runs each config in a fresh subprocess with the thread count in its environment.
+
+def run_child(a, name, ckpt, activations=False):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--ckpt", str(int(ckpt)),
+           "--backend", a.backend, "--steps", str(a.steps), "--warmup", str(a.warmup),
+           "--trials", str(a.trials)]
+    cmd += ["--tf32"] if a.tf32 else []
+    cmd += ["--torch", "--torch-attention", a.torch_attention] if a.torch else []
+    cmd += ["--activations"] if activations else []
+    cmd += ["--no-malloc-tuning"] if a.no_malloc_tuning else []
+    env = dict(os.environ)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(a.threads)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    sys.stderr.write(p.stdout + p.stderr)
+    raise SystemExit(f"bench child for {name} failed (exit {p.returncode})")
+
+
+def fmt_bytes(n):
+    return f"{n / 2**20:8.1f} MiB"
+
+
+def row(r, c):
+    fl = flops_per_step(c)
+    s = r["ms"] / 1e3
+    gf = fl / s / 1e9
+    toks = c["B"] * c["T"] / s
+    return (f"{r['config']:<16} {'ckpt' if r['checkpoint'] else '-':<5} {r['ms']:9.1f} {toks:10.0f} "
+            f"{fl / 1e9:9.2f} {gf:8.1f} {r['peak']:8.1f} {100 * gf / r['peak']:6.1f}% "
+            f"{fmt_bytes(r['mem_bytes'])}  {min(r['trial_ms']):8.1f}-{max(r['trial_ms']):<8.1f} "
+            f"{r['load_before']} -> {r['load_after']}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="BLAS threads (OPENBLAS/OMP/MKL_NUM_THREADS of each subprocess); default: the "
+                         "environment's OPENBLAS_NUM_THREADS, else the number of CPUs")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per trial")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--trials", type=int, default=3, help="trials, each preceded by a peak measurement")
+    ap.add_argument("--checkpoint-activations", action="store_true",
+                    help="also run each config with activation checkpointing; print time and memory ratios")
+    ap.add_argument("--memory", action="store_true",
+                    help=f"activation bytes kept between forward and backward for {MEMORY_CONFIG} "
+                         "(8 layers) with and without checkpointing, and the step-time ratio")
+    ap.add_argument("--tf32", action="store_true", help="cupy: TF32 tensor-core matmuls (the peak too)")
+    ap.add_argument("--torch", action="store_true", help="add PyTorch eager on the same model, if installed")
+    ap.add_argument("--torch-attention", choices=("sdpa", "math"), default="sdpa",
+                    help="torch: F.scaled_dot_product_attention (fused, skips the masked half) or the "
+                         "explicit matmul / mask / softmax / matmul of gpt_numpy")
+    ap.add_argument("--no-malloc-tuning", action="store_true",
+                    help="numpy: leave glibc malloc as it is (by default the subprocess calls "
+                         "gpt_numpy.keep_freed_memory(), as a training script should)")
+    # internal: the per-config subprocess
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--activations", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(a)
+
+    a.threads = a.threads or int(os.environ.get("OPENBLAS_NUM_THREADS", 0) or os.cpu_count())
+    if a.backend == "cupy":                         # fail early, with gpt_cupy's message
+        try:
+            import gpt_cupy  # noqa: F401
+        except RuntimeError as e:
+            raise SystemExit(f"bench.py: {e}")
+    names = [MEMORY_CONFIG] if a.memory else [n.strip() for n in a.configs.split(",") if n.strip()]
+    for n in names:
+        if n not in CONFIGS:
+            raise SystemExit(f"unknown config {n!r}: choose from {', '.join(CONFIGS)}")
+    malloc = "" if a.backend != "numpy" else ("  malloc=default" if a.no_malloc_tuning else "  malloc=keep_freed_memory")
+    print(f"bench.py  backend={a.backend}{' tf32' if a.tf32 else ''}{malloc}  threads={a.threads}  "
+          f"steps={a.steps} x trials={a.trials} (after {a.warmup} warm-up)  cpus={os.cpu_count()}  "
+          f"load={loadavg()}")
+    print("FLOPs/step = 6 * N_mm * tokens + 12 * L * T * C * tokens, "
+          "N_mm = L * (4C^2 + 3CF) + CV, tokens = B * T")
+    print(f"peak = float32 ({PEAK_N}x{PEAK_N}) @ ({PEAK_N}x{PEAK_N}) matmul, median, same process; "
+          f"MFU = GFLOP/s / peak; mem = peak RSS delta over the steps (CuPy: pool bytes)")
+    head = (f"{'config':<16} {'ckpt':<5} {'ms/step':>9} {'tokens/s':>10} {'GFLOP':>9} {'GFLOP/s':>8} "
+            f"{'peak':>8} {'MFU':>7} {'mem':>12}  {'trial medians':<17} load before -> after")
+    print(head)
+    print("-" * len(head))
+    results = []
+    for n in names:
+        c = CONFIGS[n]
+        runs = [False, True] if (a.checkpoint_activations or a.memory) else [False]
+        rs = {}
+        for ck in runs:
+            rs[ck] = run_child(a, n, ck, activations=a.memory)
+            print(row(rs[ck], c), flush=True)
+        if True in rs:
+            r0, r1 = rs[False], rs[True]
+            mem_ratio = r0["mem_bytes"] / max(r1["mem_bytes"], 1)
+            print(f"{'':<16} checkpointing: time x{r1['ms'] / r0['ms']:.2f}, peak-RSS-delta memory "
+                  f"{mem_ratio:.1f}x less")
+        if a.memory:
+            r0, r1 = rs[False], rs[True]
+            b0, b1 = r0["activation_bytes"], r1["activation_bytes"]
+            print(f"\nactivations kept between forward and backward, {n} (L={c['L']}, C={c['C']}, "
+                  f"F={c['F']}, T={c['T']}, B={c['B']}, V={c['V']}):")
+            print(f"  without checkpointing {fmt_bytes(b0)}")
+            print(f"  with checkpointing    {fmt_bytes(b1)}   ({b0 / b1:.1f}x less)")
+            print(f"  step time with / without: {r1['ms']:.1f} / {r0['ms']:.1f} ms = x{r1['ms'] / r0['ms']:.2f}")
+            print("  (goal: at least 4x less memory for at most 1.35x the time)")
+        if a.torch and rs[False].get("torch_ms"):
+            r = rs[False]
+            fl = flops_per_step(c)
+            gf = fl / (r["torch_ms"] / 1e3) / 1e9
+            print(f"{'':<16} torch {r['torch']} ({r['torch_threads']} threads, {a.torch_attention} attention): "
+                  f"{r['torch_ms']:.1f} ms/step, "
+                  f"{gf:.1f} GFLOP/s, MFU {100 * gf / r['torch_peak']:.1f}% of peak {r['torch_peak']:.1f}; "
+                  f"numpy / torch time = {r['ms'] / r['torch_ms']:.2f} "
+                  f"(|loss difference| on the same weights {r['torch_loss_diff']:.1e})")
+        elif a.torch:
+            print(f"{'':<16} torch: not installed, column skipped")
+        results += rs.values()
+    return results
+
+
+if __name__ == "__main__":
+    main()
