@@ -1,0 +1,121 @@
+"""
+bench_bpe.py: how fast bpe.py trains and encodes, next to tiktoken (and Hugging Face's trainer) if installed.
+
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 RAYON_NUM_THREADS=1 python bench_bpe.py \
+        --corpus ../shared/data/gutenberg_mix.txt --vocab-size 32768 --trials 3
+
+Prints one table: training time split into its two passes (count chunks, merge), merges/s, and encoding
+speed in MB/s (1 MB = 10^6 bytes of UTF-8 input) for the tokenizer trained here and for GPT-2's, with
+tiktoken's speed on the same text and whether its ids are identical. Each row is the best of --trials
+runs (min is the least noisy on a shared machine) with the median beside it. Encoding starts from an
+empty chunk cache in every trial. The corpus is read from its path and never copied.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import bpe
+
+SHARED = Path(__file__).resolve().parents[1] / "shared" / "data"
+
+
+def timed(fn, trials):
+    """(result of the last run, best seconds, median seconds) over trials runs of fn()."""
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, min(times), statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default=str(SHARED / "gutenberg_mix.txt"), help="UTF-8 text file to train and encode")
+    p.add_argument("--vocab-size", type=int, default=32768, help="vocab size to train to (default 32768)")
+    p.add_argument("--pattern", default="gpt4", choices=sorted(bpe.PATTERNS), help="split pattern (default gpt4)")
+    p.add_argument("--gpt2-dir", default=str(SHARED / "gpt2"), help="folder with GPT-2's encoder.json, vocab.bpe")
+    p.add_argument("--trials", type=int, default=3, help="runs per measurement (default 3)")
+    p.add_argument("--hf", action="store_true", help="also time Hugging Face's Rust BPE trainer (tokenizers)")
+    args = p.parse_args()
+
+    corpus = Path(args.corpus)
+    if not corpus.is_file():
+        sys.exit(f"bench_bpe.py: error: no corpus at {corpus} (pass --corpus)")
+    text = corpus.read_text(encoding="utf-8", errors="surrogateescape")
+    mb = corpus.stat().st_size / 1e6
+    threads = {k: os.environ.get(k, "unset") for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "RAYON_NUM_THREADS")}
+    print(f"corpus {corpus} ({mb:.2f} MB), vocab {args.vocab_size}, pattern {args.pattern}, trials {args.trials}")
+    print(f"python {platform.python_version()}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cpus, threads: {threads} (bpe.py itself is single-threaded)")
+    rows = []  # (what, best, median, unit)
+
+    # train: pass 1 counts the chunks, pass 2 merges
+    counts, best, med = timed(lambda: bpe.count_chunks([corpus], args.pattern, progress=False), args.trials)
+    rows.append(("train: count chunks (s)", best, med))
+    n_merges = args.vocab_size - 256
+    merges, best_m, med_m = timed(lambda: bpe.train_merges(counts, n_merges, progress=False), args.trials)
+    rows.append(("train: merges (s)", best_m, med_m))
+    rows.append(("train: total (s)", best + best_m, med + med_m))
+    rows.append(("train: merges/s", len(merges) / best_m, len(merges) / med_m))
+    tok = bpe.Tokenizer(args.pattern, merges)
+    print(f"{len(counts)} distinct chunks, {len(merges)} merges")
+
+    def encode_speed(name, pattern, merges, special_tokens=None, byte_ids=None):
+        """Rows for our encoder (fresh cache each trial) and tiktoken on the same ranks."""
+        fresh = lambda: bpe.Tokenizer(pattern, merges, special_tokens, byte_ids)  # noqa: E731
+        toks = [fresh() for _ in range(args.trials)]  # built outside the timing
+        ids, best, med = timed(lambda: toks.pop().encode_ordinary(text), args.trials)
+        rows.append((f"encode {name}: bpe.py (MB/s)", mb / best, mb / med))
+        try:
+            import tiktoken
+        except ImportError:
+            rows.append((f"encode {name}: tiktoken", "not installed", ""))
+            return
+        t = fresh()
+        enc = tiktoken.Encoding(name, pat_str=t.pattern, mergeable_ranks=t.mergeable_ranks(),
+                                special_tokens=t.special_tokens)
+        ref, best, med = timed(lambda: enc.encode_ordinary(text), args.trials)
+        rows.append((f"encode {name}: tiktoken (MB/s)", mb / best, mb / med))
+        rows.append((f"encode {name}: ids identical", "yes" if ids == ref else "NO", f"{len(ids)} ids"))
+
+    encode_speed("trained", tok.pattern, tok.merges)
+    gpt2 = Path(args.gpt2_dir)
+    if (gpt2 / "encoder.json").is_file():
+        g = bpe.Tokenizer.from_gpt2_files(gpt2 / "encoder.json", gpt2 / "vocab.bpe")
+        encode_speed("gpt2", g.pattern, g.merges, g.special_tokens, g.byte_ids)
+    else:
+        rows.append(("encode gpt2", f"no files in {gpt2}", ""))
+
+    if args.hf:
+        try:
+            import tokenizers
+            from tokenizers import models, pre_tokenizers, trainers
+        except ImportError:
+            rows.append(("train: HF tokenizers (s)", "not installed", ""))
+        else:
+            def hf_train():
+                hf = tokenizers.Tokenizer(models.BPE())
+                hf.pre_tokenizer = pre_tokenizers.Sequence([
+                    pre_tokenizers.Split(tokenizers.Regex(tok.to_hf_json()["pre_tokenizer"]["pretokenizers"][0]
+                                                          ["pattern"]["Regex"]), "isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+                trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, show_progress=False,
+                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                hf.train([str(corpus)], trainer)
+            _, best, med = timed(hf_train, args.trials)
+            rows.append(("train: HF tokenizers, Rust (s)", best, med))
+
+    print(f"\n| {'measurement':<34} | {'best':>10} | {'median':>10} |\n|{'-' * 36}|{'-' * 12}|{'-' * 12}|")
+    for what, best, med in rows:
+        fmt = lambda v: f"{v:10.2f}" if isinstance(v, float) else f"{v:>10}"  # noqa: E731
+        print(f"| {what:<34} | {fmt(best)} | {fmt(med)} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,853 @@
+"""
+bpe.py: a byte-level BPE tokenizer in the style of GPT-2 and GPT-4, in pure Python (regex, numpy, tqdm).
+
+- The base vocabulary is the 256 byte values. Text is first cut into chunks by a regex (GPT-2's or GPT-4's
+  split pattern), and merges never cross a chunk boundary.
+- Training counts the distinct chunks once, reading files block by block, so memory follows the number of
+  distinct chunks, not the size of the corpus. Then it merges with incremental pair counts and a heap: a
+  merge touches only the chunks that contain its pair, and pairs are never recounted: about 4 s for a
+  32768-token vocabulary on 8 MB of English (bench_bpe.py), where recounting all pairs costs ~0.3 s a merge.
+- Encoding merges, inside each chunk, the adjacent pair whose concatenation has the lowest rank (rank =
+  token id), exactly as tiktoken does, with a cache for repeated chunks.
+- Interop: reads GPT-2's encoder.json + vocab.bpe; exports tiktoken's mergeable ranks and a Hugging Face
+  tokenizer.json that give the same ids as this file.
+
+    tok = Tokenizer.train(["input.txt"], vocab_size=4096, special_tokens=["<|endoftext|>"])
+    ids = tok.encode("hello world<|endoftext|>", allowed_special="all")
+    tok.decode(ids)                  # -> "hello world<|endoftext|>"
+    tok.save("tok.bpe"); tok = Tokenizer.load("tok.bpe")
+    gpt2 = Tokenizer.from_gpt2_files("encoder.json", "vocab.bpe")
+    gpt2.encode("Hello world")       # -> [15496, 995]
+
+Command line: `python bpe.py --help` (train, encode, decode).
+
+Text and bytes. Files are read as UTF-8 with errors="surrogateescape": an invalid byte becomes a lone
+surrogate (U+DC80..U+DCFF) that turns back into the same byte when its chunk is encoded, so a file that is
+not UTF-8 never crashes training or encoding, and decode_bytes(encode_file(f)) gives the file back byte for
+byte; encode_bytes(b) does the same for bytes in memory. decode(ids) returns str (invalid UTF-8 replaced by
+U+FFFD), decode_bytes(ids) the exact bytes. Any other lone surrogate in a str is not text; it is encoded as
+U+FFFD, as tiktoken does.
+
+Errors. Bad input (a vocab size too small, an empty corpus, a missing or unreadable file, a malformed
+tokenizer file, a special token where none is allowed) raises ValueError with a message naming the culprit.
+
+Tokenizer file (plain text, ASCII; strings JSON-quoted):
+    bpe-tokenizer v1
+    pattern "<split regex>"
+    bytes <256 ids>               the id of byte 0, 1, ..., 255 (0 1 ... 255 when trained here; GPT-2 permutes)
+    specials <S>
+    <id> "<special token>"        S lines
+    merges <M>
+    <left id> <right id>          M lines; merge i mints token 256 + i
+"""
+
+import argparse
+import codecs
+import heapq
+import json
+import os
+import sys
+import warnings
+from collections import Counter, defaultdict
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import regex
+from tqdm import tqdm
+
+# GPT-2's split pattern as tiktoken writes it (r50k_base). GPT-2's own encoder.py has
+#   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+# which gives the same chunks; the possessive form (++) runs ~25% faster in the regex package.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# GPT-4's (cl100k_base) split pattern, as tiktoken writes it: contractions in any case, a letter run may
+# take one leading non-letter, numbers in groups of at most 3 digits, punctuation keeps its newlines.
+GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+FORMAT = "bpe-tokenizer v1"  # first line of a tokenizer file
+MAX_CACHE = 1 << 20  # chunks remembered by the encoder before its cache is cleared
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def bytes_to_unicode():
+    """GPT-2's map from each byte to a printable character, the alphabet of encoder.json, vocab.bpe and
+    Hugging Face's byte-level vocabularies: printable Latin-1 bytes map to themselves, the other 68
+    (controls, space, ...) to chr(256), chr(257), ... in byte order.
+
+    >>> b2u = bytes_to_unicode()
+    >>> b2u[ord("A")], b2u[ord(" ")], b2u[ord("\\n")], len(set(b2u.values()))
+    ('A', 'Ġ', 'Ċ', 256)
+    """
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    out, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
+
+
+def to_bytes(text):
+    """The UTF-8 bytes of a str; lone surrogates made by errors="surrogateescape" turn back into the raw
+    bytes they stand for.
+
+    >>> to_bytes("é"), to_bytes(b"\\xff\\xfe".decode("utf-8", "surrogateescape"))
+    (b'\\xc3\\xa9', b'\\xff\\xfe')
+    >>> to_bytes("\\ud800")  # any other lone surrogate is not text: U+FFFD, as tiktoken does
+    b'\\xef\\xbf\\xbd'
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return regex.sub("[\ud800-\udc7f\udd00-\udfff]", "\ufffd", text).encode("utf-8", "surrogateescape")
+
+
+_LAST_CUT = regex.compile(r"(?r)[\p{L}\p{N}]\s")  # (?r): the regex package searches backwards: the last one
+
+
+def safe_cut(text, start=0):
+    r"""Where a long text can be cut so that chunking the two parts gives the same chunks as the whole: just
+    before the last whitespace character that follows a letter or digit (found at or after start); 0 if none.
+
+    Why this is safe for the GPT-2 and GPT-4 patterns: the chunk that holds that letter or digit (a word, a
+    number, a contraction) ends right there, and finds its end the same way whether whitespace or the end
+    of the text comes next, so the left part chunks as in the whole; the patterns never look behind, so the
+    right part, which starts with the whitespace, chunks as in the whole too. subtle: a cut after a newline
+    is not safe: GPT-2 chunks "x \na" as "x", " ", "\n", "a" but "x \n" alone as "x", " \n" (\s+(?!\S)
+    looks ahead). A custom pattern needs the same check (tests/test_bpe.py tries random texts).
+
+    >>> safe_cut("one two\nthree!\n"), safe_cut("!? \n")
+    (7, 0)
+    """
+    m = _LAST_CUT.search(text, max(start, 0))
+    return m.start() + 1 if m else 0
+
+
+def can_cut(special_tokens):
+    """Blocks may be cut unless a special token holds whitespace: a cut could fall inside one."""
+    return not any(regex.search(r"\s", s) for s in special_tokens)
+
+
+def read_text_blocks(path, block_size=1 << 22, cut=True, bar=None):
+    """Yield a file's text in blocks of about block_size bytes, each ending at a safe_cut, so a big file is
+    never held whole: at most one block and the tail carried into the next. UTF-8 with
+    errors="surrogateescape", through an incremental decoder so a character split between two reads stays
+    whole; no newline translation ("\\r\\n" stays as it is). subtle: a block with no safe cut (no letter or
+    digit followed by whitespace) is carried on, so such a file ends up read whole, as with cut=False.
+    bar: a tqdm bar to advance by the bytes read, once their text is handled.
+
+    >>> import tempfile; f = tempfile.NamedTemporaryFile(delete=False); _ = f.write(b"ab\\ncd\\n\\xff"); f.close()
+    >>> list(read_text_blocks(f.name, block_size=4))
+    ['ab', '\\ncd', '\\n\\udcff']
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+    tail = ""
+    try:
+        with open(path, "rb") as f:
+            while data := f.read(block_size):
+                text = tail + decoder.decode(data)
+                i = safe_cut(text, len(tail) - 1) if cut else 0  # earlier text held no cut
+                if i:
+                    yield text[:i]
+                tail = text[i:]
+                if bar is not None:
+                    bar.update(len(data))
+    except OSError as e:
+        raise ValueError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    tail += decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+def _read_text(path):
+    """A whole (small) file as str, strict UTF-8; ValueError naming the path if it cannot be read."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text: {e}") from None
+
+
+def _looks_like_path(s):
+    """A str with no whitespace ending in a file extension: 'data/input.txt' yes, 'hello world' no."""
+    return regex.fullmatch(r"\S+\.[A-Za-z][A-Za-z0-9]{0,4}", s) is not None
+
+
+def iter_texts(texts_or_paths, cut=True, bar=None):
+    """Yield the training texts: each item (or a single item) is a file or a text. An os.PathLike (such as
+    pathlib.Path) is a file; a str is a file if it names an existing file and a text otherwise, except that
+    a str with no whitespace ending in a file extension ("data/input.txt") that names no file raises
+    ValueError: it is surely a mistyped path. Files come in blocks (read_text_blocks).
+
+    >>> list(iter_texts("hello world")), list(iter_texts(["a b", "c d"]))
+    (['hello world'], ['a b', 'c d'])
+    """
+    if isinstance(texts_or_paths, (str, os.PathLike)):
+        texts_or_paths = [texts_or_paths]
+    for item in texts_or_paths:
+        if isinstance(item, os.PathLike) or (isinstance(item, str) and os.path.isfile(item)):
+            yield from read_text_blocks(item, cut=cut, bar=bar)
+        elif isinstance(item, str) and _looks_like_path(item):
+            raise ValueError(f"no such file: {item!r} (to train on it as a text, add a space to it)")
+        elif isinstance(item, str):
+            if bar is not None:
+                bar.update(len(item))
+            yield item
+        else:
+            raise ValueError(f"expected a str text or a file path, got {type(item).__name__}")
+
+
+def _special_regex(names):
+    """A regex matching any of the special tokens (longest first), or None for none."""
+    if not names:
+        return None
+    return regex.compile("|".join(regex.escape(s) for s in sorted(names, key=len, reverse=True)))
+
+
+def count_chunks(texts_or_paths, pattern="gpt4", special_tokens=(), progress=True):
+    """Count the distinct chunks of a corpus (texts and/or files, as in iter_texts): pass 1 of training.
+    Special tokens cut the text first and are not counted, so no chunk spans one.
+
+    >>> count_chunks(["hello world<|x|>hello"], special_tokens=["<|x|>"], progress=False)
+    Counter({'hello': 2, ' world': 1})
+    """
+    chunk_re = regex.compile(PATTERNS.get(pattern, pattern))
+    special_re = _special_regex(special_tokens)
+    counts = Counter()
+    with tqdm(desc="count chunks", unit="B", unit_scale=True, disable=not progress) as bar:
+        for text in iter_texts(texts_or_paths, can_cut(special_tokens), bar):
+            for part in special_re.split(text) if special_re else [text]:
+                counts.update(chunk_re.findall(part))
+    return counts
+
+
+def merge(ids, pair, new_id):
+    """Replace every occurrence of pair in ids by new_id, left to right, without overlaps.
+
+    >>> merge([97, 97, 97, 98], (97, 97), 256)
+    [256, 97, 98]
+    """
+    out, i, n = [], 0, len(ids)
+    a, b = pair
+    while i < n:
+        if i < n - 1 and ids[i] == a and ids[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def _inverted(b):
+    """A key that sorts byte strings in reverse, so a min-heap pops the greatest first: each byte c becomes
+    (1, 255 - c), and the end of the string (2,) sorts after any byte, so a prefix sorts after its
+    extensions. subtle: just 255 - c fails on prefixes, since b"a" < b"ab" must become key(b"a") > key(b"ab").
+
+    >>> sorted([b"a", b"ab", b"b", b""], key=_inverted)
+    [b'b', b'ab', b'a', b'']
+    """
+    return bytes(x for c in b for x in (1, 255 - c)) + b"\x02"
+
+
+def _inverted_concat(key_a, key_b):
+    """_inverted(a + b) from _inverted(a) and _inverted(b): drop a's end marker.
+
+    >>> _inverted_concat(_inverted(b"ab"), _inverted(b"c")) == _inverted(b"abc")
+    True
+    """
+    return key_a[:-1] + key_b
+
+
+def train_merges(chunk_counts, n_merges, progress=True):
+    """Pass 2 of training: learn up to n_merges merges from {chunk (str or bytes): count}, merge i making
+    token 256 + i. The pair with the highest count wins; a tie goes to the pair whose (left bytes, right
+    bytes) compares greater, a rule that does not depend on ids, so merges compare across implementations.
+    Stops early if no pair is left. Returns [(left id, right id), ...].
+
+    Instead of recounting all pairs at each merge, keep: the count of every pair, the set of chunks each
+    pair occurs in, and a heap of pairs by count. A merge then rewrites only the chunks that hold its pair
+    and fixes the counts of the pairs in those chunks. The heap is lazy: an entry's count is only an upper
+    bound, checked when popped. That works because counts only fall, except for pairs that contain the new
+    token, which are born in that merge and pushed once it is done.
+
+    Wikipedia's example, by hand: in "aaabdaaabac", (a, a) is the most frequent pair (4 times, overlaps
+    included) -> 256 = "aa", giving [256, a, b, d, 256, a, b, a, c]; then (256, a) and (a, b) both occur
+    twice, and b"aa" > b"a" so (256, a) wins -> 257 = "aaa"; then (257, b) -> 258 = "aaab".
+
+    >>> train_merges({"aaabdaaabac": 1}, 3, progress=False)
+    [(97, 97), (256, 97), (257, 98)]
+    """
+    words, counts = [], []  # each distinct chunk as a list of token ids, and how often it occurs
+    for chunk, n in chunk_counts.items():
+        ids = list(chunk if isinstance(chunk, bytes) else to_bytes(chunk))
+        if len(ids) > 1:  # a one-byte chunk has no pair to merge
+            words.append(ids)
+            counts.append(n)
+    keys = [_inverted(bytes([b])) for b in range(256)]  # heap tie-break key of each token's bytes
+    # count pairs, once, and remember which chunks each pair occurs in
+    stats, where = defaultdict(int), defaultdict(set)
+    for i, (ids, n) in enumerate(zip(words, counts)):
+        for pair in zip(ids, ids[1:]):
+            stats[pair] += n
+            where[pair].add(i)
+    heap = [(-n, keys[a], keys[b], (a, b)) for (a, b), n in stats.items()]
+    heapq.heapify(heap)
+    merges = []
+    bar = tqdm(total=n_merges, desc="merges", unit="merge", disable=not progress)
+    while len(merges) < n_merges and heap:
+        # find the most frequent pair: pop until an entry's count is up to date
+        neg_n, key_a, key_b, pair = heapq.heappop(heap)
+        n = stats.get(pair, 0)
+        if n != -neg_n:
+            if n > 0:  # stale entry: put it back with its true count
+                heapq.heappush(heap, (-n, key_a, key_b, pair))
+            continue
+        # mint a new token: its tie-break key is that of its bytes, b"aa" from b"a" + b"a"
+        a, b = pair
+        new_id = 256 + len(merges)
+        merges.append(pair)
+        keys.append(_inverted_concat(keys[a], keys[b]))
+        # merge it in every chunk that holds it; where[pair] may name chunks that lost the pair since
+        born = set()
+        for i in where.pop(pair):
+            ids, n = words[i], counts[i]
+            new_ids = merge(ids, pair, new_id)
+            if len(new_ids) == len(ids):
+                continue
+            # update pair counts: take out the chunk's old pairs, put in its new ones
+            for p in zip(ids, ids[1:]):
+                stats[p] -= n
+            for p in zip(new_ids, new_ids[1:]):
+                stats[p] += n
+                if new_id in p:  # a pair born in this merge
+                    where[p].add(i)
+                    born.add(p)
+            words[i] = new_ids
+        del stats[pair]
+        # push the pairs born in this merge, now that their counts are complete
+        for p in born:
+            heapq.heappush(heap, (-stats[p], keys[p[0]], keys[p[1]], p))
+        bar.update()
+    bar.close()
+    return merges
+
+
+def bpe(piece, ranks):
+    """Encode one chunk's bytes the way tiktoken does: repeatedly merge the adjacent pair whose
+    concatenation has the lowest rank (rank = token id; the leftmost on a tie) until none is in ranks.
+    For a tokenizer trained here that is exactly replaying the merges in order. A heap of candidate pairs
+    over a linked list of parts makes it O(n log n): a long chunk (a run of spaces, base64) stays fast,
+    where rescanning all pairs per merge is quadratic.
+
+    >>> ranks = {b"a": 97, b"b": 98, b"c": 99, b"ab": 256, b"abc": 257}
+    >>> bpe(b"abcab", ranks)
+    [257, 256]
+    """
+    get, n = ranks.get, len(piece)
+    parts = [piece[i : i + 1] for i in range(n)]
+    nxt = list(range(1, n + 1))  # linked list over the parts still alive: next and previous index
+    prv = list(range(-1, n - 1))
+    heap = [(r, i) for i in range(n - 1) if (r := get(piece[i : i + 2])) is not None]
+    heapq.heapify(heap)
+    while heap:
+        r, i = heapq.heappop(heap)
+        j = nxt[i]
+        # subtle: entries go stale as parts merge; one is valid iff the pair at i still has rank r
+        if j >= n or parts[i] is None or get(parts[i] + parts[j]) != r:
+            continue
+        # merge part j into part i, unlink j
+        parts[i] = merged = parts[i] + parts[j]
+        parts[j] = None
+        k = nxt[i] = nxt[j]
+        # the merged part makes new pairs with its neighbours
+        if k < n:
+            prv[k] = i
+            if (r := get(merged + parts[k])) is not None:
+                heapq.heappush(heap, (r, i))
+        if (h := prv[i]) >= 0 and (r := get(parts[h] + merged)) is not None:
+            heapq.heappush(heap, (r, h))
+    return [ranks[p] for p in parts if p is not None]
+
+
+def _ints(text, count, fail):
+    """Parse exactly count space-separated non-negative ints, or fail().
+
+    >>> _ints("3 4", 2, print)
+    [3, 4]
+    """
+    fields = text.split(" ")
+    if len(fields) != count or not all(f.isdigit() and f.isascii() for f in fields):
+        fail(f"{count} non-negative integer(s)")
+    return [int(f) for f in fields]
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer: a split pattern, 256 byte tokens, merges, and special tokens.
+
+    Token ids: byte_ids[b] for byte b (b itself when trained here), 256 + i for merge i, then the special
+    tokens. Build one with train, load or from_gpt2_files; the constructor only checks that no two tokens
+    have the same bytes and that the special tokens take the ids after the merges.
+    """
+
+    def __init__(self, pattern, merges, special_tokens=None, byte_ids=None):
+        self.pattern = PATTERNS.get(pattern, pattern)  # the split regex itself, not its name
+        self.merges = [tuple(m) for m in merges]  # merge i: (left id, right id) -> 256 + i
+        self.byte_ids = list(range(256)) if byte_ids is None else list(byte_ids)  # byte b -> its id
+        self.special_tokens = dict(special_tokens or {})  # str -> id
+        # every token's bytes, by id
+        vocab = [b""] * (256 + len(self.merges))
+        for b, i in enumerate(self.byte_ids):
+            vocab[i] = bytes([b])
+        for i, (a, b) in enumerate(self.merges):
+            vocab[256 + i] = vocab[a] + vocab[b]
+        # ranks, the inverse: bytes -> id. subtle: it must be one-to-one (tiktoken requires it); training
+        # here cannot make the same bytes twice (see train), but a hand-made file could
+        self._ranks = {t: i for i, t in enumerate(vocab)}
+        if len(self._ranks) < len(vocab):
+            dup = next(i for i, t in enumerate(vocab) if self._ranks[t] != i)
+            first = self._ranks[vocab[dup]]
+            raise ValueError(f"merge {dup - 256} makes {vocab[dup]!r}, which token {first} already is")
+        if sorted(self.special_tokens.values()) != list(range(len(vocab), len(vocab) + len(self.special_tokens))):
+            raise ValueError(f"special token ids must be {len(vocab)}, {len(vocab) + 1}, ... (after the merges)")
+        self._decoder = vocab + [None] * len(self.special_tokens)  # id -> bytes, specials included
+        for s, i in self.special_tokens.items():
+            self._decoder[i] = s.encode("utf-8")
+        self._chunk_re = regex.compile(self.pattern)
+        self._special_res = {}  # frozenset of special tokens -> regex finding them
+        self._cache = {}  # chunk -> its ids
+
+    def __repr__(self):
+        name = next((k for k, v in PATTERNS.items() if v == self.pattern), "custom")
+        return f"Tokenizer(vocab_size={self.vocab_size}, pattern={name!r}, special_tokens={list(self.special_tokens)})"
+
+    @property
+    def vocab_size(self):
+        """Number of token ids: 256 bytes + merges + special tokens."""
+        return 256 + len(self.merges) + len(self.special_tokens)
+
+    @property
+    def dtype(self):
+        """The smallest NumPy dtype that holds every id: uint16 up to 65536 tokens, else uint32."""
+        return np.uint16 if self.vocab_size <= 1 << 16 else np.uint32
+
+    # -- training ------------------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, texts_or_paths, vocab_size, pattern="gpt4", special_tokens=None, progress=True, verbose=None):
+        """Train on texts and/or files (see iter_texts: Path objects and str naming an existing file are
+        files, other str are texts; a single one may be passed alone). vocab_size counts the 256 bytes,
+        the merges and the special tokens, which get the last ids. pattern: "gpt4", "gpt2" or a regex.
+        Special tokens cut the text before chunking: no chunk, hence no merge, spans one. A corpus that
+        runs out of pairs stops early with a warning. verbose: another name for progress (tqdm bars).
+
+        Why two merges never make the same bytes (tiktoken needs bytes -> id one-to-one): while a span of a
+        chunk is covered by whole tokens, no merge has crossed its edges, so the merges inside it are
+        exactly those its bytes alone would go through. If merge r made bytes t, then t alone is one token
+        after merge r; so a span spelling t is one token after merge r too, and no later pair can spell t.
+        The constructor checks it anyway.
+        """
+        progress = progress if verbose is None else verbose
+        special_tokens = list(special_tokens or [])
+        if len(set(special_tokens)) < len(special_tokens) or not all(isinstance(s, str) and s for s in special_tokens):
+            raise ValueError(f"special tokens must be distinct non-empty strings, got {special_tokens!r}")
+        if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 256 + len(special_tokens):
+            raise ValueError(
+                f"vocab_size={vocab_size!r} is too small: it needs at least 256 (the bytes)"
+                f" + {len(special_tokens)} (special tokens) = {256 + len(special_tokens)}"
+            )
+        pattern = PATTERNS.get(pattern, pattern)
+        try:
+            regex.compile(pattern)
+        except regex.error as e:
+            raise ValueError(f"invalid split pattern {pattern!r}: {e}") from None
+        counts = count_chunks(texts_or_paths, pattern, special_tokens, progress)
+        if not counts:
+            raise ValueError("empty corpus: there is no text to train on")
+        n_merges = int(vocab_size) - 256 - len(special_tokens)
+        merges = train_merges(counts, n_merges, progress)
+        if len(merges) < n_merges:
+            warnings.warn(f"the corpus ran out of pairs after {len(merges)} of {n_merges} merges")
+        specials = {s: 256 + len(merges) + k for k, s in enumerate(special_tokens)}
+        return cls(pattern, merges, specials)
+
+    # -- encoding ------------------------------------------------------------------------------------
+
+    def _encode_chunk(self, chunk):
+        """One chunk's ids; a chunk that is a whole token (most English words) skips the merge loop."""
+        piece = to_bytes(chunk)
+        if (i := self._ranks.get(piece)) is not None:
+            return [i]
+        return bpe(piece, self._ranks)
+
+    def encode_ordinary(self, text):
+        """Encode text with no special tokens: a special token's text is encoded as ordinary text.
+
+        >>> Tokenizer("gpt4", [(104, 105)]).encode_ordinary("hi hi")
+        [256, 32, 256]
+        """
+        chunks = self._chunk_re.findall(text)
+        cache = self._cache
+        if len(cache) > MAX_CACHE:
+            cache.clear()
+        # encode each new distinct chunk once, then look every chunk up (the loop runs in C)
+        for chunk in set(chunks).difference(cache):
+            cache[chunk] = self._encode_chunk(chunk)
+        return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+
+    def encode_bytes(self, data):
+        """Encode arbitrary bytes as ordinary text, exactly: decode_bytes(encode_bytes(b)) == b.
+
+        >>> tok = Tokenizer("gpt4", []); tok.encode_bytes(b"a\\xff")
+        [97, 255]
+        """
+        return self.encode_ordinary(data.decode("utf-8", "surrogateescape"))
+
+    def _find_specials(self, names):
+        """Cached regex finding the special tokens in names."""
+        if names not in self._special_res:
+            self._special_res[names] = _special_regex(names)
+        return self._special_res[names]
+
+    def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
+        """Encode text with tiktoken's rules for special tokens: allowed_special ("all" or a set) become
+        their ids; any of disallowed_special ("all" = every special token not allowed; () = none) in the
+        text raises ValueError; the rest are encoded as ordinary text.
+
+        >>> tok = Tokenizer("gpt4", [], {"<|eot|>": 256})
+        >>> tok.encode("a<|eot|>", allowed_special="all")
+        [97, 256]
+        >>> tok.encode("a<|eot|>", disallowed_special=())
+        [97, 60, 124, 101, 111, 116, 124, 62]
+        """
+        names = set(self.special_tokens)
+        allowed = names if allowed_special == "all" else set(allowed_special)
+        if unknown := allowed - names:
+            raise ValueError(f"unknown special tokens {sorted(unknown)}; this tokenizer has {sorted(names)}")
+        disallowed = names - allowed if disallowed_special == "all" else set(disallowed_special)
+        if disallowed and (m := self._find_specials(frozenset(disallowed)).search(text)):
+            raise ValueError(
+                f"the text contains the special token {m.group()!r}: pass allowed_special={{{m.group()!r}}}"
+                " (or 'all') to encode it as that token, or disallowed_special=() to encode it as text"
+            )
+        if not allowed:
+            return self.encode_ordinary(text)
+        # cut at the allowed special tokens, encode the text between them
+        ids, start = [], 0
+        for m in self._find_specials(frozenset(allowed)).finditer(text):
+            ids += self.encode_ordinary(text[start : m.start()])
+            ids.append(self.special_tokens[m.group()])
+            start = m.end()
+        return ids + self.encode_ordinary(text[start:])
+
+    def encode_batch(self, texts, allowed_special=frozenset(), disallowed_special="all", progress=False):
+        """Encode a list of texts to a list of id lists (as tiktoken's encode_batch does). For one array:
+        np.array([i for ids in out for i in ids], dtype=tok.dtype)."""
+        return [self.encode(t, allowed_special, disallowed_special) for t in tqdm(texts, disable=not progress)]
+
+    def iter_encode_file(self, path, allowed_special=frozenset(), disallowed_special="all", progress=True,
+                         block_size=1 << 22):
+        """Stream a file's ids as NumPy arrays (dtype self.dtype), one per block of about block_size bytes
+        cut where chunking is unchanged (see safe_cut), so a big file is never held whole, nor twice:
+        concatenated, the blocks' ids equal encode(whole text)."""
+        with tqdm(total=os.path.getsize(path) if os.path.isfile(path) else None, desc="encode", unit="B",
+                  unit_scale=True, disable=not progress) as bar:
+            for text in read_text_blocks(path, block_size, can_cut(self.special_tokens), bar):
+                yield np.array(self.encode(text, allowed_special, disallowed_special), dtype=self.dtype)
+
+    def encode_file(self, path, allowed_special=frozenset(), disallowed_special="all", progress=True):
+        """A whole file's ids as one NumPy array of dtype self.dtype (uint16 up to 65536 tokens)."""
+        blocks = list(self.iter_encode_file(path, allowed_special, disallowed_special, progress))
+        return np.concatenate(blocks) if blocks else np.zeros(0, self.dtype)
+
+    # -- decoding ------------------------------------------------------------------------------------
+
+    def decode_bytes(self, ids):
+        """The exact bytes of a sequence of ids (a list or a NumPy array).
+
+        >>> Tokenizer("gpt4", [(104, 105)]).decode_bytes([256, 33, 255])
+        b'hi!\\xff'
+        """
+        ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)  # Python ints index a list fastest
+        try:
+            if not ids or min(ids) >= 0:  # subtle: a negative index would silently count from the end
+                return b"".join(map(self._decoder.__getitem__, ids))
+        except (IndexError, TypeError):
+            pass
+        bad = next(i for i in ids if not (isinstance(i, (int, np.integer)) and 0 <= i < self.vocab_size))
+        raise ValueError(f"token id {bad!r} is not in this tokenizer's vocabulary (size {self.vocab_size})")
+
+    def decode(self, ids):
+        """Decode ids to str; bytes that are not valid UTF-8 (a multi-byte character cut between tokens)
+        become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # -- files ---------------------------------------------------------------------------------------
+
+    def save(self, path):
+        """Write the tokenizer file (format in the module docstring)."""
+        lines = [FORMAT, f"pattern {json.dumps(self.pattern)}", "bytes " + " ".join(map(str, self.byte_ids))]
+        lines.append(f"specials {len(self.special_tokens)}")
+        lines += [f"{i} {json.dumps(s)}" for s, i in self.special_tokens.items()]
+        lines.append(f"merges {len(self.merges)}")
+        lines += [f"{a} {b}" for a, b in self.merges]
+        Path(path).write_text("\n".join(lines) + "\n", encoding="ascii", newline="\n")
+
+    @classmethod
+    def load(cls, path):
+        """Read a tokenizer file written by save; a malformed one raises ValueError naming the line."""
+        lines = _read_text(path).splitlines()
+        n = 0  # number of the line being read
+
+        def fail(expected):
+            raise ValueError(f"{path}, line {n}: expected {expected}, got {lines[n - 1][:100]!r}")
+
+        def take(key=None):
+            """The next line; with a key, the rest of a line that must start with that key and a space."""
+            nonlocal n
+            n += 1
+            if n > len(lines):
+                raise ValueError(f"{path}: the file ends at line {n - 1}, expected more")
+            if key is not None and not lines[n - 1].startswith(key + " "):
+                fail(f"a line starting with {key!r}")
+            return lines[n - 1][len(key) + 1 :] if key is not None else lines[n - 1]
+
+        if take() != FORMAT:
+            fail(f"the header {FORMAT!r} (is this a tokenizer file, and of this version?)")
+        try:
+            pattern = json.loads(take("pattern"))
+            regex.compile(pattern)
+        except (ValueError, TypeError, regex.error):
+            fail("pattern followed by a JSON-quoted valid regex")
+        byte_ids = _ints(take("bytes"), 256, fail)
+        if sorted(byte_ids) != list(range(256)):
+            fail("the ids 0..255 of the 256 bytes, each once")
+        specials = {}
+        for _ in range(_ints(take("specials"), 1, fail)[0]):
+            i, _sep, name = take().partition(" ")
+            try:
+                name = json.loads(name)
+            except ValueError:
+                fail('<id> "<special token>"')
+            if not isinstance(name, str) or not name or name in specials:
+                fail("a non-empty special token string, each once")
+            specials[name] = _ints(i, 1, fail)[0]
+        merges = []
+        for k in range(_ints(take("merges"), 1, fail)[0]):
+            a, b = _ints(take(), 2, fail)
+            if not (0 <= a < 256 + k and 0 <= b < 256 + k):
+                fail(f"two ids of earlier tokens (< {256 + k}) for merge {k}")
+            merges.append((a, b))
+        if n < len(lines):
+            n += 1
+            fail("the end of the file")
+        try:
+            return cls(pattern, merges, specials, byte_ids)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_gpt2_files(cls, encoder_json, vocab_bpe):
+        """GPT-2's original tokenizer from encoder.json (token string -> id) and vocab.bpe (merges in rank
+        order), both spelled in bytes_to_unicode's alphabet. Its byte ids are not byte-ordered ("!" is 0,
+        " " is 220), so they come from encoder.json; merge i must make id 256 + i, as in GPT-2's files;
+        ids after the merges (<|endoftext|> = 50256) are special tokens. Pattern: GPT-2's."""
+        try:
+            encoder = json.loads(_read_text(encoder_json))
+            b2u = bytes_to_unicode()
+            byte_ids = [encoder[b2u[b]] for b in range(256)]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{encoder_json}: not a GPT-2 encoder.json ({e})") from None
+        if sorted(byte_ids) != list(range(256)):
+            raise ValueError(f"{encoder_json}: the 256 single bytes must have the ids 0..255")
+        merges = []
+        for n, line in enumerate(_read_text(vocab_bpe).splitlines(), 1):
+            if line.startswith("#version") or not line:
+                continue
+            a, _, b = line.partition(" ")
+            if encoder.get(a + b) != 256 + len(merges) or a not in encoder or b not in encoder:
+                raise ValueError(
+                    f"{vocab_bpe}, line {n}: expected a merge of two tokens of {encoder_json} whose result"
+                    f" has id {256 + len(merges)}, got {line[:100]!r}"
+                )
+            merges.append((encoder[a], encoder[b]))
+        specials = {s: i for s, i in encoder.items() if i >= 256 + len(merges)}
+        return cls(GPT2_PATTERN, merges, specials, byte_ids)
+
+    # -- export --------------------------------------------------------------------------------------
+
+    def mergeable_ranks(self):
+        """tiktoken's mergeable_ranks: every non-special token's bytes -> its id (= its rank). So
+        tiktoken.Encoding(name, pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks(),
+        special_tokens=tok.special_tokens) encodes exactly as this tokenizer does."""
+        return dict(self._ranks)
+
+    def to_hf_json(self):
+        """A Hugging Face tokenizers tokenizer.json (as a dict) that encodes exactly as this tokenizer:
+        a BPE model over byte-level strings (bytes_to_unicode), split by the same regex ("Isolated": each
+        match is a piece), then ByteLevel without its own regex; special tokens are added tokens.
+        ignore_merges=True makes a chunk that is a whole token map to it directly, as tiktoken and
+        _encode_chunk do (for a tokenizer trained here the merges reach it anyway)."""
+        b2u = bytes_to_unicode()
+        spell = lambda t: "".join(b2u[b] for b in t)  # noqa: E731
+        n = 256 + len(self.merges)
+        # subtle: Oniguruma, HF's regex engine, reads GPT-4's "\p{N}{1,3}+" as "(\p{N}{1,3})+", any run of
+        # digits, not as possessive; at the end of an alternative, as there, "{1,3}" matches the same
+        pattern = regex.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", self.pattern)
+        return {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": [
+                {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": False, "special": True}
+                for s, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1])
+            ],
+            "normalizer": None,
+            "pre_tokenizer": {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+                ],
+            },
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {
+                "type": "BPE",
+                "dropout": None,
+                "unk_token": None,
+                "continuing_subword_prefix": None,
+                "end_of_word_suffix": None,
+                "fuse_unk": False,
+                "byte_fallback": False,
+                "ignore_merges": True,
+                "vocab": {spell(self._decoder[i]): i for i in range(n)},
+                # "left right": byte-level spellings never hold a real space (" " is spelled "Ġ")
+                "merges": [f"{spell(self._decoder[a])} {spell(self._decoder[b])}" for a, b in self.merges],
+            },
+        }
+
+    def save_hf_tokenizer_json(self, path):
+        """Write to_hf_json() to path, for tokenizers.Tokenizer.from_file(path)."""
+        Path(path).write_text(json.dumps(self.to_hf_json(), ensure_ascii=False), encoding="utf-8")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+EPILOG = """examples:
+  python bpe.py train --input ../shared/data/gutenberg_mix.txt --vocab-size 32768 --out tok.bpe
+  python bpe.py train --input a.txt b.txt --vocab-size 4096 --pattern gpt2 --special "<|endoftext|>" --out tok.bpe
+  python bpe.py encode --tokenizer tok.bpe --input book.txt --out book.bin
+  python bpe.py encode --gpt2-dir ../shared/data/gpt2 --text "Hello world"      # prints 15496 995
+  python bpe.py decode --tokenizer tok.bpe --input book.bin > book_again.txt
+
+A .bin file is the raw ids in native byte order, uint16 when the vocabulary has at most 65536 tokens,
+else uint32 (np.fromfile(path, dtype=np.uint16)); nothing else, like nanoGPT's train.bin.
+"""
+
+
+def _load_for_cli(args):
+    """The tokenizer named by --tokenizer or --gpt2-dir."""
+    if args.gpt2_dir:
+        return Tokenizer.from_gpt2_files(Path(args.gpt2_dir) / "encoder.json", Path(args.gpt2_dir) / "vocab.bpe")
+    return Tokenizer.load(args.tokenizer)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="bpe.py",
+        description="Byte-level BPE tokenizer (GPT-2/GPT-4 style): train one on text files, "
+        "encode files to token ids, decode ids back to text.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,encode,decode}")
+    p = sub.add_parser("train", help="train a tokenizer on text files", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a byte-level BPE tokenizer on UTF-8 text files and save it.")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="training text files")
+    p.add_argument("--vocab-size", type=int, required=True, metavar="N",
+                   help="tokens in all: 256 bytes + merges + special tokens")
+    p.add_argument("--out", required=True, metavar="PATH", help="where to write the tokenizer file")
+    p.add_argument("--pattern", default="gpt4", choices=sorted(PATTERNS), help="split regex (default: gpt4)")
+    p.add_argument("--special", nargs="*", default=[], metavar="TOKEN", help="special tokens, e.g. '<|endoftext|>'")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    for name, help_, desc in [
+        ("encode", "encode a file or a text to token ids",
+         "Encode a text file to a .bin of token ids (--out), or print the ids of --text or --input."),
+        ("decode", "decode a .bin of token ids to text",
+         "Decode a .bin of token ids and write the text's bytes to stdout."),
+    ]:
+        p = sub.add_parser(name, help=help_, description=desc, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        which = p.add_mutually_exclusive_group(required=True)
+        which.add_argument("--tokenizer", metavar="PATH", help="a tokenizer file written by train")
+        which.add_argument("--gpt2-dir", metavar="DIR", help="a folder with GPT-2's encoder.json and vocab.bpe")
+        if name == "encode":
+            src = p.add_mutually_exclusive_group(required=True)
+            src.add_argument("--input", metavar="FILE", help="text file to encode")
+            src.add_argument("--text", help="text to encode (ids go to stdout)")
+            p.add_argument("--out", metavar="FILE.bin", help="write the ids here instead of printing them")
+            p.add_argument("--allow-special", action="store_true",
+                           help="encode special tokens in the text as their ids (without it, a special "
+                                "token in the text is an error)")
+            p.add_argument("--quiet", action="store_true", help="no progress bar")
+        else:
+            p.add_argument("--input", required=True, metavar="FILE.bin", help="ids written by encode --out")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "train":
+            inputs = [Path(f) for f in args.input]
+            for f in inputs:  # before any progress bar starts
+                if not f.is_file():
+                    raise ValueError(f"cannot read {str(f)!r}: no such file")
+            tok = Tokenizer.train(inputs, args.vocab_size, args.pattern, args.special, progress=not args.quiet)
+            tok.save(args.out)
+            print(f"wrote {args.out}: {tok!r}", file=sys.stderr)
+        elif args.command == "encode":
+            tok = _load_for_cli(args)
+            allowed = "all" if args.allow_special else frozenset()
+            if args.text is not None:
+                ids = np.array(tok.encode(args.text, allowed), dtype=tok.dtype)
+                blocks = [ids]
+            else:
+                blocks = tok.iter_encode_file(args.input, allowed, progress=not args.quiet)
+            if args.out:
+                count = 0
+                with open(args.out, "wb") as f:
+                    for ids in blocks:
+                        ids.tofile(f)
+                        count += len(ids)
+                print(f"wrote {count} ids ({np.dtype(tok.dtype).name}) to {args.out}", file=sys.stderr)
+            else:
+                for ids in blocks:
+                    print(" ".join(map(str, ids.tolist())))
+        else:
+            tok = _load_for_cli(args)
+            try:
+                ids = np.fromfile(args.input, dtype=tok.dtype)
+            except OSError as e:
+                raise ValueError(f"cannot read {args.input!r}: {e.strerror or e}") from None
+            sys.stdout.buffer.write(tok.decode_bytes(ids))  # the exact bytes, whatever stdout's encoding
+    except (ValueError, OSError) as e:
+        print(f"bpe.py {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
