@@ -1,0 +1,91 @@
+"""
+sample.py: stream text from a checkpoint written by train.py, token by token, with the KV cache
+(gpt_numpy.generate_stream).
+
+    python sample.py                                            # the default job's checkpoint, prompt "\\n"
+    python sample.py --ckpt out/stdlib-bpe2048 --prompt "def " --max-new-tokens 300
+    python sample.py --ckpt out/tinyshakespeare-char/ckpt.safetensors --prompt "ROMEO:" \\
+        --temperature 0.8 --top-k 200 --seed 1
+    python sample.py --backend cupy ...                         # generate on the GPU
+
+The checkpoint carries its tokenizer, so nothing else is needed. Each token's bytes go through an
+incremental UTF-8 decoder before printing, so a character split over two tokens (an emoji, "é" in a
+byte-level BPE) prints whole once its last byte arrives.
+"""
+
+import argparse
+import codecs
+import sys
+from pathlib import Path
+
+from checkpoint import CheckpointError, load_checkpoint
+from train import UserError, encode_prompt, load_backend, tokenizer_from_text
+
+
+def load_model(path, gm):
+    """(params on gm's device, GPTConfig, tokenizer) from a checkpoint file or an out dir."""
+    params, _, _, meta = load_checkpoint(path)
+    try:
+        cfg = gm.GPTConfig(**{**meta["model_config"], "dropout": 0.0, "checkpoint": False})
+        tok = tokenizer_from_text(meta["tokenizer"]["kind"], meta["tokenizer"]["text"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: the checkpoint's config or tokenizer is unusable ({e})") from None
+    shapes = gm.param_shapes(cfg)
+    for k, shape in shapes.items():
+        if k not in params or tuple(params[k].shape) != tuple(shape):
+            raise UserError(f"{path}: parameter {k} is missing or misshapen for the checkpoint's own config")
+    return {k: gm.to_device(params[k]) for k in shapes}, cfg, tok
+
+
+def stream(params, cfg, tok, gm, prompt, max_new_tokens, temperature, top_k, top_p, seed, out=None):
+    """Write the prompt, then each new token's text as soon as it is complete UTF-8. Returns the new ids."""
+    out = out or sys.stdout
+    ids = encode_prompt(tok, prompt)
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out.write(dec.decode(tok.decode_bytes(ids)))
+    out.flush()
+    new = []
+    for i in gm.generate_stream(params, ids, cfg, max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed):
+        new.append(i)
+        out.write(dec.decode(tok.decode_bytes([i])))      # "" while a character is still incomplete
+        out.flush()
+    out.write(dec.decode(b"", final=True) + "\n")
+    out.flush()
+    return new
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="sample.py", description="Stream text from a train.py checkpoint.")
+    p.add_argument("--ckpt", default="out/stdlib-bpe2048/ckpt.safetensors",
+                   help="checkpoint file, or the out dir holding ckpt.safetensors (default: %(default)s)")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline; '' starts from "
+                                                  "<|endoftext|> with a BPE tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy; <1 sharper, >1 flatter (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens; 0: all (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens with this "
+                                                            "much probability; 1: all (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples (default: random)")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="numpy (CPU) or cupy (GPU)")
+    args = p.parse_args(argv)
+    try:
+        if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+            raise UserError("need --max-new-tokens >= 0, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+        gm = load_backend(args.backend)
+        params, cfg, tok = load_model(Path(args.ckpt), gm)
+        stream(params, cfg, tok, gm, args.prompt, args.max_new_tokens, args.temperature,
+               args.top_k or None, args.top_p if args.top_p < 1.0 else None, args.seed)
+    except (UserError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    except BrokenPipeError:                               # e.g. piped into `head`
+        sys.stderr.close()
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        raise SystemExit(130)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
