@@ -13,6 +13,7 @@ under data/<name>/. Each of those steps is cached and redone only when its input
     python train.py --preset tiny --data notes.txt         # seconds: a smoke test on any text
     python train.py --data ~/books/ --tokenizer char       # a folder (or a file, or a glob "src/**/*.py")
     python train.py --resume                               # continue the latest checkpoint in --out-dir
+    python train.py --init-from out/imported --data notes.txt --lr 3e-4   # fine-tune a checkpoint on new text
     python train.py --help                                 # every flag and preset
     python sample.py --ckpt out/stdlib-bpe2048 --prompt "def "   # stream text from a checkpoint
 
@@ -22,6 +23,12 @@ Outputs in --out-dir (default out/<data>-<tokenizer>): ckpt.safetensors (the lat
 checkpoint.py) and log.jsonl (one JSON object per log line and per evaluation). Ctrl-C saves a checkpoint
 and exits; `--resume` continues it, and a resumed run ends with the same weights, bit for bit, as one that
 was never interrupted (given the same machine, backend and thread count).
+
+Fine-tuning: `--init-from CKPT` (a ckpt.safetensors or its folder: an earlier run's, or one that
+`export.py --import-hf` wrote) starts a new run from that checkpoint's weights, architecture and tokenizer;
+the optimizer, the step counter and the batch sampler start afresh, and the training settings come from the
+flags and --preset as usual. Its out dir (default out/<data>-from-<checkpoint>) also holds the tokenizer
+file the data cache is keyed by, and the run resumes like any other (`--resume out/<data>-from-<checkpoint>`).
 """
 
 import argparse
@@ -39,7 +46,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +72,7 @@ class TrainConfig:
     bpe_sample_mb: float = 20.0     # train the BPE on an evenly spread sample of at most this many MB (0: all)
     val_fraction: float = 0.1       # the last 10% of the tokens are the validation split (nanoGPT's 90/10)
     # model (gpt_numpy.GPTConfig)
+    init_from: str = ""             # fine-tune: this checkpoint's weights, model and tokenizer ("": a new model)
     n_layer: int = 4                # L: transformer blocks
     n_head: int = 4                 # nh: attention heads (d_model / n_head must be even, for RoPE)
     d_model: int = 128              # C: residual stream width
@@ -121,6 +129,10 @@ PRESETS = {
 RESUME_MAY_CHANGE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
                      "sample_tokens", "sample_prompt", "backend", "out_dir", "data_dir", "skip_nonfinite",
                      "data", "name"}
+
+# What a fine-tuning run (--init-from) takes from its checkpoint instead of from the preset and flags, with
+# the tokenizer; an explicit flag that differs is an error. (block_size is a flag, up to its max_seq_len.)
+FROM_CHECKPOINT = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "norm")
 
 
 class UserError(Exception):
@@ -463,10 +475,20 @@ def get_tokenizer(cfg, name, root, files, sources, log=print):
         write_text_atomic(path, tokenizer_text(tok))
         write_text_atomic(info_path, json.dumps({"ident": ident, "sha256": file_sha256(path)}))
         return tok
-    path = Path(cfg.tokenizer).expanduser()
+    return load_tokenizer_file(cfg.tokenizer)
+
+
+def load_tokenizer_file(name):
+    """A saved tokenizer: bpe.py's file, or a character vocabulary (CharTokenizer.to_text's JSON, as a
+    fine-tuning run writes it to its out dir)."""
+    path = Path(name).expanduser()
     if not path.is_file():
-        raise UserError(f"--tokenizer {cfg.tokenizer!r}: expected 'char', 'bpe' or a saved tokenizer file")
+        raise UserError(f"--tokenizer {name!r}: expected 'char', 'bpe' or a saved tokenizer file")
     try:
+        with open(path, "rb") as f:
+            is_char = f.read(1) == b"{"                 # JSON; bpe.py's files start with their format line
+        if is_char:
+            return CharTokenizer.from_text(path.read_text(encoding="utf-8"))
         return import_bpe().Tokenizer.load(str(path))
     except UserError:
         raise
@@ -668,13 +690,32 @@ def sample_text(gm, params, mcfg, tok, prompt, n, seed, temperature=0.8, top_k=2
     return tok.decode_bytes(ids + new).decode("utf-8", "replace")
 
 
-def model_config(cfg, vocab_size):
+def model_config(cfg, vocab_size, base=None):
+    """The run's GPTConfig: from the flags, or (base: a checkpoint's model_config, when resuming or
+    fine-tuning) the checkpoint's model, whose norm eps, RoPE theta, tied head and max_seq_len no flag sets,
+    with this run's dropout and gradient checkpointing."""
     try:
+        if base is not None:
+            known = {f.name for f in fields(gpt_numpy.GPTConfig)}
+            return gpt_numpy.GPTConfig(**{**{k: v for k, v in base.items() if k in known},
+                                          "dropout": cfg.dropout, "checkpoint": cfg.checkpoint_activations})
         return gpt_numpy.GPTConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                                    d_model=cfg.d_model, d_ff=cfg.d_ff, max_seq_len=cfg.block_size,
                                    norm=cfg.norm, dropout=cfg.dropout, checkpoint=cfg.checkpoint_activations)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise UserError(f"bad model config: {e}") from None
+
+
+def load_params(gm, p_host, mcfg):
+    """A checkpoint's weights -> gm's arrays, checked against mcfg's shapes."""
+    shapes = gm.param_shapes(mcfg)
+    for k, shape in shapes.items():
+        if k not in p_host or tuple(p_host[k].shape) != tuple(shape):
+            raise UserError(f"the checkpoint does not fit this model (parameter {k}: "
+                            f"{p_host[k].shape if k in p_host else 'missing'} vs {shape})")
+    # subtle: keep gpt_numpy's key order; clip_grad_norm sums the squares in dict order, so another
+    # order would change the norm in its last bits and a resumed run would drift from the original.
+    return {k: gm.to_device(p_host[k]) for k in shapes}
 
 
 def kill_hook(kind, step):
@@ -692,8 +733,9 @@ def kill_hook(kind, step):
 # ----------------------------------------------------------------------------------------------------
 # The training loop
 
-def train(cfg, data, tok, gm, resume=None, log=print):
-    """Train (or continue `resume` = load_checkpoint(...)'s tuple) and return a summary dict.
+def train(cfg, data, tok, gm, resume=None, log=print, init=None):
+    """Train (or continue `resume` = load_checkpoint(...)'s tuple) and return a summary dict. `init`
+    (load_checkpoint's tuple too) fine-tunes: its weights and model config, a fresh optimizer and step 0.
 
     Each step: grad_accum micro-batches from the seeded sampler -> averaged gradients -> finite check ->
     clip -> AdamW at get_lr(step). Every eval_interval steps: train/val loss, val bits per byte, a sample.
@@ -701,7 +743,8 @@ def train(cfg, data, tok, gm, resume=None, log=print):
     """
     from tqdm import tqdm
     meta_d = data["meta"]
-    mcfg = model_config(cfg, tok.vocab_size)
+    source = resume or init                                            # the checkpoint the model comes from
+    mcfg = model_config(cfg, tok.vocab_size, source[3]["model_config"] if source else None)
     for split in ("train", "val"):
         if len(data[split]) < cfg.block_size + 1:
             raise UserError(f"corpus too short: the {split} split has {len(data[split])} tokens, and one "
@@ -720,7 +763,12 @@ def train(cfg, data, tok, gm, resume=None, log=print):
     # state: weights, AdamW moments, the batch sampler (a seeded generator whose state is checkpointed)
     rng = np.random.default_rng(cfg.seed)
     if resume is None:
-        params = gm.init_params(mcfg, seed=cfg.seed)
+        if init is None:
+            params = gm.init_params(mcfg, seed=cfg.seed)
+        else:                                           # fine-tuning: the weights only; all else starts afresh
+            params = load_params(gm, init[0], mcfg)
+            log(f"initialized from {init[3].get('_path', 'a checkpoint')} (its step {init[3].get('step', '?')}): "
+                f"its weights, architecture and tokenizer; a fresh optimizer from step 0")
         opt = gm.adamw_init(params)
         step, elapsed, tokens_seen, best_val = 0, 0.0, 0, None
         log_path.write_text("")                                       # a fresh run starts a fresh log
@@ -728,16 +776,9 @@ def train(cfg, data, tok, gm, resume=None, log=print):
         p_host, m_host, v_host, meta = resume
         if not m_host or "rng" not in meta:
             raise UserError("cannot resume: the checkpoint holds weights only (no optimizer or sampler state)")
-        shapes = gm.param_shapes(mcfg)
-        for k, shape in shapes.items():
-            if k not in p_host or tuple(p_host[k].shape) != tuple(shape):
-                raise UserError(f"the checkpoint does not fit this model (parameter {k}: "
-                                f"{p_host[k].shape if k in p_host else 'missing'} vs {shape})")
-        # subtle: keep gpt_numpy's key order; clip_grad_norm sums the squares in dict order, so another
-        # order would change the norm in its last bits and the resumed run would drift from the original.
-        params = {k: gm.to_device(p_host[k]) for k in shapes}
-        opt = {"t": int(meta["adam_t"]), "m": {k: gm.to_device(m_host[k]) for k in shapes},
-               "v": {k: gm.to_device(v_host[k]) for k in shapes}}
+        params = load_params(gm, p_host, mcfg)
+        opt = {"t": int(meta["adam_t"]), "m": {k: gm.to_device(m_host[k]) for k in params},
+               "v": {k: gm.to_device(v_host[k]) for k in params}}
         rng.bit_generator.state = meta["rng"]["batch"]
         step = int(meta["step"])
         p = meta["progress"]
@@ -825,7 +866,8 @@ def train(cfg, data, tok, gm, resume=None, log=print):
                 else:
                     if not saved:
                         save()
-                    write(f"interrupted at step {step}: checkpoint saved to {ckpt_path}; continue with --resume")
+                    write(f"interrupted at step {step}: checkpoint saved to {ckpt_path}; continue with "
+                          f"--resume {out_dir}")
                 result["status"] = "interrupted"
                 break
             if step >= cfg.max_iters:
@@ -911,7 +953,8 @@ FLAG_HELP = {
             "a folder of text files, or a glob such as 'src/**/*.py'",
     "name": "cache name under --data-dir (default: from --data)",
     "tokenizer": "'bpe' (train bpe.py on the corpus, cached), 'char' (one id per character, as nanoGPT's "
-                 "shakespeare_char), or the path of a saved bpe.py tokenizer",
+                 "shakespeare_char), or the path of a saved tokenizer (a bpe.py file, or the tokenizer file "
+                 "in a fine-tuning run's out dir)",
     "vocab_size": "BPE vocabulary size (256 bytes + merges + 1 special token)",
     "bpe_sample_mb": "train the BPE on an evenly spread sample of this many MB of the corpus (0: all of it)",
     "val_fraction": "fraction of the tokens (the last ones) held out for validation",
@@ -932,8 +975,13 @@ FLAG_HELP = {
     "backend": "numpy (CPU) or cupy (NVIDIA GPU)", "out_dir": "checkpoint and log folder (default: out/<name>-<tokenizer>)",
     "data_dir": "root folder of the data caches",
     "skip_nonfinite": "skip a step with a nan/inf loss or gradient instead of stopping",
+    "init_from": "fine-tune: start a new run from this checkpoint (a ckpt.safetensors or its folder, e.g. "
+                 "from an earlier run or export.py --import-hf): its weights, model and tokenizer; the "
+                 "optimizer, step and sampler start afresh, the training settings come from the flags and "
+                 "--preset (--block-size at most the model's context; model flags must match it)",
 }
 CHOICES = {"backend": ["numpy", "cupy"], "norm": ["rmsnorm", "layernorm"]}
+METAVARS = {"init_from": "CKPT"}
 
 
 def build_parser():
@@ -949,7 +997,13 @@ def build_parser():
                "examples:\n  python train.py\n"
                "  python train.py --preset shakespeare-char --data ../shared/data/tinyshakespeare.txt\n"
                "  python train.py --preset tiny --data notes.txt --out-dir out/tiny\n"
-               "  python train.py --resume")
+               "  python train.py --resume\n\n"
+               "fine-tuning (--init-from: the weights, model and tokenizer of a checkpoint; a fresh optimizer):\n"
+               "  python export.py --import-hf path/to/hf-llama --out out/imported --max-seq-len 256\n"
+               "  python train.py --init-from out/imported --data notes.txt --lr 3e-4 --min-lr 3e-5 \\\n"
+               "      --warmup-iters 20 --max-iters 200      # writes out/notes-from-imported\n"
+               "  python train.py --resume out/notes-from-imported      # continue it after Ctrl-C\n"
+               "  python sample.py --ckpt out/notes-from-imported --prompt \"Once\"")
     p.add_argument("--preset", choices=list(PRESETS), default=argparse.SUPPRESS,
                    help="start from a named configuration (listed below)")
     p.add_argument("--resume", nargs="?", const="latest", default=argparse.SUPPRESS, metavar="CKPT",
@@ -963,21 +1017,23 @@ def build_parser():
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            metavar = None if f.name in CHOICES else {int: "N", float: "X"}.get(typ, f.name.split("_")[-1].upper())
+            metavar = None if f.name in CHOICES else METAVARS.get(f.name) or {int: "N", float: "X"}.get(
+                typ, f.name.split("_")[-1].upper())
             p.add_argument(flag, type=typ, choices=CHOICES.get(f.name), default=argparse.SUPPRESS,
                            metavar=metavar, help=help_)
     return p
 
 
 def parse_config(argv):
-    """argv -> (cfg, explicit, resume): the config (defaults <- preset <- flags), the names of the settings
-    the user chose (through a preset or a flag), and the --resume argument (or None)."""
+    """argv -> (cfg, explicit, flags, resume): the config (defaults <- preset <- flags), the names of the
+    settings the user chose (through a preset or a flag), of those given as flags, and the --resume
+    argument (or None)."""
     args = vars(build_parser().parse_args(argv))
     preset = args.pop("preset", "default")
     resume = args.pop("resume", None)
     values = dict(PRESETS[preset][1])
     values.update(args)
-    return TrainConfig(**{**asdict(TrainConfig()), **values}), set(values), resume
+    return TrainConfig(**{**asdict(TrainConfig()), **values}), set(values), set(args), resume
 
 
 def check_config(cfg):
@@ -998,11 +1054,13 @@ def check_config(cfg):
         raise UserError(f"unknown backend {cfg.backend!r}: choose numpy or cupy")
 
 
-def resume_config(cfg, explicit, meta):
+def resume_config(cfg, explicit, flags, meta):
     """The checkpoint's config, with the flags that may change on resume applied; any other explicit flag
     that differs from the checkpoint is an error (it would silently make the run a different one)."""
     known = {f.name for f in fields(TrainConfig)}
     saved = TrainConfig(**{**asdict(TrainConfig()), **{k: v for k, v in meta["train_config"].items() if k in known}})
+    if saved.init_from:         # a fine-tuning run took its model and tokenizer from a checkpoint, not a preset
+        explicit = (explicit - {*FROM_CHECKPOINT, "tokenizer"}) | (explicit & flags)
     clash = [k for k in sorted(explicit - RESUME_MAY_CHANGE) if getattr(cfg, k) != getattr(saved, k)]
     if clash:
         k = clash[0]
@@ -1015,13 +1073,47 @@ def resume_config(cfg, explicit, meta):
     return saved
 
 
+def init_config(cfg, flags, meta, path):
+    """A fine-tuning run's config and tokenizer: the checkpoint's model (FROM_CHECKPOINT) and tokenizer
+    with this run's training settings. A flag that contradicts the checkpoint is an error; a preset's
+    model settings simply give way."""
+    try:
+        mc = gpt_numpy.GPTConfig(**meta["model_config"])
+        t = meta["tokenizer"]
+        kind, text = t["kind"], t["text"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"cannot fine-tune from {path}: it has no usable model config and tokenizer ({e}); "
+                        f"expected a checkpoint of train.py or export.py --import-hf") from None
+    tok = tokenizer_from_text(kind, text)
+    for k in FROM_CHECKPOINT:
+        if k in flags and getattr(cfg, k) != getattr(mc, k):
+            raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)} conflicts with --init-from {path}, whose "
+                            f"model has {k} {getattr(mc, k)}: a fine-tuned model keeps its architecture; drop the flag")
+    if "tokenizer" in flags:
+        same = (cfg.tokenizer == kind if cfg.tokenizer in ("char", "bpe")
+                else tokenizer_text(load_tokenizer_file(cfg.tokenizer)) == tokenizer_text(tok))
+        if not same:
+            raise UserError(f"--tokenizer {cfg.tokenizer} conflicts with --init-from {path}, whose model comes "
+                            f"with its own {kind} tokenizer; drop the flag")
+    if cfg.block_size > mc.max_seq_len:
+        raise UserError(f"--block-size {cfg.block_size}{'' if 'block_size' in flags else ' (the preset or default)'}"
+                        f" exceeds the context of --init-from {path} (max_seq_len {mc.max_seq_len}); pass "
+                        f"--block-size {mc.max_seq_len} or less")
+    if tok.vocab_size > mc.vocab_size:
+        raise UserError(f"cannot fine-tune from {path}: its tokenizer has {tok.vocab_size} ids, its model {mc.vocab_size}")
+    return replace(cfg, **{k: getattr(mc, k) for k in FROM_CHECKPOINT}), tok
+
+
 def run(argv=None, log=print):
     """Everything main() does, raising UserError / CheckpointError instead of exiting. Returns train()'s
     summary plus the data metadata."""
-    cfg, explicit, resume = parse_config(argv)
+    cfg, explicit, flags, resume = parse_config(argv)
     check_config(cfg)
     gm = load_backend(cfg.backend)                      # fail early on a missing GPU
-    ckpt = None
+    ckpt = init = tok = None
+    if resume is not None and cfg.init_from:
+        raise UserError("--init-from starts a new run from a checkpoint's weights and --resume continues a run: "
+                        "pass one of them (a fine-tuning run resumes with --resume alone)")
     if resume is not None:
         path = Path(cfg.out_dir or default_out_dir(cfg)) if resume == "latest" else Path(resume)
         if path.is_dir():
@@ -1030,11 +1122,21 @@ def run(argv=None, log=print):
         if "train_config" not in ckpt[3]:
             raise UserError(f"cannot resume from {path}: it holds weights only, no training state")
         ckpt[3]["_path"] = str(path)
-        cfg = resume_config(cfg, explicit, ckpt[3])
+        cfg = resume_config(cfg, explicit, flags, ckpt[3])
         if "out_dir" not in explicit:
             cfg.out_dir = str(path.parent)
         check_config(cfg)
         gm = load_backend(cfg.backend)
+    elif cfg.init_from:
+        path = Path(cfg.init_from).expanduser()
+        if path.is_dir():
+            path = path / "ckpt.safetensors"
+        try:
+            init = load_checkpoint(path)
+        except CheckpointError as e:                    # missing, truncated or corrupt
+            raise CheckpointError(f"--init-from: {e}") from None
+        init[3]["_path"] = str(path)
+        cfg, tok = init_config(cfg, flags, init[3], path)
     if not cfg.lr_decay_iters:
         cfg.lr_decay_iters = cfg.max_iters              # fixed now, so a longer resumed run keeps the schedule
     cfg.name = name = cfg.name or data_name(cfg.data)
@@ -1047,6 +1149,11 @@ def run(argv=None, log=print):
     if ckpt is not None:                                # the checkpoint carries its tokenizer
         t = ckpt[3]["tokenizer"]
         tok = tokenizer_from_text(t["kind"], t["text"])
+    elif init is not None:
+        # fine-tuning: the init checkpoint's tokenizer, saved in the out dir as a --tokenizer file, which
+        # keys the data cache (data/<name>/tok-<sha>) and names the tokenizer in the saved config
+        cfg.tokenizer = str(Path(cfg.out_dir) / f"tokenizer.{tokenizer_kind(tok)}")
+        write_text_atomic(cfg.tokenizer, tokenizer_text(tok))
     else:
         tok = get_tokenizer(cfg, name, root, files, sources, log)
     data = prepare_data(cfg, name, root, files, sources, tok, log)
@@ -1058,13 +1165,19 @@ def run(argv=None, log=print):
         old = read_meta(Path(cfg.out_dir) / "ckpt.safetensors")
         log(f"note: starting afresh; {cfg.out_dir}/ckpt.safetensors (step {old['step'] if old else '?'}) will "
             f"be overwritten (use --resume to continue it instead)")
-    result = train(cfg, data, tok, gm, resume=ckpt, log=log)
+    result = train(cfg, data, tok, gm, resume=ckpt, log=log, init=init)
     result["data_meta"] = data["meta"]
     return result
 
 
 def default_out_dir(cfg):
-    return str(Path("out") / f"{cfg.name or data_name(cfg.data)}-{tokenizer_tag(cfg)}")
+    """out/<data>-<tokenizer>, or for a fine-tuning run out/<data>-from-<the checkpoint's folder or name>."""
+    name = cfg.name or data_name(cfg.data)
+    if cfg.init_from:
+        src = Path(cfg.init_from).expanduser().resolve()
+        src = src.parent if src.name == "ckpt.safetensors" else src
+        return str(Path("out") / f"{name}-from-{safe_name(src.name.removesuffix('.safetensors'))}")
+    return str(Path("out") / f"{name}-{tokenizer_tag(cfg)}")
 
 
 def main(argv=None):

@@ -362,14 +362,154 @@ def test_nonfinite_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
 def test_help_lists_presets_and_flags():
     text = train.build_parser().format_help()
     for word in list(train.PRESETS) + ["--grad-accum", "--checkpoint-activations", "--eval-interval",
-                                       "--resume", "--backend", "--skip-nonfinite", "--tokenizer"]:
+                                       "--resume", "--backend", "--skip-nonfinite", "--tokenizer", "--init-from"]:
         assert word in text
 
 
 def test_preset_then_flags_override():
-    cfg, explicit, resume = train.parse_config(["--preset", "shakespeare-char", "--max-iters", "7"])
+    cfg, explicit, flags, resume = train.parse_config(["--preset", "shakespeare-char", "--max-iters", "7"])
     assert cfg.tokenizer == "char" and cfg.block_size == 64 and cfg.max_iters == 7 and resume is None
-    assert {"max_iters", "block_size"} <= explicit
+    assert {"max_iters", "block_size"} <= explicit and flags == {"max_iters"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# fine-tuning: --init-from a checkpoint
+
+
+def finetune_args(tmp_path, data, out, *extra):
+    """argv for a tiny fine-tuning run of tmp_path/base (the preset's model settings give way to it)."""
+    return tiny_args(tmp_path, data, "--init-from", tmp_path / "base", "--out-dir", tmp_path / out, *extra)
+
+
+@pytest.fixture
+def base(tmp_path):
+    """A tiny 2-layer model (not the preset's 1 layer) trained on one text, in tmp_path/base; and a
+    second text with the same characters to fine-tune it on."""
+    run_quiet(tiny_args(tmp_path, make_text(tmp_path / "a.txt"), "--max-iters", 40, "--out-dir", tmp_path / "base",
+                        "--n-layer", 2, "--d-model", 32, "--n-head", 4, "--d-ff", 64))
+    return make_text(tmp_path / "b.txt", 300, seed=1)
+
+
+def step0_eval(out):
+    return next(json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
+                if json.loads(line)["event"] == "eval")
+
+
+def test_init_from_loads_weights_model_and_tokenizer(tmp_path, base):
+    res = run_quiet(finetune_args(tmp_path, base, "ft", "--max-iters", 6, "--sample-tokens", 0))
+    assert res["status"] == "done" and res["step"] == 6
+    src = load_checkpoint(tmp_path / "base")
+    p, m, v, meta = load_checkpoint(tmp_path / "ft" / "ckpt.safetensors")
+    # the model and tokenizer came from the checkpoint, the training settings from the preset
+    assert meta["model_config"] == src[3]["model_config"]
+    assert (meta["train_config"]["n_layer"], meta["train_config"]["d_model"]) == (2, 32)
+    assert meta["tokenizer"]["text"] == src[3]["tokenizer"]["text"]
+    assert meta["train_config"]["init_from"] == str(tmp_path / "base")
+    assert meta["train_config"]["batch_size"] == 4 and meta["train_config"]["max_iters"] == 6
+    # ... a fresh optimizer and step counter, and weights that moved from the loaded ones
+    assert meta["step"] == meta["adam_t"] == 6
+    assert not np.array_equal(p["tok_emb"], src[0]["tok_emb"])
+    # the weights were loaded: the step-0 evaluation is exactly the loss of the base model's weights ...
+    cfg = train.TrainConfig(**meta["train_config"])
+    cache = tmp_path / "data" / "b" / train.tokenizer_tag(cfg)
+    data = train.open_data(cache, json.loads((cache / "meta.json").read_text()))
+    mcfg = train.model_config(cfg, None, meta["model_config"])
+    expect = train.estimate_loss(train.gpt_numpy, src[0], data, cfg, mcfg)
+    first = step0_eval(tmp_path / "ft")
+    assert (first["train_loss"], first["val_loss"]) == (expect["train"], expect["val"])
+    # ... far below a fresh model's of the same shape
+    run_quiet(tiny_args(tmp_path, base, "--max-iters", 1, "--out-dir", tmp_path / "fresh", "--sample-tokens", 0,
+                        "--n-layer", 2, "--d-model", 32, "--n-head", 4, "--d-ff", 64))
+    assert first["val_loss"] < step0_eval(tmp_path / "fresh")["val_loss"] - 0.5
+
+
+def test_init_from_conflicts_give_clear_errors(tmp_path, base, capsys):
+    for extra, match in [(["--n-layer", 3], "--n-layer 3 conflicts with --init-from"),
+                         (["--vocab-size", 500], "--vocab-size 500 conflicts with --init-from"),
+                         (["--tokenizer", "bpe"], "--tokenizer bpe conflicts with --init-from"),
+                         (["--block-size", 32], "--block-size 32 exceeds the context of --init-from"),
+                         (["--resume"], "--init-from starts a new run"),
+                         ]:
+        code, err = main_error(finetune_args(tmp_path, base, "ft", *extra), capsys)
+        assert code == 1 and match in err and len(err.strip().splitlines()) == 1, (extra, err)
+    # the default block_size (128) is longer than the tiny model's context (16) too
+    code, err = main_error(["--init-from", str(tmp_path / "base"), "--data", str(base), "--data-dir",
+                            str(tmp_path / "data"), "--out-dir", str(tmp_path / "ft")], capsys)
+    assert code == 1 and "--block-size 128 (the preset or default) exceeds" in err and "--block-size 16 or less" in err
+    # flags that agree with the checkpoint are fine
+    run_quiet(finetune_args(tmp_path, base, "ft", "--n-layer", 2, "--tokenizer", "char", "--max-iters", 1))
+    # a missing, corrupt or weights-only checkpoint
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((tmp_path / "base" / "ckpt.safetensors").read_bytes()[:1000])
+    small_checkpoint(tmp_path / "weights.safetensors")
+    for path, match in [(tmp_path / "nothing", "--init-from: no checkpoint at"), (bad, "truncated or corrupt"),
+                        (tmp_path / "weights.safetensors", "no usable model config and tokenizer")]:
+        code, err = main_error(tiny_args(tmp_path, base, "--init-from", path), capsys)
+        assert code == 1 and match in err and len(err.strip().splitlines()) == 1, (path, err)
+
+
+def test_init_from_run_resumes_bit_exactly_and_samples_and_exports(tmp_path, base, capsys):
+    extra = ["--dropout", 0.1, "--lr-decay-iters", 12, "--ckpt-interval", 0, "--sample-tokens", 0]
+    run_quiet(finetune_args(tmp_path, base, "straight", "--max-iters", 12, *extra))
+    run_quiet(finetune_args(tmp_path, base, "ft", "--max-iters", 6, *extra))
+    # the same command line with --resume instead of --init-from (the preset's 1-layer model gives way)
+    argv = tiny_args(tmp_path, base, "--out-dir", tmp_path / "ft", "--max-iters", 12, "--resume", *extra)
+    res = run_quiet(argv)
+    assert res["step"] == 12
+    a = load_checkpoint(tmp_path / "straight" / "ckpt.safetensors")
+    b = load_checkpoint(tmp_path / "ft" / "ckpt.safetensors")
+    for group in range(3):
+        for k in a[0]:
+            assert np.array_equal(a[group][k], b[group][k]), (group, k)
+    assert a[3]["rng"] == b[3]["rng"] and a[3]["adam_t"] == b[3]["adam_t"] == 12
+    # a model flag that differs from the fine-tuned run's is still refused on resume
+    code, err = main_error(argv + ["--n-layer", "1"], capsys)
+    assert code == 1 and "cannot resume with a different config: --n-layer" in err
+    # sample.py and export.py read the fine-tuned checkpoint
+    assert sample.main(["--ckpt", str(tmp_path / "ft"), "--prompt", "the ", "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out.startswith("the ")
+    export = pytest.importorskip("export")
+    assert export.main(["--ckpt", str(tmp_path / "ft"), "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_init_from_a_hugging_face_llama(tmp_path):
+    """A LlamaForCausalLM saved by transformers (untied, its own RoPE theta and norm eps, a vocabulary
+    padded past the tokenizer's), imported by export.py, fine-tunes, resumes and samples."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    bpe = pytest.importorskip("bpe")
+    export = pytest.importorskip("export")
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    data = make_text(tmp_path / "text.txt")
+    tok = bpe.Tokenizer.train([data.read_text()], 300, special_tokens=[train.EOT], progress=False)
+    hcfg = transformers.LlamaConfig(vocab_size=304, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+                                    rms_norm_eps=1e-6, rope_theta=500.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf_dir = tmp_path / "hf"
+    transformers.LlamaForCausalLM(hcfg).save_pretrained(hf_dir)
+    tok.save_hf_tokenizer_json(hf_dir / "tokenizer.json")
+    assert export.main(["--import-hf", str(hf_dir), "--out", str(tmp_path / "imported")]) == 0
+    argv = tiny_args(tmp_path, data, "--init-from", tmp_path / "imported", "--max-iters", 16, "--eval-interval", 8,
+                     "--sample-tokens", 0)
+    res = run_quiet(argv)
+    assert res["step"] == 16
+    meta = load_checkpoint(tmp_path / "out" / "ckpt.safetensors")[3]
+    mc = meta["model_config"]
+    assert (mc["vocab_size"], mc["max_seq_len"], mc["rope_theta"], mc["norm_eps"], mc["tie_embeddings"]) == \
+        (304, 32, 500.0, 1e-6, False)
+    assert res["data_meta"]["vocab_size"] == 300 and meta["tokenizer"]["kind"] == "bpe"
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    losses = [r["val_loss"] for r in log if r["event"] == "eval"]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert losses[0] == pytest.approx(np.log(304), abs=0.3)              # a fresh HF init: near uniform
+    assert losses[2] < losses[1] < losses[0] - 0.5                        # it learns
+    res = run_quiet(tiny_args(tmp_path, data, "--resume", "--max-iters", 18, "--eval-interval", 8,
+                              "--sample-tokens", 0))
+    assert res["step"] == 18
+    assert sample.main(["--ckpt", str(tmp_path / "out"), "--prompt", "the ", "--max-new-tokens", "5"]) == 0
 
 
 # ----------------------------------------------------------------------------------------------------
