@@ -3,15 +3,16 @@ gpt_numpy.py: a Llama-style transformer language model in NumPy, with every grad
 
 What this is: one file you can read top to bottom. Token embedding, RoPE, causal multi-head attention,
 RMSNorm or LayerNorm, a SwiGLU feed-forward, the LM head and softmax cross-entropy; each forward with
-its backward right beside it. Then the model, gradient checkpointing, AdamW and generation with a KV
-cache. The contract (parameter names, shapes, conventions) is SPEC.md; the README says where it lives.
+its backward right beside it. Then the model, gradient checkpointing, AdamW, mixed precision and
+generation with a KV cache. The contract (parameter names, shapes, conventions) is SPEC.md; the README
+says where it lives.
 
 What it deliberately is not: no autograd, no framework, no classes where a function will do. The only
 state is the parameter dict, the optimizer-state dict and the KV cache.
 
 References: Llama (Touvron et al. 2023), RoFormer / RoPE (Su et al. 2021), GLU variants / SwiGLU
 (Shazeer 2020), RMSNorm (Zhang & Sennrich 2019), AdamW (Loshchilov & Hutter 2019), gradient
-checkpointing (Chen et al. 2016).
+checkpointing (Chen et al. 2016), mixed precision training (Micikevicius et al. 2018).
 
 Legend: B batch, T time, C d_model, nh heads, hs head size (C // nh), F d_ff, V vocab, L layers.
 Convention: weights multiply from the right, y = x @ W with W shaped (in, out).
@@ -171,6 +172,12 @@ def num_params(params):
 # Layers. Each op: `out, cache = op_forward(...)` and `d_inputs... = op_backward(dout, cache)`.
 # The caller adds gradients where paths merge (the residual stream, the tied embedding).
 
+def upcast(a):
+    """`a` in float32 or wider: a half-precision array is cast up (a copy), float32 and float64 pass
+    through untouched (no copy, no pass)."""
+    return a.astype(xp.promote_types(a.dtype, np.float32), copy=False)
+
+
 # Embedding: out[b, t] = W[ids[b, t]]
 def embedding_forward(ids, W):
     out = W[ids]                                        # (B, T) -> (B, T, C)
@@ -182,8 +189,10 @@ def embedding_backward(dout, cache):
     # subtle: an id can repeat in a batch; `dW[ids] += dout` would keep only one of the updates.
     # xp.add.at accumulates them all. It runs on the flat (V*C,) view with one index per number,
     # idx = id * C + column: NumPy's add.at is several times faster on 1-D indices than on rows.
+    # A frequent token collects thousands of terms: half-precision dout is summed in float32 (upcast).
     ids, shape = cache
     C = shape[1]
+    dout = upcast(dout)
     dW = xp.zeros(shape, dtype=dout.dtype)              # (V, C)
     idx = ids.reshape(-1, 1) * C + xp.arange(C)         # (B*T, C): flat index of dW[id, c]
     xp.add.at(dW.reshape(-1), idx.reshape(-1), dout.reshape(-1))
@@ -193,10 +202,13 @@ def embedding_backward(dout, cache):
 # RMSNorm: y = x / sqrt(mean(x^2) + eps) * w, over the last axis.
 # The row sums of products below are einsums: they read both arrays once and write no (B, T, C)
 # temporary, where `(x * x).mean(-1)` writes one and reads it back.
+# subtle: in float16 (largest number 65504) the sum of C squares overflows once C * x^2 > 65504, e.g.
+# |x| > 32 at C = 64: the statistics are taken in float32 (upcast), then rstd goes back to x's dtype.
 def rmsnorm_forward(x, w, eps):
     C = x.shape[-1]
-    ms = xp.einsum("...c,...c->...", x, x)[..., None] / C             # mean(x^2), (B, T, 1)
-    rstd = 1.0 / xp.sqrt(ms + eps)                                      # (B, T, 1)
+    xs = upcast(x)                                                      # x itself unless half
+    ms = xp.einsum("...c,...c->...", xs, xs)[..., None] / C           # mean(x^2), (B, T, 1)
+    rstd = (1.0 / xp.sqrt(ms + eps)).astype(x.dtype, copy=False)       # (B, T, 1)
     xhat = x * rstd                                                     # (B, T, C)
     return xhat * w, (xhat, rstd, w)
 
@@ -204,9 +216,12 @@ def rmsnorm_forward(x, w, eps):
 def rmsnorm_backward(dout, cache):
     # forward: xhat = x * rstd, y = xhat * w. With g = dout * w, the gradient through rstd is
     # dx = rstd * (g - xhat * mean(g * xhat)).
+    # subtle: dw sums B*T products, and NumPy adds half-precision inputs in half precision (a 1e-2
+    # error at B*T = 1024): the sum runs in float32 or wider (`acc`: no change for float32 and up).
     xhat, rstd, w = cache
     C = xhat.shape[-1]
-    dw = xp.einsum("nc,nc->c", dout.reshape(-1, C), xhat.reshape(-1, C))   # sum over B, T of dout * xhat
+    acc = xp.promote_types(dout.dtype, np.float32)
+    dw = xp.einsum("nc,nc->c", dout.reshape(-1, C), xhat.reshape(-1, C), dtype=acc)   # sum over B, T
     g = dout * w                                                        # (B, T, C)
     gx = xp.einsum("...c,...c->...", g, xhat)[..., None] / C          # mean(g * xhat), (B, T, 1)
     g -= xhat * gx
@@ -215,13 +230,16 @@ def rmsnorm_backward(dout, cache):
 
 
 # LayerNorm: y = (x - mean) / sqrt(var + eps) * w + b, population variance over the last axis.
+# Statistics in float32 for half-precision x, as in RMSNorm.
 def layernorm_forward(x, w, b, eps):
     C = x.shape[-1]
-    mu = x.mean(axis=-1, keepdims=True)                                 # (B, T, 1)
-    xhat = x - mu                                                       # centred x, (B, T, C)
+    xs = upcast(x)                                                      # x itself unless half
+    mu = xs.mean(axis=-1, keepdims=True)                                # (B, T, 1)
+    xhat = xs - mu                                                      # centred x, (B, T, C)
     var = xp.einsum("...c,...c->...", xhat, xhat)[..., None] / C      # (B, T, 1)
     rstd = 1.0 / xp.sqrt(var + eps)                                     # (B, T, 1)
     xhat *= rstd                                                        # (x - mean) * rstd
+    xhat, rstd = xhat.astype(x.dtype, copy=False), rstd.astype(x.dtype, copy=False)   # half: back down
     y = xhat * w
     y += b
     return y, (xhat, rstd, w)
@@ -231,8 +249,9 @@ def layernorm_backward(dout, cache):
     # as RMSNorm, plus the mean: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * w.
     xhat, rstd, w = cache
     C = xhat.shape[-1]
-    dw = xp.einsum("nc,nc->c", dout.reshape(-1, C), xhat.reshape(-1, C))   # (C,)
-    db = dout.reshape(-1, C).sum(axis=0)                                # (C,)
+    acc = xp.promote_types(dout.dtype, np.float32)                      # as in RMSNorm
+    dw = xp.einsum("nc,nc->c", dout.reshape(-1, C), xhat.reshape(-1, C), dtype=acc)   # (C,)
+    db = dout.reshape(-1, C).sum(axis=0, dtype=acc)                     # (C,)
     g = dout * w                                                        # (B, T, C)
     gx = xp.einsum("...c,...c->...", g, xhat)[..., None] / C          # mean(g * xhat), (B, T, 1)
     g -= g.mean(axis=-1, keepdims=True)
@@ -405,7 +424,7 @@ def attention_forward(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv
     att = q @ k.transpose(0, 1, 3, 2)                                # (B, nh, T, hs) @ (.., hs, Tk) -> (B, nh, T, Tk)
     # subtle: the causal mask is added before the softmax, so masked scores become exp(-inf) = 0.
     # Scores are softmaxed in float32 or wider even when the inputs are half precision.
-    att = att.astype(xp.promote_types(att.dtype, np.float32), copy=False)
+    att = upcast(att)
     att += causal_mask(T, att.shape[-1], pos, att.dtype)
     softmax_(att)
     keep = dropout_mask(att.shape, p_drop, key)
@@ -736,10 +755,66 @@ def lr_schedule(step, max_lr, min_lr, warmup, total):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Generation with a KV cache: each layer keeps the rotated keys and the values of every position so
-# far, so a new token costs one position's work instead of a full forward of the whole context.
+# Mixed precision (Micikevicius et al. 2018): the optimizer keeps and updates float32 weights, the
+# "master" copy; each step runs the forward and backward on a float16 copy of them (half the memory
+# traffic, and tensor cores on a GPU). float16 keeps 11 significant bits and spans about 6e-8 (the
+# smallest subnormal) to 65504, so small gradients flush to zero. Dynamic loss scaling moves them up:
+# the backward starts from S * loss, every gradient comes out S times larger, and dividing by S after
+# the cast to float32 gives back the true gradient. Too large an S overflows to inf or nan: that step
+# is skipped and S halved; after growth_interval good steps in a row S doubles, so S stays near the
+# largest value that does not overflow. The scaler state is a plain dict, checkpointed like AdamW's.
+# Kept in float32 in the half-precision path: the cross-entropy and its softmax (here), the attention
+# softmax and the norms' statistics (upcast in the layers). Dropout draws the masks of the float32 run.
+
+def loss_scaler_init(scale=2.0 ** 16):
+    """The scaler's state: the scale S and the number of finite steps since S last changed."""
+    return {"scale": float(scale), "good_steps": 0}
+
+
+def loss_scaler_update(scaler, finite, growth_interval=2000):
+    """After each step: halve the scale if a gradient overflowed (the step was skipped), double it
+    after growth_interval finite steps in a row."""
+    if not finite:
+        scaler["scale"] /= 2.0
+        scaler["good_steps"] = 0
+        return
+    scaler["good_steps"] += 1
+    if scaler["good_steps"] >= growth_interval:
+        scaler["scale"] *= 2.0
+        scaler["good_steps"] = 0
+
+
+def loss_and_grads_mixed(params, ids, targets, cfg, scale, seed=0, dtype=np.float16):
+    """loss_and_grads in half precision (`dtype`) from the master weights `params`, the backward run
+    on scale * loss. Returns (loss, grads), grads unscaled and in the master weights' dtype, or
+    (loss, None) when a gradient overflowed: then skip the optimizer step. Either way, pass
+    `grads is not None` to loss_scaler_update. Dropout masks are those of loss_and_grads with `seed`."""
+    check_ids(ids, cfg)
+    check_targets(targets, ids, cfg)
+    # overflow is expected here and handled below: silence NumPy's warnings (CuPy gives none)
+    with np.errstate(over="ignore", invalid="ignore"):
+        half = {k: p.astype(dtype) for k, p in params.items()}          # the compute copy
+        logits, cache = model_forward(half, ids, cfg, train=True, seed=seed)
+        loss, c_ce = cross_entropy_forward(upcast(logits), to_device(targets))   # softmax in float32
+        del logits
+        dlogits = cross_entropy_backward(c_ce, dloss=scale).astype(dtype)       # d(S * loss), (N, V)
+        grads = model_backward(dlogits, cache, half, cfg)
+        for k, g in grads.items():
+            grads[k] = g.astype(params[k].dtype, copy=False)                    # up to float32
+            grads[k] *= 1.0 / scale                                             # unscale
+        # inf and nan survive a sum: one host sync checks every gradient
+        finite = bool(xp.isfinite(xp.stack([g.sum() for g in grads.values()])).all())
+    return loss, (grads if finite else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation with a KV cache: each layer keeps the keys and the values of every position so far, so a
+# new token costs one position's work instead of a full forward of the whole context.
+# subtle: the cached keys are rope(k) * hs^-1/4, as attention_forward makes them (the 1/sqrt(hs) of the
+# scores is split between q and k), not the rope(k) of Hugging Face's past_key_values.
 
 def kv_cache_init(cfg, dtype, batch=1):
+    """Per layer, (K, V) arrays of shape (batch, nh, max_seq_len, hs), filled by forward_cached."""
     shape = (batch, cfg.n_head, cfg.max_seq_len, cfg.head_size)
     return [(xp.zeros(shape, dtype=dtype), xp.zeros(shape, dtype=dtype)) for _ in range(cfg.n_layer)]
 
@@ -747,8 +822,12 @@ def kv_cache_init(cfg, dtype, batch=1):
 def forward_cached(params, ids, cfg, kv, pos):
     """Logits (B, T, V) for new tokens ids (B, T) at positions pos .. pos+T-1, attending to the
     cache; writes their keys and values into `kv`. Equals forward() on the whole context so far."""
-    ids = to_device(ids)
+    check_ids(ids, cfg)
     T = ids.shape[1]
+    if not 0 <= pos <= cfg.max_seq_len - T:
+        raise ValueError(f"positions {pos} .. {pos + T - 1} do not fit the KV cache: pos + T must be at most "
+                         f"max_seq_len {cfg.max_seq_len}")
+    ids = to_device(ids)
     cos, sin = rope_tables(np.arange(pos, pos + T), cfg.head_size, cfg.rope_theta, params["tok_emb"].dtype)
     x = params["tok_emb"][ids]                                          # (B, T, C)
     for i in range(cfg.n_layer):

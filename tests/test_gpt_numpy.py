@@ -567,3 +567,15 @@ def test_zz_report_largest_errors():
     for name, err in sorted(MAX_SEEN.items()):
         print(f"  largest relative gradient error  {name:14s} {err:.2e}")
     assert all(err < TOL for err in MAX_SEEN.values())
+
+
+def test_forward_cached_checks_ids_and_positions():
+    cfg = tiny_cfg()
+    params = gn.init_params(cfg)
+    kv = gn.kv_cache_init(cfg, np.float32)
+    with pytest.raises(ValueError, match=r"token id -1 out of range"):
+        gn.forward_cached(params, np.array([[-1]]), cfg, kv, 0)
+    with pytest.raises(ValueError, match=r"pos \+ T must be at most max_seq_len"):
+        gn.forward_cached(params, np.zeros((1, 2), int), cfg, kv, cfg.max_seq_len - 1)
+    logits = gn.forward_cached(params, np.zeros((1, 2), int), cfg, kv, cfg.max_seq_len - 2)   # fits exactly
+    assert logits.shape == (1, 2, cfg.vocab_size)
