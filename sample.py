@@ -14,6 +14,7 @@ byte-level BPE) prints whole once its last byte arrives.
 """
 
 import argparse
+import math
 import codecs
 import sys
 from pathlib import Path
@@ -70,8 +71,10 @@ def main(argv=None):
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="numpy (CPU) or cupy (GPU)")
     args = p.parse_args(argv)
     try:
-        if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-            raise UserError("need --max-new-tokens >= 0, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+        if (args.max_new_tokens < 0 or not 0 <= args.temperature < math.inf or args.top_k < 0
+                or not 0 < args.top_p <= 1 or (args.seed is not None and args.seed < 0)):
+            raise UserError("need --max-new-tokens >= 0, a finite --temperature >= 0, --top-k >= 0, "
+                            "0 < --top-p <= 1 and --seed >= 0")
         gm = load_backend(args.backend)
         params, cfg, tok = load_model(Path(args.ckpt), gm)
         stream(params, cfg, tok, gm, args.prompt, args.max_new_tokens, args.temperature,

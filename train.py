@@ -225,6 +225,8 @@ def find_sources(data, data_dir):
         return path.parent, [path]
     path = Path(data).expanduser()
     if path.is_file():
+        if not is_text_file(path):
+            raise UserError(f"--data {data!r} is not a text file (it holds NUL bytes: a binary file?)")
         return path.parent, [path]
     if path.is_dir():
         files = [p for p in path.rglob("*")
@@ -675,9 +677,16 @@ def step_seed(seed, step, micro):
 
 
 def encode_prompt(tok, prompt):
-    """Prompt text -> ids; an empty prompt starts from <|endoftext|> (BPE) or a newline."""
+    """Prompt text -> ids; an empty prompt starts from <|endoftext|> (BPE) or a newline (or id 0 when a
+    char vocabulary has no newline). The default prompt "\n" falls back the same way; any other prompt
+    that the tokenizer cannot encode is an error (UserError)."""
     if prompt:
-        ids = encode_text(tok, prompt)
+        try:
+            ids = encode_text(tok, prompt)
+        except UserError:
+            if prompt != "\n":
+                raise
+            ids = []
         if len(ids):
             return [int(i) for i in ids]
     eot = eot_id(tok)
@@ -814,11 +823,14 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None):
                 "progress": {"elapsed_s": elapsed_now(), "tokens_seen": tokens_seen, "best_val_loss": best_val,
                              "last_eval": last_eval}}
 
+    ours = {"ckpt": resume is not None}     # does ckpt_path hold this run's state (not an older run's)?
+
     def save():
         hook = (lambda tmp: kill_hook("save", step)) if os.environ.get("TRAIN_TEST_KILL") else None
         save_checkpoint(ckpt_path, {k: gm.to_host(v) for k, v in params.items()},
                         {k: gm.to_host(v) for k, v in opt["m"].items()},
                         {k: gm.to_host(v) for k, v in opt["v"].items()}, checkpoint_meta(), before_replace=hook)
+        ours["ckpt"] = True
 
     # Ctrl-C: finish the step, save, exit. A second Ctrl-C stops at once.
     stop = {"requested": False}
@@ -901,7 +913,7 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None):
                        f"(loss {loss}, grad norm {norm}) at step {step}"
                 if not cfg.skip_nonfinite:
                     kept = (f"the last good checkpoint {ckpt_path} (step {read_meta(ckpt_path)['step']}) is kept"
-                            if ckpt_path.is_file() and read_meta(ckpt_path) else "no checkpoint was written")
+                            if ours["ckpt"] and read_meta(ckpt_path) else "no checkpoint of this run was written")
                     raise UserError(f"{what}: stopping; {kept}. Lower --lr, or pass --skip-nonfinite")
                 write(f"warning: {what}: step skipped (--skip-nonfinite)")
                 append_jsonl(log_path, {"event": "skip", "step": step, "loss": loss, "grad_norm": norm})
@@ -1052,8 +1064,23 @@ def check_config(cfg):
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not 0.0 < cfg.val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
-    if not (cfg.lr > 0 and cfg.min_lr >= 0):
-        raise UserError("--lr must be > 0 and --min-lr >= 0")
+    if not (cfg.lr > 0 and 0 <= cfg.min_lr <= cfg.lr and math.isfinite(cfg.lr)):
+        raise UserError(f"--lr must be > 0 and finite, and 0 <= --min-lr <= --lr; got lr {cfg.lr}, min-lr {cfg.min_lr}")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise UserError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if not (cfg.eps > 0 and math.isfinite(cfg.eps)):
+        raise UserError(f"--eps must be > 0, got {cfg.eps}")
+    for name in ("weight_decay", "grad_clip", "bpe_sample_mb"):
+        v = getattr(cfg, name)
+        if not (v >= 0 and math.isfinite(v)):
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0 and finite, got {v}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {cfg.seed}")
+    if 0 < cfg.lr_decay_iters < cfg.warmup_iters:
+        raise UserError(f"--lr-decay-iters ({cfg.lr_decay_iters}) must not end before --warmup-iters ({cfg.warmup_iters})")
     if cfg.tokenizer == "bpe" and cfg.vocab_size < 257:
         raise UserError(f"--vocab-size must be at least 257 for BPE (256 bytes + 1 special token), got {cfg.vocab_size}")
     if cfg.backend not in ("numpy", "cupy"):
@@ -1145,8 +1172,15 @@ def run(argv=None, log=print):
         cfg, tok = init_config(cfg, flags, init[3], path)
     if not cfg.lr_decay_iters:
         cfg.lr_decay_iters = cfg.max_iters              # fixed now, so a longer resumed run keeps the schedule
+    if ckpt is None and init is None:
+        model_config(cfg, max(cfg.vocab_size, 256))     # a bad model shape fails now, before data preparation
     cfg.name = name = cfg.name or data_name(cfg.data)
     cfg.out_dir = cfg.out_dir or default_out_dir(cfg)
+    for flag, folder in (("--out-dir", cfg.out_dir), ("--data-dir", cfg.data_dir)):
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{flag} {folder!r} cannot be used as a folder: {e.strerror or e}") from None
     root, files = find_sources(cfg.data, cfg.data_dir)
     sources = digest_sources(root, files, Path(cfg.data_dir) / name / "sources.json")
     if sources["bytes"] == 0:
@@ -1171,6 +1205,8 @@ def run(argv=None, log=print):
         old = read_meta(Path(cfg.out_dir) / "ckpt.safetensors")
         log(f"note: starting afresh; {cfg.out_dir}/ckpt.safetensors (step {old['step'] if old else '?'}) will "
             f"be overwritten (use --resume to continue it instead)")
+    if cfg.sample_tokens:
+        encode_prompt(tok, cfg.sample_prompt)           # an unencodable --sample-prompt fails now, not mid-run
     result = train(cfg, data, tok, gm, resume=ckpt, log=log, init=init)
     result["data_meta"] = data["meta"]
     return result
@@ -1193,6 +1229,9 @@ def main(argv=None):
     try:
         run(argv)
     except (UserError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    except OSError as e:                                # disk full, permissions, a path that is not a folder
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
     except KeyboardInterrupt:
