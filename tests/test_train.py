@@ -328,6 +328,54 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
         assert line.startswith("error:")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", -1], "--seed must be >= 0"),
+    (["--beta1", 2], "--beta1 must be in [0, 1)"),
+    (["--eps", -1], "--eps must be > 0"),
+    (["--grad-clip", -1], "--grad-clip must be >= 0"),
+    (["--bpe-sample-mb", "nan"], "--bpe-sample-mb must be >= 0 and finite"),
+    (["--dropout", 1.0], "--dropout must be in [0, 1)"),
+    (["--lr", 1e-3, "--min-lr", 1], "0 <= --min-lr <= --lr"),
+    (["--lr-decay-iters", 5, "--warmup-iters", 10], "must not end before --warmup-iters"),
+])
+def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, flags, message):
+    data = make_text(tmp_path / "text.txt")
+    code, err = main_error(tiny_args(tmp_path, data, *flags), capsys)
+    assert code == 1 and message in err
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())   # no data prepared
+
+
+def test_unusable_paths_and_binary_data_are_one_line_errors(tmp_path, capsys):
+    data = make_text(tmp_path / "text.txt")
+    code, err = main_error(tiny_args(tmp_path, data, "--out-dir", data), capsys)
+    assert code == 1 and "--out-dir" in err and "cannot be used as a folder" in err
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 8)
+    code, err = main_error(tiny_args(tmp_path, tmp_path / "blob.bin"), capsys)
+    assert code == 1 and "is not a text file" in err
+
+
+def test_sample_prompt_is_checked_before_training(tmp_path, capsys):
+    # a prompt the char vocabulary cannot encode fails before step 1, not at the first evaluation
+    data = make_text(tmp_path / "text.txt")
+    code, err = main_error(tiny_args(tmp_path, data, "--sample-prompt", "\u03b6"), capsys)
+    assert code == 1 and "not in the char vocabulary" in err
+    assert not (tmp_path / "out" / "ckpt.safetensors").exists()
+
+
+def test_default_prompt_falls_back_without_newlines(tmp_path):
+    # a corpus without "\n": the default sample prompt cannot be encoded and falls back to id 0
+    (tmp_path / "one_line.txt").write_text("the quick brown fox " * 200, encoding="utf-8")
+    res = run_quiet(tiny_args(tmp_path, tmp_path / "one_line.txt", "--max-iters", 4))
+    assert res["status"] == "done"
+
+
+def test_nonfinite_stop_does_not_claim_an_older_runs_checkpoint(tmp_path, capsys):
+    data = make_text(tmp_path / "text.txt")
+    run_quiet(tiny_args(tmp_path, data, "--max-iters", 2))                  # leaves out/ckpt.safetensors
+    code, err = main_error(tiny_args(tmp_path, data, "--lr", 1e30, "--max-iters", 3), capsys)
+    assert code == 1 and "non-finite" in err and "no checkpoint of this run was written" in err
+
+
 def test_missing_cupy_or_gpu_is_one_line(tmp_path, capsys):
     try:
         import gpt_cupy  # noqa: F401
