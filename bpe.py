@@ -812,7 +812,7 @@ def main(argv=None):
             inputs = [Path(f) for f in args.input]
             for f in inputs:  # before any progress bar starts
                 if not f.is_file():
-                    raise ValueError(f"cannot read {str(f)!r}: no such file")
+                    raise ValueError(f"cannot read {str(f)!r}: " + ("a folder (name its files)" if f.is_dir() else "no such file"))
             tok = Tokenizer.train(inputs, args.vocab_size, args.pattern, args.special, progress=not args.quiet)
             tok.save(args.out)
             print(f"wrote {args.out}: {tok!r}", file=sys.stderr)
@@ -837,12 +837,19 @@ def main(argv=None):
         else:
             tok = _load_for_cli(args)
             try:
+                size = os.path.getsize(args.input)
+                if size % np.dtype(tok.dtype).itemsize:
+                    raise ValueError(f"{args.input!r} holds {size} bytes, not a whole number of "
+                                     f"{np.dtype(tok.dtype).name} ids: not a .bin of this tokenizer?")
                 ids = np.fromfile(args.input, dtype=tok.dtype)
             except OSError as e:
                 raise ValueError(f"cannot read {args.input!r}: {e.strerror or e}") from None
             sys.stdout.buffer.write(tok.decode_bytes(ids))  # the exact bytes, whatever stdout's encoding
     except (ValueError, OSError) as e:
-        print(f"bpe.py {args.command}: error: {e}", file=sys.stderr)
+        msg = str(e)
+        if args.command == "encode" and "allowed_special=" in msg:
+            msg += "; on the command line: --allow-special"
+        print(f"bpe.py {args.command}: error: {msg}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -555,6 +555,18 @@ def test_cli_errors(argv, message, capsys):
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 
 
+def test_cli_decode_refuses_a_partial_id_and_encode_names_the_flag(tmp_path, capsys):
+    tok_path = tmp_path / "tok.bpe"
+    bpe.Tokenizer.train(CORPUS, 300, special_tokens=["<|endoftext|>"], progress=False).save(tok_path)
+    (tmp_path / "odd.bin").write_bytes(b"abc")                  # 1.5 uint16 ids
+    assert bpe.main(["decode", "--tokenizer", str(tok_path), "--input", str(tmp_path / "odd.bin")]) == 1
+    assert "not a whole number of uint16 ids" in capsys.readouterr().err
+    assert bpe.main(["encode", "--tokenizer", str(tok_path), "--text", "a<|endoftext|>"]) == 1
+    assert "--allow-special" in capsys.readouterr().err
+    assert bpe.main(["train", "--input", str(tmp_path), "--vocab-size", "300", "--out", str(tok_path)]) == 1
+    assert "a folder" in capsys.readouterr().err
+
+
 def test_cli_process_exit_code_and_help():
     script = str(Path(bpe.__file__))
     r = subprocess.run([sys.executable, script, "encode", "--tokenizer", "missing.bpe", "--text", "x"],
