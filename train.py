@@ -7,12 +7,12 @@ standard library's own .py sources, which every machine with Python has), trains
 (bpe.py) or reads a character vocabulary off it, and writes the token ids once to memory-mapped files
 under data/<name>/. Each of those steps is cached and redone only when its inputs change.
 
-    pip install -r requirements.txt && python train.py     # the default job: stdlib sources, BPE, ~3.5 min
+    pip install -r requirements.txt && python train.py     # the default job: stdlib sources, BPE, ~2 min on 2 cores
     python train.py --preset shakespeare-char --data ../shared/data/tinyshakespeare.txt   # nanoGPT's CPU run
     python train.py --preset shakespeare-char              # the same, downloading Tiny Shakespeare
     python train.py --preset tiny --data notes.txt         # seconds: a smoke test on any text
     python train.py --data ~/books/ --tokenizer char       # a folder (or a file, or a glob "src/**/*.py")
-    python train.py --resume                               # continue the latest checkpoint in --out-dir
+    python train.py --resume                               # continue the run in its out dir (same flags)
     python train.py --init-from out/imported --data notes.txt --lr 3e-4   # fine-tune a checkpoint on new text
     python train.py --help                                 # every flag and preset
     python sample.py --ckpt out/stdlib-bpe2048 --prompt "def "   # stream text from a checkpoint
@@ -110,9 +110,9 @@ class TrainConfig:
 
 
 PRESETS = {
-    "default": ("the default job: BPE (vocab 2048) on Python's standard library, 600 steps; ~3.5 min on 1 core",
+    "default": ("the default job: BPE (vocab 2048) on Python's standard library, 600 steps; ~2 min on 2 cores, ~3.5 on 1",
                 {}),
-    "shakespeare-char": ("nanoGPT's shakespeare_char CPU run (val loss ~1.71 here, nanoGPT 1.88); ~3 min on 1 core",
+    "shakespeare-char": ("nanoGPT's shakespeare_char CPU run (val loss ~1.71 here, nanoGPT 1.88); ~1.7 min on 2 cores",
                          dict(data="shakespeare", tokenizer="char", n_layer=4, n_head=4, d_model=128, d_ff=344,
                               block_size=64, batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4,
                               warmup_iters=100, lr_decay_iters=2000, beta2=0.99, weight_decay=0.1,
