@@ -81,6 +81,7 @@ class TrainConfig:
     norm: str = "rmsnorm"           # "rmsnorm" (Llama) or "layernorm" (GPT-2)
     dropout: float = 0.0            # dropout in training, e.g. 0.0 (small data: 0.1 .. 0.2)
     checkpoint_activations: bool = False  # recompute each block in the backward pass: less memory, ~1.3x time
+    mixed_precision: bool = False   # float16 compute, float32 master weights, dynamic loss scaling (for GPUs)
     # optimisation: AdamW, linear warmup then cosine decay to min_lr
     batch_size: int = 16            # B: sequences per micro-batch
     grad_accum: int = 1             # micro-batches per step (gradients averaged): effective batch B * grad_accum
@@ -785,6 +786,7 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None):
             log(f"initialized from {init[3].get('_path', 'a checkpoint')} (its step {init[3].get('step', '?')}): "
                 f"its weights, architecture and tokenizer; a fresh optimizer from step 0")
         opt = gm.adamw_init(params)
+        scaler = gm.loss_scaler_init()
         step, elapsed, tokens_seen, best_val = 0, 0.0, 0, None
         log_path.write_text("")                                       # a fresh run starts a fresh log
     else:
@@ -795,6 +797,7 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None):
         opt = {"t": int(meta["adam_t"]), "m": {k: gm.to_device(m_host[k]) for k in params},
                "v": {k: gm.to_device(v_host[k]) for k in params}}
         rng.bit_generator.state = meta["rng"]["batch"]
+        scaler = dict(meta.get("loss_scaler") or gm.loss_scaler_init())
         step = int(meta["step"])
         p = meta["progress"]
         elapsed, tokens_seen, best_val = p["elapsed_s"], p["tokens_seen"], p["best_val_loss"]
@@ -807,13 +810,18 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None):
     start_step = step
     n_params = gm.num_params(params)
     log(f"model: {n_params:,} parameters ({mcfg.n_layer} layers, d_model {mcfg.d_model}, {mcfg.n_head} heads, "
-        f"d_ff {mcfg.d_ff}, vocab {mcfg.vocab_size}, context {mcfg.max_seq_len}); backend {cfg.backend}")
+        f"d_ff {mcfg.d_ff}, vocab {mcfg.vocab_size}, context {mcfg.max_seq_len}); backend {cfg.backend}"
+        + ("; mixed precision: float16 compute, float32 weights, loss scale "
+           f"{scaler['scale']:g}" if cfg.mixed_precision else ""))
+    if cfg.mixed_precision and cfg.backend == "numpy":
+        log("note: --mixed-precision on the CPU is slow (NumPy has no float16 matrix multiply); it is meant "
+            "for --backend cupy")
     log(f"training: {cfg.max_iters} steps of {tokens_per_step:,} tokens (batch {cfg.batch_size} x "
         f"grad_accum {cfg.grad_accum} x {cfg.block_size}); out dir {out_dir}")
 
     def checkpoint_meta():
         return {"step": step, "adam_t": opt["t"], "model_config": mcfg.to_dict(), "train_config": asdict(cfg),
-                "rng": {"batch": rng.bit_generator.state},
+                "rng": {"batch": rng.bit_generator.state}, "loss_scaler": scaler,
                 "sampler": {"kind": "uniform random windows", "train_tokens": len(data["train"]),
                             "batch_size": cfg.batch_size, "block_size": cfg.block_size},
                 "tokenizer": {"kind": tokenizer_kind(tok), "sha256": hashlib.sha256(tok_text.encode()).hexdigest(),
@@ -894,21 +902,38 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None):
             # one optimizer step: grad_accum micro-batches, gradients averaged
             t0 = time.time()
             lr = get_lr(step, cfg)
-            grads, loss = None, 0.0
+            grads, loss, overflow = None, 0.0, False
             for micro in range(cfg.grad_accum):
                 x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, rng)
-                l, g = gm.loss_and_grads(params, x, y, mcfg, seed=step_seed(cfg.seed, step, micro))
+                seed = step_seed(cfg.seed, step, micro)
+                if cfg.mixed_precision:                                 # grads None: float16 overflowed
+                    l, g = gm.loss_and_grads_mixed(params, x, y, mcfg, scaler["scale"], seed=seed)
+                    overflow = overflow or g is None
+                else:
+                    l, g = gm.loss_and_grads(params, x, y, mcfg, seed=seed)
                 loss += l / cfg.grad_accum
+                if overflow:
+                    continue                                            # draw the batches all the same
                 if grads is None:
                     grads = g
                 else:
                     for k in grads:
                         grads[k] += g[k]
-            if cfg.grad_accum > 1:
-                for g in grads.values():
-                    g *= 1.0 / cfg.grad_accum
-            norm = gm.clip_grad_norm(grads, cfg.grad_clip)
-            if not (math.isfinite(loss) and math.isfinite(norm)):
+            norm = math.nan
+            if not overflow:
+                if cfg.grad_accum > 1:
+                    for g in grads.values():
+                        g *= 1.0 / cfg.grad_accum
+                norm = gm.clip_grad_norm(grads, cfg.grad_clip)
+            if cfg.mixed_precision:
+                gm.loss_scaler_update(scaler, not overflow)
+            if overflow and math.isfinite(loss):
+                # the loss scale was too large for float16: the step is skipped and the scale halved
+                append_jsonl(log_path, {"event": "overflow", "step": step, "loss": loss, "scale": scaler["scale"]})
+                if scaler["scale"] < 2.0 ** -24:
+                    raise UserError(f"mixed precision: gradients overflow float16 at every loss scale (now "
+                                    f"{scaler['scale']:.1e}) at step {step}; train without --mixed-precision")
+            elif not (math.isfinite(loss) and math.isfinite(norm)):
                 what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} " \
                        f"(loss {loss}, grad norm {norm}) at step {step}"
                 if not cfg.skip_nonfinite:
@@ -980,6 +1005,8 @@ FLAG_HELP = {
     "d_ff": "SwiGLU hidden width (~8/3 d_model)", "block_size": "context length in tokens",
     "norm": "rmsnorm or layernorm", "dropout": "dropout rate in training",
     "checkpoint_activations": "gradient checkpointing: recompute activations in the backward pass (less memory)",
+    "mixed_precision": "float16 forward and backward on a copy of the float32 weights, with dynamic loss "
+                       "scaling (overflowing steps are skipped); for --backend cupy: NumPy has no float16 BLAS",
     "batch_size": "sequences per micro-batch", "grad_accum": "micro-batches per optimizer step",
     "max_iters": "optimizer steps", "lr": "peak learning rate", "min_lr": "final learning rate",
     "warmup_iters": "linear warmup steps", "lr_decay_iters": "steps of the cosine decay (0: max_iters)",

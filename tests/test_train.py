@@ -167,6 +167,29 @@ def test_resume_in_process_and_longer_run(tmp_path):
     assert meta["train_config"]["lr_decay_iters"] == 10 and meta["train_config"]["max_iters"] == 14
 
 
+def test_mixed_precision_run_skips_overflows_and_resumes_bit_exactly(tmp_path, monkeypatch):
+    # start from a loss scale far too large for float16, so the first steps overflow and are skipped
+    import gpt_numpy
+    monkeypatch.setattr(gpt_numpy, "loss_scaler_init", lambda scale=2.0 ** 40: {"scale": scale, "good_steps": 0})
+    data = make_text(tmp_path / "text.txt")
+    common = ["--mixed-precision", "--lr-decay-iters", 40, "--sample-tokens", 0, "--eval-interval", 20]
+    res = run_quiet(tiny_args(tmp_path, data, *common, "--max-iters", 40, "--out-dir", tmp_path / "a"))
+    assert res["status"] == "done"
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    overflows = [r for r in log if r["event"] == "overflow"]
+    assert 5 <= len(overflows) < 30 and overflows[-1]["scale"] < 2.0 ** 40
+    evals = [r for r in log if r["event"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]                   # it still learns
+    run_quiet(tiny_args(tmp_path, data, *common, "--max-iters", 25, "--out-dir", tmp_path / "b"))
+    run_quiet(tiny_args(tmp_path, data, *common, "--max-iters", 40, "--out-dir", tmp_path / "b", "--resume"))
+    a = load_checkpoint(tmp_path / "a" / "ckpt.safetensors")
+    b = load_checkpoint(tmp_path / "b" / "ckpt.safetensors")
+    assert a[3]["loss_scaler"] == b[3]["loss_scaler"]
+    for group in range(3):
+        for k in a[0]:
+            assert a[group][k].dtype == np.float32 and np.array_equal(a[group][k], b[group][k]), (group, k)
+
+
 def test_resume_with_incompatible_config_is_refused(tmp_path, capsys):
     data = make_text(tmp_path / "text.txt")
     run_quiet(tiny_args(tmp_path, data, "--max-iters", 4))
