@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import gpt_numpy as gn
+from test_gpt_numpy import cache_arrays          # every array reachable from a cache
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -176,17 +177,6 @@ def test_large_activations_train_in_mixed_precision():
     loss16, g16 = gn.loss_and_grads_mixed(params, ids, targets, cfg, SCALE)
     assert g16 is not None and abs(loss16 - loss32) / loss32 < LOSS_RTOL
     assert worst_grad_error(g16, g32)[0] < GRAD_RTOL
-
-
-def cache_arrays(cache):
-    out, stack = [], [cache]
-    while stack:
-        o = stack.pop()
-        if isinstance(o, (list, tuple)):
-            stack.extend(o)
-        elif isinstance(o, np.ndarray):
-            out.append(o)
-    return out
 
 
 def test_half_compute_stays_half():
