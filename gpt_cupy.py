@@ -96,6 +96,7 @@ def fused_adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, 
 def scatter_embedding_backward(dout, cache):
     import cupyx
     ids, shape = cache
+    dout = _model.upcast(dout)                          # half precision accumulates in float32, as in gpt_numpy
     dW = cupy.zeros(shape, dtype=dout.dtype)
     cupyx.scatter_add(dW, ids.ravel(), dout.reshape(-1, shape[1]))
     return dW
