@@ -19,6 +19,7 @@ Convention: weights multiply from the right, y = x @ W with W shaped (in, out).
 """
 
 from dataclasses import dataclass, asdict
+import functools
 import math
 
 import numpy as np
@@ -34,6 +35,7 @@ def set_backend(module):
     """Make every function in this module compute with `module` (numpy or cupy)."""
     global xp
     xp = module
+    causal_mask.cache_clear()                           # it holds arrays of the old backend
 
 
 def to_device(a):
@@ -396,8 +398,10 @@ def dropout_backward(dout, keep, p):
 #   att = softmax(q k^T / sqrt(hs) + causal mask); y = dropout(att) @ v; out = merge(y) @ Wproj
 # With a KV cache (generation), the new k, v are written at positions pos.. and q attends to all of
 # the cache so far. Training calls it with kv=None, pos=0.
+@functools.lru_cache(maxsize=16)   # every layer of a forward uses the same mask: built (and sent) once
 def causal_mask(T, Tk, pos, dtype):
-    """(T, Tk) additive mask: 0 where query pos+i may see key j (j <= pos+i), -inf elsewhere."""
+    """(T, Tk) additive mask: 0 where query pos+i may see key j (j <= pos+i), -inf elsewhere.
+    Read-only: the cache hands the same array to every caller."""
     i = np.arange(T)[:, None] + pos
     j = np.arange(Tk)[None, :]
     return to_device(np.where(j <= i, 0.0, -np.inf).astype(dtype))
