@@ -214,6 +214,19 @@ def test_read_text_blocks_keeps_chunks(tmp_path):
         assert [c for b in blocks for c in regex.findall(pattern, b)] == regex.findall(pattern, text)
 
 
+def test_text_blocks_keep_chunks_and_training_is_unchanged():
+    # a long text in memory is counted block by block, with the same chunks as counted whole
+    text = CORPUS + "".join(random.Random(4).choice(["a", "b", " ", "\n", "\n\n", " \n", "\r\n", ".", "é"])
+                            for _ in range(20_000))
+    blocks = list(bpe.text_blocks(text, block_size=500))
+    assert len(blocks) > 20 and "".join(blocks) == text
+    for pattern in bpe.PATTERNS.values():
+        assert [c for b in blocks for c in regex.findall(pattern, b)] == regex.findall(pattern, text)
+    assert list(bpe.text_blocks("", block_size=4)) == [""] and list(bpe.text_blocks("!!!!!!!!", block_size=4)) == ["!!!!!!!!"]
+    whole = bpe.Counter(regex.findall(bpe.GPT4_PATTERN, text))
+    assert bpe.count_chunks([text], progress=False) == whole
+
+
 @pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
 def test_safe_cut_rule(pattern):
     # before any whitespace that follows a letter or digit, chunking is unchanged...
