@@ -905,15 +905,17 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None):
             grads, loss, overflow = None, 0.0, False
             for micro in range(cfg.grad_accum):
                 x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, rng)
+                if overflow:
+                    continue                    # the step is skipped: draw its batches (the sampler stays in step), no work
                 seed = step_seed(cfg.seed, step, micro)
                 if cfg.mixed_precision:                                 # grads None: float16 overflowed
                     l, g = gm.loss_and_grads_mixed(params, x, y, mcfg, scaler["scale"], seed=seed)
-                    overflow = overflow or g is None
+                    overflow = g is None
                 else:
                     l, g = gm.loss_and_grads(params, x, y, mcfg, seed=seed)
                 loss += l / cfg.grad_accum
                 if overflow:
-                    continue                                            # draw the batches all the same
+                    continue
                 if grads is None:
                     grads = g
                 else:
@@ -929,7 +931,7 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None):
                 gm.loss_scaler_update(scaler, not overflow)
             if overflow and math.isfinite(loss):
                 # the loss scale was too large for float16: the step is skipped and the scale halved
-                append_jsonl(log_path, {"event": "overflow", "step": step, "loss": loss, "scale": scaler["scale"]})
+                append_jsonl(log_path, {"event": "overflow", "step": step, "scale": scaler["scale"]})
                 if scaler["scale"] < 2.0 ** -24:
                     raise UserError(f"mixed precision: gradients overflow float16 at every loss scale (now "
                                     f"{scaler['scale']:.1e}) at step {step}; train without --mixed-precision")
@@ -949,7 +951,7 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None):
             tokens_seen += tokens_per_step
             dt = time.time() - t0
             t_steps += dt                                               # step time only, not evals or saves
-            if math.isfinite(loss):
+            if math.isfinite(loss) and not overflow:                    # a skipped step's loss is partial
                 loss_log.append(loss)
             bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {tokens_per_step / dt:,.0f} tok/s", refresh=False)
             bar.update(1)
