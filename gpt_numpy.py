@@ -874,8 +874,8 @@ def generate_stream(params, ids, cfg, max_new_tokens, temperature=1.0, top_k=Non
     if not ids:
         raise ValueError("generate needs a prompt of at least one token id")
     check_ids(np.asarray([ids[-cfg.max_seq_len:]]), cfg, "prompt")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 <= temperature < math.inf:                                 # also refuses nan
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

@@ -558,6 +558,9 @@ def test_bad_generate_args():
         gn.generate(params, [], cfg, 3)
     with pytest.raises(ValueError, match=r"token id 99 out of range"):
         gn.generate(params, [99], cfg, 3)
+    for t in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match=r"temperature must be finite and >= 0"):
+            gn.generate(params, [1], cfg, 3, temperature=t)
     with pytest.raises(ValueError, match="top_p"):
         gn.generate(params, [1], cfg, 3, top_p=1.5)
 
