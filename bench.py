@@ -228,14 +228,20 @@ def torch_bench(a, c, params, ids, targets, peak_gflops, loss_ref):
         return {"torch": None}
     import numpy as np
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
-    P = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in params.items()}
+    dev = "cuda" if a.backend == "cupy" else "cpu"     # on a GPU run, PyTorch on the same GPU
+    if dev == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(a.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(a.tf32)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    P = {k: torch.tensor(np.asarray(v.get() if hasattr(v, "get") else v), requires_grad=True, device=dev)
+         for k, v in params.items()}
     L, H, C, T = c["L"], c["H"], c["C"], c["T"]
     hs = C // H
     inv = 10000.0 ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
     ang = torch.arange(T, dtype=torch.float64)[:, None] * inv
     ang = torch.cat([ang, ang], -1)
-    cos, sin = ang.cos().float(), ang.sin().float()
-    mask = torch.full((T, T), float("-inf")).triu(1)
+    cos, sin = ang.cos().float().to(dev), ang.sin().float().to(dev)
+    mask = torch.full((T, T), float("-inf")).triu(1).to(dev)
 
     def rms(x, w):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
@@ -267,7 +273,7 @@ def torch_bench(a, c, params, ids, targets, peak_gflops, loss_ref):
     no_decay = [p for k, p in P.items() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
-    ti, tt = torch.as_tensor(ids), torch.as_tensor(targets)
+    ti, tt = torch.as_tensor(ids).to(dev), torch.as_tensor(targets).to(dev)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -280,12 +286,14 @@ def torch_bench(a, c, params, ids, targets, peak_gflops, loss_ref):
         check = abs(float(loss_fn(ti, tt)) - float(loss_ref))
     for _ in range(a.warmup):
         step()
+    sync()
     times, peaks = [], []
     for _ in range(a.trials):
         peaks.append(peak_gflops())
         for _ in range(a.steps):
             t0 = time.perf_counter()
             step()
+            sync()
             times.append(time.perf_counter() - t0)
     return {"torch": torch.__version__, "torch_loss_diff": check, "torch_ms": 1e3 * float(np.median(times)),
             "torch_peak": float(np.median(peaks)), "torch_threads": torch.get_num_threads()}
