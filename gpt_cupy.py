@@ -92,18 +92,52 @@ def fused_adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, 
                       p, state["m"][k], state["v"][k])
 
 
-# Embedding backward: CuPy's scatter_add is the atomic-add twin of numpy.add.at.
-def scatter_embedding_backward(dout, cache):
-    import cupyx
+# Embedding backward, deterministic. gpt_numpy's `xp.add.at` becomes atomic adds on CuPy, and atomics
+# land in whatever order the threads reach them: the sum of a frequent token's rows then differs in the
+# last bits from run to run (seen on an H200: a checkpointed and a plain backward pass disagreed by
+# 1e-8). This kernel gives each (row of dW, column) one thread that adds that row's gradients in
+# position order, as NumPy's add.at does: the same bits on every run, and the same bits as NumPy.
+_embedding_backward_kernel = cupy.ElementwiseKernel(
+    "raw T dout, raw I pos, raw I starts, raw I uniq, int64 C",
+    "raw T dW",
+    """
+    long long s = i / C, c = i % C;                     // segment s: all positions of token uniq[s]
+    T acc = 0;
+    for (I j = starts[s]; j < starts[s + 1]; j++)       // in position order
+        acc += dout[pos[j] * C + c];
+    dW[uniq[s] * C + c] = acc;
+    """,
+    "gpt_embedding_backward")
+
+
+def deterministic_embedding_backward(dout, cache):
+    """gpt_numpy.embedding_backward with the same bits on every run (and as NumPy's add.at)."""
     ids, shape = cache
+    V, C = shape
     dout = _model.upcast(dout)                          # half precision accumulates in float32, as in gpt_numpy
+    flat = cupy.asarray(ids).reshape(-1).astype(cupy.int64)
+    N = flat.size
+    key = cupy.sort(flat * N + cupy.arange(N))          # unique keys: (id, position) in order, any sort works
+    sid, pos = key // N, key % N                        # (N,) ids grouped, positions ascending within each
+    new = cupy.empty(N, dtype=bool)
+    new[:1] = True
+    new[1:] = sid[1:] != sid[:-1]
+    starts = cupy.append(cupy.flatnonzero(new), N)     # (S+1,) segment boundaries
+    uniq = sid[starts[:-1]]                             # (S,) the distinct ids
     dW = cupy.zeros(shape, dtype=dout.dtype)
-    cupyx.scatter_add(dW, ids.ravel(), dout.reshape(-1, shape[1]))
+    dflat = cupy.ascontiguousarray(dout).reshape(-1)
+    _embedding_backward_kernel(dflat, pos, starts, uniq, C, dW, size=int(uniq.size) * C)
     return dW
 
 
-_REFERENCE = {name: getattr(_model, name) for name in ("adamw_step", "embedding_backward")}
-_FUSED = {"adamw_step": fused_adamw_step, "embedding_backward": scatter_embedding_backward}
+# The deterministic version is the default on CuPy: a model whose gradients change from run to run
+# cannot promise bit-exact resume or checkpointed == plain backward.
+_model.embedding_backward = deterministic_embedding_backward
+embedding_backward = deterministic_embedding_backward
+
+
+_REFERENCE = {"adamw_step": _model.adamw_step}
+_FUSED = {"adamw_step": fused_adamw_step}
 
 
 def use_fused_kernels(on=True):
