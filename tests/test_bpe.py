@@ -208,8 +208,10 @@ def test_read_text_blocks_keeps_chunks(tmp_path):
                             for _ in range(20_000))
     f = tmp_path / "t.txt"
     f.write_bytes(text.encode("utf-8"))
-    blocks = list(bpe.read_text_blocks(f, block_size=500))
+    pieces = list(bpe.read_text_blocks(f, block_size=500))
+    blocks = [t for t, _ in pieces]
     assert len(blocks) > 20 and "".join(blocks) == text
+    assert sum(n for _, n in pieces) == f.stat().st_size          # every byte counted once
     for pattern in bpe.PATTERNS.values():
         assert [c for b in blocks for c in regex.findall(pattern, b)] == regex.findall(pattern, text)
 
