@@ -58,7 +58,7 @@ import numpy as np
 import regex
 from tqdm import tqdm
 
-from errors import FileFormatError, UserError
+from errors import ArgumentParser, FileFormatError, UserError
 
 # GPT-2's split pattern as tiktoken writes it (r50k_base). GPT-2's own encoder.py has
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
@@ -916,7 +916,9 @@ def _load_for_cli(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    """Exit status 0; `bpe.py: error: <one line>` and 2 for a bad command line, `bpe.py <command>: error:
+    <one line>` and 1 for a failure (a missing or malformed file, a special token not allowed)."""
+    parser = ArgumentParser(
         prog="bpe.py",
         description="Byte-level BPE tokenizer (GPT-2/GPT-4 style): train one on text files, "
         "encode files to token ids, decode ids back to text.",
@@ -956,8 +958,11 @@ def main(argv=None):
             p.add_argument("--quiet", action="store_true", help="no progress bar")
         else:
             p.add_argument("--input", required=True, metavar="FILE.bin", help="ids written by encode --out")
-    args = parser.parse_args(argv)
-
+    try:
+        args = parser.parse_args(argv)
+    except UserError as e:
+        print(f"bpe.py: error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.command == "train":
             inputs = [Path(f) for f in args.input]

@@ -589,6 +589,8 @@ def test_cli_process_exit_code_and_help():
     assert r.returncode == 1 and "Traceback" not in r.stderr and "missing.bpe" in r.stderr
     r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "examples:" in r.stdout and "train" in r.stdout
+    r = subprocess.run([sys.executable, script, "encode", "--tokenizer", "x.bpe"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == "bpe.py: error: one of the arguments --input --text is required\n"
 
 
 def test_docstring_examples():

@@ -277,6 +277,21 @@ def test_nonfinite_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     assert [r["step"] for r in log if r["event"] == "skip"] == [12]
 
 
+def test_process_exit_status_is_2_for_the_command_line_and_1_for_failures(tmp_path):
+    r = run_cli(["--n-layer", "0"], tmp_path)
+    assert r.returncode == 2 and r.stderr == "error: --n-layer must be at least 1, got 0\n"
+    r = run_cli(["--preset", "tiny", "--data", "missing.txt"], tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith("error: --data 'missing.txt': no such file")
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_each_flag_is_documented_once_in_the_config():
+    """--help is made from TrainConfig's field metadata: every field is a flag with its own help text."""
+    text = train.build_parser().format_help()
+    for f in train.fields(train.TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text and len(f.metadata["help"]) > 10, f.name
+
+
 def test_help_lists_presets_and_flags():
     text = train.build_parser().format_help()
     for word in list(train.PRESETS) + ["--grad-accum", "--checkpoint-activations", "--eval-interval",
