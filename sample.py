@@ -42,16 +42,16 @@ def stream(params, cfg, tok, gm, prompt, max_new_tokens, temperature, top_k, top
 
 def parse_args(argv):
     p = ArgumentParser(prog="sample.py", description="Stream text from a train.py checkpoint.")
-    p.add_argument("--ckpt", default="out/stdlib-bpe2048/ckpt.safetensors",
+    p.add_argument("--ckpt", metavar="PATH", default="out/stdlib-bpe2048/ckpt.safetensors",
                    help="checkpoint file, or the out dir holding ckpt.safetensors (default: %(default)s)")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline; '' starts from "
+    p.add_argument("--prompt", metavar="TEXT", default="\n", help="text to continue (default: a newline; '' starts from "
                                                   "<|endoftext|> with a BPE tokenizer)")
-    p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy; <1 sharper, >1 flatter (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens; 0: all (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens with this "
+    p.add_argument("--max-new-tokens", type=int, metavar="N", default=300, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, metavar="T", default=0.8, help="0: greedy; <1 sharper, >1 flatter (default: %(default)s)")
+    p.add_argument("--top-k", type=int, metavar="K", default=200, help="sample among the k likeliest tokens; 0: all (default: %(default)s)")
+    p.add_argument("--top-p", type=float, metavar="P", default=1.0, help="nucleus sampling: the smallest set of tokens with this "
                                                             "much probability; 1: all (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples (default: random)")
+    p.add_argument("--seed", type=int, metavar="N", default=None, help="seed for reproducible samples (default: random)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="numpy (CPU) or cupy (GPU)")
     args = p.parse_args(argv)
     if (args.max_new_tokens < 0 or not 0 <= args.temperature < math.inf or args.top_k < 0

@@ -1,11 +1,13 @@
 """
 train.py: train the GPT of gpt_numpy.py on a text corpus: raw text in, a checkpoint and a sample out.
 
-nanoGPT-shaped: a config with commented defaults, named presets, plainly named helpers (get_batch,
-estimate_loss, get_lr) and one flat training loop. On the way it finds the corpus (by default the Python
-standard library's own .py sources, which every machine with Python has), trains a BPE tokenizer on it
-(bpe.py) or reads a character vocabulary off it, and writes the token ids once to memory-mapped files
-under data/<name>/. Each of those steps is cached and redone only when its inputs change.
+nanoGPT-shaped: a config whose fields are the flags (each documented once, in its field), named presets,
+plainly named helpers (estimate_loss, get_lr) and one flat training loop (train(), in named steps). On
+the way data.py finds the corpus (by default the Python standard library's own .py sources, which every
+machine with Python has), trains a BPE tokenizer on it (bpe.py) or reads a character vocabulary off it,
+and writes the token ids once to memory-mapped files under data/<name>/. Each of those steps is cached
+and redone only when its inputs change. A bad command line prints `error: <one line>` and exits 2, any
+later failure exits 1.
 
     pip install -r requirements.txt && python train.py     # the default job: stdlib sources, BPE, ~2 min on 2 cores
     python train.py --preset shakespeare-char --data ../shared/data/tinyshakespeare.txt   # nanoGPT's CPU run
@@ -249,9 +251,9 @@ class State:
     step: int = 0
     elapsed: float = 0.0            # seconds of training before this process started
     tokens_seen: int = 0
-    best_val: float = None
-    last_eval: dict = None
-    saved_step: int = None          # the step of this run's checkpoint in out_dir (None: none written yet)
+    best_val: float | None = None
+    last_eval: dict | None = None   # the latest evaluation: step, train and val loss, val bits per byte
+    saved_step: int | None = None   # the step of this run's checkpoint in out_dir (None: none written yet)
     t_start: float = field(default_factory=time.time)    # when this process started training
 
     def elapsed_now(self):
