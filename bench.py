@@ -126,7 +126,8 @@ def child(a):
         xp = np
         sync = lambda: None
         if not a.no_malloc_tuning:
-            out_malloc = gm.keep_freed_memory()     # as a CPU training script should
+            from data import keep_freed_memory
+            out_malloc = keep_freed_memory()        # as a CPU training program does (data.load_backend)
     c = CONFIGS[a.child]
     cfg = gm.GPTConfig(vocab_size=c["V"], n_layer=c["L"], n_head=c["H"], d_model=c["C"], d_ff=c["F"],
                        max_seq_len=c["T"], checkpoint=bool(a.ckpt))
@@ -359,7 +360,7 @@ def main():
                          "explicit matmul / mask / softmax / matmul of gpt_numpy")
     ap.add_argument("--no-malloc-tuning", action="store_true",
                     help="numpy: leave glibc malloc as it is (by default the subprocess calls "
-                         "gpt_numpy.keep_freed_memory(), as a training script should)")
+                         "data.keep_freed_memory(), as train.py does)")
     # internal: the per-config subprocess
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)

@@ -9,8 +9,9 @@ bpe.py: a byte-level BPE tokenizer in the style of GPT-2 and GPT-4, in pure Pyth
   32768-token vocabulary on 8 MB of English (bench_bpe.py), where recounting all pairs costs ~0.3 s a merge.
 - Encoding merges, inside each chunk, the adjacent pair whose concatenation has the lowest rank (rank =
   token id), exactly as tiktoken does, with a cache for repeated chunks.
-- Interop: reads GPT-2's encoder.json + vocab.bpe; exports tiktoken's mergeable ranks and a Hugging Face
-  tokenizer.json that give the same ids as this file.
+- Formats, each in both directions where it has two: this file's own (save/load, to_text/from_text), GPT-2's
+  encoder.json + vocab.bpe (read), tiktoken's mergeable ranks (export), Hugging Face's tokenizer.json
+  (to_hf_json/from_hf_json): each gives the same ids as this file.
 
     tok = Tokenizer.train(["input.txt"], vocab_size=4096, special_tokens=["<|endoftext|>"])
     ids = tok.encode("hello world<|endoftext|>", allowed_special="all")
@@ -29,7 +30,8 @@ U+FFFD), decode_bytes(ids) the exact bytes. Any other lone surrogate in a str is
 U+FFFD, as tiktoken does.
 
 Errors. Bad input (a vocab size too small, an empty corpus, a missing or unreadable file, a malformed
-tokenizer file, a special token where none is allowed) raises ValueError with a message naming the culprit.
+tokenizer file, a special token where none is allowed) raises ValueError with a message naming the culprit
+(errors.py's UserError for an unreadable file, FileFormatError for a malformed one: both ValueErrors).
 
 Tokenizer file (plain text, ASCII; strings JSON-quoted):
     bpe-tokenizer v1
@@ -55,6 +57,8 @@ from pathlib import Path
 import numpy as np
 import regex
 from tqdm import tqdm
+
+from errors import ArgumentParser, FileFormatError, UserError
 
 # GPT-2's split pattern as tiktoken writes it (r50k_base). GPT-2's own encoder.py has
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
@@ -132,35 +136,44 @@ def can_cut(special_tokens):
     return not any(regex.search(r"\s", s) for s in special_tokens)
 
 
-def read_text_blocks(path, block_size=1 << 22, cut=True, bar=None):
-    """Yield a file's text in blocks of about block_size bytes, each ending at a safe_cut, so a big file is
-    never held whole: at most one block and the tail carried into the next. UTF-8 with
-    errors="surrogateescape", through an incremental decoder so a character split between two reads stays
-    whole; no newline translation ("\\r\\n" stays as it is). subtle: a block with no safe cut (no letter or
-    digit followed by whitespace) is carried on, so such a file ends up read whole, as with cut=False.
-    bar: a tqdm bar to advance by the bytes read, once their text is handled.
+def read_text_blocks(path, block_size=1 << 22, cut=safe_cut, errors="surrogateescape", hasher=None):
+    """Yield (text, nbytes) for a file's text in blocks of about block_size bytes, so a big file is never
+    held whole: at most one block and the tail carried into the next. The one file reader of the project
+    (training here, encoding here, and data.py's corpus preparation and hashing all use it).
+
+    - cut(text, start) -> index: where a block may end (default safe_cut: where BPE's chunking is
+      unchanged, searched from start); None: nowhere, the file comes as one block.
+      subtle: a block with no cut (no letter or digit followed by whitespace) is carried on, so such a
+      file ends up read whole, as with cut=None.
+    - UTF-8 through an incremental decoder, so a character split between two reads stays whole; errors:
+      how invalid bytes decode ("surrogateescape" keeps them exact for bpe.py; "replace" gives U+FFFD).
+      No newline translation ("\\r\\n" stays as it is).
+    - nbytes: the bytes read since the previous block (for progress bars); they sum to the file's size.
+    - hasher (a hashlib object) sees the raw bytes as they pass, so reading and hashing is one pass.
 
     >>> import tempfile; f = tempfile.NamedTemporaryFile(delete=False); _ = f.write(b"ab\\ncd\\n\\xff"); f.close()
     >>> list(read_text_blocks(f.name, block_size=4))
-    ['ab', '\\ncd', '\\n\\udcff']
+    [('ab', 4), ('\\ncd', 3), ('\\n\\udcff', 0)]
     """
-    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
-    tail = ""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    tail, nbytes = "", 0
     try:
         with open(path, "rb") as f:
             while data := f.read(block_size):
+                if hasher is not None:
+                    hasher.update(data)
+                nbytes += len(data)
                 text = tail + decoder.decode(data)
-                i = safe_cut(text, len(tail) - 1) if cut else 0  # earlier text held no cut
+                i = cut(text, len(tail) - 1) if cut else 0  # earlier text held no cut
                 if i:
-                    yield text[:i]
+                    yield text[:i], nbytes
+                    nbytes = 0
                 tail = text[i:]
-                if bar is not None:
-                    bar.update(len(data))
     except OSError as e:
-        raise ValueError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+        raise UserError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
     tail += decoder.decode(b"", final=True)
-    if tail:
-        yield tail
+    if tail or nbytes:
+        yield tail, nbytes
 
 
 def text_blocks(text, block_size=1 << 22, cut=True):
@@ -182,13 +195,24 @@ def text_blocks(text, block_size=1 << 22, cut=True):
 
 
 def _read_text(path):
-    """A whole (small) file as str, strict UTF-8; ValueError naming the path if it cannot be read."""
+    """A whole (small) file as str, strict UTF-8; UserError / FileFormatError naming the path if it
+    cannot be read."""
     try:
         return Path(path).read_bytes().decode("utf-8")
     except OSError as e:
-        raise ValueError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+        raise UserError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{str(path)!r} is not UTF-8 text: {e}") from None
+        raise FileFormatError(f"{str(path)!r} is not UTF-8 text: {e}") from None
+
+
+def id_dtype(vocab_size):
+    """The smallest NumPy dtype that holds every id of a vocabulary: uint16 up to 65536 tokens, else
+    uint32 (the .bin files of bpe.py and data.py, like nanoGPT's).
+
+    >>> id_dtype(65536).__name__, id_dtype(65537).__name__
+    ('uint16', 'uint32')
+    """
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
 def _looks_like_path(s):
@@ -209,7 +233,10 @@ def iter_texts(texts_or_paths, cut=True, bar=None):
         texts_or_paths = [texts_or_paths]
     for item in texts_or_paths:
         if isinstance(item, os.PathLike) or (isinstance(item, str) and os.path.isfile(item)):
-            yield from read_text_blocks(item, cut=cut, bar=bar)
+            for text, nbytes in read_text_blocks(item, cut=safe_cut if cut else None):
+                yield text
+                if bar is not None:
+                    bar.update(nbytes)
         elif isinstance(item, str) and _looks_like_path(item):
             raise ValueError(f"no such file: {item!r} (to train on it as a text, add a space to it)")
         elif isinstance(item, str):
@@ -457,7 +484,16 @@ class Tokenizer:
     @property
     def dtype(self):
         """The smallest NumPy dtype that holds every id: uint16 up to 65536 tokens, else uint32."""
-        return np.uint16 if self.vocab_size <= 1 << 16 else np.uint32
+        return id_dtype(self.vocab_size)
+
+    # how data.py reads files for this tokenizer (read_text_blocks): exact bytes (invalid UTF-8 kept as
+    # surrogates, encoded back to the same bytes), and blocks cut only where the chunks are unchanged
+    file_errors = "surrogateescape"
+
+    def cut(self, text, start=0):
+        """Where a long text may be cut so that encoding both parts gives the ids of the whole (safe_cut),
+        0 if nowhere; never inside a special token that holds whitespace."""
+        return safe_cut(text, start) if can_cut(self.special_tokens) else 0
 
     # -- training ------------------------------------------------------------------------------------
 
@@ -580,8 +616,9 @@ class Tokenizer:
         concatenated, the blocks' ids equal encode(whole text)."""
         with tqdm(total=os.path.getsize(path) if os.path.isfile(path) else None, desc="encode", unit="B",
                   unit_scale=True, disable=not progress) as bar:
-            for text in read_text_blocks(path, block_size, can_cut(self.special_tokens), bar):
+            for text, nbytes in read_text_blocks(path, block_size, self.cut):
                 yield np.array(self.encode(text, allowed_special, disallowed_special), dtype=self.dtype)
+                bar.update(nbytes)
 
     def encode_file(self, path, allowed_special=frozenset(), disallowed_special="all", progress=True):
         """A whole file's ids as one NumPy array of dtype self.dtype (uint16 up to 65536 tokens)."""
@@ -612,30 +649,43 @@ class Tokenizer:
 
     # -- files ---------------------------------------------------------------------------------------
 
-    def save(self, path):
-        """Write the tokenizer file (format in the module docstring)."""
+    kind = "bpe"  # the "kind" of a checkpoint's tokenizer entry (data.CharTokenizer's is "char")
+
+    def to_text(self):
+        """The tokenizer file's content (format in the module docstring), as a str: what save writes and
+        what every checkpoint embeds."""
         lines = [FORMAT, f"pattern {json.dumps(self.pattern)}", "bytes " + " ".join(map(str, self.byte_ids))]
         lines.append(f"specials {len(self.special_tokens)}")
         lines += [f"{i} {json.dumps(s)}" for s, i in self.special_tokens.items()]
         lines.append(f"merges {len(self.merges)}")
         lines += [f"{a} {b}" for a, b in self.merges]
-        Path(path).write_text("\n".join(lines) + "\n", encoding="ascii", newline="\n")
+        return "\n".join(lines) + "\n"
+
+    def save(self, path):
+        """Write the tokenizer file (to_text)."""
+        Path(path).write_text(self.to_text(), encoding="ascii", newline="\n")
 
     @classmethod
     def load(cls, path):
-        """Read a tokenizer file written by save; a malformed one raises ValueError naming the line."""
-        lines = _read_text(path).splitlines()
+        """Read a tokenizer file written by save; a malformed one raises FileFormatError (a ValueError)
+        naming the line."""
+        return cls.from_text(_read_text(path), path)
+
+    @classmethod
+    def from_text(cls, text, path="<text>"):
+        """The inverse of to_text; path names the text's source in error messages."""
+        lines = text.splitlines()
         n = 0  # number of the line being read
 
         def fail(expected):
-            raise ValueError(f"{path}, line {n}: expected {expected}, got {lines[n - 1][:100]!r}")
+            raise FileFormatError(f"{path}, line {n}: expected {expected}, got {lines[n - 1][:100]!r}")
 
         def take(key=None):
             """The next line; with a key, the rest of a line that must start with that key and a space."""
             nonlocal n
             n += 1
             if n > len(lines):
-                raise ValueError(f"{path}: the file ends at line {n - 1}, expected more")
+                raise FileFormatError(f"{path}: the file ends at line {n - 1}, expected more")
             if key is not None and not lines[n - 1].startswith(key + " "):
                 fail(f"a line starting with {key!r}")
             return lines[n - 1][len(key) + 1 :] if key is not None else lines[n - 1]
@@ -672,7 +722,7 @@ class Tokenizer:
         try:
             return cls(pattern, merges, specials, byte_ids)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise FileFormatError(f"{path}: {e}") from None
 
     @classmethod
     def from_gpt2_files(cls, encoder_json, vocab_bpe):
@@ -719,9 +769,7 @@ class Tokenizer:
         b2u = bytes_to_unicode()
         spell = lambda t: "".join(b2u[b] for b in t)  # noqa: E731
         n = 256 + len(self.merges)
-        # subtle: Oniguruma, HF's regex engine, reads GPT-4's "\p{N}{1,3}+" as "(\p{N}{1,3})+", any run of
-        # digits, not as possessive; at the end of an alternative, as there, "{1,3}" matches the same
-        pattern = regex.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", self.pattern)
+        pattern = hf_split_regex(self.pattern)
         return {
             "version": "1.0",
             "truncation": None,
@@ -760,6 +808,90 @@ class Tokenizer:
         """Write to_hf_json() to path, for tokenizers.Tokenizer.from_file(path)."""
         Path(path).write_text(json.dumps(self.to_hf_json(), ensure_ascii=False), encoding="utf-8")
 
+    @classmethod
+    def from_hf_json(cls, obj):
+        """A byte-level BPE tokenizer.json (a dict) -> Tokenizer, the inverse of to_hf_json; GPT-2's as
+        Hugging Face tokenizers writes it reads too. It must have GPT-2's layout: the 256 byte tokens are
+        ids 0..255 in any order, merge i makes id 256 + i, the special tokens come after. Anything else
+        raises FileFormatError naming the field.
+        Example: vocab {'Ġthe': 262}, merges ['Ġt he'] -> token 262 = b' the'.
+        subtle: this file merges by rank like tiktoken (and skips the merges when a chunk is a whole token,
+        like ignore_merges); for merges in id order, as BPE training writes them, that is the same result."""
+        model = obj.get("model") or {}
+
+        def need(field, ok, why):
+            if not ok:
+                raise FileFormatError(f"tokenizer.json: {field} is not supported: {why}")
+
+        need(f"model.type = {model.get('type')!r}", model.get("type") == "BPE", "only byte-level BPE tokenizers import")
+        need("normalizer", obj.get("normalizer") is None, "byte-level BPE works on the raw text (no normalizer)")
+        need("decoder", (obj.get("decoder") or {}).get("type") == "ByteLevel", "byte-level BPE decodes with ByteLevel")
+        for f in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
+            need(f"model.{f}", not model.get(f), "not a plain byte-level BPE")
+        need("model.byte_fallback", not model.get("byte_fallback"), "a SentencePiece-style BPE, not byte-level")
+        pattern = _pattern_from_hf(obj.get("pre_tokenizer"))
+        specials = {t["content"]: t["id"] for t in obj.get("added_tokens", []) if t.get("special")}
+        ordinary = {t["content"] for t in obj.get("added_tokens", []) if not t.get("special")}
+        # vocab strings spell bytes in GPT-2's printable alphabet (special tokens may be listed in the vocab
+        # as well, as GPT-2's <|endoftext|> is; they are not byte strings). The constructor rebuilds each
+        # token's bytes from byte_ids and the merges, so the spellings only need to match up here.
+        b2u = bytes_to_unicode()
+        alphabet = set(b2u.values())
+        vocab = {s: i for s, i in model.get("vocab", {}).items() if i not in specials.values()}
+        need("model.vocab", all(c in alphabet for s in vocab for c in s), "not in the byte-level alphabet")
+        need("added_tokens", ordinary <= vocab.keys(), f"non-special added tokens {sorted(ordinary - vocab.keys())[:3]}")
+        byte_ids = [vocab.get(b2u[b]) for b in range(256)]
+        need("model.vocab", sorted(i for i in byte_ids if i is not None) == list(range(256)),
+             "bpe.py needs the 256 single-byte tokens at ids 0..255")
+        merges = []
+        for n, m in enumerate(model.get("merges", [])):
+            a, b = m.split(" ") if isinstance(m, str) else m  # "a b" (older files) or ["a", "b"]
+            need("model.merges", a in vocab and b in vocab and vocab.get(a + b) == 256 + n,
+                 f"merge {n} ({a!r}, {b!r}) must make id {256 + n} (bpe.py's layout: merge i is token 256 + i)")
+            merges.append((vocab[a], vocab[b]))
+        need("model.vocab", len(vocab) == 256 + len(merges), f"{len(vocab) - 256 - len(merges)} tokens no merge makes")
+        try:
+            return cls(pattern, merges, specials, byte_ids)
+        except (ValueError, regex.error) as e:
+            raise FileFormatError(f"tokenizer.json: {e}") from None
+
+
+def hf_split_regex(pattern):
+    """A split pattern as Hugging Face's tokenizer.json must spell it for the same chunks.
+    subtle: Oniguruma, HF's regex engine, reads GPT-4's "\\p{N}{1,3}+" as "(\\p{N}{1,3})+", any run of
+    digits, not as possessive; at the end of an alternative, as there, "{1,3}" matches the same.
+
+    >>> hf_split_regex(r"\\p{N}{1,3}+|a++")
+    '\\\\p{N}{1,3}|a++'
+    """
+    return regex.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", pattern)
+
+
+def _pattern_from_hf(pre):
+    """The split regex of a byte-level pre_tokenizer: ByteLevel(use_regex=true) alone is GPT-2's;
+    Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)] is the Split's (to_hf_json's)."""
+    def bad(why):
+        raise FileFormatError(f"tokenizer.json: pre_tokenizer is not supported: {why}")
+
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]
+    last = steps[-1] if steps else None
+    if not last or last.get("type") != "ByteLevel":
+        bad("not byte-level BPE (the last pre-tokenizer must be ByteLevel)")
+    if last.get("add_prefix_space", False):
+        bad("add_prefix_space is true (our tokenizer does not insert a leading space)")
+    if len(steps) == 1:
+        if not last.get("use_regex", True):
+            bad("ByteLevel with use_regex false and no Split before it")
+        return GPT2_PATTERN  # the possessive form of ByteLevel's regex: the same chunks
+    split = steps[0]
+    if (len(steps) != 2 or split.get("type") != "Split" or "Regex" not in (split.get("pattern") or {})
+            or split.get("behavior") != "Isolated" or split.get("invert", False) or last.get("use_regex", True)):
+        bad("only Split(Regex, Isolated) then ByteLevel(use_regex=false) is understood")
+    # to_hf_json rewrites GPT-4's possessive "\\p{N}{1,3}+" for Oniguruma: map the rewritten spellings
+    # back, so that an export round trip gives the same tok.pattern
+    hf = split["pattern"]["Regex"]
+    return next((p for p in PATTERNS.values() if hf_split_regex(p) == hf), hf)
+
 
 # -----------------------------------------------------------------------------
 # command line
@@ -784,7 +916,9 @@ def _load_for_cli(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    """Exit status 0; `bpe.py: error: <one line>` and 2 for a bad command line, `bpe.py <command>: error:
+    <one line>` and 1 for a failure (a missing or malformed file, a special token not allowed)."""
+    parser = ArgumentParser(
         prog="bpe.py",
         description="Byte-level BPE tokenizer (GPT-2/GPT-4 style): train one on text files, "
         "encode files to token ids, decode ids back to text.",
@@ -824,8 +958,11 @@ def main(argv=None):
             p.add_argument("--quiet", action="store_true", help="no progress bar")
         else:
             p.add_argument("--input", required=True, metavar="FILE.bin", help="ids written by encode --out")
-    args = parser.parse_args(argv)
-
+    try:
+        args = parser.parse_args(argv)
+    except UserError as e:
+        print(f"bpe.py: error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.command == "train":
             inputs = [Path(f) for f in args.input]
@@ -876,4 +1013,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

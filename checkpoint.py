@@ -1,5 +1,13 @@
 """
-checkpoint.py: the training checkpoint file: one safetensors file, written atomically, verified on load.
+checkpoint.py: the checkpoint file, one safetensors file written atomically and verified on load, and the
+one way every program builds, reads and loads it:
+
+    meta = build_meta(model_cfg, tok, step=..., **training_state)    # the metadata, train.py and export.py
+    save_checkpoint(path, params, adam_m, adam_v, meta)
+    ck = load_checkpoint(path)        # Checkpoint(path, params, adam_m, adam_v, meta): host arrays, verified
+    ck.model_config(), ck.tokenizer() # the metadata read back, with one-line errors
+    model = load_model(path, "numpy") # Model(path, params on the device, cfg, tokenizer, meta, gm): sampling,
+                                      # export, evaluation
 
 Layout of `ckpt.safetensors` (any safetensors reader opens it):
 
@@ -9,12 +17,12 @@ Layout of `ckpt.safetensors` (any safetensors reader opens it):
     metadata  "format"         "gpt-numpy-checkpoint"
               "version"        "1"
               "meta"           JSON: step, adam_t, model and training config, the batch sampler's RNG state,
-                               the tokenizer (its file's text), data identity, progress (see train.py)
+                               the tokenizer (its file's text), data identity, progress (build_meta)
               "tensors_sha256" sha256 over every tensor (name, dtype, shape, bytes, in sorted name order)
 
 Tensors are stored as host (NumPy) float32 arrays, so a checkpoint written on the GPU loads on the CPU
 and back. A file that is truncated, corrupt, or whose tensors do not hash to the recorded sha256 is
-refused with CheckpointError and never loaded.
+refused with errors.FileFormatError and never loaded.
 
 Writing is atomic: the bytes go to a temporary file in the same folder, which is flushed, fsync'ed and
 then renamed over the old file (os.replace), and the folder is fsync'ed. A process killed at any moment
@@ -24,54 +32,17 @@ ignored.
 
 import hashlib
 import json
-import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+import gpt_numpy
+from data import atomic_write, load_backend, text_sha256, tokenizer_from_text
+from errors import FileFormatError
+
 FORMAT = "gpt-numpy-checkpoint"
 VERSION = "1"
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used: missing, truncated, corrupt, or of another format."""
-
-
-def atomic_write(path, data, before_replace=None):
-    """Write bytes to `path` so that a crash leaves either the old file or the complete new one.
-
-    tmp file in the same folder -> write, flush, fsync -> os.replace -> fsync the folder. (A rename is
-    atomic only within one file system, hence the same folder.) `before_replace` is a hook for tests.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder):
-    """Make a rename in `folder` durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def tensors_sha256(tensors):
@@ -97,16 +68,17 @@ def save_checkpoint(path, params, adam_m, adam_v, meta, before_replace=None):
 
 
 def load_checkpoint(path):
-    """Read and verify a checkpoint: returns (params, adam_m, adam_v, meta) with NumPy arrays.
+    """Read and verify a checkpoint (a file, or a folder holding ckpt.safetensors): a Checkpoint record
+    with NumPy arrays.
 
-    Raises CheckpointError (a one-line message) for a missing, truncated or corrupt file.
+    Raises FileFormatError (a one-line message) for a missing, truncated or corrupt file.
     """
     from safetensors.numpy import load
     path = Path(path)
     if path.is_dir():
         path = path / "ckpt.safetensors"
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
+        raise FileFormatError(f"no checkpoint at {path}")     # a path the user gave: still a bad file
     data = path.read_bytes()
     try:
         # a safetensors file: 8-byte little-endian header length, a JSON header, then the tensor bytes
@@ -119,21 +91,21 @@ def load_checkpoint(path):
             raise ValueError(f"expected {8 + n + end} bytes, found {len(data)}")
         tensors = load(data)
     except Exception as e:
-        raise CheckpointError(f"{path} is truncated or corrupt and was not loaded ({e})") from None
+        raise FileFormatError(f"{path} is truncated or corrupt and was not loaded ({e})") from None
     metadata = header.get("__metadata__") or {}
     if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a gpt-numpy training checkpoint (format "
+        raise FileFormatError(f"{path} is not a gpt-numpy training checkpoint (format "
                               f"{metadata.get('format')!r}, expected {FORMAT!r})")
     if metadata.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {metadata.get('version')!r}; "
+        raise FileFormatError(f"{path} has checkpoint version {metadata.get('version')!r}; "
                               f"this code reads version {VERSION}")
     if tensors_sha256(tensors) != metadata.get("tensors_sha256"):
-        raise CheckpointError(f"{path} is corrupt: its tensors do not match the sha256 recorded in it; "
+        raise FileFormatError(f"{path} is corrupt: its tensors do not match the sha256 recorded in it; "
                               f"it was not loaded")
     try:
         meta = json.loads(metadata["meta"])
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path} is corrupt: unreadable metadata ({e})") from None
+        raise FileFormatError(f"{path} is corrupt: unreadable metadata ({e})") from None
     groups = {"params.": {}, "adam.m.": {}, "adam.v.": {}}
     for name, a in tensors.items():
         for prefix, group in groups.items():
@@ -141,13 +113,13 @@ def load_checkpoint(path):
                 group[name[len(prefix):]] = np.array(a, copy=True)   # own, aligned, writable memory
                 break
         else:
-            raise CheckpointError(f"{path} has an unexpected tensor {name!r}")
+            raise FileFormatError(f"{path} has an unexpected tensor {name!r}")
     params, m, v = groups.values()
     if not params:
-        raise CheckpointError(f"{path} holds no parameters")
+        raise FileFormatError(f"{path} holds no parameters")
     if (m or v) and (set(m) != set(params) or set(v) != set(params)):   # none at all: a weights-only file
-        raise CheckpointError(f"{path} is corrupt: the optimizer state does not match the parameters")
-    return params, m, v, meta
+        raise FileFormatError(f"{path} is corrupt: the optimizer state does not match the parameters")
+    return Checkpoint(path, params, m, v, meta)
 
 
 def read_meta(path):
@@ -159,3 +131,90 @@ def read_meta(path):
         return json.loads(header["__metadata__"]["meta"])
     except Exception:
         return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The metadata: built here, read here
+
+def build_meta(model_cfg, tok, step=0, adam_t=0, **more):
+    """A checkpoint's "meta": the step, AdamW's step count, the model config and the tokenizer (its kind,
+    text form and that text's sha256), plus `more`: train.py's training state (train_config, rng,
+    loss_scaler, sampler, data, progress) or export.py's imported_from.
+
+    Example: build_meta(GPTConfig(...), CharTokenizer("ab")) -> {"step": 0, "adam_t": 0, "model_config":
+    {...}, "tokenizer": {"kind": "char", "sha256": "...", "text": '{"type": "char", ...}'}}.
+    """
+    text = tok.to_text()
+    return {"step": step, "adam_t": adam_t, "model_config": model_cfg.to_dict(),
+            "tokenizer": {"kind": tok.kind, "sha256": text_sha256(text), "text": text}, **more}
+
+
+@dataclass
+class Checkpoint:
+    """A saved run as load_checkpoint reads it: host (NumPy) arrays and the JSON metadata."""
+    path: Path
+    params: dict                # name -> float32 array, SPEC.md's names and shapes
+    adam_m: dict                # AdamW's moments, same keys; {} in a weights-only file
+    adam_v: dict
+    meta: dict                  # build_meta's dict
+
+    @property
+    def step(self):
+        return self.meta.get("step")
+
+    @property
+    def has_training_state(self):
+        """Does it hold what --resume needs: the optimizer, the sampler and the training config?"""
+        return bool(self.adam_m) and "rng" in self.meta and "train_config" in self.meta
+
+    def model_config(self, **override):
+        """The model's GPTConfig, with `override` applied (e.g. a run's dropout); FileFormatError if the
+        metadata holds none that is usable. Keys a newer GPTConfig dropped are ignored."""
+        known = set(gpt_numpy.GPTConfig.__dataclass_fields__)
+        try:
+            saved = {k: v for k, v in self.meta["model_config"].items() if k in known}
+            return gpt_numpy.GPTConfig(**{**saved, **override})
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise FileFormatError(f"{self.path}: no usable model config in the checkpoint ({e})") from None
+
+    def tokenizer(self):
+        """The tokenizer embedded in the metadata; FileFormatError if there is none or it is unreadable."""
+        try:
+            t = self.meta["tokenizer"]
+            return tokenizer_from_text(t["kind"], t["text"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FileFormatError(f"{self.path}: no usable tokenizer in the checkpoint ({e})") from None
+
+
+def load_params(gm, host_params, cfg, path="the checkpoint"):
+    """A checkpoint's weights -> gm's device arrays, checked against cfg's shapes (FileFormatError naming
+    the first wrong, missing or extra key)."""
+    try:
+        gm.check_param_shapes(host_params, cfg)
+    except ValueError as e:
+        raise FileFormatError(f"{path} does not fit its model config: {e}") from None
+    # subtle: keep gpt_numpy's key order; clip_grad_norm sums the squares in dict order, so another
+    # order would change the norm in its last bits and a resumed run would drift from the original.
+    return {k: gm.to_device(host_params[k]) for k in gm.param_shapes(cfg)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# A model ready to run, for every program that reads a checkpoint (sample.py, export.py, an eval.py)
+
+@dataclass
+class Model:
+    path: Path                  # the checkpoint file
+    params: dict                # on gm's device, gpt_numpy's key order
+    cfg: gpt_numpy.GPTConfig    # the checkpoint's model, without dropout or activation checkpointing
+    tokenizer: object           # data.CharTokenizer or bpe.Tokenizer
+    meta: dict                  # build_meta's dict
+    gm: object = field(repr=False)   # the backend module: gpt_numpy or gpt_cupy
+
+
+def load_model(path, backend="numpy"):
+    """A checkpoint (a file or its folder) as a Model on `backend` ("numpy" or "cupy")."""
+    gm = load_backend(backend)
+    ck = load_checkpoint(path)
+    cfg = ck.model_config(dropout=0.0, checkpoint=False)
+    params = load_params(gm, ck.params, cfg, ck.path)
+    return Model(ck.path, params, cfg, ck.tokenizer(), ck.meta, gm)

@@ -43,22 +43,18 @@ files are read and widened to float32.
 """
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
-import regex
 from safetensors import SafetensorError, deserialize, safe_open
 from safetensors.numpy import load_file, save_file
 
-import bpe
 import gpt_numpy as gn
-
-
-class InteropError(ValueError):
-    """A user-facing problem (a file, a field, an unsupported feature): the CLI prints it in one line."""
+from checkpoint import build_meta, load_model, save_checkpoint
+from data import tokenizer_from_hf_json
+from errors import ArgumentParser, FileFormatError, UserError
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -88,24 +84,15 @@ def name_pairs(cfg):
     return pairs
 
 
-def check_params(params, cfg):
-    """Raise InteropError unless params has exactly the keys and shapes of param_shapes(cfg)."""
-    shapes = gn.param_shapes(cfg)
-    missing = [k for k in shapes if k not in params]
-    extra = [k for k in params if k not in shapes]
-    if missing or extra:
-        raise InteropError(f"parameters do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
-    for k, shape in shapes.items():
-        if tuple(params[k].shape) != shape:
-            raise InteropError(f"parameter {k} has shape {tuple(params[k].shape)}, the config says {shape}")
-
-
 def to_hf_tensors(params, cfg):
     """Our params -> {Hugging Face name: float32 array in torch's Linear layout (out, in)}.
 
     Example: blocks.0.attn.qkv (C, 3C) -> model.layers.0.self_attn.q_proj.weight = qkv[:, :C].T (C, C).
     """
-    check_params(params, cfg)
+    try:
+        gn.check_param_shapes(params, cfg)
+    except ValueError as e:
+        raise UserError(f"the parameters do not fit the config: {e}") from None
     host = {k: gn.to_host(v) for k, v in params.items()}
     C = cfg.d_model
     out = {}
@@ -130,10 +117,10 @@ def from_hf_tensors(tensors, cfg):
     missing = sorted(expected - tensors.keys())
     extra = sorted(k for k in tensors.keys() - expected - ignorable if not k.endswith("rotary_emb.inv_freq"))
     if missing:
-        raise InteropError(f"weights missing from the checkpoint: {', '.join(missing[:3])}"
+        raise FileFormatError(f"weights missing from the checkpoint: {', '.join(missing[:3])}"
                            + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     if extra:
-        raise InteropError(f"unexpected weights (not a plain Llama, e.g. biases?): {', '.join(extra[:3])}"
+        raise FileFormatError(f"unexpected weights (not a plain Llama, e.g. biases?): {', '.join(extra[:3])}"
                            + (f" and {len(extra) - 3} more" if len(extra) > 3 else ""))
     params = {}
     for ours, theirs, transposed in name_pairs(cfg):
@@ -142,11 +129,11 @@ def from_hf_tensors(tensors, cfg):
     for i in range(cfg.n_layer):
         q, k, v = (tensors[f"model.layers.{i}.self_attn.{n}_proj.weight"] for n in "qkv")   # 3 x (C, C)
         params[f"blocks.{i}.attn.qkv"] = np.concatenate([q.T, k.T, v.T], axis=1).astype(np.float32)  # (C, 3C)
-    params = {k: params[k] for k in gn.param_shapes(cfg)}        # our canonical order
-    for k, shape in gn.param_shapes(cfg).items():
-        if params[k].shape != shape:
-            raise InteropError(f"weight for {k} has shape {params[k].shape}, config.json implies {shape}")
-    return params
+    try:
+        gn.check_param_shapes(params, cfg)
+    except ValueError as e:
+        raise FileFormatError(f"the weights do not fit config.json: {e}") from None
+    return {k: params[k] for k in gn.param_shapes(cfg)}        # our canonical order
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,7 +143,7 @@ def hf_config(cfg, bos_id=None, eos_id=None):
     """config.json for LlamaForCausalLM. Written for both transformers 4.x (torch_dtype, rope_theta,
     rope_scaling) and 5.x (dtype, rope_parameters); each version ignores the other's keys."""
     if cfg.norm != "rmsnorm":
-        raise InteropError(f"only RMSNorm models map to Hugging Face's Llama; this model uses "
+        raise UserError(f"only RMSNorm models map to Hugging Face's Llama; this model uses "
                            f"norm={cfg.norm!r} (LayerNorm has a bias and subtracts the mean)")
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -196,12 +183,12 @@ def config_from_hf(hf, max_seq_len=None):
     """
     def need(field, ok, why):
         if not ok:
-            raise InteropError(f"config.json: {field} = {json.dumps(hf.get(field))} is not supported: {why}")
+            raise FileFormatError(f"config.json: {field} = {json.dumps(hf.get(field))} is not supported: {why}")
 
     need("model_type", hf.get("model_type") == "llama", "only Llama-architecture models import")
     for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if not isinstance(hf.get(f), int):
-            raise InteropError(f"config.json: {f} is missing or not an integer")
+            raise FileFormatError(f"config.json: {f} is missing or not an integer")
     nh = hf["num_attention_heads"]
     C = hf["hidden_size"]
     need("num_key_value_heads", hf.get("num_key_value_heads") in (None, nh),
@@ -229,7 +216,7 @@ def config_from_hf(hf, max_seq_len=None):
             norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)))   # LlamaConfig's default
     except ValueError as e:
-        raise InteropError(f"config.json: {e}") from None
+        raise FileFormatError(f"config.json: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -260,10 +247,10 @@ def read_safetensors(path):
                 dt = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}[t["dtype"]]
                 out[name] = np.frombuffer(t["data"], dtype=dt).astype(np.float32).reshape(t["shape"])
             else:
-                raise InteropError(f"{path}: tensor {name} has dtype {t['dtype']}, expected a float type")
+                raise FileFormatError(f"{path}: tensor {name} has dtype {t['dtype']}, expected a float type")
         return out
     except SafetensorError as e:
-        raise InteropError(f"{path}: not a readable safetensors file ({e})") from None
+        raise FileFormatError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def read_hf_weights(d):
@@ -275,26 +262,26 @@ def read_hf_weights(d):
     if index.exists():
         shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         if not shards:
-            raise InteropError(f"{index}: no weight_map")
+            raise FileFormatError(f"{index}: no weight_map")
         tensors = {}
         for s in shards:
             if not (d / s).exists():
-                raise InteropError(f"{index} names shard {s}, which is not in {d}")
+                raise FileFormatError(f"{index} names shard {s}, which is not in {d}")
             tensors.update(read_safetensors(d / s))
         return tensors
     if (d / "pytorch_model.bin").exists() or (d / "pytorch_model.bin.index.json").exists():
-        raise InteropError(f"{d} has only pytorch_model.bin weights: re-save them as safetensors "
+        raise FileFormatError(f"{d} has only pytorch_model.bin weights: re-save them as safetensors "
                            f"(model.save_pretrained(dir, safe_serialization=True)) and import that")
-    raise InteropError(f"{d}: no model.safetensors or model.safetensors.index.json")
+    raise FileFormatError(f"{d}: no model.safetensors or model.safetensors.index.json")
 
 
 def read_json(path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise InteropError(f"{path} not found") from None
+        raise FileFormatError(f"{path} not found") from None
     except json.JSONDecodeError as e:
-        raise InteropError(f"{path}: invalid JSON ({e})") from None
+        raise FileFormatError(f"{path}: invalid JSON ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,7 +294,7 @@ def export_hf(params, cfg, tok, out_dir):
     config = hf_config(cfg, *(tok.special_tokens[t] if t else None for t in (bos, eos)))  # refuses LayerNorm
     tensors = to_hf_tensors(params, cfg)
     if tok is not None and tok.vocab_size > cfg.vocab_size:
-        raise InteropError(f"the tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
+        raise UserError(f"the tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # transformers refuses a safetensors file whose metadata lacks format=pt ("save with save_pretrained")
@@ -325,12 +312,12 @@ def import_hf(hf_dir, max_seq_len=None):
     tokenizer.json. max_seq_len: the context length (default: the config's max_position_embeddings)."""
     d = Path(hf_dir)
     if not d.is_dir():
-        raise InteropError(f"{d} is not a directory")
+        raise UserError(f"{d} is not a directory")
     cfg = config_from_hf(read_json(d / "config.json"), max_seq_len)
     params = from_hf_tensors(read_hf_weights(d), cfg)
-    tok = tokenizer_from_hf(read_json(d / "tokenizer.json")) if (d / "tokenizer.json").exists() else None
+    tok = tokenizer_from_hf_json(read_json(d / "tokenizer.json")) if (d / "tokenizer.json").exists() else None
     if tok is not None and tok.vocab_size > cfg.vocab_size:
-        raise InteropError(f"tokenizer.json has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
+        raise FileFormatError(f"tokenizer.json has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
     return params, cfg, tok
 
 
@@ -339,14 +326,12 @@ def write_json(path, obj):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tokenizers. bpe.py writes its own tokenizer.json (Tokenizer.to_hf_json); train.py's character
-# tokenizer becomes a WordLevel model over single characters. On export we add the tokenizer_config.json
-# that AutoTokenizer reads; on import we check that a tokenizer.json is one of those two kinds.
+# Tokenizers: each writes and reads its own tokenizer.json (bpe.Tokenizer and data.CharTokenizer's
+# to_hf_json / from_hf_json); here only the tokenizer_config.json that AutoTokenizer reads beside it.
 
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<|bos|>", "<|startoftext|>", "<|endoftext|>")
 EOS_NAMES = ("<|end_of_text|>", "</s>", "<|eos|>", "<|endoftext|>")
 UNK_NAMES = ("<unk>", "<|unk|>")
-ANY_CHAR = r"[\s\S]"             # the split regex of a character tokenizer: every code point alone
 
 
 def special_roles(tok):
@@ -356,25 +341,9 @@ def special_roles(tok):
     return tuple(next((n for n in names if n in sp), None) for names in (BOS_NAMES, EOS_NAMES, UNK_NAMES))
 
 
-def hf_tokenizer_json(tok):
-    """tokenizer.json (a dict) for a bpe.Tokenizer or for train.py's CharTokenizer."""
-    if hasattr(tok, "to_hf_json"):
-        return tok.to_hf_json()
-    if hasattr(tok, "chars"):
-        # one id per character in code point order; an unknown character fails to encode in both
-        # libraries (unk_token names no token in the vocab), and Fuse joins the pieces back without spaces
-        return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-                "pre_tokenizer": {"type": "Split", "pattern": {"Regex": ANY_CHAR}, "behavior": "Isolated",
-                                  "invert": False},
-                "post_processor": None, "decoder": {"type": "Fuse"},
-                "model": {"type": "WordLevel", "vocab": {c: i for i, c in enumerate(tok.chars)},
-                          "unk_token": "<unk>"}}
-    raise InteropError(f"cannot export a tokenizer of type {type(tok).__name__}")
-
-
 def write_tokenizer_files(tok, cfg, out):
     """tokenizer.json and tokenizer_config.json (AutoTokenizer -> PreTrainedTokenizerFast)."""
-    write_json(out / "tokenizer.json", hf_tokenizer_json(tok))
+    write_json(out / "tokenizer.json", tok.to_hf_json())
     bos, eos, unk = special_roles(tok)
     tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
           "clean_up_tokenization_spaces": False}     # True would rewrite " ." as "." when decoding
@@ -382,133 +351,17 @@ def write_tokenizer_files(tok, cfg, out):
     write_json(out / "tokenizer_config.json", tc)
 
 
-def tokenizer_from_hf(obj):
-    """tokenizer.json (a dict) -> a bpe.Tokenizer (byte-level BPE) or train.py's CharTokenizer."""
-    model = obj.get("model") or {}
-    if model.get("type") == "WordLevel":
-        return char_tokenizer_from_hf(obj)
-    if model.get("type") != "BPE":
-        raise InteropError(f"tokenizer.json: model.type = {model.get('type')!r} is not supported: "
-                           f"only byte-level BPE tokenizers import")
-    return bpe_tokenizer_from_hf(obj)
-
-
-def bpe_pattern_from_hf(pre):
-    """The split regex of a byte-level pre_tokenizer: ByteLevel(use_regex=true) alone is GPT-2's;
-    Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)] is the Split's (bpe.py's, GPT-4's)."""
-    def bad(why):
-        raise InteropError(f"tokenizer.json: pre_tokenizer is not supported: {why}")
-
-    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]
-    last = steps[-1] if steps else None
-    if not last or last.get("type") != "ByteLevel":
-        bad("not byte-level BPE (the last pre-tokenizer must be ByteLevel)")
-    if last.get("add_prefix_space", False):
-        bad("add_prefix_space is true (our tokenizer does not insert a leading space)")
-    if len(steps) == 1:
-        if not last.get("use_regex", True):
-            bad("ByteLevel with use_regex false and no Split before it")
-        return bpe.GPT2_PATTERN          # the possessive form of ByteLevel's regex: the same chunks
-    split = steps[0]
-    if (len(steps) != 2 or split.get("type") != "Split" or "Regex" not in (split.get("pattern") or {})
-            or split.get("behavior") != "Isolated" or split.get("invert", False) or last.get("use_regex", True)):
-        bad("only Split(Regex, Isolated) then ByteLevel(use_regex=false) is understood")
-    # bpe.py rewrites GPT-4's possessive "\p{N}{1,3}+" for Oniguruma (which reads it otherwise): map its
-    # own spellings back, so that an export round trip gives the same tok.pattern
-    for pattern in bpe.PATTERNS.values():
-        if split == bpe.Tokenizer(pattern, []).to_hf_json()["pre_tokenizer"]["pretokenizers"][0]:
-            return pattern
-    return split["pattern"]["Regex"]
-
-
-def bpe_tokenizer_from_hf(obj):
-    """A byte-level BPE tokenizer.json -> bpe.Tokenizer(pattern, merges, specials, byte_ids), whose layout
-    it must have (GPT-2's): the 256 byte tokens are ids 0..255 in any order, merge i makes id 256 + i,
-    the special tokens come after. Example: vocab {'Ġthe': 262}, merges ['Ġt he'] -> token 262 = b' the'.
-    subtle: bpe.py merges by rank like tiktoken (and skips the merges when a chunk is a whole token,
-    like ignore_merges); for merges in id order, as BPE training writes them, that is the same result."""
-    model = obj["model"]
-
-    def need(field, ok, why):
-        if not ok:
-            raise InteropError(f"tokenizer.json: {field} is not supported: {why}")
-
-    need("normalizer", obj.get("normalizer") is None, "byte-level BPE works on the raw text (no normalizer)")
-    need("decoder", (obj.get("decoder") or {}).get("type") == "ByteLevel", "byte-level BPE decodes with ByteLevel")
-    for f in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
-        need(f"model.{f}", not model.get(f), "not a plain byte-level BPE")
-    need("model.byte_fallback", not model.get("byte_fallback"), "a SentencePiece-style BPE, not byte-level")
-    pattern = bpe_pattern_from_hf(obj.get("pre_tokenizer"))
-    specials = {t["content"]: t["id"] for t in obj.get("added_tokens", []) if t.get("special")}
-    ordinary = {t["content"] for t in obj.get("added_tokens", []) if not t.get("special")}
-    # vocab strings spell bytes in GPT-2's printable alphabet (special tokens may be listed in the vocab
-    # as well, as GPT-2's <|endoftext|> is; they are not byte strings). bpe.Tokenizer rebuilds each
-    # token's bytes from byte_ids and the merges, so the spellings only need to match up here.
-    b2u = bpe.bytes_to_unicode()
-    alphabet = set(b2u.values())
-    vocab = {s: i for s, i in model.get("vocab", {}).items() if i not in specials.values()}
-    need("model.vocab", all(c in alphabet for s in vocab for c in s), "not in the byte-level alphabet")
-    need("added_tokens", ordinary <= vocab.keys(), f"non-special added tokens {sorted(ordinary - vocab.keys())[:3]}")
-    byte_ids = [vocab.get(b2u[b]) for b in range(256)]
-    need("model.vocab", sorted(i for i in byte_ids if i is not None) == list(range(256)),
-         "bpe.py needs the 256 single-byte tokens at ids 0..255")
-    merges = []
-    for n, m in enumerate(model.get("merges", [])):
-        a, b = m.split(" ") if isinstance(m, str) else m   # "a b" (older files) or ["a", "b"]
-        if a not in vocab or b not in vocab or vocab.get(a + b) != 256 + n:
-            raise InteropError(f"tokenizer.json: model.merges is not supported: merge {n} ({a!r}, {b!r}) "
-                               f"must make id {256 + n} (bpe.py's layout: merge i is token 256 + i)")
-        merges.append((vocab[a], vocab[b]))
-    need("model.vocab", len(vocab) == 256 + len(merges), f"{len(vocab) - 256 - len(merges)} tokens no merge makes")
-    try:
-        return bpe.Tokenizer(pattern, merges, specials, byte_ids)
-    except (ValueError, regex.error) as e:
-        raise InteropError(f"tokenizer.json: {e}") from None
-
-
-def char_tokenizer_from_hf(obj):
-    """Our own character tokenizer.json (see hf_tokenizer_json) -> train.py's CharTokenizer."""
-    from train import CharTokenizer
-    vocab = obj["model"].get("vocab", {})
-    chars = "".join(sorted(vocab, key=vocab.get))
-    pre = obj.get("pre_tokenizer") or {}
-    if (pre.get("type") != "Split" or (pre.get("pattern") or {}).get("Regex") != ANY_CHAR or obj.get("added_tokens")
-            or not all(len(c) == 1 for c in vocab) or sorted(vocab.values()) != list(range(len(vocab)))
-            or chars != "".join(sorted(chars))):
-        raise InteropError("tokenizer.json: model.type = 'WordLevel' is only understood as the character "
-                           "tokenizer export.py writes (one id per character, in code point order)")
-    return CharTokenizer(chars)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Training checkpoints (checkpoint.py's file, with train.py's metadata) and the command line.
 
-def read_checkpoint(path):
-    """(params, cfg, tok) from a training checkpoint (a ckpt.safetensors or its folder), read by
-    sample.py's loader: checkpoint.py's file, train.py's model_config and tokenizer metadata."""
-    from checkpoint import CheckpointError
-    from sample import load_model
-    from train import UserError
-    try:
-        return load_model(path, gn)                 # gpt_numpy as the backend: arrays stay NumPy
-    except (CheckpointError, UserError) as e:
-        raise InteropError(str(e)) from None
-
-
 def write_checkpoint(path, params, cfg, tok, source):
     """A checkpoint for sample.py and fine-tuning: step 0, zero AdamW moments, the model config and the
-    tokenizer in train.py's metadata layout. path: a .safetensors file, or a folder for ckpt.safetensors."""
-    from checkpoint import save_checkpoint
-    from train import tokenizer_kind, tokenizer_text
+    tokenizer (checkpoint.build_meta). path: a .safetensors file, or a folder for ckpt.safetensors."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / "ckpt.safetensors"
-    text = tokenizer_text(tok)
-    meta = {"step": 0, "adam_t": 0, "model_config": cfg.to_dict(), "imported_from": str(source),
-            "tokenizer": {"kind": tokenizer_kind(tok), "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                          "text": text}}
     zeros = {k: np.zeros_like(v) for k, v in params.items()}
-    save_checkpoint(path, params, zeros, zeros, meta)
+    save_checkpoint(path, params, zeros, zeros, build_meta(cfg, tok, imported_from=str(source)))
     return path
 
 
@@ -524,8 +377,8 @@ Then, in Python with transformers installed:
 """
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(
+def parse_args(argv):
+    p = ArgumentParser(
         prog="export.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Convert between our training checkpoints and Hugging Face Llama directories\n"
                     "(config.json, model.safetensors, tokenizer.json).")
@@ -539,25 +392,35 @@ def main(argv=None):
     p.add_argument("--max-seq-len", type=int, metavar="N",
                    help="import: context length to use (default: the model's max_position_embeddings)")
     args = p.parse_args(argv)
+    if args.ckpt and args.max_seq_len is not None:
+        raise UserError("--max-seq-len applies to --import-hf only")
+    return args
+
+
+def main(argv=None):
+    """Exit status 0; `export.py: error: <one line>` and 2 for a bad command line, 1 for a failure (a
+    file that is missing, corrupt or maps to no Llama)."""
+    try:
+        args = parse_args(argv)
+    except UserError as e:
+        print(f"export.py: error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.ckpt:
-            if args.max_seq_len is not None:
-                raise InteropError("--max-seq-len applies to --import-hf only")
-            params, cfg, tok = read_checkpoint(args.ckpt)
-            export_hf(params, cfg, tok, args.out)
-            print(f"wrote {args.out}: LlamaForCausalLM with {gn.num_params(params):,} parameters"
-                  + ("" if tok is not None else " (the checkpoint has no tokenizer: none written)"), file=sys.stderr)
+            m = load_model(args.ckpt)                   # gpt_numpy as the backend: arrays stay NumPy
+            export_hf(m.params, m.cfg, m.tokenizer, args.out)
+            print(f"wrote {args.out}: LlamaForCausalLM with {gn.num_params(m.params):,} parameters", file=sys.stderr)
         else:
             params, cfg, tok = import_hf(args.import_hf, args.max_seq_len)
             if tok is None:
-                raise InteropError(f"{args.import_hf} has no tokenizer.json, and a checkpoint carries its tokenizer")
+                raise FileFormatError(f"{args.import_hf} has no tokenizer.json, and a checkpoint carries its tokenizer")
             path = write_checkpoint(args.out, params, cfg, tok, args.import_hf)
             print(f"wrote {path}: {gn.num_params(params):,} parameters, context {cfg.max_seq_len}", file=sys.stderr)
-    except (ValueError, OSError) as e:              # InteropError is a ValueError
+    except (UserError, OSError) as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -145,6 +145,24 @@ def param_shapes(cfg):
     return shapes
 
 
+def check_param_shapes(params, cfg):
+    """Raise ValueError unless params has exactly the keys and shapes of param_shapes(cfg); the message
+    names the first wrong, missing or extra key. Every loader of saved weights calls it.
+
+    Example: params["blocks.0.attn.proj"] of shape (32, 8) for d_model 32 ->
+    "parameter blocks.0.attn.proj has shape (32, 8), expected (32, 32)".
+    """
+    shapes = param_shapes(cfg)
+    for k, shape in shapes.items():
+        if k not in params:
+            raise ValueError(f"parameter {k} is missing (expected shape {shape})")
+        if tuple(params[k].shape) != shape:
+            raise ValueError(f"parameter {k} has shape {tuple(params[k].shape)}, expected {shape}")
+    for k in params:
+        if k not in shapes:
+            raise ValueError(f"unexpected parameter {k} (shape {tuple(params[k].shape)}): not in this config")
+
+
 def init_params(cfg, seed=0, dtype=np.float32):
     """Fresh weights: normal(0, 0.02) matrices, residual outputs scaled by 1/sqrt(2L), norms 1 and 0.
 

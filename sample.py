@@ -13,29 +13,13 @@ incremental UTF-8 decoder before printing, so a character split over two tokens 
 byte-level BPE) prints whole once its last byte arrives.
 """
 
-import argparse
-import math
 import codecs
+import math
 import sys
-from pathlib import Path
 
-from checkpoint import CheckpointError, load_checkpoint
-from train import UserError, encode_prompt, load_backend, tokenizer_from_text
-
-
-def load_model(path, gm):
-    """(params on gm's device, GPTConfig, tokenizer) from a checkpoint file or an out dir."""
-    params, _, _, meta = load_checkpoint(path)
-    try:
-        cfg = gm.GPTConfig(**{**meta["model_config"], "dropout": 0.0, "checkpoint": False})
-        tok = tokenizer_from_text(meta["tokenizer"]["kind"], meta["tokenizer"]["text"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: the checkpoint's config or tokenizer is unusable ({e})") from None
-    shapes = gm.param_shapes(cfg)
-    for k, shape in shapes.items():
-        if k not in params or tuple(params[k].shape) != tuple(shape):
-            raise UserError(f"{path}: parameter {k} is missing or misshapen for the checkpoint's own config")
-    return {k: gm.to_device(params[k]) for k in shapes}, cfg, tok
+from checkpoint import load_model
+from data import encode_prompt
+from errors import ArgumentParser, UserError
 
 
 def stream(params, cfg, tok, gm, prompt, max_new_tokens, temperature, top_k, top_p, seed, out=None):
@@ -56,37 +40,47 @@ def stream(params, cfg, tok, gm, prompt, max_new_tokens, temperature, top_k, top
     return new
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="sample.py", description="Stream text from a train.py checkpoint.")
-    p.add_argument("--ckpt", default="out/stdlib-bpe2048/ckpt.safetensors",
+def parse_args(argv):
+    p = ArgumentParser(prog="sample.py", description="Stream text from a train.py checkpoint.")
+    p.add_argument("--ckpt", metavar="PATH", default="out/stdlib-bpe2048/ckpt.safetensors",
                    help="checkpoint file, or the out dir holding ckpt.safetensors (default: %(default)s)")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline; '' starts from "
+    p.add_argument("--prompt", metavar="TEXT", default="\n", help="text to continue (default: a newline; '' starts from "
                                                   "<|endoftext|> with a BPE tokenizer)")
-    p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy; <1 sharper, >1 flatter (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens; 0: all (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens with this "
+    p.add_argument("--max-new-tokens", type=int, metavar="N", default=300, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, metavar="T", default=0.8, help="0: greedy; <1 sharper, >1 flatter (default: %(default)s)")
+    p.add_argument("--top-k", type=int, metavar="K", default=200, help="sample among the k likeliest tokens; 0: all (default: %(default)s)")
+    p.add_argument("--top-p", type=float, metavar="P", default=1.0, help="nucleus sampling: the smallest set of tokens with this "
                                                             "much probability; 1: all (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples (default: random)")
+    p.add_argument("--seed", type=int, metavar="N", default=None, help="seed for reproducible samples (default: random)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="numpy (CPU) or cupy (GPU)")
     args = p.parse_args(argv)
+    if (args.max_new_tokens < 0 or not 0 <= args.temperature < math.inf or args.top_k < 0
+            or not 0 < args.top_p <= 1 or (args.seed is not None and args.seed < 0)):
+        raise UserError("need --max-new-tokens >= 0, a finite --temperature >= 0, --top-k >= 0, "
+                        "0 < --top-p <= 1 and --seed >= 0")
+    return args
+
+
+def main(argv=None):
+    """Exit status 0; `error: <one line>` and 2 for a bad command line, 1 for a failure (a missing or
+    corrupt checkpoint, a prompt the tokenizer cannot encode); 130 on Ctrl-C."""
     try:
-        if (args.max_new_tokens < 0 or not 0 <= args.temperature < math.inf or args.top_k < 0
-                or not 0 < args.top_p <= 1 or (args.seed is not None and args.seed < 0)):
-            raise UserError("need --max-new-tokens >= 0, a finite --temperature >= 0, --top-k >= 0, "
-                            "0 < --top-p <= 1 and --seed >= 0")
-        gm = load_backend(args.backend)
-        params, cfg, tok = load_model(Path(args.ckpt), gm)
-        stream(params, cfg, tok, gm, args.prompt, args.max_new_tokens, args.temperature,
-               args.top_k or None, args.top_p if args.top_p < 1.0 else None, args.seed)
-    except (UserError, CheckpointError, ValueError) as e:
+        args = parse_args(argv)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+        return 2
+    try:
+        m = load_model(args.ckpt, args.backend)
+        stream(m.params, m.cfg, m.tokenizer, m.gm, args.prompt, args.max_new_tokens, args.temperature,
+               args.top_k or None, args.top_p if args.top_p < 1.0 else None, args.seed)
     except BrokenPipeError:                               # e.g. piped into `head`
         sys.stderr.close()
+    except (UserError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
-        raise SystemExit(130)
+        return 130
     return 0
 
 

@@ -208,8 +208,10 @@ def test_read_text_blocks_keeps_chunks(tmp_path):
                             for _ in range(20_000))
     f = tmp_path / "t.txt"
     f.write_bytes(text.encode("utf-8"))
-    blocks = list(bpe.read_text_blocks(f, block_size=500))
+    pieces = list(bpe.read_text_blocks(f, block_size=500))
+    blocks = [t for t, _ in pieces]
     assert len(blocks) > 20 and "".join(blocks) == text
+    assert sum(n for _, n in pieces) == f.stat().st_size          # every byte counted once
     for pattern in bpe.PATTERNS.values():
         assert [c for b in blocks for c in regex.findall(pattern, b)] == regex.findall(pattern, text)
 
@@ -587,6 +589,8 @@ def test_cli_process_exit_code_and_help():
     assert r.returncode == 1 and "Traceback" not in r.stderr and "missing.bpe" in r.stderr
     r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "examples:" in r.stdout and "train" in r.stdout
+    r = subprocess.run([sys.executable, script, "encode", "--tokenizer", "x.bpe"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == "bpe.py: error: one of the arguments --input --text is required\n"
 
 
 def test_docstring_examples():

@@ -20,7 +20,10 @@ from safetensors.numpy import load_file, save_file
 import bpe
 import export
 import gpt_numpy as gn
+from checkpoint import build_meta, load_checkpoint, save_checkpoint
 from conftest import ROOT
+from data import CharTokenizer, tokenizer_from_hf_json
+from errors import FileFormatError, UserError
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -154,7 +157,7 @@ def test_files_have_hugging_face_names_and_layout(exported):
 
 def test_layernorm_model_is_refused(tmp_path, tok):
     cfg = config(norm="layernorm", vocab_size=tok.vocab_size)
-    with pytest.raises(export.InteropError, match="only RMSNorm models map to Hugging Face's Llama.*layernorm"):
+    with pytest.raises(UserError, match="only RMSNorm models map to Hugging Face's Llama.*layernorm"):
         export.export_hf(random_params(cfg), cfg, tok, tmp_path / "out")
     assert not (tmp_path / "out").exists()                 # refused before anything is written
 
@@ -163,9 +166,9 @@ def test_export_checks_params_against_config(tmp_path, tok):
     cfg = config(vocab_size=tok.vocab_size)
     params = random_params(cfg)
     params["blocks.0.attn.proj"] = params["blocks.0.attn.proj"][:, :8]
-    with pytest.raises(export.InteropError, match=r"blocks.0.attn.proj has shape \(32, 8\)"):
+    with pytest.raises(UserError, match=r"blocks.0.attn.proj has shape \(32, 8\), expected \(32, 32\)"):
         export.export_hf(params, cfg, tok, tmp_path)
-    with pytest.raises(export.InteropError, match="tokenizer has 300 ids but the model only 200"):
+    with pytest.raises(UserError, match="tokenizer has 300 ids but the model only 200"):
         cfg = config(vocab_size=200)
         export.export_hf(random_params(cfg), cfg, tok, tmp_path)
 
@@ -186,21 +189,21 @@ def test_export_checks_params_against_config(tmp_path, tok):
 ])
 def test_import_refuses_unsupported_config(exported, tmp_path, changes, match):
     d = fake_hf_dir(exported[3], tmp_path / "hf", changes)
-    with pytest.raises(export.InteropError, match="config.json: " + match):
+    with pytest.raises(FileFormatError, match="config.json: " + match):
         export.import_hf(d)
 
 
 def test_import_refuses_wrong_weights(exported, tmp_path):
     src = exported[3]
     bias = {"model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}
-    with pytest.raises(export.InteropError, match="unexpected weights .*q_proj.bias"):
+    with pytest.raises(FileFormatError, match="unexpected weights .*q_proj.bias"):
         export.import_hf(fake_hf_dir(src, tmp_path / "a", add=bias))
-    with pytest.raises(export.InteropError, match="weights missing .*model.norm.weight"):
+    with pytest.raises(FileFormatError, match="weights missing .*model.norm.weight"):
         export.import_hf(fake_hf_dir(src, tmp_path / "b", drop=["model.norm.weight"]))
     (tmp_path / "b" / "model.safetensors").unlink()
-    with pytest.raises(export.InteropError, match="no model.safetensors"):
+    with pytest.raises(FileFormatError, match="no model.safetensors"):
         export.import_hf(tmp_path / "b")
-    with pytest.raises(export.InteropError, match="is not a directory"):
+    with pytest.raises(UserError, match="is not a directory"):
         export.import_hf(tmp_path / "nowhere")
 
 
@@ -251,13 +254,12 @@ def test_import_refuses_other_tokenizers(exported, tmp_path, edit, match):
     t = json.loads((d / "tokenizer.json").read_text())
     edit(t)
     (d / "tokenizer.json").write_text(json.dumps(t))
-    with pytest.raises(export.InteropError, match="tokenizer.json: .*" + match):
+    with pytest.raises(FileFormatError, match="tokenizer.json: .*" + match):
         export.import_hf(d)
 
 
 def test_char_tokenizer_round_trip(tmp_path):
-    """train.py's character tokenizer exports as a WordLevel tokenizer.json and comes back."""
-    from train import CharTokenizer
+    """data.py's character tokenizer exports as a WordLevel tokenizer.json and comes back."""
     tok = CharTokenizer(TRAIN_TEXT)
     cfg = config(vocab_size=tok.vocab_size)
     export.export_hf(random_params(cfg), cfg, tok, tmp_path)
@@ -269,41 +271,37 @@ def test_char_tokenizer_round_trip(tmp_path):
 # the command line, through train.py's checkpoint format
 
 def write_train_checkpoint(path, params, cfg, tok):
-    """A checkpoint laid out as train.py writes one (checkpoint.py's file, train.py's metadata)."""
-    from checkpoint import save_checkpoint
-    from train import tokenizer_kind, tokenizer_text
+    """A checkpoint laid out as train.py writes one (checkpoint.py's file, build_meta's metadata)."""
     zeros = {k: np.zeros_like(v) for k, v in params.items()}
-    meta = {"step": 7, "adam_t": 7, "model_config": cfg.to_dict(), "train_config": {},
-            "tokenizer": {"kind": tokenizer_kind(tok), "sha256": "", "text": tokenizer_text(tok)}}
-    save_checkpoint(path, params, zeros, zeros, meta)
+    save_checkpoint(path, params, zeros, zeros, build_meta(cfg, tok, step=7, adam_t=7, train_config={}))
 
 
 def test_cli_export_then_import(tmp_path, tok, capsys):
-    from checkpoint import load_checkpoint
-    from train import tokenizer_text
     cfg = config(tie=False, vocab_size=tok.vocab_size)
     params = random_params(cfg)
     write_train_checkpoint(tmp_path / "run" / "ckpt.safetensors", params, cfg, tok)
     assert export.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
     assert export.main(["--import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
-    params2, m, _, meta = load_checkpoint(tmp_path / "back" / "ckpt.safetensors")
-    assert all(np.array_equal(params2[k], params[k]) for k in params) and not m["tok_emb"].any()
-    assert gn.GPTConfig(**meta["model_config"]) == cfg and meta["tokenizer"]["kind"] == "bpe"
-    assert meta["tokenizer"]["text"] == tokenizer_text(tok)
+    back = load_checkpoint(tmp_path / "back" / "ckpt.safetensors")
+    assert all(np.array_equal(back.params[k], params[k]) for k in params) and not back.adam_m["tok_emb"].any()
+    assert back.model_config() == cfg and back.meta["tokenizer"]["kind"] == "bpe"
+    assert back.meta["tokenizer"]["text"] == tok.to_text() and back.meta["imported_from"] == str(tmp_path / "hf")
     assert "wrote" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--ckpt", "no/such/ckpt.safetensors", "--out", "x"], "no checkpoint at no/such/ckpt.safetensors"),
-    (["--import-hf", "no/such/dir", "--out", "x"], "no/such/dir is not a directory"),
-    (["--import-hf", "{hf}", "--out", "x"], "has no tokenizer.json, and a checkpoint carries its tokenizer"),
-    (["--ckpt", "a", "--out", "x", "--max-seq-len", "5"], "--max-seq-len applies to --import-hf only"),
+@pytest.mark.parametrize("argv, match, status", [
+    (["--ckpt", "no/such/ckpt.safetensors", "--out", "x"], "no checkpoint at no/such/ckpt.safetensors", 1),
+    (["--import-hf", "no/such/dir", "--out", "x"], "no/such/dir is not a directory", 1),
+    (["--import-hf", "{hf}", "--out", "x"], "has no tokenizer.json, and a checkpoint carries its tokenizer", 1),
+    (["--ckpt", "a", "--out", "x", "--max-seq-len", "5"], "--max-seq-len applies to --import-hf only", 2),
+    (["--ckpt", "a"], "the following arguments are required: --out", 2),
+    (["--ckpt", "a", "--import-hf", "b", "--out", "x"], "not allowed with argument", 2),
 ])
-def test_cli_errors_are_one_line(argv, match, tmp_path, capsys):
+def test_cli_errors_are_one_line(argv, match, status, tmp_path, capsys):
     cfg = config()
     export.export_hf(random_params(cfg), cfg, None, tmp_path)          # a model without a tokenizer
-    assert export.main([a.format(hf=tmp_path) for a in argv]) == 1
+    assert export.main([a.format(hf=tmp_path) for a in argv]) == status       # 2: the command line is wrong
     err = capsys.readouterr().err
     assert err.startswith("export.py: error: ") and match in err and err.count("\n") == 1
 
@@ -381,7 +379,6 @@ def test_auto_tokenizer_gives_the_same_ids(exported, hf):
 
 def test_auto_tokenizer_char_level(tmp_path, hf):
     _, transformers = hf
-    from train import CharTokenizer
     tok = CharTokenizer(TRAIN_TEXT)
     cfg = config(vocab_size=tok.vocab_size)
     export.export_hf(random_params(cfg), cfg, tok, tmp_path)
@@ -431,7 +428,7 @@ def test_gpt2_tokenizer_json_from_hugging_face_imports(tmp_path, hf):
     ht.decoder = decoders.ByteLevel()
     ht.add_special_tokens(["<|endoftext|>"])
     ht.save(str(tmp_path / "tokenizer.json"))
-    tok = export.tokenizer_from_hf(json.loads((tmp_path / "tokenizer.json").read_text()))
+    tok = tokenizer_from_hf_json(json.loads((tmp_path / "tokenizer.json").read_text()))
     assert tok.vocab_size == 50257 and tok.special_tokens == {"<|endoftext|>": 50256}
     for s in SAMPLES:
         assert ht.encode(s).ids == encode(tok, s), s

@@ -1,46 +1,27 @@
-"""Tests for train.py, checkpoint.py and sample.py: a tiny end-to-end run, bit-exact resume after SIGKILL
-(dropout and gradient accumulation on), the data cache, checkpoint verification, clear errors for bad
-input, and streaming samples. Everything runs in tmp_path on a few KB of generated text."""
+"""Tests for train.py: a tiny end-to-end run, bit-exact resume after SIGKILL (dropout and gradient
+accumulation on), fine-tuning, clear errors for bad input and flags (exit 2 for the command line, 1 for
+the rest). Everything runs in tmp_path on a few KB of generated text. (data.py, checkpoint.py and
+sample.py have their own test files.)"""
 
 import json
 import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-import train
+import data
+import gpt_numpy
 import sample
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from conftest import ROOT, SHARED_DATA
+import train
+from checkpoint import load_checkpoint, save_checkpoint
+from conftest import ROOT, main_error, make_text, run_quiet, tiny_args
+from errors import UserError
 
 # ----------------------------------------------------------------------------------------------------
-# helpers
-
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
-         "every jovial programmer who writes numpy code").split()
-
-
-def make_text(path, n_lines=400, seed=0):
-    """A deterministic pseudo-English text file of ~n_lines lines (~16 KB for 400)."""
-    rng = np.random.default_rng(seed)
-    lines = [" ".join(rng.choice(WORDS, size=rng.integers(3, 10))) + "." for _ in range(n_lines)]
-    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def tiny_args(tmp_path, data, *extra):
-    """argv for a tiny run whose caches and outputs stay inside tmp_path."""
-    return ["--preset", "tiny", "--data", str(data), "--data-dir", str(tmp_path / "data"),
-            "--out-dir", str(tmp_path / "out"), *map(str, extra)]
-
-
-def run_quiet(argv):
-    return train.run(argv, log=lambda *a, **k: None)
+# helpers (the shared ones are in conftest.py)
 
 
 def run_cli(argv, cwd, env_extra=None):
@@ -51,13 +32,8 @@ def run_cli(argv, cwd, env_extra=None):
                           capture_output=True, text=True, timeout=120)
 
 
-def main_error(argv, capsys):
-    """Run train.main(argv), expect a clean exit with status != 0; return (status, stderr)."""
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return e.value.code, err
+def train_error(argv, capsys):
+    return main_error(train.main, argv, capsys)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -76,7 +52,8 @@ def test_tiny_run_end_to_end(tmp_path):
     # bits per byte: 1 byte per character here, so val_bpb = val_loss / ln 2
     assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] / np.log(2))
     assert any(r["event"] == "train" and r["tokens_per_s"] > 0 for r in records)
-    params, m, v, meta = load_checkpoint(out / "ckpt.safetensors")
+    ck = load_checkpoint(out / "ckpt.safetensors")
+    params, m, v, meta = ck.params, ck.adam_m, ck.adam_v, ck.meta
     assert meta["step"] == 40 and meta["adam_t"] == 40
     assert meta["train_config"]["n_layer"] == 1 and meta["model_config"]["vocab_size"] == res["data_meta"]["vocab_size"]
     assert meta["tokenizer"]["kind"] == "char"
@@ -96,24 +73,8 @@ def test_tiny_run_bpe(tmp_path):
     # the files are separated by <|endoftext|>, the last id
     ids = np.fromfile(tmp_path / "data" / "text" / "bpe300" / "val.bin", dtype=np.uint16)
     assert ids[-1] == 299
-    _, _, _, ck = load_checkpoint(tmp_path / "out" / "ckpt.safetensors")
-    tok = train.tokenizer_from_text("bpe", ck["tokenizer"]["text"])     # self-contained checkpoint
+    tok = load_checkpoint(tmp_path / "out" / "ckpt.safetensors").tokenizer()     # self-contained checkpoint
     assert tok.vocab_size == 300 and tok.decode(tok.encode_ordinary("lazy dog")) == "lazy dog"
-
-
-def test_shakespeare_char_split_matches_nanogpt(tmp_path):
-    src = SHARED_DATA / "tinyshakespeare.txt"
-    if not src.is_file():
-        pytest.skip("../shared/data/tinyshakespeare.txt is absent")
-    cfg = train.TrainConfig(data=str(src), tokenizer="char", data_dir=str(tmp_path / "data"))
-    root, files = train.find_sources(cfg.data, cfg.data_dir)
-    sources = train.digest_sources(root, files, tmp_path / "data" / "sources.json")
-    tok = train.get_tokenizer(cfg, "ts", root, files, sources, log=lambda *a: None)
-    d = train.prepare_data(cfg, "ts", root, files, sources, tok, log=lambda *a: None)
-    # nanoGPT's data/shakespeare_char/prepare.py: 65 characters, 1,003,854 train and 111,540 val tokens
-    assert tok.vocab_size == 65
-    assert (len(d["train"]), len(d["val"])) == (1003854, 111540)
-    assert d["train"].dtype == np.uint16 and d["meta"]["val_bytes_per_token"] == 1.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -136,7 +97,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, kill):
     else:
         assert first.returncode == -signal.SIGKILL
         expect_step = 10                        # the last checkpoint that was complete before the kill
-    assert load_checkpoint(tmp_path / "b" / "ckpt.safetensors")[3]["step"] == expect_step
+    assert load_checkpoint(tmp_path / "b" / "ckpt.safetensors").step == expect_step
     if kill.startswith("save"):
         assert list((tmp_path / "b").glob(".ckpt.safetensors.tmp-*"))     # the kill left its temporary file
     resumed = run_cli(common + ["--out-dir", "b", "--resume"], tmp_path)
@@ -144,11 +105,11 @@ def test_resume_after_kill_is_bit_identical(tmp_path, kill):
     assert not list((tmp_path / "b").glob(".*tmp*"))                         # ... which the resume removed
     a = load_checkpoint(tmp_path / "a" / "ckpt.safetensors")
     b = load_checkpoint(tmp_path / "b" / "ckpt.safetensors")
-    assert a[3]["step"] == b[3]["step"] == 30
-    for group in range(3):                      # params, adam m, adam v
-        for k in a[0]:
-            assert np.array_equal(a[group][k], b[group][k]), (group, k)
-    assert a[3]["rng"] == b[3]["rng"]
+    assert a.step == b.step == 30
+    for group in ("params", "adam_m", "adam_v"):
+        for k in a.params:
+            assert np.array_equal(getattr(a, group)[k], getattr(b, group)[k]), (group, k)
+    assert a.meta["rng"] == b.meta["rng"]
     # the resumed log holds each step once, as the straight run's does (plus one "resume" line)
     log_a = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     log_b = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
@@ -163,13 +124,12 @@ def test_resume_in_process_and_longer_run(tmp_path):
     run_quiet(tiny_args(tmp_path, data, "--max-iters", 10))
     res = run_quiet(tiny_args(tmp_path, data, "--resume", "--max-iters", 14))
     assert res["step"] == 14
-    meta = load_checkpoint(tmp_path / "out" / "ckpt.safetensors")[3]
+    meta = load_checkpoint(tmp_path / "out" / "ckpt.safetensors").meta
     assert meta["train_config"]["lr_decay_iters"] == 10 and meta["train_config"]["max_iters"] == 14
 
 
 def test_mixed_precision_run_skips_overflows_and_resumes_bit_exactly(tmp_path, monkeypatch):
     # start from a loss scale far too large for float16, so the first steps overflow and are skipped
-    import gpt_numpy
     monkeypatch.setattr(gpt_numpy, "loss_scaler_init", lambda scale=2.0 ** 40: {"scale": scale, "good_steps": 0})
     data = make_text(tmp_path / "text.txt")
     common = ["--mixed-precision", "--lr-decay-iters", 40, "--sample-tokens", 0, "--eval-interval", 20]
@@ -184,66 +144,22 @@ def test_mixed_precision_run_skips_overflows_and_resumes_bit_exactly(tmp_path, m
     run_quiet(tiny_args(tmp_path, data, *common, "--max-iters", 40, "--out-dir", tmp_path / "b", "--resume"))
     a = load_checkpoint(tmp_path / "a" / "ckpt.safetensors")
     b = load_checkpoint(tmp_path / "b" / "ckpt.safetensors")
-    assert a[3]["loss_scaler"] == b[3]["loss_scaler"]
-    for group in range(3):
-        for k in a[0]:
-            assert a[group][k].dtype == np.float32 and np.array_equal(a[group][k], b[group][k]), (group, k)
+    assert a.meta["loss_scaler"] == b.meta["loss_scaler"]
+    for group in ("params", "adam_m", "adam_v"):
+        for k in a.params:
+            x, y = getattr(a, group)[k], getattr(b, group)[k]
+            assert x.dtype == np.float32 and np.array_equal(x, y), (group, k)
 
 
 def test_resume_with_incompatible_config_is_refused(tmp_path, capsys):
     data = make_text(tmp_path / "text.txt")
     run_quiet(tiny_args(tmp_path, data, "--max-iters", 4))
-    code, err = main_error(tiny_args(tmp_path, data, "--resume", "--n-layer", 2), capsys)
+    code, err = train_error(tiny_args(tmp_path, data, "--resume", "--n-layer", 2), capsys)
     assert code == 1 and "cannot resume with a different config: --n-layer" in err
     # a changed corpus is refused too
     make_text(data, seed=1)
-    code, err = main_error(tiny_args(tmp_path, data, "--resume"), capsys)
+    code, err = train_error(tiny_args(tmp_path, data, "--resume"), capsys)
     assert code == 1 and "corpus" in err and "differs from the checkpoint" in err
-
-
-# ----------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def small_checkpoint(path):
-    rng = np.random.default_rng(0)
-    params = {"a": rng.standard_normal((4, 3)).astype(np.float32), "b": np.ones(3, np.float32)}
-    zeros = {k: np.zeros_like(p) for k, p in params.items()}
-    save_checkpoint(path, params, zeros, zeros, {"step": 1})
-    return params
-
-
-def test_checkpoint_roundtrip_and_atomic_write(tmp_path):
-    path = tmp_path / "ckpt.safetensors"
-    params = small_checkpoint(path)
-    p, m, v, meta = load_checkpoint(path)
-    assert meta == {"step": 1} and all(np.array_equal(p[k], params[k]) for k in params)
-    assert not list(tmp_path.glob(".*tmp*"))                          # no temporary file left behind
-
-    def crash(tmp):
-        raise OSError("disk full")
-    with pytest.raises(OSError):
-        save_checkpoint(path, {"a": np.zeros((4, 3), np.float32)}, {}, {}, {"step": 2}, before_replace=crash)
-    assert load_checkpoint(path)[3]["step"] == 1                      # the good checkpoint survives
-    assert not list(tmp_path.glob(".*tmp*"))
-
-
-@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
-def test_corrupt_checkpoint_is_refused(tmp_path, damage):
-    path = tmp_path / "ckpt.safetensors"
-    small_checkpoint(path)
-    raw = bytearray(path.read_bytes())
-    if damage == "truncate":
-        raw = raw[:len(raw) - 7]
-    elif damage == "flip":
-        raw[-5] ^= 0x40                                               # a bit inside the tensor data
-    elif damage == "garbage":
-        raw = bytearray(b"not a checkpoint at all" * 10)
-    else:
-        raw = bytearray()
-    path.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="corrupt|truncated"):
-        load_checkpoint(path)
 
 
 def test_corrupt_checkpoint_resume_gives_clear_error(tmp_path, capsys):
@@ -251,78 +167,8 @@ def test_corrupt_checkpoint_resume_gives_clear_error(tmp_path, capsys):
     run_quiet(tiny_args(tmp_path, data, "--max-iters", 4))
     ck = tmp_path / "out" / "ckpt.safetensors"
     ck.write_bytes(ck.read_bytes()[:1000])
-    code, err = main_error(tiny_args(tmp_path, data, "--resume"), capsys)
+    code, err = train_error(tiny_args(tmp_path, data, "--resume"), capsys)
     assert code == 1 and "truncated or corrupt" in err and len(err.strip().splitlines()) == 1
-
-
-# ----------------------------------------------------------------------------------------------------
-# the data cache
-
-
-def prepare(tmp_path, data, tokenizer="char"):
-    cfg = train.TrainConfig(data=str(data), tokenizer=tokenizer, vocab_size=300, data_dir=str(tmp_path / "data"))
-    name = train.data_name(cfg.data)
-    root, files = train.find_sources(cfg.data, cfg.data_dir)
-    sources = train.digest_sources(root, files, tmp_path / "data" / name / "sources.json")
-    logs = []
-    tok = train.get_tokenizer(cfg, name, root, files, sources, log=logs.append)
-    d = train.prepare_data(cfg, name, root, files, sources, tok, log=logs.append)
-    return d, logs
-
-
-@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
-def test_cache_reused_and_rebuilt_when_source_changes(tmp_path, tokenizer):
-    if tokenizer == "bpe":
-        pytest.importorskip("bpe")
-    data = make_text(tmp_path / "text.txt")
-    d1, logs = prepare(tmp_path, data, tokenizer)
-    assert not any("reusing" in m for m in logs)
-    d2, logs = prepare(tmp_path, data, tokenizer)
-    assert any("reusing" in m for m in logs)
-    assert np.array_equal(d1["train"], d2["train"])
-    # a changed source rebuilds (same size, different content)
-    text = data.read_text()
-    data.write_text(text.replace("fox", "cat"))
-    d3, logs = prepare(tmp_path, data, tokenizer)
-    assert not any("reusing" in m for m in logs)
-    assert d3["meta"]["sources_sha256"] != d1["meta"]["sources_sha256"]
-    assert not np.array_equal(np.asarray(d3["train"]), np.asarray(d1["train"]))
-    # a preparation that died before meta.json was written is never trusted
-    meta_files = list((tmp_path / "data" / "text").glob("*/meta.json"))
-    assert len(meta_files) == 1
-    meta_files[0].unlink()
-    _, logs = prepare(tmp_path, data, tokenizer)
-    assert not any("reusing" in m for m in logs) and meta_files[0].is_file()
-
-
-def test_folder_and_glob_sources(tmp_path):
-    folder = tmp_path / "corpus"
-    (folder / "sub").mkdir(parents=True)
-    make_text(folder / "b.txt", 50)
-    make_text(folder / "sub" / "a.md", 50, seed=2)
-    (folder / "image.bin").write_bytes(b"\x89PNG\0\0\0")               # binary: skipped
-    (folder / ".hidden.txt").write_text("secret")                       # hidden: skipped
-    root, files = train.find_sources(str(folder), str(tmp_path / "data"))
-    assert [p.relative_to(folder).as_posix() for p in files] == ["b.txt", "sub/a.md"]
-    root, files = train.find_sources(str(folder / "**" / "*.md"), str(tmp_path / "data"))
-    assert [p.name for p in files] == ["a.md"]
-
-
-def test_stdlib_sources_leave_out_tests():
-    root, files = train.stdlib_sources()
-    rel = [p.relative_to(root).as_posix() for p in files]
-    assert rel == sorted(rel) and len(rel) > 100 and "os.py" in rel
-    assert not any(part in ("test", "tests", "idle_test", "site-packages") for r in rel for part in r.split("/"))
-
-
-def test_pieces_cut_safely_for_bpe(tmp_path):
-    bpe = pytest.importorskip("bpe")
-    path = make_text(tmp_path / "text.txt", 300)
-    tok = bpe.Tokenizer.train([path.read_text()], 300, special_tokens=[train.EOT], progress=False)
-    whole = tok.encode_ordinary(path.read_text())
-    pieces = list(train.read_pieces(path, piece_bytes=500, **train.piece_options(tok)))
-    assert len(pieces) > 5 and sum(n for _, n in pieces) == path.stat().st_size
-    assert [i for text, _ in pieces for i in tok.encode_ordinary(text)] == whole
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -331,21 +177,21 @@ def test_pieces_cut_safely_for_bpe(tmp_path):
 
 def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     data = make_text(tmp_path / "text.txt")
-    code, err = main_error(tiny_args(tmp_path, tmp_path / "missing.txt"), capsys)
+    code, err = train_error(tiny_args(tmp_path, tmp_path / "missing.txt"), capsys)
     assert code == 1 and "no such file" in err
     (tmp_path / "empty.txt").write_text("")
-    code, err = main_error(tiny_args(tmp_path, tmp_path / "empty.txt"), capsys)
+    code, err = train_error(tiny_args(tmp_path, tmp_path / "empty.txt"), capsys)
     assert code == 1 and "empty corpus" in err
     (tmp_path / "short.txt").write_text("a few words, far too short.\n")
-    code, err = main_error(tiny_args(tmp_path, tmp_path / "short.txt"), capsys)
+    code, err = train_error(tiny_args(tmp_path, tmp_path / "short.txt"), capsys)
     assert code == 1 and "corpus too short" in err and "block_size + 1" in err
-    code, err = main_error(tiny_args(tmp_path, data, "--backend", "tpu"), capsys)
+    code, err = train_error(tiny_args(tmp_path, data, "--backend", "tpu"), capsys)
     assert code == 2 and "invalid choice: 'tpu'" in err
-    code, err = main_error(["--preset", "huge"], capsys)
+    code, err = train_error(["--preset", "huge"], capsys)
     assert code == 2 and "invalid choice: 'huge'" in err
-    code, err = main_error(tiny_args(tmp_path, data, "--n-head", 3), capsys)
-    assert code == 1 and "bad model config" in err
-    code, err = main_error(tiny_args(tmp_path, data, "--resume", str(tmp_path / "nothing.safetensors")), capsys)
+    code, err = train_error(tiny_args(tmp_path, data, "--n-head", 3), capsys)
+    assert code == 2 and "bad model config" in err              # the flags alone are wrong: a usage error
+    code, err = train_error(tiny_args(tmp_path, data, "--resume", str(tmp_path / "nothing.safetensors")), capsys)
     assert code == 1 and "no checkpoint at" in err
     for line in err.strip().splitlines():
         assert line.startswith("error:")
@@ -363,24 +209,24 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, flags, message):
     data = make_text(tmp_path / "text.txt")
-    code, err = main_error(tiny_args(tmp_path, data, *flags), capsys)
-    assert code == 1 and message in err
+    code, err = train_error(tiny_args(tmp_path, data, *flags), capsys)
+    assert code == 2 and message in err                         # a usage error
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())   # no data prepared
 
 
 def test_unusable_paths_and_binary_data_are_one_line_errors(tmp_path, capsys):
     data = make_text(tmp_path / "text.txt")
-    code, err = main_error(tiny_args(tmp_path, data, "--out-dir", data), capsys)
+    code, err = train_error(tiny_args(tmp_path, data, "--out-dir", data), capsys)
     assert code == 1 and "--out-dir" in err and "cannot be used as a folder" in err
     (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 8)
-    code, err = main_error(tiny_args(tmp_path, tmp_path / "blob.bin"), capsys)
+    code, err = train_error(tiny_args(tmp_path, tmp_path / "blob.bin"), capsys)
     assert code == 1 and "is not a text file" in err
 
 
 def test_sample_prompt_is_checked_before_training(tmp_path, capsys):
     # a prompt the char vocabulary cannot encode fails before step 1, not at the first evaluation
     data = make_text(tmp_path / "text.txt")
-    code, err = main_error(tiny_args(tmp_path, data, "--sample-prompt", "\u03b6"), capsys)
+    code, err = train_error(tiny_args(tmp_path, data, "--sample-prompt", "\u03b6"), capsys)
     assert code == 1 and "not in the char vocabulary" in err
     assert not (tmp_path / "out" / "ckpt.safetensors").exists()
 
@@ -396,7 +242,7 @@ def test_default_prompt_falls_back_without_newlines(tmp_path):
 def test_nonfinite_stop_does_not_claim_an_older_runs_checkpoint(tmp_path, capsys):
     data = make_text(tmp_path / "text.txt")
     run_quiet(tiny_args(tmp_path, data, "--max-iters", 2))                  # leaves out/ckpt.safetensors
-    code, err = main_error(tiny_args(tmp_path, data, "--lr", 1e30, "--max-iters", 3), capsys)
+    code, err = train_error(tiny_args(tmp_path, data, "--lr", 1e30, "--max-iters", 3), capsys)
     assert code == 1 and "non-finite" in err and "no checkpoint of this run was written" in err
 
 
@@ -406,29 +252,44 @@ def test_missing_cupy_or_gpu_is_one_line(tmp_path, capsys):
         pytest.skip("CuPy and a GPU are present")
     except RuntimeError:
         pass
-    code, err = main_error(tiny_args(tmp_path, make_text(tmp_path / "t.txt"), "--backend", "cupy"), capsys)
+    code, err = train_error(tiny_args(tmp_path, make_text(tmp_path / "t.txt"), "--backend", "cupy"), capsys)
     assert code == 1 and err.startswith("error: the cupy backend needs") and len(err.strip().splitlines()) == 1
 
 
 def test_nonfinite_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     data = make_text(tmp_path / "text.txt")
-    real = train.gpt_numpy.loss_and_grads
+    real = gpt_numpy.loss_and_grads
     calls = {"n": 0}
 
     def poisoned(params, ids, targets, cfg, seed=0):
         calls["n"] += 1
         loss, grads = real(params, ids, targets, cfg, seed)
         return (float("nan") if calls["n"] == 13 else loss), grads      # step 12's loss is nan
-    monkeypatch.setattr(train.gpt_numpy, "loss_and_grads", poisoned)
-    with pytest.raises(train.UserError, match=r"non-finite loss .* at step 12: stopping; the last good "
+    monkeypatch.setattr(gpt_numpy, "loss_and_grads", poisoned)
+    with pytest.raises(UserError, match=r"non-finite loss .* at step 12: stopping; the last good "
                                               r"checkpoint .* \(step 10\) is kept"):
         run_quiet(tiny_args(tmp_path, data))
-    assert load_checkpoint(tmp_path / "out" / "ckpt.safetensors")[3]["step"] == 10
+    assert load_checkpoint(tmp_path / "out" / "ckpt.safetensors").step == 10
     calls["n"] = 0
     res = run_quiet(tiny_args(tmp_path, data, "--skip-nonfinite"))
     assert res["step"] == 20
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "skip"] == [12]
+
+
+def test_process_exit_status_is_2_for_the_command_line_and_1_for_failures(tmp_path):
+    r = run_cli(["--n-layer", "0"], tmp_path)
+    assert r.returncode == 2 and r.stderr == "error: --n-layer must be at least 1, got 0\n"
+    r = run_cli(["--preset", "tiny", "--data", "missing.txt"], tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith("error: --data 'missing.txt': no such file")
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_each_flag_is_documented_once_in_the_config():
+    """--help is made from TrainConfig's field metadata: every field is a flag with its own help text."""
+    text = train.build_parser().format_help()
+    for f in train.fields(train.TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text and len(f.metadata["help"]) > 10, f.name
 
 
 def test_help_lists_presets_and_flags():
@@ -471,22 +332,23 @@ def test_init_from_loads_weights_model_and_tokenizer(tmp_path, base):
     res = run_quiet(finetune_args(tmp_path, base, "ft", "--max-iters", 6, "--sample-tokens", 0))
     assert res["status"] == "done" and res["step"] == 6
     src = load_checkpoint(tmp_path / "base")
-    p, m, v, meta = load_checkpoint(tmp_path / "ft" / "ckpt.safetensors")
+    ft = load_checkpoint(tmp_path / "ft" / "ckpt.safetensors")
+    p, meta = ft.params, ft.meta
     # the model and tokenizer came from the checkpoint, the training settings from the preset
-    assert meta["model_config"] == src[3]["model_config"]
+    assert meta["model_config"] == src.meta["model_config"]
     assert (meta["train_config"]["n_layer"], meta["train_config"]["d_model"]) == (2, 32)
-    assert meta["tokenizer"]["text"] == src[3]["tokenizer"]["text"]
+    assert meta["tokenizer"]["text"] == src.meta["tokenizer"]["text"]
     assert meta["train_config"]["init_from"] == str(tmp_path / "base")
     assert meta["train_config"]["batch_size"] == 4 and meta["train_config"]["max_iters"] == 6
     # ... a fresh optimizer and step counter, and weights that moved from the loaded ones
     assert meta["step"] == meta["adam_t"] == 6
-    assert not np.array_equal(p["tok_emb"], src[0]["tok_emb"])
+    assert not np.array_equal(p["tok_emb"], src.params["tok_emb"])
     # the weights were loaded: the step-0 evaluation is exactly the loss of the base model's weights ...
     cfg = train.TrainConfig(**meta["train_config"])
-    cache = tmp_path / "data" / "b" / train.tokenizer_tag(cfg)
-    data = train.open_data(cache, json.loads((cache / "meta.json").read_text()))
-    mcfg = train.model_config(cfg, None, meta["model_config"])
-    expect = train.estimate_loss(train.gpt_numpy, src[0], data, cfg, mcfg)
+    cache = tmp_path / "data" / "b" / data.tokenizer_tag(cfg)
+    splits = data.open_data(cache, json.loads((cache / "meta.json").read_text()))
+    mcfg = ft.model_config(dropout=cfg.dropout, checkpoint=cfg.checkpoint_activations)
+    expect = train.estimate_loss(gpt_numpy, src.params, splits, cfg, mcfg)
     first = step0_eval(tmp_path / "ft")
     assert (first["train_loss"], first["val_loss"]) == (expect["train"], expect["val"])
     # ... far below a fresh model's of the same shape
@@ -502,10 +364,11 @@ def test_init_from_conflicts_give_clear_errors(tmp_path, base, capsys):
                          (["--block-size", 32], "--block-size 32 exceeds the context of --init-from"),
                          (["--resume"], "--init-from starts a new run"),
                          ]:
-        code, err = main_error(finetune_args(tmp_path, base, "ft", *extra), capsys)
-        assert code == 1 and match in err and len(err.strip().splitlines()) == 1, (extra, err)
+        code, err = train_error(finetune_args(tmp_path, base, "ft", *extra), capsys)
+        usage = extra == ["--resume"]                           # two flags that cannot go together: exit 2
+        assert code == (2 if usage else 1) and match in err and len(err.strip().splitlines()) == 1, (extra, err)
     # the default block_size (128) is longer than the tiny model's context (16) too
-    code, err = main_error(["--init-from", str(tmp_path / "base"), "--data", str(base), "--data-dir",
+    code, err = train_error(["--init-from", str(tmp_path / "base"), "--data", str(base), "--data-dir",
                             str(tmp_path / "data"), "--out-dir", str(tmp_path / "ft")], capsys)
     assert code == 1 and "--block-size 128 (the preset or default) exceeds" in err and "--block-size 16 or less" in err
     # flags that agree with the checkpoint are fine
@@ -513,10 +376,10 @@ def test_init_from_conflicts_give_clear_errors(tmp_path, base, capsys):
     # a missing, corrupt or weights-only checkpoint
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes((tmp_path / "base" / "ckpt.safetensors").read_bytes()[:1000])
-    small_checkpoint(tmp_path / "weights.safetensors")
+    save_checkpoint(tmp_path / "weights.safetensors", {"a": np.ones((4, 3), np.float32)}, {}, {}, {"step": 1})
     for path, match in [(tmp_path / "nothing", "--init-from: no checkpoint at"), (bad, "truncated or corrupt"),
                         (tmp_path / "weights.safetensors", "no usable model config and tokenizer")]:
-        code, err = main_error(tiny_args(tmp_path, base, "--init-from", path), capsys)
+        code, err = train_error(tiny_args(tmp_path, base, "--init-from", path), capsys)
         assert code == 1 and match in err and len(err.strip().splitlines()) == 1, (path, err)
 
 
@@ -530,12 +393,12 @@ def test_init_from_run_resumes_bit_exactly_and_samples_and_exports(tmp_path, bas
     assert res["step"] == 12
     a = load_checkpoint(tmp_path / "straight" / "ckpt.safetensors")
     b = load_checkpoint(tmp_path / "ft" / "ckpt.safetensors")
-    for group in range(3):
-        for k in a[0]:
-            assert np.array_equal(a[group][k], b[group][k]), (group, k)
-    assert a[3]["rng"] == b[3]["rng"] and a[3]["adam_t"] == b[3]["adam_t"] == 12
+    for group in ("params", "adam_m", "adam_v"):
+        for k in a.params:
+            assert np.array_equal(getattr(a, group)[k], getattr(b, group)[k]), (group, k)
+    assert a.meta["rng"] == b.meta["rng"] and a.meta["adam_t"] == b.meta["adam_t"] == 12
     # a model flag that differs from the fine-tuned run's is still refused on resume
-    code, err = main_error(argv + ["--n-layer", "1"], capsys)
+    code, err = train_error(argv + ["--n-layer", "1"], capsys)
     assert code == 1 and "cannot resume with a different config: --n-layer" in err
     # sample.py and export.py read the fine-tuned checkpoint
     assert sample.main(["--ckpt", str(tmp_path / "ft"), "--prompt", "the ", "--max-new-tokens", "10"]) == 0
@@ -555,7 +418,7 @@ def test_init_from_a_hugging_face_llama(tmp_path):
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(1)
     data = make_text(tmp_path / "text.txt")
-    tok = bpe.Tokenizer.train([data.read_text()], 300, special_tokens=[train.EOT], progress=False)
+    tok = bpe.Tokenizer.train([data.read_text()], 300, special_tokens=[data.EOT], progress=False)
     hcfg = transformers.LlamaConfig(vocab_size=304, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
                                     rms_norm_eps=1e-6, rope_theta=500.0, tie_word_embeddings=False)
@@ -568,7 +431,7 @@ def test_init_from_a_hugging_face_llama(tmp_path):
                      "--sample-tokens", 0)
     res = run_quiet(argv)
     assert res["step"] == 16
-    meta = load_checkpoint(tmp_path / "out" / "ckpt.safetensors")[3]
+    meta = load_checkpoint(tmp_path / "out" / "ckpt.safetensors").meta
     mc = meta["model_config"]
     assert (mc["vocab_size"], mc["max_seq_len"], mc["rope_theta"], mc["norm_eps"], mc["tie_embeddings"]) == \
         (304, 32, 500.0, 1e-6, False)
@@ -584,34 +447,3 @@ def test_init_from_a_hugging_face_llama(tmp_path):
     assert sample.main(["--ckpt", str(tmp_path / "out"), "--prompt", "the ", "--max-new-tokens", "5"]) == 0
 
 
-# ----------------------------------------------------------------------------------------------------
-# sample.py
-
-
-def test_sample_streams_from_a_tiny_checkpoint(tmp_path, capsys):
-    data = make_text(tmp_path / "text.txt")
-    run_quiet(tiny_args(tmp_path, data, "--max-iters", 4))
-    ck = str(tmp_path / "out" / "ckpt.safetensors")
-    argv = ["--ckpt", ck, "--prompt", "the ", "--max-new-tokens", "30", "--seed", "3", "--top-p", "0.9"]
-    assert sample.main(argv) == 0
-    out1 = capsys.readouterr().out
-    assert out1.startswith("the ") and len(out1) == len("the ") + 30 + 1      # chars: one per token, + "\n"
-    sample.main(argv)
-    assert capsys.readouterr().out == out1                                    # seeded: reproducible
-    with pytest.raises(SystemExit) as e:
-        sample.main(["--ckpt", ck, "--prompt", "€"])                         # not in the char vocabulary
-    assert e.value.code == 1 and "not in the char vocabulary" in capsys.readouterr().err
-
-
-def test_sample_decodes_utf8_split_across_tokens():
-    """A byte-level tokenizer splits "é" and an emoji into several tokens: the stream must print each
-    character whole, once its last byte arrives, never U+FFFD."""
-    bpe = pytest.importorskip("bpe")
-    tok = bpe.Tokenizer("gpt4", [])                                           # bytes only
-    new = list("é😀".encode())                                               # 2 + 4 byte tokens
-    fake = SimpleNamespace(generate_stream=lambda *a, **k: iter(new))
-    writes = []
-    out = SimpleNamespace(write=writes.append, flush=lambda: None)
-    sample.stream(None, None, tok, fake, "a", 6, 1.0, None, None, 0, out=out)
-    assert "".join(writes) == "aé😀\n"
-    assert "é" in writes and "😀" in writes                                  # each printed whole

@@ -1,0 +1,629 @@
+"""
+data.py: everything between a corpus on disk and the batches of a training step, shared by the programs.
+
+    root, files = find_sources("shakespeare", "data")         # --data: stdlib, shakespeare, a file, folder, glob
+    sources = digest_sources(root, files, "data/x/sources.json")   # sha256 of each file and of the corpus
+    tok = get_tokenizer(cfg, "x", root, files, sources)        # char vocabulary or BPE, cached under data/x/
+    d = prepare_data(cfg, "x", root, files, sources, tok)      # {"train": memmap, "val": memmap, "meta": {...}}
+    x, y = get_batch(d["train"], batch_size, block_size, rng)  # (B, T) inputs, (B, T) targets
+
+Sections, in data-flow order: files (atomic writes, streamed hashing), the corpus (finding its files),
+tokenizers (the character tokenizer here, BPE in bpe.py, both rebuilt from their text form and cached),
+the token cache (memory-mapped .bin files), the batch sampler, and two process-level helpers for the
+programs (the backend switch, malloc tuning). Every file is read through bpe.read_text_blocks, in bounded
+pieces, so memory does not grow with the corpus.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import re
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+
+import bpe
+import gpt_numpy
+from errors import FileFormatError, UserError
+
+ROOT = Path(__file__).resolve().parent
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+EOT = "<|endoftext|>"                   # the BPE special token written between documents (files)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files: atomic writes and streamed hashing
+
+def atomic_write(path, data, before_replace=None):
+    """Write bytes to `path` so that a crash leaves either the old file or the complete new one.
+
+    tmp file in the same folder -> write, flush, fsync -> os.replace -> fsync the folder. (A rename is
+    atomic only within one file system, hence the same folder.) `before_replace` is a hook for tests.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder):
+    """Make a rename in `folder` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path, text):
+    atomic_write(path, text.encode("utf-8"))
+
+
+def file_sha256(path):
+    """sha256 of a file's bytes, read 1 MB at a time. (tokenize_files hashes while it reads, through
+    bpe.read_text_blocks, so a corpus is read once when its ids are written.)"""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def text_sha256(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The corpus: --data -> a sorted list of files
+
+TEST_DIRS = {"test", "tests", "idle_test"}              # stdlib test suites (test/, idlelib/idle_test/, ...)
+SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+def stdlib_sources():
+    """The standard library's own .py files, tests and site-packages left out, in sorted order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in TEST_DIRS | SKIP_DIRS and not d.startswith(".")]
+        files += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
+    return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def is_text_file(path):
+    """A regular file without NUL bytes in its first 8 KiB (so images and archives in a folder are skipped)."""
+    try:
+        with open(path, "rb") as f:
+            return b"\0" not in f.read(8192)
+    except OSError:
+        return False
+
+
+def fetch_shakespeare(data_dir):
+    """Tiny Shakespeare (1.1 MB), downloaded once into data/shakespeare/input.txt."""
+    path = Path(data_dir) / "shakespeare" / "input.txt"
+    if path.is_file():
+        return path
+    import urllib.request
+    try:
+        print(f"downloading Tiny Shakespeare from {SHAKESPEARE_URL} ...")
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=10) as r:
+            text = r.read()
+    except Exception as e:
+        local = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"     # this project's shared copy
+        example = os.path.relpath(local) if local.is_file() else "path/to/tinyshakespeare.txt"
+        raise UserError(f"could not download Tiny Shakespeare ({e.__class__.__name__}: {e}); point --data at "
+                        f"a local copy instead (any path), e.g. --data {example}") from None
+    atomic_write(path, text)
+    return path
+
+
+def safe_name(s):
+    """A string made safe as a folder name: "my notes/*.md" -> "my_notes_.md"."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_.")[:48] or "data"
+
+
+def data_name(data):
+    """The cache name of --data: "stdlib", "shakespeare", a file's stem, a folder's name, or a glob made safe."""
+    if data in ("stdlib", "shakespeare"):
+        return data
+    p = Path(data).expanduser()
+    if p.is_file():
+        return safe_name(p.stem)
+    if p.is_dir():
+        return safe_name(p.resolve().name)
+    return safe_name(data) + "-" + hashlib.sha256(data.encode()).hexdigest()[:6]
+
+
+def find_sources(data, data_dir):
+    """--data -> (root, files): the folder the paths are named relative to, and the files in sorted order."""
+    if data == "stdlib":
+        return stdlib_sources()
+    if data == "shakespeare":
+        path = fetch_shakespeare(data_dir)
+        return path.parent, [path]
+    path = Path(data).expanduser()
+    if path.is_file():
+        if not is_text_file(path):
+            raise UserError(f"--data {data!r} is not a text file (it holds NUL bytes: a binary file?)")
+        return path.parent, [path]
+    if path.is_dir():
+        files = [p for p in path.rglob("*")
+                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        files = sorted((p for p in files if is_text_file(p)), key=lambda p: p.relative_to(path).as_posix())
+        if not files:
+            raise UserError(f"empty corpus: the folder {data} holds no text files")
+        return path, files
+    if glob.has_magic(data):
+        files = sorted(Path(p).resolve() for p in glob.glob(os.path.expanduser(data), recursive=True)
+                       if os.path.isfile(p))
+        if not files:
+            raise UserError(f"no files match --data {data!r}")
+        return Path(os.path.commonpath([p.parent for p in files])), files
+    raise UserError(f"--data {data!r}: no such file or folder (expected a text file, a folder, a glob, "
+                    f"'stdlib' or 'shakespeare')")
+
+
+def digest_sources(root, files, cache_path):
+    """sha256 of every source and of the whole corpus (names and contents). A file whose size and
+    mtime match data/<name>/sources.json is not read again; any other is hashed afresh.
+
+    Returns {"sha256": corpus hash, "bytes": total size, "files": [{"path", "bytes", "mtime_ns", "sha256"}]}.
+    """
+    cache_path = Path(cache_path)
+    known = {}
+    if cache_path.is_file():
+        try:
+            known = {f["path"]: f for f in json.loads(cache_path.read_text())["files"]}
+        except (ValueError, KeyError, TypeError):
+            known = {}
+    entries, h = [], hashlib.sha256()
+    for p in files:
+        rel = Path(os.path.relpath(p, root)).as_posix()
+        st = p.stat()
+        k = known.get(rel)
+        if k and k["bytes"] == st.st_size and k["mtime_ns"] == st.st_mtime_ns:
+            sha = k["sha256"]
+        else:
+            sha = file_sha256(p)
+        entries.append({"path": rel, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha})
+        h.update(f"{rel}\0{st.st_size}\0{sha}\n".encode())
+    info = {"sha256": h.hexdigest(), "bytes": sum(e["bytes"] for e in entries), "files": entries}
+    if not known or [known.get(e["path"]) for e in entries] != entries:
+        write_text_atomic(cache_path, json.dumps(info))
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizers: characters (nanoGPT's shakespeare_char, here) or byte-level BPE (bpe.Tokenizer). Both have
+# vocab_size, dtype, encode_ordinary(text) -> ids, decode(ids) -> str, decode_bytes(ids) -> bytes,
+# special_tokens, a `kind`, a text form (to_text / from_text) that the data cache hashes and every
+# checkpoint embeds, a Hugging Face tokenizer.json form (to_hf_json / from_hf_json), and cut /
+# file_errors, which say how read_text_blocks may feed them a file.
+
+ANY_CHAR = r"[\s\S]"             # the split regex of a character tokenizer.json: every code point alone
+
+
+class CharTokenizer:
+    """One id per character of the corpus, in code point order: "hello" -> vocab "ehlo", ids [1, 0, 2, 2, 3]."""
+
+    kind = "char"
+    special_tokens = {}
+    file_errors = "replace"                     # invalid UTF-8 in a file becomes U+FFFD
+
+    def __init__(self, chars):
+        self.chars = "".join(sorted(set(chars)))
+        self.vocab_size = len(self.chars)
+        self.codepoints = np.array([ord(c) for c in self.chars], dtype=np.int64)   # sorted
+
+    @property
+    def dtype(self):
+        return bpe.id_dtype(self.vocab_size)
+
+    @staticmethod
+    def cut(text, start=0):
+        """Characters encode one by one: a text may be cut anywhere."""
+        return len(text)
+
+    def encode_ordinary(self, text):
+        cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
+        ids = np.searchsorted(self.codepoints, cp)                   # binary search per character
+        bad = (ids >= self.vocab_size) | (self.codepoints[np.minimum(ids, self.vocab_size - 1)] != cp)
+        if bad.any():
+            missing = sorted(set(chr(c) for c in cp[bad]))[:10]
+            raise UserError(f"characters not in the char vocabulary: {''.join(missing)!r}")
+        return ids
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+    def decode_bytes(self, ids):
+        return self.decode(ids).encode("utf-8", "surrogatepass")
+
+    def to_text(self):
+        return json.dumps({"type": "char", "version": 1, "chars": self.chars}, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_text(cls, text):
+        try:
+            return cls(json.loads(text)["chars"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise FileFormatError(f"unreadable char tokenizer ({e})") from None
+
+    def to_hf_json(self):
+        """tokenizer.json (a dict): a WordLevel model over single characters in code point order. An
+        unknown character fails to encode in both libraries (unk_token names no token in the vocab), and
+        Fuse joins the pieces back without spaces."""
+        return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+                "pre_tokenizer": {"type": "Split", "pattern": {"Regex": ANY_CHAR}, "behavior": "Isolated",
+                                  "invert": False},
+                "post_processor": None, "decoder": {"type": "Fuse"},
+                "model": {"type": "WordLevel", "vocab": {c: i for i, c in enumerate(self.chars)},
+                          "unk_token": "<unk>"}}
+
+    @classmethod
+    def from_hf_json(cls, obj):
+        """The inverse of to_hf_json; any other WordLevel tokenizer.json is refused."""
+        vocab = obj["model"].get("vocab", {})
+        chars = "".join(sorted(vocab, key=vocab.get))
+        pre = obj.get("pre_tokenizer") or {}
+        if (pre.get("type") != "Split" or (pre.get("pattern") or {}).get("Regex") != ANY_CHAR or obj.get("added_tokens")
+                or not all(len(c) == 1 for c in vocab) or sorted(vocab.values()) != list(range(len(vocab)))
+                or chars != "".join(sorted(chars))):
+            raise FileFormatError("tokenizer.json: model.type = 'WordLevel' is only understood as the character "
+                                  "tokenizer export.py writes (one id per character, in code point order)")
+        return cls(chars)
+
+
+def tokenizer_from_text(kind, text):
+    """Rebuild a tokenizer from its kind and text form (as the data cache and the checkpoints keep it)."""
+    if kind == "char":
+        return CharTokenizer.from_text(text)
+    if kind == "bpe":
+        return bpe.Tokenizer.from_text(text, "the bpe tokenizer")
+    raise FileFormatError(f"unknown tokenizer kind {kind!r}")
+
+
+def tokenizer_from_hf_json(obj):
+    """tokenizer.json (a dict) -> a bpe.Tokenizer (byte-level BPE) or a CharTokenizer (WordLevel)."""
+    if (obj.get("model") or {}).get("type") == "WordLevel":
+        return CharTokenizer.from_hf_json(obj)
+    return bpe.Tokenizer.from_hf_json(obj)
+
+
+def load_tokenizer_file(name):
+    """A saved tokenizer: bpe.py's file, or a character vocabulary (CharTokenizer.to_text's JSON, as a
+    fine-tuning run writes it to its out dir)."""
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise UserError(f"--tokenizer {name!r}: expected 'char', 'bpe' or a saved tokenizer file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"could not load the tokenizer {path}: {e}") from None
+    try:
+        kind = "char" if text.startswith("{") else "bpe"      # JSON; bpe.py's files start with their format line
+        return tokenizer_from_text(kind, text)
+    except UserError as e:
+        raise FileFormatError(f"could not load the tokenizer {path}: {e}") from None
+
+
+def eot_id(tok):
+    return tok.special_tokens.get(EOT) if tok.special_tokens else None
+
+
+def encode_text(tok, text):
+    """Plain text -> ids (special-token strings in the text are treated as ordinary text)."""
+    return np.asarray(tok.encode_ordinary(text), dtype=np.int64)
+
+
+def encode_prompt(tok, prompt):
+    """Prompt text -> ids; an empty prompt starts from <|endoftext|> (BPE) or a newline (or id 0 when a
+    char vocabulary has no newline). The default prompt "\\n" falls back the same way; any other prompt
+    that the tokenizer cannot encode is an error (UserError)."""
+    if prompt:
+        try:
+            ids = encode_text(tok, prompt)
+        except UserError:
+            if prompt != "\n":
+                raise
+            ids = []
+        if len(ids):
+            return [int(i) for i in ids]
+    eot = eot_id(tok)
+    if eot is not None:
+        return [eot]
+    try:
+        return [int(i) for i in encode_text(tok, "\n")]
+    except UserError:
+        return [0]
+
+
+def token_byte_lengths(tok):
+    """UTF-8 byte length of every token id, special tokens 0."""
+    lengths = np.array([len(tok.decode_bytes([i])) for i in range(tok.vocab_size)], dtype=np.int64)
+    for i in (tok.special_tokens or {}).values():
+        lengths[i] = 0
+    return lengths
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tokenizer cache: --tokenizer char / bpe, built from the corpus once, under data/<name>/
+
+def spread_sample(root, files, total_bytes, limit):
+    """An evenly spread, deterministic sample of about `limit` bytes: the first share of every file, cut at a
+    line break, each file's share proportional to its size. Example: limit = 10% of the corpus -> the first
+    10% of the lines of every file."""
+    frac = min(1.0, limit / max(1, total_bytes))
+    texts = []
+    for p in files:
+        want = int(p.stat().st_size * frac)
+        if want == 0:
+            continue
+        with open(p, "rb") as f:
+            b = f.read(want)
+            if not b.endswith(b"\n"):
+                b += f.readline(4096)
+        text = b.decode("utf-8", "surrogateescape")
+        if any(c.isspace() for c in text):     # subtle: bpe.py takes a str without whitespace for a file path
+            texts.append(text)
+    return texts
+
+
+def get_tokenizer(cfg, name, root, files, sources, log=print):
+    """The tokenizer cfg.tokenizer asks for: a character vocabulary of the corpus (cached), a BPE trained on
+    the corpus by bpe.py (cached in data/<name>/bpe<V>.tok, retrained when the corpus or settings change),
+    or a saved tokenizer file. cfg: train.TrainConfig (tokenizer, vocab_size, bpe_sample_mb, data, data_dir)."""
+    if cfg.tokenizer == "char":
+        return char_tokenizer(cfg, Path(cfg.data_dir) / name / "char.json", files, sources)
+    if cfg.tokenizer == "bpe":
+        return bpe_tokenizer(cfg, Path(cfg.data_dir) / name, root, files, sources, log)
+    return load_tokenizer_file(cfg.tokenizer)
+
+
+def char_tokenizer(cfg, path, files, sources):
+    """The corpus's character set, cached in path (keyed by the corpus hash)."""
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("sources_sha256") == sources["sha256"]:
+            return CharTokenizer(saved["chars"])
+    chars = set()
+    for p in files:                                        # one pass to collect the character set
+        for text, _ in bpe.read_text_blocks(p, 1 << 20, cut=CharTokenizer.cut, errors="replace"):
+            chars.update(text)
+    if not chars:
+        raise UserError(f"empty corpus: {cfg.data} holds no text")
+    tok = CharTokenizer(chars)
+    write_text_atomic(path, json.dumps({"sources_sha256": sources["sha256"], "chars": tok.chars}, ensure_ascii=False))
+    return tok
+
+
+def bpe_tokenizer(cfg, cache, root, files, sources, log):
+    """bpe.py's tokenizer trained on the corpus (or an evenly spread sample of it), cached in cache."""
+    path, info_path = cache / f"bpe{cfg.vocab_size}.tok", cache / f"bpe{cfg.vocab_size}.json"
+    sample_bytes = int(cfg.bpe_sample_mb * 1e6)
+    ident = {"sources_sha256": sources["sha256"], "vocab_size": cfg.vocab_size, "pattern": "gpt4",
+             "special_tokens": [EOT], "sample_bytes": sample_bytes}
+    if path.is_file() and info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text())
+        except ValueError:
+            info = {}
+        if info.get("ident") == ident and info.get("sha256") == file_sha256(path):
+            return bpe.Tokenizer.load(str(path))
+    if sources["bytes"] == 0:
+        raise UserError(f"empty corpus: {cfg.data} holds no text")
+    if sample_bytes and sample_bytes < sources["bytes"]:
+        texts = spread_sample(root, files, sources["bytes"], sample_bytes)
+        what = f"an evenly spread {sum(len(t) for t in texts) / 1e6:.1f} MB sample of the corpus"
+    else:
+        texts = list(files)                        # Path objects: bpe.py streams the files itself
+        what = "the whole corpus"
+    log(f"training a BPE tokenizer (vocab {cfg.vocab_size}) on {what} ...")
+    t0 = time.time()
+    try:
+        tok = bpe.Tokenizer.train(texts, cfg.vocab_size, pattern="gpt4", special_tokens=[EOT],
+                                  progress=sys.stderr.isatty())   # <|endoftext|> takes the last id
+    except ValueError as e:                        # bpe.py's errors are one-line messages
+        raise UserError(f"BPE training failed: {e}") from None
+    log(f"BPE tokenizer trained in {time.time() - t0:.1f} s; cached in {path}")
+    write_text_atomic(path, tok.to_text())
+    write_text_atomic(info_path, json.dumps({"ident": ident, "sha256": file_sha256(path)}))
+    return tok
+
+
+def tokenizer_tag(cfg):
+    """A short name for the tokenizer setting, used in cache folder and run names."""
+    if cfg.tokenizer == "char":
+        return "char"
+    if cfg.tokenizer == "bpe":
+        return f"bpe{cfg.vocab_size}"
+    p = Path(cfg.tokenizer).expanduser()
+    return "tok-" + (file_sha256(p)[:8] if p.is_file() else safe_name(p.stem))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The token cache: ids written once to data/<name>/<tokenizer>/{train,val}.bin (tok.dtype: uint16, or
+# uint32 for vocabularies over 65536), plus meta.json. meta.json is written last and removed first, so a
+# cache whose preparation was killed is never trusted.
+
+DATA_FORMAT = 1
+
+
+def prepare_data(cfg, name, root, files, sources, tok, log=print):
+    """Tokenize the corpus into the cache (or reuse it) and return {"train": memmap, "val": memmap, "meta": ...}.
+
+    Memory stays bounded: files are read in ~1 MB pieces, ids are appended to a file as they come, the
+    split copies the tail in chunks, and the sources are hashed while they stream.
+    """
+    key = {"format": DATA_FORMAT, "sources_sha256": sources["sha256"], "tokenizer_sha256": text_sha256(tok.to_text()),
+           "val_fraction": cfg.val_fraction}
+    cache = Path(cfg.data_dir) / name / tokenizer_tag(cfg)
+    meta_path = cache / "meta.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            meta = {}
+        if meta.get("key") == key and cache_files_ok(cache, meta):
+            log(f"data: reusing {cache} ({meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens)")
+            return open_data(cache, meta)
+    if sources["bytes"] == 0:
+        raise UserError(f"empty corpus: {cfg.data} holds no text")
+
+    # (re)build: distrust the old cache first, then write every file under a temporary name
+    cache.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)
+    for stale in cache.glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)
+    t0 = time.time()
+    all_tmp, val_tmp = cache / f".train.bin.tmp-{os.getpid()}", cache / f".val.bin.tmp-{os.getpid()}"
+    try:
+        n = tokenize_files(files, sources, tok, all_tmp, desc=f"tokenizing {name}")
+        n_train = int(n * (1.0 - cfg.val_fraction))
+        split_tail(all_tmp, val_tmp, n_train * np.dtype(tok.dtype).itemsize)
+        os.replace(all_tmp, cache / "train.bin")
+        os.replace(val_tmp, cache / "val.bin")
+        fsync_dir(cache)
+    except BaseException:
+        all_tmp.unlink(missing_ok=True)
+        val_tmp.unlink(missing_ok=True)
+        raise
+
+    meta = {"key": key, "name": name, "data": cfg.data, "root": str(root), "dtype": np.dtype(tok.dtype).name,
+            "vocab_size": tok.vocab_size, "tokenizer": {"kind": tok.kind, "sha256": key["tokenizer_sha256"]},
+            "sources_sha256": sources["sha256"], "num_files": len(files), "source_bytes": sources["bytes"],
+            "train_tokens": n_train, "val_tokens": n - n_train, "prep_seconds": round(time.time() - t0, 2),
+            "sources": [{k: e[k] for k in ("path", "bytes", "sha256")} for e in sources["files"]]}
+    data = open_data(cache, meta)
+    # bytes per token, per split: the UTF-8 length of every token, summed (special tokens count 0 bytes)
+    nbytes_of = token_byte_lengths(tok)
+    for split in ("train", "val"):
+        b = sum(int(nbytes_of[data[split][i:i + (1 << 22)]].sum()) for i in range(0, len(data[split]), 1 << 22))
+        meta[f"{split}_bytes"] = b
+        meta[f"{split}_bytes_per_token"] = b / max(1, len(data[split]))
+    write_text_atomic(meta_path, json.dumps(meta, indent=1))
+    log(f"data: {len(files)} files, {sources['bytes'] / 1e6:.1f} MB -> {n:,} tokens "
+        f"({meta['train_bytes_per_token']:.2f} bytes/token) in {time.time() - t0:.1f} s; cached in {cache}")
+    return data
+
+
+def tokenize_files(files, sources, tok, out_path, desc):
+    """Append every file's ids (tok.dtype) to out_path, documents separated by <|endoftext|> where the
+    tokenizer has it, checking each file against its digest as it streams. Returns the number of ids."""
+    from tqdm import tqdm
+    eot, n = eot_id(tok), 0
+    with open(out_path, "wb") as out, tqdm(total=sources["bytes"], unit="B", unit_scale=True, desc=desc,
+                                           dynamic_ncols=True, disable=None) as bar:
+        for p, entry in zip(files, sources["files"]):
+            h = hashlib.sha256()
+            for text, nbytes in bpe.read_text_blocks(p, 1 << 20, cut=tok.cut, errors=tok.file_errors, hasher=h):
+                ids = np.asarray(tok.encode_ordinary(text), dtype=tok.dtype)
+                out.write(ids.tobytes())
+                n += ids.size
+                bar.update(nbytes)
+            if eot is not None:
+                out.write(np.array([eot], tok.dtype).tobytes())
+                n += 1
+            if h.hexdigest() != entry["sha256"]:
+                raise UserError(f"{p} changed while the data was being prepared; run again")
+    return n
+
+
+def split_tail(path, tail_path, at):
+    """Move the bytes of path from offset `at` on into tail_path (in 16 MB chunks), both fsynced."""
+    with open(path, "r+b") as f, open(tail_path, "wb") as v:
+        f.seek(at)
+        for b in iter(lambda: f.read(1 << 24), b""):
+            v.write(b)
+        f.truncate(at)
+        f.flush()
+        os.fsync(f.fileno())
+        v.flush()
+        os.fsync(v.fileno())
+
+
+def cache_files_ok(cache, meta):
+    size = np.dtype(meta["dtype"]).itemsize
+    return all((cache / f"{s}.bin").is_file() and (cache / f"{s}.bin").stat().st_size == meta[f"{s}_tokens"] * size
+               for s in ("train", "val"))
+
+
+def open_data(cache, meta):
+    """The cached splits as read-only memmaps (the OS pages them in; nothing is loaded up front)."""
+    out = {"meta": meta}
+    for s in ("train", "val"):
+        n = meta[f"{s}_tokens"]
+        out[s] = (np.memmap(Path(cache) / f"{s}.bin", dtype=meta["dtype"], mode="r", shape=(n,)) if n
+                  else np.zeros(0, dtype=meta["dtype"]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The batch sampler
+
+def get_batch(data, batch_size, block_size, rng):
+    """batch_size random windows of block_size + 1 tokens: inputs x and targets y = x shifted by one.
+
+    Example: data = [5, 6, 7, 8], block_size 2, a window at 1 -> x = [[6, 7]], y = [[7, 8]].
+    """
+    ix = rng.integers(0, len(data) - block_size, size=batch_size)
+    b = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)   # (B, T+1)
+    return b[:, :-1], b[:, 1:]                                                  # (B, T), (B, T)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Process-level helpers for the programs
+
+def keep_freed_memory():
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS. Call it once
+    at the start of a CPU training program; returns False (and does nothing) off glibc.
+
+    Every step allocates and frees the same activations again. By default glibc unmaps big freed
+    blocks and trims the top of its heap, so the next step page-faults the memory back in and the
+    kernel zeroes each page (on a 2-core machine: 63 -> 47 ms per cpu-small step, 2 threads). Raising
+    the mmap and trim thresholds keeps the blocks in the heap, where the next step reuses them; the
+    process then holds on to its peak memory. Process-wide; host memory only (no effect on CuPy).
+    """
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                   # from glibc's malloc.h
+    mmap_ok = mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    return bool(mmap_ok and mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def load_backend(name):
+    """The model module for a backend: gpt_numpy, or gpt_cupy (the same functions on the GPU)."""
+    if name == "numpy":
+        keep_freed_memory()                             # reuse the activations' memory step after step
+        return gpt_numpy
+    if name == "cupy":
+        try:
+            import gpt_cupy
+        except RuntimeError as e:                       # no CuPy or no GPU: gpt_cupy says which
+            raise UserError(str(e)) from None
+        return gpt_cupy
+    raise UserError(f"unknown backend {name!r}: choose numpy or cupy")

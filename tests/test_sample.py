@@ -1,0 +1,68 @@
+"""Tests for sample.py: streaming from a checkpoint (reproducible with --seed, UTF-8 split across tokens
+printed whole) and its command line: exit 2 for bad flags, 1 for a bad checkpoint or prompt, one line each."""
+
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+import sample
+from conftest import ROOT, main_error
+
+
+def test_sample_streams_from_a_tiny_checkpoint(tiny_run, capsys):
+    ck = str(tiny_run / "ckpt.safetensors")
+    argv = ["--ckpt", ck, "--prompt", "the ", "--max-new-tokens", "30", "--seed", "3", "--top-p", "0.9"]
+    assert sample.main(argv) == 0
+    out1 = capsys.readouterr().out
+    assert out1.startswith("the ") and len(out1) == len("the ") + 30 + 1      # chars: one per token, + "\n"
+    assert sample.main(argv) == 0
+    assert capsys.readouterr().out == out1                                    # seeded: reproducible
+    assert sample.main(argv[:1] + [str(tiny_run)] + argv[2:]) == 0           # the out dir works as well
+    assert capsys.readouterr().out == out1
+    code, err = main_error(sample.main, ["--ckpt", ck, "--prompt", "€"], capsys)   # not in the char vocabulary
+    assert code == 1 and "not in the char vocabulary" in err
+
+
+def test_sample_decodes_utf8_split_across_tokens():
+    """A byte-level tokenizer splits "é" and an emoji into several tokens: the stream must print each
+    character whole, once its last byte arrives, never U+FFFD."""
+    bpe = pytest.importorskip("bpe")
+    tok = bpe.Tokenizer("gpt4", [])                                           # bytes only
+    new = list("é😀".encode())                                               # 2 + 4 byte tokens
+    fake = SimpleNamespace(generate_stream=lambda *a, **k: iter(new))
+    writes = []
+    out = SimpleNamespace(write=writes.append, flush=lambda: None)
+    sample.stream(None, None, tok, fake, "a", 6, 1.0, None, None, 0, out=out)
+    assert "".join(writes) == "aé😀\n"
+    assert "é" in writes and "😀" in writes                                  # each printed whole
+
+
+@pytest.mark.parametrize("flags", [["--temperature", "-1"], ["--temperature", "inf"], ["--top-p", "0"],
+                                   ["--top-k", "-2"], ["--max-new-tokens", "-1"], ["--seed", "-3"],
+                                   ["--backend", "tpu"], ["--no-such-flag"]])
+def test_bad_flags_are_usage_errors(tiny_run, flags, capsys):
+    code, err = main_error(sample.main, ["--ckpt", str(tiny_run), *flags], capsys)
+    assert code == 2 and err.startswith("error: ")
+
+
+def test_bad_checkpoints_are_one_line_failures(tiny_run, tmp_path, capsys):
+    code, err = main_error(sample.main, ["--ckpt", str(tmp_path / "none")], capsys)
+    assert code == 1 and err.startswith("error: no checkpoint at")
+    shutil.copy(tiny_run / "ckpt.safetensors", tmp_path / "ckpt.safetensors")
+    (tmp_path / "ckpt.safetensors").write_bytes((tmp_path / "ckpt.safetensors").read_bytes()[:500])
+    code, err = main_error(sample.main, ["--ckpt", str(tmp_path)], capsys)
+    assert code == 1 and "truncated or corrupt" in err
+
+
+def test_process_exit_status_and_help(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "sample.py"), *a], capture_output=True,  # noqa: E731
+                                    text=True, cwd=tmp_path)
+    r = run("--help")
+    assert r.returncode == 0 and "--ckpt" in r.stdout and "--top-p" in r.stdout
+    r = run("--ckpt", "nothing")
+    assert r.returncode == 1 and r.stderr == "error: no checkpoint at nothing\n"
+    r = run("--top-k", "x")
+    assert r.returncode == 2 and r.stderr.startswith("error: argument --top-k") and "Traceback" not in r.stderr
