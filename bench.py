@@ -83,6 +83,27 @@ def loadavg():
         return "n/a"
 
 
+def _keep_freed_memory():
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS. Call it once
+    at the start of a CPU training script; returns False (and does nothing) off glibc.
+
+    Every step allocates and frees the same activations again. By default glibc unmaps big freed
+    blocks and trims the top of its heap, so the next step page-faults the memory back in and the
+    kernel zeroes each page (on a 2-core machine: 63 -> 47 ms per cpu-small step, 2 threads). Raising
+    the mmap and trim thresholds keeps the blocks in the heap, where the next step reuses them; the
+    process then holds on to its peak memory. Process-wide; host memory only (no effect on CuPy).
+    (A private copy until it moves to its own module.)
+    """
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                   # from glibc's malloc.h
+    mmap_ok = mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    return bool(mmap_ok and mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 # ----------------------------------------------------------------------------------------------------
 # The child: one config, one backend, one process.
 
@@ -126,7 +147,7 @@ def child(a):
         xp = np
         sync = lambda: None
         if not a.no_malloc_tuning:
-            out_malloc = gm.keep_freed_memory()     # as a CPU training script should
+            out_malloc = _keep_freed_memory()     # as a CPU training script should
     c = CONFIGS[a.child]
     cfg = gm.GPTConfig(vocab_size=c["V"], n_layer=c["L"], n_head=c["H"], d_model=c["C"], d_ff=c["F"],
                        max_seq_len=c["T"], checkpoint=bool(a.ckpt))
@@ -359,7 +380,7 @@ def main():
                          "explicit matmul / mask / softmax / matmul of gpt_numpy")
     ap.add_argument("--no-malloc-tuning", action="store_true",
                     help="numpy: leave glibc malloc as it is (by default the subprocess calls "
-                         "gpt_numpy.keep_freed_memory(), as a training script should)")
+                         "_keep_freed_memory(), as a training script should)")
     # internal: the per-config subprocess
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)

@@ -146,10 +146,31 @@ class UserError(Exception):
     """A problem the user can fix (bad path, empty corpus, ...): main() prints it in one line, no traceback."""
 
 
+def _keep_freed_memory():
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS. Call it once
+    at the start of a CPU training script; returns False (and does nothing) off glibc.
+
+    Every step allocates and frees the same activations again. By default glibc unmaps big freed
+    blocks and trims the top of its heap, so the next step page-faults the memory back in and the
+    kernel zeroes each page (on a 2-core machine: 63 -> 47 ms per cpu-small step, 2 threads). Raising
+    the mmap and trim thresholds keeps the blocks in the heap, where the next step reuses them; the
+    process then holds on to its peak memory. Process-wide; host memory only (no effect on CuPy).
+    (A private copy until it moves to its own module.)
+    """
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                   # from glibc's malloc.h
+    mmap_ok = mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    return bool(mmap_ok and mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def load_backend(name):
     """The model module for a backend: gpt_numpy, or gpt_cupy (the same functions on the GPU)."""
     if name == "numpy":
-        gpt_numpy.keep_freed_memory()                   # reuse the activations' memory step after step
+        _keep_freed_memory()                   # reuse the activations' memory step after step
         return gpt_numpy
     if name == "cupy":
         try:

@@ -112,25 +112,6 @@ def test_rope_backward_and_convention():
     np.testing.assert_allclose(gn.rope_forward(u, cos, sin), u * c + rot * s, rtol=1e-12, atol=1e-12)
 
 
-def test_rope_on_heads_side_by_side():
-    # attention rotates q and k of every head in one call, on a (B, T, n*hs) array: the same as
-    # rotating each head on its own, and its backward passes the gradient check too
-    r = rng()
-    B, T, n, hs = 2, 5, 3, 8
-    cos, sin = gn.rope_tables(np.arange(T), hs, 10000.0, np.float64)
-    u = r.standard_normal((B, T, n * hs))
-    out = gn.rope_forward(u, cos, sin)
-    for j in range(n):
-        np.testing.assert_allclose(out[..., j * hs:(j + 1) * hs], gn.rope_forward(u[..., j * hs:(j + 1) * hs], cos, sin),
-                                   rtol=1e-14, atol=1e-14)
-    check_layer("rope", lambda u: (gn.rope_forward(u, cos, sin), None),
-                lambda d, _: gn.rope_backward(d, cos, sin), [u])
-    d = r.standard_normal(u.shape)
-    expect = gn.rope_backward(d, cos, sin)
-    gn.rope_backward(d, cos, sin, out=d)                # in place, as attention_backward does
-    np.testing.assert_array_equal(d, expect)
-
-
 def test_softmax_backward():
     r = rng()
     a = r.standard_normal((2, 4, 5))
@@ -197,7 +178,7 @@ def test_cross_entropy_backward_with_ignored_targets():
     logits = r.standard_normal((2, 4, 7))
     targets = np.array([[1, -1, 6, 0], [-1, 3, 3, 2]])
     loss, cache = gn.cross_entropy_forward(logits, targets)
-    dlogits = gn.cross_entropy_backward(cache).reshape(logits.shape)
+    dlogits = gn.cross_entropy_backward(1.0, cache).reshape(logits.shape)
     num = numeric_grad(lambda: gn.cross_entropy_forward(logits, targets)[0], logits)
     assert record("cross_entropy", rel_error(dlogits, num)) < TOL
     assert np.all(dlogits[0, 1] == 0) and np.all(dlogits[1, 0] == 0)
@@ -356,18 +337,6 @@ def test_recompute_gives_the_cache_of_the_first_forward():
     assert len(a1) == len(a2)
     for u, v in zip(a1, a2):
         np.testing.assert_array_equal(u, v)
-
-
-def test_keep_freed_memory_is_harmless():
-    # it works on glibc (returns True), says False elsewhere, and training still gives finite losses
-    import platform
-    ok = gn.keep_freed_memory()
-    assert ok is (platform.libc_ver()[0] == "glibc")
-    cfg = tiny_cfg()
-    params = gn.init_params(cfg)
-    ids, targets = batch(cfg)
-    loss, _ = gn.loss_and_grads(params, ids, targets, cfg)
-    assert np.isfinite(loss)
 
 
 def test_init_matches_spec():
