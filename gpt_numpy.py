@@ -48,26 +48,6 @@ def to_host(a):
     return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
-def keep_freed_memory():
-    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS. Call it once
-    at the start of a CPU training script; returns False (and does nothing) off glibc.
-
-    Every step allocates and frees the same activations again. By default glibc unmaps big freed
-    blocks and trims the top of its heap, so the next step page-faults the memory back in and the
-    kernel zeroes each page (on a 2-core machine: 63 -> 47 ms per cpu-small step, 2 threads). Raising
-    the mmap and trim thresholds keeps the blocks in the heap, where the next step reuses them; the
-    process then holds on to its peak memory. Process-wide; host memory only (no effect on CuPy).
-    """
-    import ctypes
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                   # from glibc's malloc.h
-    mmap_ok = mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    return bool(mmap_ok and mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
 # ----------------------------------------------------------------------------------------------------
 # Config
 
@@ -204,12 +184,22 @@ def embedding_forward(ids, W):
     return out, (ids, W.shape)
 
 
-def embedding_backward(dout, cache):
+def embedding_backward_reference(dout, cache):
     # forward was a row lookup, so each row of dW collects the gradients of every position using it.
     # subtle: an id can repeat in a batch; `dW[ids] += dout` would keep only one of the updates.
-    # xp.add.at accumulates them all. It runs on the flat (V*C,) view with one index per number,
-    # idx = id * C + column: NumPy's add.at is several times faster on 1-D indices than on rows.
+    # xp.add.at accumulates them all.
     # A frequent token collects thousands of terms: half-precision dout is summed in float32 (upcast).
+    ids, shape = cache
+    dout = upcast(dout)
+    dW = xp.zeros(shape, dtype=dout.dtype)              # (V, C)
+    xp.add.at(dW, ids, dout)                            # dW[ids[b, t]] += dout[b, t]
+    return dW
+
+
+def embedding_backward(dout, cache):
+    # identical to embedding_backward_reference except that add.at runs on the flat (V*C,) view of
+    # dW, with one index per number, idx = id * C + column: NumPy's add.at is several times faster on
+    # 1-D indices than on rows (0.84 -> 0.17 ms on cpu-small, about 1% of its step).
     ids, shape = cache
     C = shape[1]
     dout = upcast(dout)
@@ -233,20 +223,25 @@ def rmsnorm_forward(x, w, eps):
     return xhat * w, (xhat, rstd, w)
 
 
+def column_dot(a, b):
+    """sum over B, T of a * b: (B, T, C), (B, T, C) -> (C,), in float32 or wider.
+    subtle: NumPy adds half-precision inputs in half precision (a 1e-2 error at B*T = 1024), so half
+    inputs are cast up first (no copy for float32 and up)."""
+    C = a.shape[-1]
+    return xp.einsum("nc,nc->c", upcast(a).reshape(-1, C), upcast(b).reshape(-1, C))
+
+
 def rmsnorm_backward(dout, cache):
     # forward: xhat = x * rstd, y = xhat * w. With g = dout * w, the gradient through rstd is
     # dx = rstd * (g - xhat * mean(g * xhat)).
-    # subtle: dw sums B*T products, and NumPy adds half-precision inputs in half precision (a 1e-2
-    # error at B*T = 1024): the sum runs in float32 or wider (`acc`: no change for float32 and up).
     xhat, rstd, w = cache
     C = xhat.shape[-1]
-    acc = xp.promote_types(dout.dtype, np.float32)
-    dw = xp.einsum("nc,nc->c", dout.reshape(-1, C), xhat.reshape(-1, C), dtype=acc)   # sum over B, T
+    dw = column_dot(dout, xhat)                                         # (C,)
     g = dout * w                                                        # (B, T, C)
     gx = xp.einsum("...c,...c->...", g, xhat)[..., None] / C          # mean(g * xhat), (B, T, 1)
-    g -= xhat * gx
-    g *= rstd                                                           # g is now dx
-    return g, dw
+    dx = g - xhat * gx
+    dx *= rstd                                                          # (B, T, C)
+    return dx, dw
 
 
 # LayerNorm: y = (x - mean) / sqrt(var + eps) * w + b, population variance over the last axis.
@@ -255,29 +250,24 @@ def layernorm_forward(x, w, b, eps):
     C = x.shape[-1]
     xs = upcast(x)                                                      # x itself unless half
     mu = xs.mean(axis=-1, keepdims=True)                                # (B, T, 1)
-    xhat = xs - mu                                                      # centred x, (B, T, C)
-    var = xp.einsum("...c,...c->...", xhat, xhat)[..., None] / C      # (B, T, 1)
+    xc = xs - mu                                                        # centred x, (B, T, C)
+    var = xp.einsum("...c,...c->...", xc, xc)[..., None] / C          # (B, T, 1)
     rstd = 1.0 / xp.sqrt(var + eps)                                     # (B, T, 1)
-    xhat *= rstd                                                        # (x - mean) * rstd
-    xhat, rstd = xhat.astype(x.dtype, copy=False), rstd.astype(x.dtype, copy=False)   # half: back down
-    y = xhat * w
-    y += b
-    return y, (xhat, rstd, w)
+    xhat = (xc * rstd).astype(x.dtype, copy=False)                      # (B, T, C), half: back down
+    rstd = rstd.astype(x.dtype, copy=False)
+    return xhat * w + b, (xhat, rstd, w)
 
 
 def layernorm_backward(dout, cache):
     # as RMSNorm, plus the mean: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * w.
     xhat, rstd, w = cache
     C = xhat.shape[-1]
-    acc = xp.promote_types(dout.dtype, np.float32)                      # as in RMSNorm
-    dw = xp.einsum("nc,nc->c", dout.reshape(-1, C), xhat.reshape(-1, C), dtype=acc)   # (C,)
-    db = dout.reshape(-1, C).sum(axis=0, dtype=acc)                     # (C,)
+    dw = column_dot(dout, xhat)                                         # (C,)
+    db = upcast(dout).reshape(-1, C).sum(axis=0)                        # (C,)
     g = dout * w                                                        # (B, T, C)
     gx = xp.einsum("...c,...c->...", g, xhat)[..., None] / C          # mean(g * xhat), (B, T, 1)
-    g -= g.mean(axis=-1, keepdims=True)
-    g -= xhat * gx
-    g *= rstd                                                           # g is now dx
-    return g, dw, db
+    dx = (g - g.mean(axis=-1, keepdims=True) - xhat * gx) * rstd        # (B, T, C)
+    return dx, dw, db
 
 
 def norm_forward(x, params, prefix, cfg):
@@ -288,7 +278,8 @@ def norm_forward(x, params, prefix, cfg):
 
 
 def norm_backward(dout, cache, grads, prefix, cfg):
-    """Backward of norm_forward: writes the weight (and bias) gradients into `grads`, returns dx."""
+    """Backward of norm_forward: returns dx. Not (dout, cache) alone: it writes the weight (and bias)
+    gradients into `grads` under the parameter names, so the block needs no norm-specific code."""
     if cfg.norm == "rmsnorm":
         dx, grads[prefix + ".weight"] = rmsnorm_backward(dout, cache)
     else:
@@ -318,9 +309,26 @@ def matmul_backward(dout, cache):
     return dx, dW
 
 
+# Heads. Attention runs nh independent heads of size hs side by side in the C columns: head h owns
+# columns h*hs .. (h+1)*hs - 1.
+def split_heads(u, n_head):
+    """(B, T, C) -> (B, nh, T, hs): reshape the last axis to (nh, hs), then put heads before time.
+    A strided view, no copy."""
+    B, T, C = u.shape
+    return u.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)    # (B, nh, T, hs)
+
+
+def merge_heads(y):
+    """(B, nh, T, hs) -> (B, T, C): the inverse of split_heads (a copy, as the result is contiguous)."""
+    B, nh, T, hs = y.shape
+    return y.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)              # (B, T, nh, hs) -> (B, T, C)
+
+
 # RoPE, half-split convention (Hugging Face Llama): u' = u * cos + rotate_half(u) * sin, where
 # rotate_half(u) = concat(-u2, u1) for the halves u1, u2 of the head dimension, and the angles of
-# position p are p * theta^(-2j/hs) for j < hs/2, repeated twice along the last axis.
+# position p are p * theta^(-2j/hs) for j < hs/2, repeated twice along the last axis. Pair (u1[j],
+# u2[j]) is rotated by the angle p * inv_freq[j]: q'.k' then depends on the positions only through
+# their difference.
 def rope_tables(positions, hs, theta, dtype):
     """cos and sin of shape (T, hs) for the given positions (host math in float64, then cast)."""
     inv_freq = theta ** (-np.arange(0, hs, 2, dtype=np.float64) / hs)   # (hs/2,)
@@ -329,48 +337,33 @@ def rope_tables(positions, hs, theta, dtype):
     return to_device(np.cos(angle).astype(dtype)), to_device(np.sin(angle).astype(dtype))
 
 
-def rope_wide(cos, sin, n):
-    """The (T, hs) tables widened to (T, n*hs) for n heads side by side on the last axis, with the
-    sign of rotate_half moved into sin: rotate_half(u) * sin = swap_halves(u) * [-sin1, sin2]."""
-    h = cos.shape[-1] // 2
-    sin = sin.copy()
-    sin[:, :h] *= -1                                                    # (T, hs)
-    return xp.tile(cos, n), xp.tile(sin, n)                             # 2 x (T, n*hs)
-
-
-def swap_halves(u, hs):
-    """concat(u2, u1) within every head of size hs on the last axis (a copy)."""
-    heads = u.reshape(*u.shape[:-1], u.shape[-1] // hs, 2, hs // 2)       # (..., n, 2, hs/2)
-    return heads[..., ::-1, :].reshape(u.shape)
-
-
-def rope_forward(u, cos, sin):
-    # u (..., T, n*hs): one head, or several side by side on the last axis (attention rotates q and
-    # k of every head in one call); cos, sin (T, hs). Four passes over u's size, with long inner loops.
-    hs = cos.shape[-1]
-    cos_w, sin_w = rope_wide(cos, sin, u.shape[-1] // hs)
-    out = u * cos_w
-    rot = swap_halves(u, hs)
-    rot *= sin_w                                                        # rotate_half(u) * sin
-    out += rot
+def rotate_half(u):
+    """concat(-u2, u1) of the halves u1, u2 of the last axis: (..., hs) -> (..., hs)."""
+    h = u.shape[-1] // 2
+    out = xp.empty_like(u)
+    out[..., :h] = -u[..., h:]                          # -u2
+    out[..., h:] = u[..., :h]                           # u1
     return out
 
 
-def rope_backward(dout, cos, sin, out=None):
-    # forward: u' = u * cos + R(u) * sin with R(u) = concat(-u2, u1), a linear map whose transpose is
-    # R^T(d) = concat(d2, -d1) = -R(d). So du = dout * cos - R(dout * sin) = dout * cos - R(dout) * sin.
-    # `out` (may be dout itself) receives du.
-    hs = cos.shape[-1]
-    cos_w, sin_w = rope_wide(cos, sin, dout.shape[-1] // hs)
-    rot = swap_halves(dout, hs)                                         # before out overwrites dout
-    rot *= sin_w                                                        # R(dout) * sin
-    du = xp.multiply(dout, cos_w, out=out)
-    du -= rot
-    return du
+def rope_forward(u, cos, sin):
+    # u (B, nh, T, hs), cos and sin (T, hs) broadcast over batch and heads. Returns u' only: rope
+    # keeps no activations, its backward needs just the tables.
+    return u * cos + rotate_half(u) * sin                               # (B, nh, T, hs)
 
 
-# Softmax over the last axis, in place. subtle: subtracting the row max first keeps exp() from
-# overflowing; it cancels in the ratio.
+def rope_backward(dout, cos, sin):
+    # Takes the tables rather than a cache: they are all the forward would have cached.
+    # forward: u' = u * cos + R(u) * sin, R = rotate_half, a linear map: R(u) = P u with the matrix
+    # P = [[0, -I], [I, 0]]. So du = dout * cos + P^T (dout * sin), and P^T = [[0, I], [-I, 0]] = -P:
+    # du = dout * cos - R(dout * sin) = dout * cos - R(dout) * sin, since sin is the same in both
+    # halves. That is rope with -sin: the rotation by the opposite angle, as the transpose of a
+    # rotation is its inverse.
+    return dout * cos - rotate_half(dout) * sin                         # (B, nh, T, hs)
+
+
+# Softmax over the last axis, in place (the caller's scores buffer becomes the probabilities).
+# subtle: subtracting the row max first keeps exp() from overflowing; it cancels in the ratio.
 def softmax_(a):
     a -= a.max(axis=-1, keepdims=True)
     xp.exp(a, out=a)
@@ -380,6 +373,7 @@ def softmax_(a):
 
 def softmax_backward_(dp, p, rowsum=None):
     # forward p = softmax(a): da = p * (dp - sum(dp * p)) along the row. Overwrites and returns dp.
+    # Takes (dp, p), not a cache: the output p is all the softmax saves.
     # rowsum: sum(dp * p) when the caller has a cheaper way to it (attention does).
     if rowsum is None:
         rowsum = xp.einsum("...j,...j->...", dp, p)[..., None]
@@ -408,6 +402,7 @@ def dropout_forward(x, keep, p):
 
 
 def dropout_backward(dout, keep, p):
+    # (dout, keep, p) rather than a cache: the mask and the rate are the whole cache.
     return dropout_forward(dout, keep, p)               # the same mask and scale, applied to dout
 
 
@@ -429,21 +424,16 @@ def attention_forward(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv
     B, T, C = x.shape
     hs = C // n_head
     qkv = matmul(x, Wqkv)                                            # (B, T, C) @ (C, 3C) -> (B, T, 3C)
-    # rotate q and k of every head in one call: their 2C columns sit side by side in each row of qkv.
-    # The 1/sqrt(hs) of the scores rides along in the tables: q and k each come out scaled by
-    # hs^(-1/4), so q k^T carries 1/sqrt(hs) without a pass of its own (rope is linear in cos, sin).
-    s = hs ** -0.25
-    cos, sin = cos * s, sin * s                                      # (T, hs)
-    qk = rope_forward(qkv[:, :, :2 * C], cos, sin)                   # (B, T, 2C)
-    # split into heads: (B, T, nh, hs) -> (B, nh, T, hs), strided views (no copies)
-    q, k = qk.reshape(B, T, 2, n_head, hs).transpose(2, 0, 3, 1, 4)
-    v = qkv[:, :, 2 * C:].reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
-    if kv is not None:                                               # generation: append to the cache (k scaled too)
-        K, Vc = kv
-        K[:, :, pos:pos + T] = k
-        Vc[:, :, pos:pos + T] = v
-        k, v = K[:, :, :pos + T], Vc[:, :, :pos + T]
-    att = q @ k.transpose(0, 1, 3, 2)                                # (B, nh, T, hs) @ (.., hs, Tk) -> (B, nh, T, Tk)
+    q, k, v = xp.split(qkv, 3, axis=-1)                              # 3 x (B, T, C)
+    # split heads: (B, T, C) -> (B, T, nh, hs) -> (B, nh, T, hs)
+    q, k, v = split_heads(q, n_head), split_heads(k, n_head), split_heads(v, n_head)
+    q, k = rope_forward(q, cos, sin), rope_forward(k, cos, sin)      # rotate by position, (B, nh, T, hs)
+    if kv is not None:                                               # generation: append to the cache
+        K, V = kv
+        K[:, :, pos:pos + T], V[:, :, pos:pos + T] = k, v
+        k, v = K[:, :, :pos + T], V[:, :, :pos + T]                  # (B, nh, Tk, hs), Tk = pos + T
+    # scores: each query against each key, scaled so their variance does not grow with hs
+    att = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hs)                # (B, nh, T, hs) @ (B, nh, hs, Tk) -> (B, nh, T, Tk)
     # subtle: the causal mask is added before the softmax, so masked scores become exp(-inf) = 0.
     # Scores are softmaxed in float32 or wider even when the inputs are half precision.
     att = upcast(att)
@@ -451,9 +441,8 @@ def attention_forward(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv
     softmax_(att)
     keep = dropout_mask(att.shape, p_drop, key)
     att_d = dropout_forward(att, keep, p_drop).astype(x.dtype, copy=False)
-    # y = att_d @ v, written straight into the merged-heads layout: y[b, t, h*hs:(h+1)*hs] is head h
-    y = xp.empty((B, T, C), dtype=x.dtype)
-    xp.matmul(att_d, v, out=y.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3))   # (B, nh, T, Tk) @ (B, nh, Tk, hs)
+    y = att_d @ v                                                    # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs)
+    y = merge_heads(y)                                               # merge heads: (B, nh, T, hs) -> (B, T, C)
     out = matmul(y, Wproj)                                           # (B, T, C) @ (C, C) -> (B, T, C)
     return out, (x, Wqkv, Wproj, cos, sin, q, k, v, att, keep, att_d, y, p_drop)
 
@@ -461,34 +450,33 @@ def attention_forward(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv
 def attention_backward(dout, cache):
     x, Wqkv, Wproj, cos, sin, q, k, v, att, keep, att_d, y, p_drop = cache
     B, nh, T, hs = q.shape
-    C = nh * hs
     # forward: out = y @ Wproj
     dy, dWproj = matmul_backward(dout, (y, Wproj))                  # (B, T, C)
     # The softmax backward needs, per row i, sum_j datt_ij * att_ij. With datt = dropout'(dy @ v^T)
     # and y = att_d @ v, that sum is dy_i . y_i (head by head): a (B, T, C) product instead of a
     # (B, nh, T, T) one (the "D" of FlashAttention's backward).
     rowsum = xp.einsum("btnh,btnh->bnt", dy.reshape(B, T, nh, hs), y.reshape(B, T, nh, hs))[..., None]
-    dy = dy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)             # split heads -> (B, nh, T, hs)
-    # the q, k, v gradients go straight into one (B, T, 3C) array laid out as qkv, through
-    # (B, nh, T, hs) views of it
-    dqkv = xp.empty((B, T, 3, nh, hs), dtype=dout.dtype)
-    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)                       # 3 x (B, nh, T, hs)
+    dy = split_heads(dy, nh)                                         # (B, nh, T, hs)
     # forward: y = att_d @ v, so datt_d = dy @ v^T and dv = att_d^T @ dy.
-    # subtle: OpenBLAS multiplies small matrices (T = 64) about 1.5x slower when the right operand is a
-    # transposed view (dy @ v.T) than when it is stored row by row; a contiguous copy of v^T costs less
-    # (at T = 256 the two are about even).
+    # subtle: OpenBLAS multiplies small matrices (T = 64) about 1.3x slower when the right operand is a
+    # transposed view (dy @ v.T) than when it is stored row by row; a contiguous copy of v^T costs less.
     vT = xp.ascontiguousarray(v.transpose(0, 1, 3, 2))               # (B, nh, hs, T)
-    datt = dy @ vT                                                   # (B, nh, T, T)
-    xp.matmul(att_d.transpose(0, 1, 3, 2), dy, out=dv)               # (B, nh, T, hs)
+    datt = dy @ vT                                                   # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
+    dv = att_d.transpose(0, 1, 3, 2) @ dy                            # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
     datt = dropout_backward(datt, keep, p_drop)
     # forward: att = softmax(scores); masked entries have att = 0, so they get no gradient
-    dscores = softmax_backward_(datt, att, rowsum)
-    # forward: scores = q @ k^T (both already scaled), so dq = dscores @ k and dk = dscores^T @ q
-    xp.matmul(dscores, k, out=dq)                                    # (B, nh, T, hs)
-    xp.matmul(dscores.transpose(0, 1, 3, 2), q, out=dk)              # (B, nh, T, hs)
-    # undo rope (with the scaled tables of the forward) on the q and k columns, in place
-    dqkv = dqkv.reshape(B, T, 3 * C)
-    rope_backward(dqkv[:, :, :2 * C], cos, sin, out=dqkv[:, :, :2 * C])
+    dscores = softmax_backward_(datt, att, rowsum)                   # (B, nh, T, T)
+    # forward: scores = q @ k^T / sqrt(hs), so dq = dscores @ k / sqrt(hs), dk = dscores^T @ q / sqrt(hs)
+    dscores /= math.sqrt(hs)
+    dq = dscores @ k                                                 # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+    dk = dscores.transpose(0, 1, 3, 2) @ q                           # (B, nh, T, hs)
+    # forward: q, k = rope(q), rope(k)
+    dq, dk = rope_backward(dq, cos, sin), rope_backward(dk, cos, sin)
+    # forward: q, k, v = split(qkv), then split heads; so merge the heads of each into its third of dqkv
+    dqkv = xp.empty((B, T, 3, nh, hs), dtype=dq.dtype)              # (B, T, 3C) laid out as qkv
+    for j, d in enumerate((dq, dk, dv)):
+        dqkv[:, :, j] = d.transpose(0, 2, 1, 3)                      # merge heads: (B, nh, T, hs) -> (B, T, nh, hs)
+    dqkv = dqkv.reshape(B, T, 3 * nh * hs)
     dx, dWqkv = matmul_backward(dqkv, (x, Wqkv))
     return dx, dWqkv, dWproj
 
@@ -497,12 +485,9 @@ def attention_backward(dout, cache):
 def swiglu_forward(x, Wg, Wu, Wd, recompute=False):
     a = matmul(x, Wg)                                    # (B, T, C) @ (C, F) -> (B, T, F)
     b = matmul(x, Wu)                                    # (B, T, F)
-    sig = xp.negative(a)                                 # sigmoid(a) = 1 / (1 + exp(-a)), in place
-    xp.exp(sig, out=sig)
-    sig += 1.0
-    xp.divide(1.0, sig, out=sig)                         # (about 2x faster than NumPy's reciprocal)
+    sig = 1.0 / (1.0 + xp.exp(-a))                       # sigmoid(a), (B, T, F)
     silu = a                                             # a is not needed again: silu(a) overwrites it
-    silu *= sig
+    silu *= sig                                          # a * sigmoid(a)
     h = silu * b                                         # (B, T, F)
     # recompute (checkpointing): only the cache is wanted, so the down projection is skipped
     out = None if recompute else matmul(h, Wd)           # (B, T, F) @ (F, C) -> (B, T, C)
@@ -516,12 +501,9 @@ def swiglu_backward(dout, cache):
     # forward: h = silu(a) * b, so db = dh * silu(a) and da = dh * b * silu'(a), with
     # silu'(a) = sig + a * sig * (1 - sig) = sig + silu * (1 - sig)
     db = dh * silu
-    dsilu = 1.0 - sig
-    dsilu *= silu
-    dsilu += sig                                         # silu'(a)
-    da = dh                                              # dh is not needed again
+    da = dh                                              # dh is not needed again: da overwrites it
     da *= b
-    da *= dsilu
+    da *= sig + silu * (1.0 - sig)                       # silu'(a)
     # forward: a = x @ Wg and b = x @ Wu; both paths reach x
     dx, dWg = matmul_backward(da, (x, Wg))
     dx_b, dWu = matmul_backward(db, (x, Wu))
@@ -549,7 +531,8 @@ def cross_entropy_forward(logits, targets):
     return loss, (probs, t, valid, n, rows)
 
 
-def cross_entropy_backward(cache, dloss=1.0):
+def cross_entropy_backward(dloss, cache):
+    # dloss: the gradient arriving at the loss (1 for the loss itself, S under loss scaling).
     # Overwrites the cached probabilities: the cache is used once.
     probs, t, valid, n, rows = cache
     dlogits = probs
@@ -583,7 +566,8 @@ def block_forward(x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv=None, pos=
 
 
 def block_backward(dout, cache, grads, i, cfg):
-    """Reverse of block_forward: writes this block's gradients into `grads`, returns dx."""
+    """Reverse of block_forward: writes this block's gradients into `grads` under their parameter
+    names (hence grads, i and cfg beside (dout, cache)), returns dx."""
     c_n1, c_attn, keep_a, c_n2, c_ffn, keep_f, p_drop = cache
     p = f"blocks.{i}."
     # forward: out = x1 + dropout(ffn(norm2(x1))): the residual passes dout straight to x1
@@ -663,7 +647,8 @@ def model_forward(params, ids, cfg, train=False, seed=0):
 
 
 def model_backward(dlogits, cache, params, cfg):
-    """Reverse of model_forward for dlogits (B*T, V). Returns grads with params' keys and shapes."""
+    """Reverse of model_forward for dlogits (B*T, V). Returns grads with params' keys and shapes.
+    Takes params and cfg beside (dlogits, cache): the weights are read, not cached."""
     c_emb, blocks, c_nf, xf, cos, sin, p_drop, seed = cache
     grads = {}
     C = cfg.d_model
@@ -710,7 +695,7 @@ def loss_and_grads(params, ids, targets, cfg, seed=0):
     logits, cache = model_forward(params, ids, cfg, train=True, seed=seed)
     loss, c_ce = cross_entropy_forward(logits, to_device(targets))
     del logits                                                          # its buffer lives on in c_ce
-    dlogits = cross_entropy_backward(c_ce)
+    dlogits = cross_entropy_backward(1.0, c_ce)                         # d(loss) / d(loss) = 1
     return loss, model_backward(dlogits, cache, params, cfg)
 
 
@@ -724,34 +709,49 @@ def adamw_init(params):
             "v": {k: xp.zeros_like(p) for k, p in params.items()}}
 
 
-def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
-    """One in-place AdamW update of every parameter.
-
-    m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  m^ = m / (1 - b1^t);  v^ = v / (1 - b2^t)
-    p = p - lr * wd * p  (matrices only: norm weights and biases are not decayed)
-    p = p - lr * m^ / (sqrt(v^) + eps)
-    Every pass writes into m, v, p or one scratch array u: no temporaries. The bias corrections go
-    into the scalars: m^ / (sqrt(v^) + eps) = sqrt(bc2) / bc1 * m / (sqrt(v) + eps * sqrt(bc2)).
-    """
+def adamw_step_reference(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
+    """One in-place AdamW update of every parameter, in the textbook's lines (p, m and v change in
+    place, so the parameter and state dicts keep their arrays). The weight decay is decoupled: it is
+    not added to g, so Adam's scaling leaves it alone. Matrices only: norm weights and biases are not
+    decayed."""
     state["t"] += 1
     t = state["t"]
-    bc1 = 1.0 - beta1 ** t                               # bias corrections: m and v start at 0
+    for k, p in params.items():
+        g, m, v = grads[k], state["m"][k], state["v"][k]
+        m[...] = beta1 * m + (1 - beta1) * g             # first moment: running mean of g
+        v[...] = beta2 * v + (1 - beta2) * g * g         # second moment: running mean of g^2
+        mhat = m / (1 - beta1 ** t)                      # bias corrections: m and v start at 0
+        vhat = v / (1 - beta2 ** t)
+        update = mhat / (xp.sqrt(vhat) + eps)            # about +-1 per entry, whatever g's scale
+        if weight_decay and p.ndim >= 2:
+            update += weight_decay * p                   # decoupled weight decay, matrices only
+        p -= lr * update
+
+
+def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
+    """identical to adamw_step_reference except that every pass writes into m, v, p or one scratch
+    array u (no temporaries: about 1.5% of a cpu-small step), and that the bias corrections go into
+    the scalars: mhat / (sqrt(vhat) + eps) = sqrt(bc2) / bc1 * m / (sqrt(v) + eps * sqrt(bc2)), and
+    p - lr * (update + wd * p) is taken as p * (1 - lr * wd) - lr * update. Training calls this one."""
+    state["t"] += 1
+    t = state["t"]
+    bc1 = 1.0 - beta1 ** t                               # bias corrections
     bc2 = 1.0 - beta2 ** t
     for k, p in params.items():
         g, m, v = grads[k], state["m"][k], state["v"][k]
         u = xp.multiply(g, 1.0 - beta1)                  # the scratch array
         m *= beta1
-        m += u                                           # first moment: running mean of g
+        m += u                                           # first moment
         xp.multiply(g, g, out=u)
         u *= 1.0 - beta2
         v *= beta2
-        v += u                                           # second moment: running mean of g^2
+        v += u                                           # second moment
         if weight_decay and p.ndim >= 2:
             p *= 1.0 - lr * weight_decay                 # decoupled decay, before the Adam step
         xp.sqrt(v, out=u)
-        u += eps * math.sqrt(bc2)                        # (sqrt(v^) + eps) * sqrt(bc2)
+        u += eps * math.sqrt(bc2)                        # (sqrt(vhat) + eps) * sqrt(bc2)
         xp.divide(m, u, out=u)
-        u *= lr * math.sqrt(bc2) / bc1                   # lr * m^ / (sqrt(v^) + eps)
+        u *= lr * math.sqrt(bc2) / bc1                   # lr * mhat / (sqrt(vhat) + eps)
         p -= u
 
 
@@ -819,7 +819,7 @@ def loss_and_grads_mixed(params, ids, targets, cfg, scale, seed=0, dtype=np.floa
         logits, cache = model_forward(half, ids, cfg, train=True, seed=seed)
         loss, c_ce = cross_entropy_forward(upcast(logits), to_device(targets))   # softmax in float32
         del logits
-        dlogits = cross_entropy_backward(c_ce, dloss=scale).astype(dtype)       # d(S * loss), (N, V)
+        dlogits = cross_entropy_backward(scale, c_ce).astype(dtype)             # d(S * loss), (N, V)
         grads = model_backward(dlogits, cache, half, cfg)
         for k, g in grads.items():
             grads[k] = g.astype(params[k].dtype, copy=False)                    # up to float32
@@ -832,8 +832,8 @@ def loss_and_grads_mixed(params, ids, targets, cfg, scale, seed=0, dtype=np.floa
 # ----------------------------------------------------------------------------------------------------
 # Generation with a KV cache: each layer keeps the keys and the values of every position so far, so a
 # new token costs one position's work instead of a full forward of the whole context.
-# subtle: the cached keys are rope(k) * hs^-1/4, as attention_forward makes them (the 1/sqrt(hs) of the
-# scores is split between q and k), not the rope(k) of Hugging Face's past_key_values.
+# The cached keys are rope(k), unscaled (the 1/sqrt(hs) is applied to the scores), as in Hugging
+# Face's past_key_values; the values are v as computed.
 
 def kv_cache_init(cfg, dtype, batch=1):
     """Per layer, (K, V) arrays of shape (batch, nh, max_seq_len, hs), filled by forward_cached."""

@@ -1,18 +1,92 @@
 # Puts the repository root on sys.path, so tests import gpt_numpy, bpe, train... as a user would.
+# Then the helpers the model tests share (`from conftest import ...`): tiny configs, the relative error,
+# central differences in float64, and the `backend` fixture that runs a test on NumPy and on CuPy.
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"      # real text, never committed; tests skip without it
 
+import gpt_numpy  # noqa: E402  (after the path above)
+
+
+# ----------------------------------------------------------------------------------------------------
+# configs
+
+def tiny_cfg(**kw):
+    """2 layers, 2 heads of size 4, vocab 11, context 7: every entry's gradient checks in seconds."""
+    base = dict(vocab_size=11, n_layer=2, n_head=2, d_model=8, d_ff=12, max_seq_len=7)
+    base.update(kw)
+    return gpt_numpy.GPTConfig(**base)
+
+
+def small_cfg(**kw):
+    """4 heads of size 8, context 16: big enough for float32 and cross-backend agreement."""
+    base = dict(vocab_size=37, n_layer=2, n_head=4, d_model=32, d_ff=72, max_seq_len=16)
+    base.update(kw)
+    return gpt_numpy.GPTConfig(**base)
+
+
+# ----------------------------------------------------------------------------------------------------
+# errors and finite differences
+
+def rel_err(a, b):
+    """max |a - b| / max(|a|, |b|): relative to the tensor's scale, so tiny entries don't divide by ~0.
+    Host or device arrays."""
+    a, b = (np.asarray(gpt_numpy.to_host(x) if hasattr(x, "shape") else x, np.float64) for x in (a, b))
+    scale = max(np.abs(b).max(), np.abs(a).max(), 1e-12)
+    return float(np.abs(a - b).max() / scale)
+
+
+def numeric_grad(f, x, h=1e-6, idx=None):
+    """Central differences (f(x+h) - f(x-h)) / 2h of the scalar f() w.r.t. the entries of x, which is
+    changed in place and restored (a float64 NumPy or CuPy array). idx: the flat indices to check
+    (default: all); the others stay 0. Returns a host array shaped like x."""
+    flat = x.reshape(-1)
+    idx = range(flat.size) if idx is None else idx
+    g = np.zeros(flat.size)
+    for i in idx:
+        old = float(flat[i])
+        flat[i] = old + h
+        fp = float(f())
+        flat[i] = old - h
+        fm = float(f())
+        flat[i] = old
+        g[i] = (fp - fm) / (2 * h)
+    return g.reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# backends: the same test on NumPy and, where there is CuPy and a GPU, on CuPy
+
+def gpu_available():
+    try:
+        import cupy
+        return bool(cupy.cuda.is_available())
+    except Exception:
+        return False
+
+
+@pytest.fixture(params=["numpy", "cupy"])
+def backend(request):
+    """The model module of a backend: gpt_numpy, or gpt_cupy (the same file on the GPU, with its
+    reference functions, not the fused kernels). The cupy case skips without CuPy or a GPU."""
+    if request.param == "numpy":
+        return gpt_numpy
+    if not gpu_available():
+        pytest.skip("cupy backend: needs CuPy and an NVIDIA GPU")
+    import gpt_cupy
+    gpt_cupy.use_fused_kernels(False)
+    return gpt_cupy
+
 
 # ----------------------------------------------------------------------------------------------------
 # Pipeline helpers (train.py, data.py, checkpoint.py, sample.py, export.py): tiny corpora, tiny runs,
 # and one tiny trained run per session. Everything stays in pytest's temporary folders.
-
-import numpy as np        # noqa: E402
-import pytest             # noqa: E402
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
          "every jovial programmer who writes numpy code").split()

@@ -1,5 +1,6 @@
 """Tests for gpt_numpy.py: every backward against central finite differences in float64, the whole
-model, gradient checkpointing, the KV cache, AdamW, learning, and bad input."""
+model, gradient checkpointing, the KV cache, AdamW, learning, and bad input. Most tests take the
+`backend` fixture (conftest.py) and run twice: on NumPy, and on CuPy where there is a GPU."""
 
 import math
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 import gpt_numpy as gn
+from conftest import numeric_grad, rel_err, small_cfg, tiny_cfg
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -15,207 +17,234 @@ TOL = 1e-6          # largest relative error a float64 gradient check may show
 MAX_SEEN = {}       # largest relative error per check, printed at the end (pytest -s)
 
 
-def rel_error(analytic, numeric):
-    """max |a - n| / max(|n|): relative to the gradient's scale, so tiny entries don't divide by ~0."""
-    a, n = np.asarray(analytic, np.float64), np.asarray(numeric, np.float64)
-    scale = max(np.abs(n).max(), np.abs(a).max(), 1e-12)
-    return float(np.abs(a - n).max() / scale)
-
-
 def record(name, err):
     MAX_SEEN[name] = max(MAX_SEEN.get(name, 0.0), err)
     return err
-
-
-def numeric_grad(f, x, h=1e-6, idx=None):
-    """Central differences (f(x+h) - f(x-h)) / 2h of scalar f() w.r.t. the entries of x (in place).
-    idx: the flat indices to check (default: all)."""
-    flat = x.reshape(-1)
-    idx = range(flat.size) if idx is None else idx
-    g = np.zeros(flat.size)
-    for i in idx:
-        old = flat[i]
-        flat[i] = old + h
-        fp = f()
-        flat[i] = old - h
-        fm = f()
-        flat[i] = old
-        g[i] = (fp - fm) / (2 * h)
-    return g.reshape(x.shape)
 
 
 def rng():
     return np.random.default_rng(1234)
 
 
-def check_layer(name, fwd, bwd, inputs, out_shape_from=None):
+def normal(gm, *shape, scale=1.0, seed=1234):
+    """A float64 standard-normal array on gm's backend."""
+    return gm.to_device(scale * np.random.default_rng(seed).standard_normal(shape))
+
+
+def check_layer(gm, name, fwd, bwd, inputs):
     """fwd(*inputs) -> (out, cache); bwd(dout, cache) -> grads for each input (tuple or single).
-    The scalar is sum(out * dout) with a random dout."""
-    out, _ = fwd(*inputs)
-    dout = rng().standard_normal(out.shape)
-    _, cache = fwd(*inputs)
+    The scalar is sum(out * dout) with a random dout (llm.c's per-layer check)."""
+    out, cache = fwd(*inputs)
+    dout = gm.to_device(rng().standard_normal(out.shape))
     grads = bwd(dout.copy(), cache)
     if not isinstance(grads, tuple):
         grads = (grads,)
     for k, (x, g) in enumerate(zip(inputs, grads)):
         num = numeric_grad(lambda: float((fwd(*inputs)[0] * dout).sum()), x)
-        err = record(name, rel_error(g, num))
+        err = record(name, rel_err(g, num))
         assert err < TOL, f"{name}: input {k} relative error {err:.2e}"
+
+
+def cache_arrays(cache):
+    """Every array (NumPy or CuPy) reachable from a model_forward cache."""
+    out, stack = [], [cache]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif hasattr(o, "dtype") and hasattr(o, "shape") and o.ndim > 0:
+            out.append(o)
+    return out
+
+
+def host(gm, d):
+    """{name: host array} of a dict of backend arrays."""
+    return {k: gm.to_host(v) for k, v in d.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
 # each layer's backward on its own
 
-def test_embedding_backward_accumulates_repeated_ids():
+def test_embedding_backward_accumulates_repeated_ids(backend):
+    gm = backend
+    W = normal(gm, 7, 5)
+    ids = gm.to_device(np.array([[1, 3, 1], [6, 1, 3]]))   # ids repeat: gradients must add up
+    out, cache = gm.embedding_forward(ids, W)
+    dout = normal(gm, *out.shape, seed=5)
+    for bwd in (gm.embedding_backward_reference, gm.embedding_backward):
+        dW = bwd(dout, cache)
+        num = numeric_grad(lambda: float((gm.embedding_forward(ids, W)[0] * dout).sum()), W)
+        assert record("embedding", rel_err(dW, num)) < TOL
+        d = gm.to_host(dout)
+        np.testing.assert_allclose(gm.to_host(dW)[1], d[0, 0] + d[0, 2] + d[1, 1])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_fast_embedding_backward_equals_reference(backend, dtype):
+    # the flat add.at of embedding_backward against the textbook add.at on rows
+    gm = backend
     r = rng()
-    W = r.standard_normal((7, 5))
-    ids = np.array([[1, 3, 1], [6, 1, 3]])              # ids repeat: gradients must add up
-    out, cache = gn.embedding_forward(ids, W)
-    dout = r.standard_normal(out.shape)
-    dW = gn.embedding_backward(dout, cache)
-    num = numeric_grad(lambda: float((gn.embedding_forward(ids, W)[0] * dout).sum()), W)
-    assert record("embedding", rel_error(dW, num)) < TOL
-    np.testing.assert_allclose(dW[1], dout[0, 0] + dout[0, 2] + dout[1, 1])
+    ids = gm.to_device(r.integers(0, 13, (4, 9)))
+    dout = gm.to_device(r.standard_normal((4, 9, 6)).astype(dtype))
+    cache = (ids, (13, 6))
+    a, b = gm.embedding_backward(dout, cache), gm.embedding_backward_reference(dout, cache)
+    assert a.dtype == b.dtype == np.promote_types(dtype, np.float32)
+    np.testing.assert_allclose(gm.to_host(a), gm.to_host(b), rtol=1e-6, atol=1e-6)
 
 
-def test_rmsnorm_backward():
-    r = rng()
-    x, w = r.standard_normal((2, 3, 6)), r.standard_normal(6)
-    check_layer("rmsnorm", lambda x, w: gn.rmsnorm_forward(x, w, 1e-5), gn.rmsnorm_backward, [x, w])
+def test_rmsnorm_backward(backend):
+    gm = backend
+    x, w = normal(gm, 2, 3, 6), normal(gm, 6, seed=2)
+    check_layer(gm, "rmsnorm", lambda x, w: gm.rmsnorm_forward(x, w, 1e-5), gm.rmsnorm_backward, [x, w])
 
 
-def test_layernorm_backward():
-    r = rng()
-    x, w, b = r.standard_normal((2, 3, 6)), r.standard_normal(6), r.standard_normal(6)
-    check_layer("layernorm", lambda x, w, b: gn.layernorm_forward(x, w, b, 1e-5), gn.layernorm_backward,
+def test_layernorm_backward(backend):
+    gm = backend
+    x, w, b = normal(gm, 2, 3, 6), normal(gm, 6, seed=2), normal(gm, 6, seed=3)
+    check_layer(gm, "layernorm", lambda x, w, b: gm.layernorm_forward(x, w, b, 1e-5), gm.layernorm_backward,
                 [x, w, b])
 
 
-def test_matmul_backward():
-    r = rng()
-    x, W = r.standard_normal((2, 3, 4)), r.standard_normal((4, 5))
-    check_layer("matmul", gn.matmul_forward, gn.matmul_backward, [x, W])
+def test_matmul_backward(backend):
+    gm = backend
+    x, W = normal(gm, 2, 3, 4), normal(gm, 4, 5, seed=2)
+    check_layer(gm, "matmul", gm.matmul_forward, gm.matmul_backward, [x, W])
 
 
-def test_rope_backward_and_convention():
-    r = rng()
+def test_split_and_merge_heads(backend):
+    gm = backend
+    B, T, nh, hs = 2, 3, 4, 6
+    u = gm.to_device(np.arange(B * T * nh * hs, dtype=np.float64).reshape(B, T, nh * hs))
+    heads = gm.split_heads(u, nh)
+    assert heads.shape == (B, nh, T, hs)
+    h = gm.to_host(heads)
+    np.testing.assert_array_equal(h[1, 2, 0], gm.to_host(u)[1, 0, 2 * hs:3 * hs])   # head 2 = its columns
+    np.testing.assert_array_equal(gm.to_host(gm.merge_heads(heads)), gm.to_host(u))
+
+
+def test_rope_backward_and_convention(backend):
+    gm = backend
     T, hs = 5, 8
-    cos, sin = gn.rope_tables(np.arange(T), hs, 10000.0, np.float64)
-    u = r.standard_normal((2, 3, T, hs))
-    check_layer("rope", lambda u: (gn.rope_forward(u, cos, sin), None),
-                lambda d, _: gn.rope_backward(d, cos, sin), [u])
+    cos, sin = gm.rope_tables(np.arange(T), hs, 10000.0, np.float64)
+    u = normal(gm, 2, 3, T, hs)
+    check_layer(gm, "rope", lambda u: (gm.rope_forward(u, cos, sin), None),
+                lambda d, _: gm.rope_backward(d, cos, sin), [u])
     # the half-split convention of SPEC.md, written out the long way
+    uh = gm.to_host(u)
     inv = 10000.0 ** (-np.arange(0, hs, 2) / hs)
     ang = np.arange(T)[:, None] * inv
     c, s = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
-    rot = np.concatenate([-u[..., hs // 2:], u[..., :hs // 2]], -1)
-    np.testing.assert_allclose(gn.rope_forward(u, cos, sin), u * c + rot * s, rtol=1e-12, atol=1e-12)
+    rot = np.concatenate([-uh[..., hs // 2:], uh[..., :hs // 2]], -1)
+    np.testing.assert_array_equal(gm.to_host(gm.rotate_half(u)), rot)
+    np.testing.assert_allclose(gm.to_host(gm.rope_forward(u, cos, sin)), uh * c + rot * s, rtol=1e-12, atol=1e-12)
+    # its backward is the rotation by the opposite angle: the inverse
+    np.testing.assert_allclose(gm.to_host(gm.rope_backward(gm.rope_forward(u, cos, sin), cos, sin)), uh,
+                               rtol=1e-12, atol=1e-12)
 
 
-def test_rope_on_heads_side_by_side():
-    # attention rotates q and k of every head in one call, on a (B, T, n*hs) array: the same as
-    # rotating each head on its own, and its backward passes the gradient check too
-    r = rng()
-    B, T, n, hs = 2, 5, 3, 8
-    cos, sin = gn.rope_tables(np.arange(T), hs, 10000.0, np.float64)
-    u = r.standard_normal((B, T, n * hs))
-    out = gn.rope_forward(u, cos, sin)
-    for j in range(n):
-        np.testing.assert_allclose(out[..., j * hs:(j + 1) * hs], gn.rope_forward(u[..., j * hs:(j + 1) * hs], cos, sin),
-                                   rtol=1e-14, atol=1e-14)
-    check_layer("rope", lambda u: (gn.rope_forward(u, cos, sin), None),
-                lambda d, _: gn.rope_backward(d, cos, sin), [u])
-    d = r.standard_normal(u.shape)
-    expect = gn.rope_backward(d, cos, sin)
-    gn.rope_backward(d, cos, sin, out=d)                # in place, as attention_backward does
-    np.testing.assert_array_equal(d, expect)
-
-
-def test_softmax_backward():
-    r = rng()
-    a = r.standard_normal((2, 4, 5))
+def test_softmax_backward(backend):
+    gm = backend
 
     def fwd(a):
-        p = gn.softmax_(a.copy())
+        p = gm.softmax_(a.copy())
         return p, p
 
-    check_layer("softmax", fwd, lambda d, p: gn.softmax_backward_(d, p), [a])
+    check_layer(gm, "softmax", fwd, lambda d, p: gm.softmax_backward_(d, p), [normal(gm, 2, 4, 5)])
 
 
-def test_softmax_backward_with_given_rowsum():
-    r = rng()
-    p = gn.softmax_(r.standard_normal((2, 3, 4, 6)))
-    dp = r.standard_normal(p.shape)
+def test_softmax_backward_with_given_rowsum(backend):
+    # the fast form attention uses (the row sum handed in) equals the plain one
+    gm = backend
+    p = gm.softmax_(normal(gm, 2, 3, 4, 6))
+    dp = normal(gm, *p.shape, seed=2)
     rowsum = (dp * p).sum(-1, keepdims=True)
-    np.testing.assert_allclose(gn.softmax_backward_(dp.copy(), p, rowsum), gn.softmax_backward_(dp.copy(), p),
-                               rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(gm.to_host(gm.softmax_backward_(dp.copy(), p, rowsum)),
+                               gm.to_host(gm.softmax_backward_(dp.copy(), p)), rtol=1e-12, atol=1e-14)
 
 
-def test_dropout_backward():
-    r = rng()
-    x = r.standard_normal((3, 4, 5))
-    keep = gn.dropout_mask(x.shape, 0.3, (7, 0, 1))
-    assert keep.dtype == bool and 0 < keep.mean() < 1
-    check_layer("dropout", lambda x: (gn.dropout_forward(x, keep, 0.3), None),
-                lambda d, _: gn.dropout_backward(d, keep, 0.3), [x])
+def test_dropout_backward(backend):
+    gm = backend
+    x = normal(gm, 3, 4, 5)
+    keep = gm.dropout_mask(x.shape, 0.3, (7, 0, 1))
+    assert keep.dtype == bool and 0 < float(keep.mean()) < 1
+    check_layer(gm, "dropout", lambda x: (gm.dropout_forward(x, keep, 0.3), None),
+                lambda d, _: gm.dropout_backward(d, keep, 0.3), [x])
 
 
 @pytest.mark.parametrize("p_drop", [0.0, 0.25])
-def test_attention_backward(p_drop):
-    r = rng()
+def test_attention_backward(backend, p_drop):
+    gm = backend
     B, T, C, nh = 2, 5, 8, 2
-    cos, sin = gn.rope_tables(np.arange(T), C // nh, 10000.0, np.float64)
-    x = r.standard_normal((B, T, C))
-    Wqkv, Wproj = 0.5 * r.standard_normal((C, 3 * C)), 0.5 * r.standard_normal((C, C))
-    fwd = lambda x, Wqkv, Wproj: gn.attention_forward(x, Wqkv, Wproj, cos, sin, nh, p_drop, (3, 1, 0))
-    check_layer(f"attention", fwd, gn.attention_backward, [x, Wqkv, Wproj])
+    cos, sin = gm.rope_tables(np.arange(T), C // nh, 10000.0, np.float64)
+    x = normal(gm, B, T, C)
+    Wqkv, Wproj = normal(gm, C, 3 * C, scale=0.5, seed=2), normal(gm, C, C, scale=0.5, seed=3)
+    fwd = lambda x, Wqkv, Wproj: gm.attention_forward(x, Wqkv, Wproj, cos, sin, nh, p_drop, (3, 1, 0))
+    check_layer(gm, "attention", fwd, gm.attention_backward, [x, Wqkv, Wproj])
 
 
-def test_attention_is_causal():
-    r = rng()
+def test_attention_is_textbook(backend):
+    # softmax(q k^T / sqrt(hs) + mask) v per head, from q, k, v = split(x @ Wqkv) and RoPE, written
+    # out with loops over heads
+    gm = backend
+    B, T, C, nh = 2, 6, 12, 3
+    hs = C // nh
+    cos, sin = gm.rope_tables(np.arange(T), hs, 10000.0, np.float64)
+    x, Wqkv, Wproj = normal(gm, B, T, C), normal(gm, C, 3 * C, seed=2), normal(gm, C, C, seed=3)
+    out, cache = gm.attention_forward(x, Wqkv, Wproj, cos, sin, nh)
+    xh, Wq, Wp, c, s = (gm.to_host(a) for a in (x, Wqkv, Wproj, cos, sin))
+    qkv = xh @ Wq
+    y = np.zeros((B, T, C))
+    rot = lambda u: u * c + np.concatenate([-u[..., hs // 2:], u[..., :hs // 2]], -1) * s
+    for h in range(nh):
+        cols = slice(h * hs, (h + 1) * hs)
+        q, k, v = qkv[..., cols], qkv[..., C:][..., cols], qkv[..., 2 * C:][..., cols]
+        scores = rot(q) @ rot(k).transpose(0, 2, 1) / math.sqrt(hs) + np.triu(np.full((T, T), -np.inf), 1)
+        att = np.exp(scores - scores.max(-1, keepdims=True))
+        y[..., cols] = att / att.sum(-1, keepdims=True) @ v
+    np.testing.assert_allclose(gm.to_host(out), y @ Wp, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_is_causal(backend):
+    gm = backend
     B, T, C, nh = 1, 6, 8, 2
-    cos, sin = gn.rope_tables(np.arange(T), C // nh, 10000.0, np.float64)
-    x = r.standard_normal((B, T, C))
-    Wqkv, Wproj = r.standard_normal((C, 3 * C)), r.standard_normal((C, C))
-    out1 = gn.attention_forward(x, Wqkv, Wproj, cos, sin, nh)[0]
+    cos, sin = gm.rope_tables(np.arange(T), C // nh, 10000.0, np.float64)
+    x = rng().standard_normal((B, T, C))
+    Wqkv, Wproj = normal(gm, C, 3 * C, seed=2), normal(gm, C, C, seed=3)
+    out1 = gm.to_host(gm.attention_forward(gm.to_device(x), Wqkv, Wproj, cos, sin, nh)[0])
     x2 = x.copy()
-    x2[:, 4:] = r.standard_normal((B, 2, C))           # change the future: the past must not move
-    out2 = gn.attention_forward(x2, Wqkv, Wproj, cos, sin, nh)[0]
+    x2[:, 4:] = rng().standard_normal((B, 2, C))      # change the future: the past must not move
+    out2 = gm.to_host(gm.attention_forward(gm.to_device(x2), Wqkv, Wproj, cos, sin, nh)[0])
     np.testing.assert_array_equal(out1[:, :4], out2[:, :4])
     assert not np.allclose(out1[:, 4:], out2[:, 4:])
 
 
-def test_swiglu_backward():
-    r = rng()
-    x = r.standard_normal((2, 3, 4))
-    Wg, Wu, Wd = r.standard_normal((4, 6)), r.standard_normal((4, 6)), r.standard_normal((6, 4))
-    check_layer("swiglu", gn.swiglu_forward, gn.swiglu_backward, [x, Wg, Wu, Wd])
+def test_swiglu_backward(backend):
+    gm = backend
+    x = normal(gm, 2, 3, 4)
+    Wg, Wu, Wd = normal(gm, 4, 6, seed=2), normal(gm, 4, 6, seed=3), normal(gm, 6, 4, seed=4)
+    check_layer(gm, "swiglu", gm.swiglu_forward, gm.swiglu_backward, [x, Wg, Wu, Wd])
 
 
-def test_cross_entropy_backward_with_ignored_targets():
-    r = rng()
-    logits = r.standard_normal((2, 4, 7))
+def test_cross_entropy_backward_with_ignored_targets(backend):
+    gm = backend
+    logits = normal(gm, 2, 4, 7)
     targets = np.array([[1, -1, 6, 0], [-1, 3, 3, 2]])
-    loss, cache = gn.cross_entropy_forward(logits, targets)
-    dlogits = gn.cross_entropy_backward(cache).reshape(logits.shape)
-    num = numeric_grad(lambda: gn.cross_entropy_forward(logits, targets)[0], logits)
-    assert record("cross_entropy", rel_error(dlogits, num)) < TOL
+    t = gm.to_device(targets)
+    loss, cache = gm.cross_entropy_forward(logits, t)
+    dlogits = gm.to_host(gm.cross_entropy_backward(1.0, cache)).reshape(logits.shape)
+    num = numeric_grad(lambda: gm.cross_entropy_forward(logits, t)[0], logits)
+    assert record("cross_entropy", rel_err(dlogits, num)) < TOL
     assert np.all(dlogits[0, 1] == 0) and np.all(dlogits[1, 0] == 0)
     # the formula, directly
-    lse = np.log(np.exp(logits).sum(-1))
+    lh = gm.to_host(logits)
+    lse = np.log(np.exp(lh).sum(-1))
     valid = targets >= 0
-    picked = np.take_along_axis(logits, np.where(valid, targets, 0)[..., None], -1)[..., 0]
+    picked = np.take_along_axis(lh, np.where(valid, targets, 0)[..., None], -1)[..., 0]
     assert loss == pytest.approx(((lse - picked) * valid).sum() / valid.sum(), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------
 # the whole model in float64
-
-def tiny_cfg(**kw):
-    base = dict(vocab_size=11, n_layer=2, n_head=2, d_model=8, d_ff=12, max_seq_len=7)
-    base.update(kw)
-    return gn.GPTConfig(**base)
-
 
 def batch(cfg, B=2, T=5, seed=0, ignore=True):
     r = np.random.default_rng(seed)
@@ -228,7 +257,7 @@ def batch(cfg, B=2, T=5, seed=0, ignore=True):
 
 
 def perturb(params, seed=5):
-    """Random norm weights and biases, so their gradients are not trivially symmetric."""
+    """Random norm weights and biases (host arrays), so their gradients are not trivially symmetric."""
     r = np.random.default_rng(seed)
     for k, p in params.items():
         if p.ndim == 1:
@@ -236,16 +265,23 @@ def perturb(params, seed=5):
     return params
 
 
+def scaled_params(gm, cfg, seed, mult, dtype=np.float64):
+    """init_params with the matrices multiplied by `mult` (larger weights than the 0.02 init, so every
+    path carries signal worth checking) and perturbed norms."""
+    params = gn.init_params(cfg, seed=seed, dtype=dtype)
+    for p in params.values():
+        if p.ndim == 2:
+            p *= mult
+    return {k: gm.to_device(v) for k, v in perturb(params).items()}
+
+
 @pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_model_gradients_every_entry(norm, tie, dropout):
+    # NumPy only: every entry is many small forwards; the sampled check below runs on both backends
     cfg = tiny_cfg(norm=norm, tie_embeddings=tie, dropout=dropout)
-    params = perturb(gn.init_params(cfg, seed=1, dtype=np.float64))
-    # larger weights than the 0.02 init, so every path carries signal worth checking
-    for k, p in params.items():
-        if p.ndim == 2:
-            p *= 10.0
+    params = scaled_params(gn, cfg, seed=1, mult=10.0)
     ids, targets = batch(cfg)                          # B=2 > 1, T=5 < max_seq_len=7, targets with -1
     loss, grads = gn.loss_and_grads(params, ids, targets, cfg, seed=42)
     assert set(grads) == set(params)
@@ -258,177 +294,196 @@ def test_model_gradients_every_entry(norm, tie, dropout):
     for k, p in params.items():
         assert grads[k].shape == p.shape and grads[k].dtype == np.float64
         num = numeric_grad(train_loss, p)
-        err = record("model", rel_error(grads[k], num))
+        err = record("model", rel_err(grads[k], num))
         assert err < TOL, f"{k}: relative error {err:.2e}"
 
 
-def test_model_gradients_sampled_larger_config():
+def test_model_gradients_sampled_larger_config(backend):
     # a config with more heads, layers and positions; a random sample of entries per tensor
+    gm = backend
     cfg = gn.GPTConfig(vocab_size=23, n_layer=3, n_head=4, d_model=16, d_ff=40, max_seq_len=12,
                        dropout=0.1, tie_embeddings=False)
-    params = perturb(gn.init_params(cfg, seed=3, dtype=np.float64))
-    for p in params.values():
-        if p.ndim == 2:
-            p *= 5.0
+    params = scaled_params(gm, cfg, seed=3, mult=5.0)
     ids, targets = batch(cfg, B=3, T=12)
-    loss, grads = gn.loss_and_grads(params, ids, targets, cfg, seed=9)
-    f = lambda: gn.cross_entropy_forward(gn.model_forward(params, ids, cfg, True, 9)[0], targets)[0]
+    loss, grads = gm.loss_and_grads(params, ids, targets, cfg, seed=9)
+    t = gm.to_device(targets)
+    f = lambda: gm.cross_entropy_forward(gm.model_forward(params, ids, cfg, True, 9)[0], t)[0]
     r = np.random.default_rng(0)
     for k, p in params.items():
         idx = r.choice(p.size, size=min(p.size, 12), replace=False)
         num = numeric_grad(f, p, idx=idx).reshape(-1)[idx]
-        err = record("model", rel_error(grads[k].reshape(-1)[idx], num))
+        err = record("model", rel_err(gm.to_host(grads[k]).reshape(-1)[idx], num))
         assert err < TOL, f"{k}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_checkpointing_is_bit_identical(norm, dtype):
+def test_checkpointing_is_bit_identical(backend, norm, dtype):
+    gm = backend
     cfg = tiny_cfg(norm=norm, dropout=0.3, n_layer=3)
     ckpt = tiny_cfg(norm=norm, dropout=0.3, n_layer=3, checkpoint=True)
-    params = gn.init_params(cfg, seed=0, dtype=dtype)
+    params = gm.init_params(cfg, seed=0, dtype=dtype)
     ids, targets = batch(cfg)
-    loss1, g1 = gn.loss_and_grads(params, ids, targets, cfg, seed=17)
-    loss2, g2 = gn.loss_and_grads(params, ids, targets, ckpt, seed=17)
+    loss1, g1 = gm.loss_and_grads(params, ids, targets, cfg, seed=17)
+    loss2, g2 = gm.loss_and_grads(params, ids, targets, ckpt, seed=17)
     assert loss1 == loss2
     for k in params:
         assert g1[k].dtype == dtype
-        np.testing.assert_array_equal(g1[k], g2[k], err_msg=k)
+        np.testing.assert_array_equal(gm.to_host(g1[k]), gm.to_host(g2[k]), err_msg=k)
     # and dropout is really on: another seed gives another loss
-    assert gn.loss_and_grads(params, ids, targets, cfg, seed=18)[0] != loss1
+    assert gm.loss_and_grads(params, ids, targets, cfg, seed=18)[0] != loss1
 
 
-def test_float32_by_default_and_float64_when_asked():
+def test_float32_by_default_and_float64_when_asked(backend):
+    gm = backend
     cfg = tiny_cfg()
-    p32, p64 = gn.init_params(cfg), gn.init_params(cfg, dtype=np.float64)
+    p32, p64 = gm.init_params(cfg), gm.init_params(cfg, dtype=np.float64)
     ids, targets = batch(cfg)
     assert all(p.dtype == np.float32 for p in p32.values())
-    _, g = gn.loss_and_grads(p32, ids, targets, cfg)
+    _, g = gm.loss_and_grads(p32, ids, targets, cfg)
     assert all(v.dtype == np.float32 for v in g.values())
-    assert gn.forward(p64, ids, cfg).dtype == np.float64
-    np.testing.assert_allclose(gn.forward(p32, ids, cfg), gn.forward(p64, ids, cfg), rtol=1e-4, atol=1e-5)
-
-
-def cache_arrays(cache):
-    """Every array reachable from a model_forward cache."""
-    out, stack = [], [cache]
-    while stack:
-        o = stack.pop()
-        if isinstance(o, (list, tuple)):
-            stack.extend(o)
-        elif isinstance(o, np.ndarray):
-            out.append(o)
-    return out
+    assert gm.forward(p64, ids, cfg).dtype == np.float64
+    np.testing.assert_allclose(gm.to_host(gm.forward(p32, ids, cfg)), gm.to_host(gm.forward(p64, ids, cfg)),
+                               rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])
-def test_float32_training_never_upcasts(checkpoint):
+def test_float32_training_never_upcasts(backend, checkpoint):
     # NumPy 2 keeps float32 with Python floats; a float64 array anywhere would double memory and time
+    gm = backend
     cfg = tiny_cfg(dropout=0.2, checkpoint=checkpoint)
-    params = gn.init_params(cfg)
+    params = gm.init_params(cfg)
     ids, targets = batch(cfg)
-    _, cache = gn.model_forward(params, ids, cfg, train=True, seed=3)
+    _, cache = gm.model_forward(params, ids, cfg, train=True, seed=3)
     floats = [a for a in cache_arrays(cache) if a.dtype.kind == "f"]
     assert floats and all(a.dtype == np.float32 for a in floats), {a.dtype for a in floats}
     # and the recomputed block caches of a checkpointed backward
-    cos, sin = gn.rope_tables(np.arange(ids.shape[1]), cfg.head_size, cfg.rope_theta, np.float32)
-    x = params["tok_emb"][ids]
-    _, c = gn.block_forward(x, params, 0, cfg, cos, sin, 0.2, 3, recompute=True)
+    cos, sin = gm.rope_tables(np.arange(ids.shape[1]), cfg.head_size, cfg.rope_theta, np.float32)
+    x = params["tok_emb"][gm.to_device(ids)]
+    _, c = gm.block_forward(x, params, 0, cfg, cos, sin, 0.2, 3, recompute=True)
     assert all(a.dtype == np.float32 for a in cache_arrays(c) if a.dtype.kind == "f")
-    logits, _ = gn.model_forward(params, ids, cfg, train=True, seed=3)
+    logits, _ = gm.model_forward(params, ids, cfg, train=True, seed=3)
     assert logits.dtype == np.float32
-    _, grads = gn.loss_and_grads(params, ids, targets, cfg, seed=3)
-    state = gn.adamw_init(params)
-    gn.adamw_step(params, grads, state, 1e-3)
+    _, grads = gm.loss_and_grads(params, ids, targets, cfg, seed=3)
+    state = gm.adamw_init(params)
+    gm.adamw_step(params, grads, state, 1e-3)
+    gm.adamw_step_reference(params, grads, state, 1e-3)
     assert all(v.dtype == np.float32 for d in (params, state["m"], state["v"]) for v in d.values())
 
 
-def test_recompute_gives_the_cache_of_the_first_forward():
+def test_recompute_gives_the_cache_of_the_first_forward(backend):
+    gm = backend
     cfg = tiny_cfg(dropout=0.3)
-    params = gn.init_params(cfg, dtype=np.float64)
+    params = gm.init_params(cfg, dtype=np.float64)
     ids, _ = batch(cfg)
-    cos, sin = gn.rope_tables(np.arange(ids.shape[1]), cfg.head_size, cfg.rope_theta, np.float64)
-    x = params["tok_emb"][ids]
-    out, c1 = gn.block_forward(x, params, 1, cfg, cos, sin, 0.3, 5)
-    none, c2 = gn.block_forward(x, params, 1, cfg, cos, sin, 0.3, 5, recompute=True)
+    cos, sin = gm.rope_tables(np.arange(ids.shape[1]), cfg.head_size, cfg.rope_theta, np.float64)
+    x = params["tok_emb"][gm.to_device(ids)]
+    out, c1 = gm.block_forward(x, params, 1, cfg, cos, sin, 0.3, 5)
+    none, c2 = gm.block_forward(x, params, 1, cfg, cos, sin, 0.3, 5, recompute=True)
     assert none is None and out.shape == x.shape
     a1, a2 = cache_arrays(c1), cache_arrays(c2)
     assert len(a1) == len(a2)
     for u, v in zip(a1, a2):
-        np.testing.assert_array_equal(u, v)
+        np.testing.assert_array_equal(gm.to_host(u), gm.to_host(v))
 
 
-def test_init_matches_spec():
+def test_init_matches_spec(backend):
+    gm = backend
     cfg = gn.GPTConfig(vocab_size=50, n_layer=4, n_head=4, d_model=64, d_ff=172, max_seq_len=16,
                        norm="layernorm", tie_embeddings=False)
-    params = gn.init_params(cfg, seed=0)
+    params = host(gm, gm.init_params(cfg, seed=0))
     assert params["tok_emb"].shape == (50, 64) and params["lm_head"].shape == (64, 50)
     assert params["blocks.3.attn.qkv"].shape == (64, 192)
     assert params["blocks.0.ffn.w_down"].shape == (172, 64)
     assert np.all(params["blocks.1.norm2.weight"] == 1) and np.all(params["norm_f.bias"] == 0)
     assert params["blocks.0.attn.qkv"].std() == pytest.approx(0.02, rel=0.05)
     assert params["blocks.0.attn.proj"].std() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
-    assert "lm_head" not in gn.init_params(tiny_cfg(), seed=0)
+    assert "lm_head" not in gm.init_params(tiny_cfg(), seed=0)
+    # the same weights on every backend (drawn on the host)
+    for k, p in gn.init_params(cfg, seed=0).items():
+        np.testing.assert_array_equal(params[k], p)
 
 
 # ----------------------------------------------------------------------------------------------------
 # generation
 
-def trained_ish_params(cfg, seed=0):
+def trained_ish_params(gm, cfg, seed=0):
     params = gn.init_params(cfg, seed=seed, dtype=np.float64)
     for p in params.values():
         if p.ndim == 2:
             p *= 20.0                                  # sharper logits than the init, still random
-    return params
+    return {k: gm.to_device(v) for k, v in params.items()}
 
 
-def test_kv_cache_logits_equal_full_forward():
+def test_kv_cache_logits_equal_full_forward(backend):
+    gm = backend
     cfg = tiny_cfg(max_seq_len=10)
-    params = trained_ish_params(cfg)
+    params = trained_ish_params(gm, cfg)
     seq = np.random.default_rng(3).integers(0, cfg.vocab_size, 10)
-    kv = gn.kv_cache_init(cfg, np.float64)
-    logits = gn.forward_cached(params, seq[None, :4], cfg, kv, 0)     # prefill 4 tokens
-    np.testing.assert_allclose(logits, gn.forward(params, seq[None, :4], cfg), rtol=1e-10, atol=1e-12)
+    kv = gm.kv_cache_init(cfg, np.float64)
+    logits = gm.forward_cached(params, seq[None, :4], cfg, kv, 0)     # prefill 4 tokens
+    np.testing.assert_allclose(gm.to_host(logits), gm.to_host(gm.forward(params, seq[None, :4], cfg)),
+                               rtol=1e-10, atol=1e-12)
     for pos in range(4, 10):                                          # then one token at a time
-        step = gn.forward_cached(params, seq[None, pos:pos + 1], cfg, kv, pos)
-        full = gn.forward(params, seq[None, :pos + 1], cfg)[:, -1:]
-        np.testing.assert_allclose(step, full, rtol=1e-10, atol=1e-12)
+        step = gm.forward_cached(params, seq[None, pos:pos + 1], cfg, kv, pos)
+        full = gm.forward(params, seq[None, :pos + 1], cfg)[:, -1:]
+        np.testing.assert_allclose(gm.to_host(step), gm.to_host(full), rtol=1e-10, atol=1e-12)
 
 
-def naive_greedy(params, prompt, cfg, n):
+def test_kv_cache_holds_unscaled_rotated_keys(backend):
+    # the cache's keys are rope(x @ Wk), as Hugging Face's past_key_values: no 1/sqrt(hs) folded in
+    gm = backend
+    cfg = tiny_cfg(n_layer=1, max_seq_len=6)
+    params = trained_ish_params(gm, cfg)
+    seq = np.array([[1, 4, 2, 9]])
+    kv = gm.kv_cache_init(cfg, np.float64)
+    gm.forward_cached(params, seq, cfg, kv, 0)
+    C, nh, hs = cfg.d_model, cfg.n_head, cfg.head_size
+    x = gm.to_host(params["tok_emb"])[seq]
+    h = gm.to_host(gm.rmsnorm_forward(gm.to_device(x), params["blocks.0.norm1.weight"], cfg.norm_eps)[0])
+    k = (h @ gm.to_host(params["blocks.0.attn.qkv"])[:, C:2 * C]).reshape(1, 4, nh, hs).transpose(0, 2, 1, 3)
+    cos, sin = gn.rope_tables(np.arange(4), hs, cfg.rope_theta, np.float64)
+    expect = k * cos + np.concatenate([-k[..., hs // 2:], k[..., :hs // 2]], -1) * sin
+    np.testing.assert_allclose(gm.to_host(kv[0][0])[:, :, :4], expect, rtol=1e-12, atol=1e-12)
+    assert not gm.to_host(kv[0][0])[:, :, 4:].any()
+
+
+def naive_greedy(gm, params, prompt, cfg, n):
     ids = list(prompt)
     for _ in range(n):
         ctx = np.asarray([ids[-cfg.max_seq_len:]])
-        ids.append(int(np.argmax(gn.forward(params, ctx, cfg)[0, -1])))
+        ids.append(int(np.argmax(gm.to_host(gm.forward(params, ctx, cfg))[0, -1])))
     return ids
 
 
-def test_greedy_generation_matches_full_forward_and_crops_context():
+def test_greedy_generation_matches_full_forward_and_crops_context(backend):
+    gm = backend
     cfg = tiny_cfg(max_seq_len=6)
-    params = trained_ish_params(cfg, seed=2)
+    params = trained_ish_params(gm, cfg, seed=2)
     prompt = [1, 5, 2]
-    out = gn.generate(params, prompt, cfg, max_new_tokens=9, temperature=0)   # runs past max_seq_len
-    assert out == naive_greedy(params, prompt, cfg, 9)
-    assert out == gn.generate(params, prompt, cfg, max_new_tokens=9, temperature=0)
+    out = gm.generate(params, prompt, cfg, max_new_tokens=9, temperature=0)   # runs past max_seq_len
+    assert out == naive_greedy(gm, params, prompt, cfg, 9)
+    assert out == gm.generate(params, prompt, cfg, max_new_tokens=9, temperature=0)
     # a prompt longer than max_seq_len is cropped to its end
     long_prompt = list(range(10))
-    assert gn.generate(params, long_prompt, cfg, 3, temperature=0) == naive_greedy(params, long_prompt, cfg, 3)
+    assert gm.generate(params, long_prompt, cfg, 3, temperature=0) == naive_greedy(gm, params, long_prompt, cfg, 3)
 
 
-def test_sampling_is_reproducible_and_respects_stop_and_top_k():
+def test_sampling_is_reproducible_and_respects_stop_and_top_k(backend):
+    gm = backend
     cfg = tiny_cfg(max_seq_len=8)
-    params = trained_ish_params(cfg, seed=4)
-    a = gn.generate(params, [3], cfg, 12, temperature=1.0, top_k=5, top_p=0.9, seed=7)
-    b = gn.generate(params, [3], cfg, 12, temperature=1.0, top_k=5, top_p=0.9, seed=7)
+    params = trained_ish_params(gm, cfg, seed=4)
+    a = gm.generate(params, [3], cfg, 12, temperature=1.0, top_k=5, top_p=0.9, seed=7)
+    b = gm.generate(params, [3], cfg, 12, temperature=1.0, top_k=5, top_p=0.9, seed=7)
     assert a == b and len(a) == 13
-    outs = {tuple(gn.generate(params, [3], cfg, 12, temperature=2.0, seed=s)) for s in range(5)}
+    outs = {tuple(gm.generate(params, [3], cfg, 12, temperature=2.0, seed=s)) for s in range(5)}
     assert len(outs) > 1
     stop = a[4]
-    c = gn.generate(params, [3], cfg, 12, temperature=1.0, top_k=5, top_p=0.9, seed=7, stop_ids=[stop])
+    c = gm.generate(params, [3], cfg, 12, temperature=1.0, top_k=5, top_p=0.9, seed=7, stop_ids=[stop])
     assert c[-1] == stop and len(c) == a.index(stop, 1) + 1
     # top_k=1 is greedy whatever the temperature
-    assert gn.generate(params, [3], cfg, 6, temperature=1.5, top_k=1, seed=1) == \
-        gn.generate(params, [3], cfg, 6, temperature=0)
+    assert gm.generate(params, [3], cfg, 6, temperature=1.5, top_k=1, seed=1) == \
+        gm.generate(params, [3], cfg, 6, temperature=0)
 
 
 def test_sample_next_top_p():
@@ -441,14 +496,21 @@ def test_sample_next_top_p():
 # ----------------------------------------------------------------------------------------------------
 # optimizer
 
-def test_adamw_two_steps_against_formula():
+def adamw_case(gm):
     r = rng()
     params = {"w": r.standard_normal((3, 4)), "norm.weight": r.standard_normal(4)}
     g1 = {k: r.standard_normal(p.shape) for k, p in params.items()}
     g2 = {k: r.standard_normal(p.shape) for k, p in params.items()}
+    dev = lambda d: {k: gm.to_device(v) for k, v in d.items()}
+    return params, g1, g2, dev
+
+
+@pytest.mark.parametrize("step", ["adamw_step", "adamw_step_reference"])
+def test_adamw_two_steps_against_formula(backend, step):
+    gm = backend
+    params, g1, g2, dev = adamw_case(gm)
     lr, b1, b2, eps, wd = 0.01, 0.8, 0.9, 1e-6, 0.5
     expect = {k: p.copy() for k, p in params.items()}
-    state = gn.adamw_init(params)
     for k in params:
         p, m, v = expect[k], 0.0, 0.0
         for t, g in ((1, g1[k]), (2, g2[k])):
@@ -458,20 +520,44 @@ def test_adamw_two_steps_against_formula():
             decay = wd if k == "w" else 0.0            # matrices only
             p = p - lr * decay * p - lr * mhat / (np.sqrt(vhat) + eps)
         expect[k] = p
-    gn.adamw_step(params, g1, state, lr, b1, b2, eps, wd)
-    gn.adamw_step(params, g2, state, lr, b1, b2, eps, wd)
-    assert state["t"] == 2
+    params = dev(params)
+    state = gm.adamw_init(params)
+    arrays = {k: (params[k], state["m"][k], state["v"][k]) for k in params}
+    getattr(gm, step)(params, dev(g1), state, lr, b1, b2, eps, wd)
+    getattr(gm, step)(params, dev(g2), state, lr, b1, b2, eps, wd)
+    assert state["t"] == 2 and set(state) == {"t", "m", "v"}
     for k in params:
-        np.testing.assert_allclose(params[k], expect[k], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(gm.to_host(params[k]), expect[k], rtol=1e-12, atol=1e-14)
+        # in place: the dicts still hold the same arrays (train.py and checkpoints rely on it)
+        assert all(a is b for a, b in zip(arrays[k], (params[k], state["m"][k], state["v"][k])))
 
 
-def test_clip_grad_norm():
-    g = {"a": np.array([3.0, 0.0]), "b": np.array([[4.0]])}
-    assert gn.clip_grad_norm(g, 1.0) == pytest.approx(5.0)
-    assert math.sqrt(sum((v * v).sum() for v in g.values())) == pytest.approx(1.0, rel=1e-5)
-    g = {"a": np.array([0.3, 0.4])}
-    gn.clip_grad_norm(g, 1.0)
-    np.testing.assert_array_equal(g["a"], [0.3, 0.4])  # below the limit: untouched
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_adamw_equals_reference(backend, dtype):
+    gm = backend
+    cfg = tiny_cfg(norm="layernorm", tie_embeddings=False)
+    ids, targets = batch(cfg)
+    p1 = gm.init_params(cfg, seed=0, dtype=dtype)
+    p2 = {k: v.copy() for k, v in p1.items()}
+    s1, s2 = gm.adamw_init(p1), gm.adamw_init(p2)
+    for step in range(3):
+        _, grads = gm.loss_and_grads(p1, ids, targets, cfg)
+        gm.adamw_step(p1, grads, s1, 1e-2, weight_decay=0.1)
+        gm.adamw_step_reference(p2, grads, s2, 1e-2, weight_decay=0.1)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for k in p1:
+        assert rel_err(p1[k], p2[k]) < tol and rel_err(s1["m"][k], s2["m"][k]) < tol, k
+        assert rel_err(s1["v"][k], s2["v"][k]) < tol, k
+
+
+def test_clip_grad_norm(backend):
+    gm = backend
+    g = {"a": gm.to_device(np.array([3.0, 0.0])), "b": gm.to_device(np.array([[4.0]]))}
+    assert gm.clip_grad_norm(g, 1.0) == pytest.approx(5.0)
+    assert math.sqrt(sum(float((v * v).sum()) for v in g.values())) == pytest.approx(1.0, rel=1e-5)
+    g = {"a": gm.to_device(np.array([0.3, 0.4]))}
+    gm.clip_grad_norm(g, 1.0)
+    np.testing.assert_array_equal(gm.to_host(g["a"]), [0.3, 0.4])   # below the limit: untouched
 
 
 def test_lr_schedule():
@@ -482,17 +568,18 @@ def test_lr_schedule():
     assert all(f(s) >= f(s + 1) for s in range(10, 120))
 
 
-def test_overfits_one_batch():
+def test_overfits_one_batch(backend):
+    gm = backend
     cfg = gn.GPTConfig(vocab_size=16, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=16)
-    params = gn.init_params(cfg, seed=0)
-    state = gn.adamw_init(params)
+    params = gm.init_params(cfg, seed=0)
+    state = gm.adamw_init(params)
     data = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 17))
     first = None
     for step in range(150):
-        loss, grads = gn.loss_and_grads(params, data[:, :-1], data[:, 1:], cfg, seed=step)
+        loss, grads = gm.loss_and_grads(params, data[:, :-1], data[:, 1:], cfg, seed=step)
         first = loss if first is None else first
-        gn.clip_grad_norm(grads, 1.0)
-        gn.adamw_step(params, grads, state, gn.lr_schedule(step, 1e-2, 1e-3, 10, 150), weight_decay=0.0)
+        gm.clip_grad_norm(grads, 1.0)
+        gm.adamw_step(params, grads, state, gm.lr_schedule(step, 1e-2, 1e-3, 10, 150), weight_decay=0.0)
     assert loss < first / 10, (first, loss)
 
 

@@ -1,6 +1,7 @@
 """Tests for mixed precision in gpt_numpy.py: float16 compute from float32 master weights with dynamic
 loss scaling. Gradients against the float32 ones on the same weights, overflow and the scaler, float16
-safety of the norms, training, and dtypes. NumPy's float16 is slow (no BLAS), so the configs are tiny."""
+safety of the norms, training, and dtypes. NumPy's float16 is slow (no BLAS), so the configs are tiny.
+The tests taking `backend` (conftest.py) also run on CuPy where there is a GPU."""
 
 import numpy as np
 import pytest
@@ -56,24 +57,27 @@ def worst_grad_error(g16, g32):
     (dict(), 5.0),                                                      # larger weights, sharper logits
     (dict(norm="layernorm"), 5.0),
 ])
-def test_mixed_loss_and_grads_match_float32(kw, mult):
+def test_mixed_loss_and_grads_match_float32(backend, kw, mult):
+    gm = backend
     cfg = cfg_tiny(**kw)
     params = gn.init_params(cfg, seed=1)
     for p in params.values():
         if p.ndim == 2:
             p *= mult
     before = {k: p.copy() for k, p in params.items()}
+    params = {k: gm.to_device(p) for k, p in params.items()}
     ids, targets = batch(cfg)
-    loss32, g32 = gn.loss_and_grads(params, ids, targets, cfg, seed=3)
-    loss16, g16 = gn.loss_and_grads_mixed(params, ids, targets, cfg, SCALE, seed=3)
+    loss32, g32 = gm.loss_and_grads(params, ids, targets, cfg, seed=3)
+    loss16, g16 = gm.loss_and_grads_mixed(params, ids, targets, cfg, SCALE, seed=3)
     assert abs(loss16 - loss32) / loss32 < LOSS_RTOL, (loss16, loss32)
     assert set(g16) == set(params)
     assert all(g16[k].dtype == np.float32 and g16[k].shape == p.shape for k, p in params.items())
+    g32, g16 = ({k: gm.to_host(v) for k, v in g.items()} for g in (g32, g16))
     err, k = worst_grad_error(g16, g32)
     assert err < GRAD_RTOL, f"{k}: relative error {err:.2e}"
     for k, p in params.items():                         # the master weights are read, never written
         assert p.dtype == np.float32
-        np.testing.assert_array_equal(p, before[k])
+        np.testing.assert_array_equal(gm.to_host(p), before[k])
 
 
 def test_loss_scaling_keeps_small_gradients():
@@ -166,16 +170,21 @@ def test_norm_statistics_do_not_overflow_in_float16(norm):
         assert np.isfinite(a).all() and norm_error(a, e) < 5e-3
 
 
-def test_large_activations_train_in_mixed_precision():
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_large_activations_train_in_mixed_precision(backend, norm):
     # embeddings of size ~100: every first norm's sum of squares overflows float16 without the upcast
-    # (untied: a tied LM head would scale the logits by 5000 too)
-    cfg = cfg_tiny(tie_embeddings=False)
-    params = gn.init_params(cfg, seed=1)
+    # (untied: a tied LM head would scale the logits by 5000 too). On CuPy the float16 matmuls use
+    # tensor cores and the norms' float32 accumulation takes CuPy's code paths.
+    gm = backend
+    cfg = cfg_tiny(norm=norm, dropout=0.2, tie_embeddings=False)
+    params = gm.init_params(cfg, seed=1)
     params["tok_emb"] *= 5000.0
-    ids, targets = batch(cfg)
-    loss32, g32 = gn.loss_and_grads(params, ids, targets, cfg)
-    loss16, g16 = gn.loss_and_grads_mixed(params, ids, targets, cfg, SCALE)
+    ids, targets = batch(cfg, B=16)
+    loss32, g32 = gm.loss_and_grads(params, ids, targets, cfg, seed=3)     # the backend's dropout masks
+    loss16, g16 = gm.loss_and_grads_mixed(params, ids, targets, cfg, SCALE, seed=3)
     assert g16 is not None and abs(loss16 - loss32) / loss32 < LOSS_RTOL
+    g32, g16 = ({k: gm.to_host(v) for k, v in g.items()} for g in (g32, g16))
+    assert all(g16[k].dtype == np.float32 for k in g16)
     assert worst_grad_error(g16, g32)[0] < GRAD_RTOL
 
 
@@ -218,31 +227,3 @@ def test_mixed_precision_overfits_one_batch():
     assert loss < first / 10, (first, loss)             # measured: 2.79 -> 0.026
     assert skipped == 0 and scaler["scale"] == 2.0 ** 18      # two growths, no overflow
     assert all(v.dtype == np.float32 for d in (params, state["m"], state["v"]) for v in d.values())
-
-
-# ----------------------------------------------------------------------------------------------------
-# on a GPU (skipped without one): the same checks through gpt_cupy, where float16 matmuls use tensor
-# cores and the einsum and sum of the norms' float32 accumulation take CuPy's code paths
-
-def gpu_available():
-    try:
-        import cupy
-        return bool(cupy.cuda.is_available())
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not gpu_available(), reason="needs CuPy and an NVIDIA GPU")
-@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
-def test_mixed_precision_on_cupy(norm):
-    import gpt_cupy as gm
-    cfg = cfg_tiny(norm=norm, dropout=0.2, tie_embeddings=False)
-    params = gm.init_params(cfg, seed=1)
-    params["tok_emb"] *= 5000.0                         # norm statistics beyond float16 (as above)
-    ids, targets = batch(cfg, B=16)
-    loss32, g32 = gm.loss_and_grads(params, ids, targets, cfg, seed=3)    # CuPy's dropout masks
-    loss16, g16 = gm.loss_and_grads_mixed(params, ids, targets, cfg, SCALE, seed=3)
-    assert g16 is not None and abs(loss16 - loss32) / loss32 < LOSS_RTOL
-    g32, g16 = ({k: gm.to_host(v) for k, v in g.items()} for g in (g32, g16))
-    assert all(g16[k].dtype == np.float32 for k in g16)
-    assert worst_grad_error(g16, g32)[0] < GRAD_RTOL
