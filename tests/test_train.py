@@ -417,8 +417,8 @@ def test_init_from_a_hugging_face_llama(tmp_path):
     export = pytest.importorskip("export")
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(1)
-    data = make_text(tmp_path / "text.txt")
-    tok = bpe.Tokenizer.train([data.read_text()], 300, special_tokens=[data.EOT], progress=False)
+    corpus = make_text(tmp_path / "text.txt")
+    tok = bpe.Tokenizer.train([corpus.read_text()], 300, special_tokens=[data.EOT], progress=False)
     hcfg = transformers.LlamaConfig(vocab_size=304, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
                                     rms_norm_eps=1e-6, rope_theta=500.0, tie_word_embeddings=False)
@@ -427,7 +427,7 @@ def test_init_from_a_hugging_face_llama(tmp_path):
     transformers.LlamaForCausalLM(hcfg).save_pretrained(hf_dir)
     tok.save_hf_tokenizer_json(hf_dir / "tokenizer.json")
     assert export.main(["--import-hf", str(hf_dir), "--out", str(tmp_path / "imported")]) == 0
-    argv = tiny_args(tmp_path, data, "--init-from", tmp_path / "imported", "--max-iters", 16, "--eval-interval", 8,
+    argv = tiny_args(tmp_path, corpus, "--init-from", tmp_path / "imported", "--max-iters", 16, "--eval-interval", 8,
                      "--sample-tokens", 0)
     res = run_quiet(argv)
     assert res["step"] == 16
@@ -441,7 +441,7 @@ def test_init_from_a_hugging_face_llama(tmp_path):
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert losses[0] == pytest.approx(np.log(304), abs=0.3)              # a fresh HF init: near uniform
     assert losses[2] < losses[1] < losses[0] - 0.5                        # it learns
-    res = run_quiet(tiny_args(tmp_path, data, "--resume", "--max-iters", 18, "--eval-interval", 8,
+    res = run_quiet(tiny_args(tmp_path, corpus, "--resume", "--max-iters", 18, "--eval-interval", 8,
                               "--sample-tokens", 0))
     assert res["step"] == 18
     assert sample.main(["--ckpt", str(tmp_path / "out"), "--prompt", "the ", "--max-new-tokens", "5"]) == 0
