@@ -206,6 +206,8 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     (["--dropout", 1.0], "--dropout must be in [0, 1)"),
     (["--lr", 1e-3, "--min-lr", 1], "0 <= --min-lr <= --lr"),
     (["--lr-decay-iters", 5, "--warmup-iters", 10], "must not end before --warmup-iters"),
+    (["--tf32"], "--tf32 is for --backend cupy"),
+    (["--fused-kernels"], "--fused-kernels is for --backend cupy"),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, flags, message):
     data = make_text(tmp_path / "text.txt")
