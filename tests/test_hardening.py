@@ -313,6 +313,11 @@ def test_metadata_that_is_not_an_object_is_one_line_with_init_from(tiny_run, tmp
     save_checkpoint(bad, ck.params, {}, {}, [1, 2, 3])
     code, err = main_error(train.main, tiny_args(tmp_path, tiny_run.parent / "text.txt", "--init-from", bad), capsys)
     assert code == 1 and "metadata" in err
+    # a fresh run (here a fine-tuning one) in a folder that holds such a checkpoint replaces it, with a note
+    save_checkpoint(tmp_path / "out" / "ckpt.safetensors", ck.params, {}, {}, [1, 2, 3])
+    assert train.main(tiny_args(tmp_path, tiny_run.parent / "text.txt", "--init-from", tiny_run,
+                                "--max-iters", 2)) == 0
+    assert load_checkpoint(tmp_path / "out").step == 2
 
 
 def test_non_float32_tensors_are_refused(tiny_run, tmp_path, capsys):
