@@ -27,7 +27,15 @@ surrogate (U+DC80..U+DCFF) that turns back into the same byte when its chunk is 
 not UTF-8 never crashes training or encoding, and decode_bytes(encode_file(f)) gives the file back byte for
 byte; encode_bytes(b) does the same for bytes in memory. decode(ids) returns str (invalid UTF-8 replaced by
 U+FFFD), decode_bytes(ids) the exact bytes. Any other lone surrogate in a str is not text; it is encoded as
-U+FFFD, as tiktoken does.
+U+FFFD, as tiktoken does; a surrogate pair spelled as two code points ("\ud83d\ude00") is the character it
+stands for (U+1F600), as tiktoken reads it too.
+
+Split patterns. Every character of a text must fall in some chunk, or it would vanish from the ids (r"\\p{L}+"
+would encode "hello, world 42!" as "helloworld"), and matching must end: a pattern that backtracks
+catastrophically can take hours on one line. The GPT-2 and GPT-4 patterns do both by construction. Any other
+is tried on probe texts when a tokenizer is made (trained, loaded or imported) and refused if it drops a
+character or takes over a second; it is then also checked on every text it splits, under the regex module's
+timeout (PATTERN_MIN_SECONDS plus PATTERN_SECONDS_PER_CHAR per character), which costs it ~2.5x in speed.
 
 Errors. Bad input (a vocab size too small, an empty corpus, a missing or unreadable file, a malformed
 tokenizer file, a special token where none is allowed) raises ValueError with a message naming the culprit
@@ -68,6 +76,19 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 # take one leading non-letter, numbers in groups of at most 3 digits, punctuation keeps its newlines.
 GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+SAFE_PATTERNS = frozenset(PATTERNS.values())  # cover every text, in linear time: used without the checks below
+PATTERN_MIN_SECONDS = 10.0  # the time limit of any other pattern on one text: this much ...
+PATTERN_SECONDS_PER_CHAR = 5e-6  # ... plus this per character (~20x what GPT-4's pattern needs)
+PATTERN_PROBE_SECONDS = 1.0  # a new tokenizer's pattern must split each probe text in less than this
+PATTERN_PROBES = [  # every kind of character, and long runs of one kind (where backtracking explodes)
+    "Hello, world 42! It's don't WE'LL 1234567 3.14 x=y+1; a_b (c) [d] {e} <f> \"g\" #h @i $j %k ^l &m *n ~o |p",
+    "日本語 中文 한국어 Ελληνικά русский עברית العربية हिन्दी emoji 🙂👍🏽 e\u0301 ß ﬁ Ⅻ ½ ٣ ₂ ©®™ ∑√∞ ←→",
+    " \t\r\n\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2028\u2029\u202f\u3000 \x00\x01\x7f\x9f \ufffd \ue000 "
+    "\udc80\udcff \ud800 end\r\n",
+    *(c * 300 + e for c, e in [("a", "!"), (" ", "x"), ("1", "a"), ("!", " "), ("\n", "a"), ("é", "1"), ("'", "s"),
+                               ("\r\n", " "), ("日", "!")]),
+    "aA1! " * 60,
+]
 FORMAT = "bpe-tokenizer v1"  # first line of a tokenizer file
 MAX_CACHE = 1 << 20  # chunks remembered by the encoder before its cache is cleared
 
@@ -255,6 +276,61 @@ def _special_regex(names):
     return regex.compile("|".join(regex.escape(s) for s in sorted(names, key=len, reverse=True)))
 
 
+_HIGH_SURROGATE = regex.compile("[\ud800-\udbff]")
+_SURROGATE_PAIR = regex.compile("[\ud800-\udbff][\udc00-\udfff]")
+
+
+def join_surrogate_pairs(text):
+    """Each surrogate pair spelled as two code points -> the one character it stands for, as tiktoken
+    reads a str; lone surrogates stay (to_bytes makes them U+FFFD, or the raw bytes they escape).
+
+    >>> join_surrogate_pairs("a\\ud83d\\ude00b") == "a\\U0001F600b"
+    True
+    """
+    if text.isascii() or not _HIGH_SURROGATE.search(text):
+        return text
+    return _SURROGATE_PAIR.sub(lambda m: m.group().encode("utf-16-le", "surrogatepass").decode("utf-16-le"), text)
+
+
+def check_pattern(pattern):
+    """Compile a split pattern, and for one other than GPT-2's and GPT-4's try it on PATTERN_PROBES: it must
+    cover each probe and split it within PATTERN_PROBE_SECONDS. Returns the compiled regex; ValueError (one
+    line) for an invalid, partial or catastrophically slow pattern."""
+    try:
+        chunk_re = regex.compile(pattern)
+    except (regex.error, TypeError) as e:
+        raise ValueError(f"invalid split pattern {pattern!r}: {e}") from None
+    if pattern not in SAFE_PATTERNS:
+        for probe in PATTERN_PROBES:
+            split_chunks(chunk_re, probe, pattern, seconds=PATTERN_PROBE_SECONDS)
+    return chunk_re
+
+
+def split_chunks(chunk_re, text, pattern, seconds=None):
+    """chunk_re.findall(text), for a pattern other than the built-in ones bounded in time (seconds, default
+    PATTERN_MIN_SECONDS + PATTERN_SECONDS_PER_CHAR per character) and checked to cover the whole text.
+    ValueError (one line) otherwise.
+
+    >>> split_chunks(regex.compile(r"\\p{L}+|\\s"), "hi you", r"\\p{L}+|\\s")
+    ['hi', ' ', 'you']
+    """
+    if pattern in SAFE_PATTERNS:
+        return chunk_re.findall(text)
+    seconds = PATTERN_MIN_SECONDS + PATTERN_SECONDS_PER_CHAR * len(text) if seconds is None else seconds
+    try:
+        chunks = chunk_re.findall(text, timeout=seconds)
+    except TimeoutError:
+        raise ValueError(f"the split pattern {pattern!r} took over {seconds:.1f} s on a text of {len(text):,} "
+                         f"characters ({text[:20]!r}...): catastrophic backtracking? Use a pattern with possessive "
+                         f"quantifiers, such as 'gpt4'") from None
+    if sum(map(len, chunks)) != len(text):
+        dropped = "".join(sorted(set(chunk_re.sub("", text))))
+        raise ValueError(f"the split pattern {pattern!r} does not cover the text: it drops {dropped[:20]!r}, which "
+                         f"would vanish from the ids; every character must fall in some chunk (end it with "
+                         f"|[\\s\\S] to catch the rest)")
+    return chunks
+
+
 def count_chunks(texts_or_paths, pattern="gpt4", special_tokens=(), progress=True):
     """Count the distinct chunks of a corpus (texts and/or files, as in iter_texts): pass 1 of training.
     Special tokens cut the text first and are not counted, so no chunk spans one.
@@ -262,13 +338,14 @@ def count_chunks(texts_or_paths, pattern="gpt4", special_tokens=(), progress=Tru
     >>> count_chunks(["hello world<|x|>hello"], special_tokens=["<|x|>"], progress=False)
     Counter({'hello': 2, ' world': 1})
     """
-    chunk_re = regex.compile(PATTERNS.get(pattern, pattern))
+    pattern = PATTERNS.get(pattern, pattern)
+    chunk_re = check_pattern(pattern)
     special_re = _special_regex(special_tokens)
     counts = Counter()
     with tqdm(desc="count chunks", unit="B", unit_scale=True, disable=not progress) as bar:
         for text in iter_texts(texts_or_paths, can_cut(special_tokens), bar):
             for part in special_re.split(text) if special_re else [text]:
-                counts.update(chunk_re.findall(part))
+                counts.update(split_chunks(chunk_re, join_surrogate_pairs(part), pattern))
     return counts
 
 
@@ -468,7 +545,7 @@ class Tokenizer:
         self._decoder = vocab + [None] * len(self.special_tokens)  # id -> bytes, specials included
         for s, i in self.special_tokens.items():
             self._decoder[i] = s.encode("utf-8")
-        self._chunk_re = regex.compile(self.pattern)
+        self._chunk_re = check_pattern(self.pattern)  # a pattern that drops text or hangs: ValueError
         self._special_res = {}  # frozenset of special tokens -> regex finding them
         self._cache = {}  # chunk -> its ids
 
@@ -521,10 +598,7 @@ class Tokenizer:
                 f" + {len(special_tokens)} (special tokens) = {256 + len(special_tokens)}"
             )
         pattern = PATTERNS.get(pattern, pattern)
-        try:
-            regex.compile(pattern)
-        except regex.error as e:
-            raise ValueError(f"invalid split pattern {pattern!r}: {e}") from None
+        check_pattern(pattern)  # invalid, partial or catastrophically slow: refused before any counting
         counts = count_chunks(texts_or_paths, pattern, special_tokens, progress)
         if not counts:
             raise ValueError("empty corpus: there is no text to train on")
@@ -550,7 +624,7 @@ class Tokenizer:
         >>> Tokenizer("gpt4", [(104, 105)]).encode_ordinary("hi hi")
         [256, 32, 256]
         """
-        chunks = self._chunk_re.findall(text)
+        chunks = split_chunks(self._chunk_re, join_surrogate_pairs(text), self.pattern)
         cache = self._cache
         if len(cache) > MAX_CACHE:
             cache.clear()

@@ -15,14 +15,20 @@ Layout of `ckpt.safetensors` (any safetensors reader opens it):
               adam.m.<name>    AdamW's first moment, one per parameter (absent in a weights-only file)
               adam.v.<name>    AdamW's second moment (likewise)
     metadata  "format"         "gpt-numpy-checkpoint"
-              "version"        "1"
+              "version"        "2"
               "meta"           JSON: step, adam_t, model and training config, the batch sampler's RNG state,
                                the tokenizer (its file's text), data identity, progress (build_meta)
-              "tensors_sha256" sha256 over every tensor (name, dtype, shape, bytes, in sorted name order)
+              "sha256"         sha256 over every tensor (name, dtype, shape, bytes, in sorted name order),
+                               then over the "meta" text: the metadata is covered too
+
+Version 1 recorded "tensors_sha256" instead, over the tensors alone; such a file
+still loads, its metadata unverified, with a note on stderr. A file saved now is always version 2.
 
 Tensors are stored as host (NumPy) float32 arrays, so a checkpoint written on the GPU loads on the CPU
-and back. A file that is truncated, corrupt, or whose tensors do not hash to the recorded sha256 is
-refused with errors.FileFormatError and never loaded.
+and back. A file that is truncated, corrupt, or that does not hash to the recorded sha256 is refused with
+errors.FileFormatError and never loaded; so is one with tensors that are not float32 or not finite, or
+metadata that does not fit the schema below (META_SCHEMA: a wrong type is one line, not a traceback), or
+a model config that cannot be this file's (a tensor count or a context length that no file here has).
 
 Writing is atomic: the bytes go to a temporary file in the same folder, which is flushed, fsync'ed and
 then renamed over the old file (os.replace), and the folder is fsync'ed. A process killed at any moment
@@ -32,26 +38,39 @@ ignored.
 
 import hashlib
 import json
+import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 import gpt_numpy
+import memory
 from data import atomic_write, load_backend, text_sha256, tokenizer_from_text
 from errors import FileFormatError
 
 FORMAT = "gpt-numpy-checkpoint"
-VERSION = "1"
+VERSION = "2"                   # written; "1" is still read (its metadata unverified)
 
 
-def tensors_sha256(tensors):
-    """sha256 of a {name: array} dict: name, dtype, shape and little-endian bytes, names sorted."""
-    h = hashlib.sha256()
+def tensors_sha256(tensors, h=None):
+    """sha256 of a {name: array} dict: name, dtype, shape and little-endian bytes, names sorted.
+    (Version 1's hash; version 2 goes on to hash the metadata, see checkpoint_sha256.)"""
+    h = h or hashlib.sha256()
     for name in sorted(tensors):
         a = np.ascontiguousarray(tensors[name])
         h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
         h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_sha256(tensors, meta_text):
+    """Version 2's hash: the tensors as tensors_sha256, then the metadata's JSON text, so that a step or a
+    sampler state changed by one byte is refused like a changed weight."""
+    h = hashlib.sha256()
+    tensors_sha256(tensors, h)
+    h.update(b"meta\0" + meta_text.encode("utf-8"))
     return h.hexdigest()
 
 
@@ -62,8 +81,8 @@ def save_checkpoint(path, params, adam_m, adam_v, meta, before_replace=None):
     for prefix, group in (("params.", params), ("adam.m.", adam_m), ("adam.v.", adam_v)):
         for k, a in group.items():
             tensors[prefix + k] = np.ascontiguousarray(a, dtype=np.float32)
-    metadata = {"format": FORMAT, "version": VERSION, "meta": json.dumps(meta),
-                "tensors_sha256": tensors_sha256(tensors)}
+    text = json.dumps(meta)
+    metadata = {"format": FORMAT, "version": VERSION, "meta": text, "sha256": checkpoint_sha256(tensors, text)}
     atomic_write(path, save(tensors, metadata=metadata), before_replace)
 
 
@@ -96,16 +115,12 @@ def load_checkpoint(path):
     if metadata.get("format") != FORMAT:
         raise FileFormatError(f"{path} is not a gpt-numpy training checkpoint (format "
                               f"{metadata.get('format')!r}, expected {FORMAT!r})")
-    if metadata.get("version") != VERSION:
-        raise FileFormatError(f"{path} has checkpoint version {metadata.get('version')!r}; "
-                              f"this code reads version {VERSION}")
-    if tensors_sha256(tensors) != metadata.get("tensors_sha256"):
-        raise FileFormatError(f"{path} is corrupt: its tensors do not match the sha256 recorded in it; "
-                              f"it was not loaded")
+    verify_hash(path, tensors, metadata)
     try:
         meta = json.loads(metadata["meta"])
     except (KeyError, ValueError) as e:
         raise FileFormatError(f"{path} is corrupt: unreadable metadata ({e})") from None
+    check_meta(meta, path)
     groups = {"params.": {}, "adam.m.": {}, "adam.v.": {}}
     for name, a in tensors.items():
         for prefix, group in groups.items():
@@ -114,6 +129,7 @@ def load_checkpoint(path):
                 break
         else:
             raise FileFormatError(f"{path} has an unexpected tensor {name!r}")
+    check_tensors(tensors, path)
     params, m, v = groups.values()
     if not params:
         raise FileFormatError(f"{path} holds no parameters")
@@ -122,15 +138,106 @@ def load_checkpoint(path):
     return Checkpoint(path, params, m, v, meta)
 
 
+def verify_hash(path, tensors, metadata):
+    """Version 2: the tensors and the metadata against "sha256". Version 1: the tensors against
+    "tensors_sha256", the metadata unverified (a note says so). Any other version is refused."""
+    version = metadata.get("version")
+    if version == VERSION:
+        if checkpoint_sha256(tensors, metadata.get("meta", "")) != metadata.get("sha256"):
+            raise FileFormatError(f"{path} is corrupt: its tensors or metadata do not match the sha256 recorded "
+                                  f"in it; it was not loaded")
+    elif version == "1":
+        if tensors_sha256(tensors) != metadata.get("tensors_sha256"):
+            raise FileFormatError(f"{path} is corrupt: its tensors do not match the sha256 recorded in it; "
+                                  f"it was not loaded")
+        print(f"note: {path} is a version-1 checkpoint: its hash covers the tensors, not the metadata, which is "
+              f"used unverified (a checkpoint saved now is version {VERSION})", file=sys.stderr)
+    else:
+        raise FileFormatError(f"{path} has checkpoint version {version!r}; this code reads versions 1 and "
+                              f"{VERSION}")
+
+
+def check_tensors(tensors, path):
+    """Every tensor float32 and finite: an int32 tensor would fail later with a traceback (or be cast in
+    silence), a nan weight would sample nan probabilities."""
+    for name, a in tensors.items():
+        if a.dtype != np.float32:
+            raise FileFormatError(f"{path}: tensor {name} has dtype {a.dtype}, expected float32; it was not loaded")
+    for name, a in tensors.items():
+        if not np.isfinite(a).all():
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            raise FileFormatError(f"{path} holds non-finite values: {bad} nan/inf in {name}; it was not loaded "
+                                  f"(a run that diverged? resume from an earlier checkpoint, with a lower --lr)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The metadata's schema: for each key build_meta and train.py write, what its value must be. A key may
+# be absent (a weights-only file has no training state); what a use needs is checked by that use
+# (Checkpoint.model_config, .tokenizer, .missing_training_state).
+
+def _count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _number(v, nan_ok=False):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and (nan_ok or math.isfinite(v))
+
+
+def _pcg64_state(v):
+    try:
+        np.random.PCG64().state = v                     # the sampler's own check of the state
+        return True
+    except (TypeError, ValueError, KeyError, OverflowError):
+        return False
+
+
+def _progress(v):
+    return (isinstance(v, dict) and _number(v.get("elapsed_s", 0)) and _count(v.get("tokens_seen", 0))
+            and (v.get("best_val_loss") is None or _number(v["best_val_loss"], nan_ok=True))
+            and (v.get("last_eval") is None or isinstance(v["last_eval"], dict)))
+
+
+META_SCHEMA = {
+    "step": (_count, "a non-negative integer"),
+    "adam_t": (_count, "a non-negative integer"),
+    "model_config": (lambda v: isinstance(v, dict), "an object (GPTConfig's fields)"),
+    "tokenizer": (lambda v: isinstance(v, dict) and isinstance(v.get("kind"), str) and isinstance(v.get("text"), str),
+                  "an object with a kind and a text"),
+    "train_config": (lambda v: isinstance(v, dict), "an object (train.py's TrainConfig)"),
+    "rng": (lambda v: isinstance(v, dict) and _pcg64_state(v.get("batch")), "an object whose batch is a PCG64 state"),
+    "loss_scaler": (lambda v: isinstance(v, dict) and _number(v.get("scale")) and v["scale"] > 0
+                    and _count(v.get("good_steps")), "an object with a positive scale and a good_steps count"),
+    "sampler": (lambda v: isinstance(v, dict), "an object"),
+    "data": (lambda v: isinstance(v, dict) and isinstance(v.get("key"), dict), "an object with the data cache's key"),
+    "progress": (_progress, "an object with elapsed_s, tokens_seen, best_val_loss and last_eval"),
+    "imported_from": (lambda v: isinstance(v, str), "a string"),
+}
+TRAINING_STATE = ("step", "adam_t", "train_config", "rng", "data", "progress")   # what --resume reads
+PROGRESS = ("elapsed_s", "tokens_seen", "best_val_loss")                          # ... and in progress
+
+
+def check_meta(meta, path):
+    """FileFormatError (one line naming the key) unless meta is an object whose known keys hold values
+    of the schema's types."""
+    if not isinstance(meta, dict):
+        raise FileFormatError(f"{path}: the checkpoint's metadata is {type(meta).__name__}, expected an object; "
+                              f"it was not loaded")
+    for key, (ok, what) in META_SCHEMA.items():
+        if key in meta and not ok(meta[key]):
+            raise FileFormatError(f"{path}: the checkpoint's metadata has {key} = {json.dumps(meta[key])[:80]}, "
+                                  f"expected {what}; it was not loaded")
+
+
 def read_meta(path):
     """Only the JSON metadata of a checkpoint, without verifying the tensors (cheap; for messages)."""
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
-        return json.loads(header["__metadata__"]["meta"])
+        meta = json.loads(header["__metadata__"]["meta"])
     except Exception:
         return None
+    return meta if isinstance(meta, dict) else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -165,25 +272,59 @@ class Checkpoint:
     @property
     def has_training_state(self):
         """Does it hold what --resume needs: the optimizer, the sampler and the training config?"""
-        return bool(self.adam_m) and "rng" in self.meta and "train_config" in self.meta
+        return not self.missing_training_state()
+
+    def missing_training_state(self):
+        """What --resume needs and this file lacks: [] for a complete training checkpoint."""
+        progress = self.meta.get("progress", {})
+        return ((["the optimizer state"] if not self.adam_m else []) + [k for k in TRAINING_STATE if k not in self.meta]
+                + [f"progress.{k}" for k in PROGRESS if "progress" in self.meta and k not in progress])
 
     def model_config(self, **override):
         """The model's GPTConfig, with `override` applied (e.g. a run's dropout); FileFormatError if the
-        metadata holds none that is usable. Keys a newer GPTConfig dropped are ignored."""
+        metadata holds none that is usable, or one that cannot be this file's (check_model_fits_file).
+        Keys a newer GPTConfig dropped are ignored."""
         known = set(gpt_numpy.GPTConfig.__dataclass_fields__)
         try:
             saved = {k: v for k, v in self.meta["model_config"].items() if k in known}
-            return gpt_numpy.GPTConfig(**{**saved, **override})
+            cfg = gpt_numpy.GPTConfig(**{**saved, **override})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise FileFormatError(f"{self.path}: no usable model config in the checkpoint ({e})") from None
+        check_model_fits_file(cfg, self.params, self.path)
+        return cfg
 
     def tokenizer(self):
-        """The tokenizer embedded in the metadata; FileFormatError if there is none or it is unreadable."""
+        """The tokenizer embedded in the metadata; FileFormatError if there is none, it is unreadable or
+        its text does not match its recorded sha256."""
         try:
             t = self.meta["tokenizer"]
+            if "sha256" in t and text_sha256(t["text"]) != t["sha256"]:
+                raise ValueError("its text does not match its sha256")
             return tokenizer_from_text(t["kind"], t["text"])
         except (KeyError, TypeError, ValueError) as e:
             raise FileFormatError(f"{self.path}: no usable tokenizer in the checkpoint ({e})") from None
+
+
+def check_model_fits_file(cfg, params, path):
+    """Refuse, before anything is built from it, a model config that cannot describe these tensors: a
+    context beyond memory.LONGEST_CONTEXT, or a tensor count that differs from the file's (n_layer = 10**9
+    would otherwise build a table of 10**10 names). Shapes are compared later, by load_params."""
+    if cfg.max_seq_len > memory.LONGEST_CONTEXT:
+        raise FileFormatError(f"{path}: the model config says max_seq_len {cfg.max_seq_len:,}, beyond any context "
+                              f"this code runs (at most {memory.LONGEST_CONTEXT:,}); damaged metadata?")
+    n = memory.count_params(cfg)[1]
+    if n != len(params):
+        raise FileFormatError(f"{path} does not fit its model config: n_layer {cfg.n_layer:,} means {n:,} weight "
+                              f"tensors, and the file holds {len(params):,}")
+
+
+def check_tokenizer_fits(tok, cfg, path):
+    """A tokenizer with more ids than the model, or a character tokenizer with fewer (every id of a char
+    model is a character; a sampled id past the vocabulary would have no text): FileFormatError.
+    A BPE tokenizer may have fewer ids (a Hugging Face model's vocabulary padded to a round size)."""
+    if tok.vocab_size > cfg.vocab_size or (tok.kind == "char" and tok.vocab_size != cfg.vocab_size):
+        raise FileFormatError(f"{path}: its {tok.kind} tokenizer has {tok.vocab_size} ids but its model "
+                              f"{cfg.vocab_size}; it cannot be sampled or trained")
 
 
 def load_params(gm, host_params, cfg, path="the checkpoint"):
@@ -216,5 +357,7 @@ def load_model(path, backend="numpy"):
     gm = load_backend(backend)
     ck = load_checkpoint(path)
     cfg = ck.model_config(dropout=0.0, checkpoint=False)
+    tok = ck.tokenizer()
+    check_tokenizer_fits(tok, cfg, ck.path)
     params = load_params(gm, ck.params, cfg, ck.path)
-    return Model(ck.path, params, cfg, ck.tokenizer(), ck.meta, gm)
+    return Model(ck.path, params, cfg, tok, ck.meta, gm)

@@ -14,6 +14,7 @@ programs (the backend switch, malloc tuning). Every file is read through bpe.rea
 pieces, so memory does not grow with the corpus.
 """
 
+import codecs
 import glob
 import hashlib
 import json
@@ -22,6 +23,7 @@ import re
 import sys
 import sysconfig
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +50,7 @@ def atomic_write(path, data, before_replace=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with naming_errors(path), open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -59,6 +61,128 @@ def atomic_write(path, data, before_replace=None):
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def naming_errors(path):
+    """Inside: an OSError that names no file (a full disk, [Errno 28]; a file size limit, [Errno 27]) gets
+    `path`, so its one-line message says which file could not be written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+def file_mode():
+    """The mode open() gives a new file: 0o666 less the umask (0o644 with the usual umask 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_folder(dest, write, force=False, what="--out"):
+    """Write a folder whole: write(tmp) fills a new folder beside dest, which then takes dest's place, so
+    that dest never holds a mix of old and new files. dest must be missing or empty (this project's marker
+    and lock aside) unless force; with force its old content goes, all of it. A folder that holds folders,
+    or the current folder or one above it, is never replaced. Returns dest (a Path)."""
+    import shutil
+    dest = Path(dest).expanduser()
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"{what} {dest} is a file; expected a folder")
+    old = sorted(p.name for p in dest.iterdir() if p.name not in (OUTPUT_MARK, LOCK_NAME)) if dest.is_dir() else []
+    if old and not force:
+        raise UserError(f"{what} {dest} is not empty (it holds {', '.join(old[:3])}{' ...' if len(old) > 3 else ''}); "
+                        f"pass --force to replace it whole, or choose a new folder")
+    if old and (any((dest / n).is_dir() for n in old) or dest.resolve() in (Path.cwd(), *Path.cwd().parents)):
+        raise UserError(f"{what} {dest} holds folders (or is the current folder): --force replaces only a folder "
+                        f"of files; remove it yourself if it should go")
+    tmp, trash = (dest.with_name(f".{dest.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if dest.exists():
+            with locked_folder(dest, what):             # not while a train.py writes it
+                os.replace(dest, trash)
+            os.replace(tmp, dest)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def remove_stale_temp_files(folder, pattern):
+    """Delete the temporary files (`pattern`, named ...tmp-<pid>) that a killed process left in folder:
+    this process's own, or those whose process is gone. Another live process's file is its work in
+    progress and stays. Example: ".train.bin.tmp-18682" stays while process 18682 runs."""
+    for tmp in Path(folder).glob(pattern):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)                                 # signal 0: only asks whether it exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:                             # it exists, under another user
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# The project's own folders: a marker that keeps them out of every corpus, and a lock per run folder
+
+OUTPUT_MARK = ".gpt-numpy-output"       # in data/ and in every run's out dir: never read as a corpus
+LOCK_NAME = ".lock"                     # in a run's out dir while a process writes it
+
+
+def mark_output_folder(folder):
+    """Mark a folder this project writes (the data caches, a run's out dir), so that find_sources leaves it
+    out of a corpus (`--data .` would otherwise train on its own checkpoints' logs and caches)."""
+    mark = Path(folder) / OUTPUT_MARK
+    if not mark.exists():
+        with naming_errors(mark):
+            mark.write_text("written by train.py / export.py of gpt-numpy: data.find_sources leaves this folder "
+                            "out of every corpus\n")
+
+
+@contextmanager
+def locked_folder(folder, what="--out-dir"):
+    """Hold an exclusive advisory lock (flock) on folder/.lock while inside, or raise UserError at once if
+    another process holds it. The kernel drops the lock when its process ends, killed or not, so a
+    crashed run never leaves its folder locked. (No-op where fcntl is missing.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(folder) / LOCK_NAME
+    with naming_errors(path):
+        f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "?"
+            raise UserError(f"{what} {folder} is in use by another process (pid {owner}); wait for it to finish, "
+                            f"or choose another {what}") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()                                       # releases the lock
 
 
 def fsync_dir(folder):
@@ -155,8 +279,27 @@ def data_name(data):
     return safe_name(data) + "-" + hashlib.sha256(data.encode()).hexdigest()[:6]
 
 
-def find_sources(data, data_dir):
-    """--data -> (root, files): the folder the paths are named relative to, and the files in sorted order."""
+def is_output_folder(folder, skip=()):
+    """A folder this project writes (marked by mark_output_folder, or one of `skip`: resolved paths)."""
+    return (Path(folder) / OUTPUT_MARK).is_file() or Path(folder).resolve() in skip
+
+
+def in_output_folder(path, root, skip, seen):
+    """Does a file lie in an output folder at or below root? (seen: a cache of folder -> bool)"""
+    for folder in Path(path).parents:
+        if folder not in seen:
+            seen[folder] = is_output_folder(folder, skip)
+        if seen[folder]:
+            return True
+        if folder == root:
+            return False
+    return False
+
+
+def find_sources(data, data_dir, skip=()):
+    """--data -> (root, files): the folder the paths are named relative to, and the files in sorted order.
+    A folder or glob leaves out hidden files and the project's own output folders: data_dir, the folders
+    in `skip` (a run's out dir) and any folder marked by mark_output_folder."""
     if data == "stdlib":
         return stdlib_sources()
     if data == "shakespeare":
@@ -167,18 +310,27 @@ def find_sources(data, data_dir):
         if not is_text_file(path):
             raise UserError(f"--data {data!r} is not a text file (it holds NUL bytes: a binary file?)")
         return path.parent, [path]
+    skip = {Path(p).expanduser().resolve() for p in (data_dir, *skip) if p}
     if path.is_dir():
-        files = [p for p in path.rglob("*")
-                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
-        files = sorted((p for p in files if is_text_file(p)), key=lambda p: p.relative_to(path).as_posix())
+        files = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                                 and not is_output_folder(Path(dirpath) / d, skip))
+            files += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
+        files = sorted((p for p in files if p.is_file() and is_text_file(p)),
+                       key=lambda p: p.relative_to(path).as_posix())
         if not files:
             raise UserError(f"empty corpus: the folder {data} holds no text files")
         return path, files
     if glob.has_magic(data):
         files = sorted(Path(p).resolve() for p in glob.glob(os.path.expanduser(data), recursive=True)
                        if os.path.isfile(p))
+        matched, seen = len(files), {}
+        if files:
+            root = Path(os.path.commonpath([p.parent for p in files]))
+            files = [p for p in files if not in_output_folder(p, root, skip, seen)]
         if not files:
-            raise UserError(f"no files match --data {data!r}")
+            raise UserError(f"no files match --data {data!r}" + (" outside the output folders" if matched else ""))
         return Path(os.path.commonpath([p.parent for p in files])), files
     raise UserError(f"--data {data!r}: no such file or folder (expected a text file, a folder, a glob, "
                     f"'stdlib' or 'shakespeare')")
@@ -470,14 +622,19 @@ def tokenizer_tag(cfg):
 DATA_FORMAT = 1
 
 
+def data_key(cfg, sources, tok):
+    """What a token cache is keyed by (and a checkpoint records): the corpus, the tokenizer, the split."""
+    return {"format": DATA_FORMAT, "sources_sha256": sources["sha256"], "tokenizer_sha256": text_sha256(tok.to_text()),
+            "val_fraction": cfg.val_fraction}
+
+
 def prepare_data(cfg, name, root, files, sources, tok, log=print):
     """Tokenize the corpus into the cache (or reuse it) and return {"train": memmap, "val": memmap, "meta": ...}.
 
     Memory stays bounded: files are read in ~1 MB pieces, ids are appended to a file as they come, the
     split copies the tail in chunks, and the sources are hashed while they stream.
     """
-    key = {"format": DATA_FORMAT, "sources_sha256": sources["sha256"], "tokenizer_sha256": text_sha256(tok.to_text()),
-           "val_fraction": cfg.val_fraction}
+    key = data_key(cfg, sources, tok)
     cache = Path(cfg.data_dir) / name / tokenizer_tag(cfg)
     meta_path = cache / "meta.json"
     if meta_path.is_file():
@@ -494,12 +651,11 @@ def prepare_data(cfg, name, root, files, sources, tok, log=print):
     # (re)build: distrust the old cache first, then write every file under a temporary name
     cache.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)
-    for stale in cache.glob(".*.tmp-*"):
-        stale.unlink(missing_ok=True)
+    remove_stale_temp_files(cache, ".*.tmp-*")         # never another live run's work in progress
     t0 = time.time()
     all_tmp, val_tmp = cache / f".train.bin.tmp-{os.getpid()}", cache / f".val.bin.tmp-{os.getpid()}"
     try:
-        n = tokenize_files(files, sources, tok, all_tmp, desc=f"tokenizing {name}")
+        n = tokenize_files(files, sources, tok, all_tmp, desc=f"tokenizing {name}", log=log)
         n_train = int(n * (1.0 - cfg.val_fraction))
         split_tail(all_tmp, val_tmp, n_train * np.dtype(tok.dtype).itemsize)
         os.replace(all_tmp, cache / "train.bin")
@@ -528,16 +684,19 @@ def prepare_data(cfg, name, root, files, sources, tok, log=print):
     return data
 
 
-def tokenize_files(files, sources, tok, out_path, desc):
+def tokenize_files(files, sources, tok, out_path, desc, log=print):
     """Append every file's ids (tok.dtype) to out_path, documents separated by <|endoftext|> where the
-    tokenizer has it, checking each file against its digest as it streams. Returns the number of ids."""
+    tokenizer has it, checking each file against its digest as it streams. Returns the number of ids.
+    A file whose bytes are not all UTF-8 under a tokenizer that replaces them (char) gets a warning."""
     from tqdm import tqdm
     eot, n = eot_id(tok), 0
-    with open(out_path, "wb") as out, tqdm(total=sources["bytes"], unit="B", unit_scale=True, desc=desc,
-                                           dynamic_ncols=True, disable=None) as bar:
+    errors = COUNTING_REPLACE if tok.file_errors == "replace" else tok.file_errors
+    with naming_errors(out_path), open(out_path, "wb") as out, tqdm(
+            total=sources["bytes"], unit="B", unit_scale=True, desc=desc, dynamic_ncols=True, disable=None) as bar:
         for p, entry in zip(files, sources["files"]):
             h = hashlib.sha256()
-            for text, nbytes in bpe.read_text_blocks(p, 1 << 20, cut=tok.cut, errors=tok.file_errors, hasher=h):
+            invalid_before = _replaced[0]
+            for text, nbytes in bpe.read_text_blocks(p, 1 << 20, cut=tok.cut, errors=errors, hasher=h):
                 ids = np.asarray(tok.encode_ordinary(text), dtype=tok.dtype)
                 out.write(ids.tobytes())
                 n += ids.size
@@ -547,12 +706,29 @@ def tokenize_files(files, sources, tok, out_path, desc):
                 n += 1
             if h.hexdigest() != entry["sha256"]:
                 raise UserError(f"{p} changed while the data was being prepared; run again")
+            if _replaced[0] > invalid_before:
+                log(f"warning: {p}: {_replaced[0] - invalid_before:,} bytes are not UTF-8 and were read as U+FFFD "
+                    f"(the {tok.kind} tokenizer reads text; a BPE tokenizer keeps every byte)")
     return n
+
+
+# The "replace" error handler (invalid UTF-8 -> U+FFFD, exactly as errors="replace" decodes), counting
+# the bytes it replaces in _replaced[0], so tokenize_files can say how many there were in each file.
+COUNTING_REPLACE = "gpt-numpy-counting-replace"
+_replaced = [0]
+
+
+def _counting_replace(e):
+    _replaced[0] += e.end - e.start
+    return codecs.replace_errors(e)
+
+
+codecs.register_error(COUNTING_REPLACE, _counting_replace)
 
 
 def split_tail(path, tail_path, at):
     """Move the bytes of path from offset `at` on into tail_path (in 16 MB chunks), both fsynced."""
-    with open(path, "r+b") as f, open(tail_path, "wb") as v:
+    with naming_errors(tail_path), open(path, "r+b") as f, open(tail_path, "wb") as v:
         f.seek(at)
         for b in iter(lambda: f.read(1 << 24), b""):
             v.write(b)

@@ -44,6 +44,7 @@ files are read and widened to float32.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,7 +54,7 @@ from safetensors.numpy import load_file, save_file
 
 import gpt_numpy as gn
 from checkpoint import build_meta, load_model, save_checkpoint
-from data import tokenizer_from_hf_json
+from data import file_mode, mark_output_folder, tokenizer_from_hf_json, write_folder
 from errors import ArgumentParser, FileFormatError, UserError
 
 
@@ -299,6 +300,7 @@ def export_hf(params, cfg, tok, out_dir):
     out.mkdir(parents=True, exist_ok=True)
     # transformers refuses a safetensors file whose metadata lacks format=pt ("save with save_pretrained")
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", file_mode())    # safetensors creates it 0600; the rest are 0644
     write_json(out / "config.json", config)
     gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}   # generate() stops at eos
     write_json(out / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
@@ -365,6 +367,21 @@ def write_checkpoint(path, params, cfg, tok, source):
     return path
 
 
+def write_import(out, params, cfg, tok, source, force=False):
+    """write_checkpoint to --out: a .safetensors file (refused if it exists, unless force), or a folder
+    written whole (data.write_folder: refused if not empty, unless force), marked as a run folder."""
+    out = Path(out)
+    if out.suffix == ".safetensors":
+        if out.exists() and not force:
+            raise UserError(f"--out {out} exists; pass --force to replace it")
+        return write_checkpoint(out, params, cfg, tok, source)
+
+    def write(d):
+        write_checkpoint(d, params, cfg, tok, source)
+        mark_output_folder(d)
+    return write_folder(out, write, force) / "ckpt.safetensors"
+
+
 EPILOG = """examples:
   python export.py --ckpt out/stdlib-bpe2048 --out export/stdlib-bpe2048      # -> transformers
   python export.py --import-hf path/to/llama-dir --out out/imported --max-seq-len 1024
@@ -389,6 +406,9 @@ def parse_args(argv):
                      help="import this Hugging Face Llama folder into the checkpoint --out")
     p.add_argument("--out", required=True, metavar="PATH",
                    help="export: the folder to write; import: a .safetensors file or a folder for ckpt.safetensors")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out whole (never a folder that holds folders); without it, a "
+                        "non-empty --out (another model, a training run) is refused")
     p.add_argument("--max-seq-len", type=int, metavar="N",
                    help="import: context length to use (default: the model's max_position_embeddings)")
     args = p.parse_args(argv)
@@ -408,13 +428,13 @@ def main(argv=None):
     try:
         if args.ckpt:
             m = load_model(args.ckpt)                   # gpt_numpy as the backend: arrays stay NumPy
-            export_hf(m.params, m.cfg, m.tokenizer, args.out)
+            write_folder(args.out, lambda d: export_hf(m.params, m.cfg, m.tokenizer, d), args.force)
             print(f"wrote {args.out}: LlamaForCausalLM with {gn.num_params(m.params):,} parameters", file=sys.stderr)
         else:
             params, cfg, tok = import_hf(args.import_hf, args.max_seq_len)
             if tok is None:
                 raise FileFormatError(f"{args.import_hf} has no tokenizer.json, and a checkpoint carries its tokenizer")
-            path = write_checkpoint(args.out, params, cfg, tok, args.import_hf)
+            path = write_import(args.out, params, cfg, tok, args.import_hf, args.force)
             print(f"wrote {path}: {gn.num_params(params):,} parameters, context {cfg.max_seq_len}", file=sys.stderr)
     except (UserError, OSError) as e:
         print(f"export.py: error: {e}", file=sys.stderr)

@@ -864,7 +864,10 @@ def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
     logits = np.asarray(logits, dtype=np.float64)
     if temperature == 0:
         return int(np.argmax(logits))
-    logits = logits / temperature
+    # subtle: shift by the max before dividing. With a tiny temperature (1e-310) logits / t overflows to
+    # inf, and inf - inf is nan; shifted, the best logit stays 0 and the others can only go to -inf.
+    with np.errstate(over="ignore"):
+        logits = (logits - logits.max()) / temperature
     if top_k is not None and 0 < top_k < logits.size:
         kth = np.partition(logits, -top_k)[-top_k]
         logits = np.where(logits < kth, -np.inf, logits)

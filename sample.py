@@ -17,6 +17,7 @@ import codecs
 import math
 import sys
 
+import memory
 from checkpoint import load_model
 from data import encode_prompt
 from errors import ArgumentParser, UserError
@@ -38,6 +39,14 @@ def stream(params, cfg, tok, gm, prompt, max_new_tokens, temperature, top_k, top
     out.write(dec.decode(b"", final=True) + "\n")
     out.flush()
     return new
+
+
+def check_memory(m, prompt_len, new_tokens):
+    """Refuse (one line naming memory.py's estimate) a generation whose weights, KV cache and prefill
+    cannot fit."""
+    need = memory.generation_bytes(m.cfg, prompt_len, new_tokens, memory.kv_cache_positions(m.cfg, prompt_len, new_tokens))
+    memory.check_fits(need, f"sampling from {m.path} (context {m.cfg.max_seq_len:,})", m.gm,
+                      hint="a shorter --prompt or fewer --max-new-tokens")
 
 
 def parse_args(argv):
@@ -71,6 +80,7 @@ def main(argv=None):
         return 2
     try:
         m = load_model(args.ckpt, args.backend)
+        check_memory(m, len(encode_prompt(m.tokenizer, args.prompt)), args.max_new_tokens)
         stream(m.params, m.cfg, m.tokenizer, m.gm, args.prompt, args.max_new_tokens, args.temperature,
                args.top_k or None, args.top_p if args.top_p < 1.0 else None, args.seed)
     except BrokenPipeError:                               # e.g. piped into `head`

@@ -50,10 +50,12 @@ from pathlib import Path
 import numpy as np
 
 import gpt_numpy
-from checkpoint import build_meta, load_checkpoint, load_params, read_meta, save_checkpoint
-from data import (data_name, digest_sources, encode_prompt, find_sources, get_batch, get_tokenizer, load_backend,
-                  load_tokenizer_file, prepare_data, safe_name, tokenizer_tag, write_text_atomic)
-from errors import ArgumentParser, UserError
+import memory
+from checkpoint import build_meta, check_tokenizer_fits, load_checkpoint, load_params, read_meta, save_checkpoint
+from data import (data_key, data_name, digest_sources, encode_prompt, find_sources, get_batch, get_tokenizer,
+                  load_backend, load_tokenizer_file, locked_folder, mark_output_folder, naming_errors, prepare_data,
+                  safe_name, tokenizer_tag, write_text_atomic)
+from errors import ArgumentParser, FileFormatError, UserError
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,8 +222,17 @@ def kill_hook(kind, step):
         os.kill(os.getpid(), signal.SIGINT)
 
 
+def check_memory(cfg, mcfg, gm=None):
+    """Refuse a run whose weights, AdamW state and activations cannot fit in the machine's memory (the
+    GPU's for gm = gpt_cupy): memory.py's estimate, one line naming it, instead of an out-of-memory kill."""
+    need = memory.training_bytes(mcfg, cfg.batch_size, cfg.block_size, cfg.mixed_precision)
+    memory.check_fits(need, f"this run ({mcfg.n_layer} layers, d_model {mcfg.d_model}, batch {cfg.batch_size} x "
+                            f"{cfg.block_size} tokens)", gm,
+                      hint="use a smaller model, --batch-size or --block-size (or --checkpoint-activations)")
+
+
 def append_jsonl(path, record):
-    with open(path, "a") as f:
+    with naming_errors(path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -278,9 +289,15 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None):
     source = resume or init                                            # the checkpoint the model comes from
     mcfg = (source.model_config(dropout=cfg.dropout, checkpoint=cfg.checkpoint_activations) if source
             else model_config(cfg, tok.vocab_size))
+    check_memory(cfg, mcfg, gm)
+    if source:
+        check_tokenizer_fits(tok, mcfg, source.path)   # a char vocabulary smaller than the model: refused
     check_corpus_length(cfg, data)
     run = Run(cfg, mcfg, gm, data, tok, open_out_dir(cfg), resumed=resume is not None, log=log)
     state = resumed_state(run, resume) if resume else fresh_state(run, init)
+    if resume and state.step >= cfg.max_iters:
+        log(f"warning: {resume.path} is at step {state.step}, and --max-iters {cfg.max_iters} ends there: nothing to "
+            f"train; pass a larger --max-iters to continue the run")
     log_start(run, state)
     bar = tqdm(total=cfg.max_iters, initial=state.step, unit="step", dynamic_ncols=True, disable=None,
                desc="training")
@@ -328,7 +345,8 @@ def resumed_state(run, ck):
     """The state a checkpoint of this run saved; the log cut back to its step."""
     gm, meta = run.gm, ck.meta
     if not ck.has_training_state:
-        raise UserError("cannot resume: the checkpoint holds weights only (no optimizer or sampler state)")
+        raise UserError(f"cannot resume: the checkpoint lacks {', '.join(ck.missing_training_state())} (a weights-"
+                        f"only file? fine-tune from it with --init-from instead)")
     params = load_params(gm, ck.params, run.mcfg, ck.path)
     opt = {"t": int(meta["adam_t"]), "m": {k: gm.to_device(ck.adam_m[k]) for k in params},
            "v": {k: gm.to_device(ck.adam_v[k]) for k in params}}
@@ -391,8 +409,9 @@ def training_loop(run, state, bar, stop):
             if not (run.resumed and state.step == start_step):         # done before the checkpoint was saved
                 evaluate(run, state)
         saved = False
-        if state.step != start_step and (state.step == cfg.max_iters
-                                         or (cfg.ckpt_interval and state.step % cfg.ckpt_interval == 0)):
+        due = state.step == cfg.max_iters or (cfg.ckpt_interval and state.step % cfg.ckpt_interval == 0)
+        # a fresh run with --max-iters 0 saves its step 0: the out dir's checkpoint is then its own
+        if due and (state.step != start_step or (not run.resumed and state.step == cfg.max_iters)):
             save(run, state)
             saved = True
         kill_hook("step", state.step)
@@ -614,6 +633,8 @@ def parse_args(argv):
                         "pass one of them (a fine-tuning run resumes with --resume alone)")
     if resume is None and not cfg.init_from:
         model_config(cfg, max(cfg.vocab_size, 256))     # a bad model shape fails now, before data preparation
+        if cfg.backend == "numpy":                      # and so does a size that cannot fit (vocab: a lower bound)
+            check_memory(cfg, model_config(cfg, cfg.vocab_size if cfg.tokenizer == "bpe" else 1))
     return cfg, explicit, flags, resume
 
 
@@ -657,6 +678,7 @@ def resume_config(cfg, explicit, flags, meta):
     """The checkpoint's config, with the flags that may change on resume applied; any other explicit flag
     that differs from the checkpoint is an error (it would silently make the run a different one)."""
     known = {f.name for f in fields(TrainConfig)}
+    check_saved_config(meta["train_config"])
     saved = TrainConfig(**{**asdict(TrainConfig()), **{k: v for k, v in meta["train_config"].items() if k in known}})
     if saved.init_from:         # a fine-tuning run took its model and tokenizer from a checkpoint, not a preset
         explicit = (explicit - {*FROM_CHECKPOINT, "tokenizer"}) | (explicit & flags)
@@ -670,6 +692,19 @@ def resume_config(cfg, explicit, flags, meta):
     for k in explicit & RESUME_MAY_CHANGE:
         setattr(saved, k, getattr(cfg, k))
     return saved
+
+
+def check_saved_config(values):
+    """A checkpoint's train_config: each known setting of its flag's type (an int may stand for a float),
+    else FileFormatError naming it, before anything uses it."""
+    for f in fields(TrainConfig):
+        if f.default is None:                          # a setting that may be anything (none yet)
+            continue
+        v, want = values.get(f.name, f.default), type(f.default)
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool)) if want is float else type(v) is want
+        if not ok:
+            raise FileFormatError(f"the checkpoint's train_config has {f.name} = {json.dumps(v)[:60]}, expected "
+                                  f"{want.__name__}")
 
 
 def init_config(cfg, flags, ck):
@@ -725,14 +760,15 @@ def prepare_and_train(cfg, explicit, flags, resume, log=print):
     cfg.name = cfg.name or data_name(cfg.data)
     cfg.out_dir = cfg.out_dir or default_out_dir(cfg)
     make_folders(cfg)
-    tok, data = load_corpus(cfg, ck, init, tok, log)
-    if ck is None and (Path(cfg.out_dir) / "ckpt.safetensors").is_file():
-        old = read_meta(Path(cfg.out_dir) / "ckpt.safetensors")
-        log(f"note: starting afresh; {cfg.out_dir}/ckpt.safetensors (step {old['step'] if old else '?'}) will "
-            f"be overwritten (use --resume to continue it instead)")
-    if cfg.sample_tokens:
-        encode_prompt(tok, cfg.sample_prompt)           # an unencodable --sample-prompt fails now, not mid-run
-    result = train(cfg, data, tok, gm, resume=ck, log=log, init=init)
+    with locked_folder(cfg.out_dir):                    # one process at a time writes a run folder
+        tok, data = load_corpus(cfg, ck, init, tok, log)
+        if ck is None and (Path(cfg.out_dir) / "ckpt.safetensors").is_file():
+            old = read_meta(Path(cfg.out_dir) / "ckpt.safetensors")
+            log(f"note: starting afresh; {cfg.out_dir}/ckpt.safetensors (step {old.get('step', '?') if old else '?'})"
+                f" will be overwritten (use --resume to continue it instead)")
+        if cfg.sample_tokens:
+            encode_prompt(tok, cfg.sample_prompt)       # an unencodable --sample-prompt fails now, not mid-run
+        result = train(cfg, data, tok, gm, resume=ck, log=log, init=init)
     result["data_meta"] = data["meta"]
     return result
 
@@ -759,9 +795,11 @@ def open_resume(cfg, explicit, flags, resume):
 
 
 def make_folders(cfg):
+    """The out dir and the data dir, each marked as this project's output (never read as a corpus)."""
     for flag_, folder in (("--out-dir", cfg.out_dir), ("--data-dir", cfg.data_dir)):
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
+            mark_output_folder(folder)
         except OSError as e:
             raise UserError(f"{flag_} {folder!r} cannot be used as a folder: {e.strerror or e}") from None
 
@@ -769,7 +807,7 @@ def make_folders(cfg):
 def load_corpus(cfg, ck, init, tok, log):
     """The corpus's files, the tokenizer (a resumed run's own, a fine-tuning run's from init, or the
     cached or trained one) and the token cache: (tok, data)."""
-    root, files = find_sources(cfg.data, cfg.data_dir)
+    root, files = find_sources(cfg.data, cfg.data_dir, skip=(cfg.out_dir,))
     sources = digest_sources(root, files, Path(cfg.data_dir) / cfg.name / "sources.json")
     if sources["bytes"] == 0:
         raise UserError(f"empty corpus: {cfg.data} holds no text")
@@ -783,11 +821,11 @@ def load_corpus(cfg, ck, init, tok, log):
         write_text_atomic(cfg.tokenizer, tok.to_text())
     else:
         tok = get_tokenizer(cfg, cfg.name, root, files, sources, log)
-    data = prepare_data(cfg, cfg.name, root, files, sources, tok, log)
-    if ck is not None and data["meta"]["key"] != ck.meta["data"]["key"]:
+    # checked before prepare_data, which would rebuild (overwrite) the cache of the checkpoint's own corpus
+    if ck is not None and data_key(cfg, sources, tok) != ck.meta["data"]["key"]:
         raise UserError("cannot resume: the corpus (or its tokenization) differs from the checkpoint's "
-                        f"(sources sha256 {data['meta']['sources_sha256'][:12]} now); restore the data or "
-                        "start a new run")
+                        f"(sources sha256 {sources['sha256'][:12]} now); restore the data or start a new run")
+    data = prepare_data(cfg, cfg.name, root, files, sources, tok, log)
     return tok, data
 
 
