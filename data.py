@@ -582,12 +582,16 @@ def open_data(cache, meta):
 # ----------------------------------------------------------------------------------------------------
 # The batch sampler
 
-def get_batch(data, batch_size, block_size, rng):
+def get_batch(data, batch_size, block_size, rng, read=True):
     """batch_size random windows of block_size + 1 tokens: inputs x and targets y = x shifted by one.
+    read=False draws the windows (rng moves on exactly as it would) but reads nothing and returns None:
+    under mpiexec a rank draws the other ranks' micro-batches too, so that every sampler stays equal.
 
     Example: data = [5, 6, 7, 8], block_size 2, a window at 1 -> x = [[6, 7]], y = [[7, 8]].
     """
     ix = rng.integers(0, len(data) - block_size, size=batch_size)
+    if not read:
+        return None
     b = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)   # (B, T+1)
     return b[:, :-1], b[:, 1:]                                                  # (B, T), (B, T)
 
