@@ -6,7 +6,9 @@ bench_bpe.py: how fast bpe.py trains and encodes, next to tiktoken (and Hugging 
 
 Prints one table: training time split into its two passes (count chunks, merge), merges/s, and encoding
 speed in MB/s (1 MB = 10^6 bytes of UTF-8 input) for the tokenizer trained here and for GPT-2's, with
-tiktoken's speed on the same text and whether its ids are identical. Each row is the best of --trials
+tiktoken's speed on the same text and whether its ids are identical. --prepare-workers 1,2 adds the
+corpus preparation of train.py (data.tokenize_files: read, encode, write the ids) with 1 and 2 encoding
+processes, on the corpus --repeat times over, and whether the ids are identical. Each row is the best of --trials
 runs (min is the least noisy on a shared machine) with the median beside it. Encoding starts from an
 empty chunk cache in every trial. The corpus is read from its path and never copied.
 """
@@ -42,6 +44,9 @@ def main():
     p.add_argument("--gpt2-dir", default=str(SHARED / "gpt2"), help="folder with GPT-2's encoder.json, vocab.bpe")
     p.add_argument("--trials", type=int, default=3, help="runs per measurement (default 3)")
     p.add_argument("--hf", action="store_true", help="also time Hugging Face's Rust BPE trainer (tokenizers)")
+    p.add_argument("--prepare-workers", default="", metavar="N,N",
+                   help="also time data.tokenize_files with these numbers of encoding processes, e.g. 1,2")
+    p.add_argument("--repeat", type=int, default=4, help="--prepare-workers: the corpus this many times over")
     args = p.parse_args()
 
     corpus = Path(args.corpus)
@@ -111,10 +116,36 @@ def main():
             _, best, med = timed(hf_train, args.trials)
             rows.append(("train: HF tokenizers, Rust (s)", best, med))
 
+    if args.prepare_workers:
+        prepare_speed(rows, corpus, tok, [int(w) for w in args.prepare_workers.split(",")], args.repeat, args.trials)
+
     print(f"\n| {'measurement':<34} | {'best':>10} | {'median':>10} |\n|{'-' * 36}|{'-' * 12}|{'-' * 12}|")
     for what, best, med in rows:
         fmt = lambda v: f"{v:10.2f}" if isinstance(v, float) else f"{v:>10}"  # noqa: E731
         print(f"| {what:<34} | {fmt(best)} | {fmt(med)} |")
+
+
+def prepare_speed(rows, corpus, tok, workers, repeat, trials):
+    """Rows for data.tokenize_files (train.py's corpus preparation: read, encode, write the ids) on the
+    corpus `repeat` times over, with each number of encoding processes (a fresh pool every trial, its
+    start-up included), and whether every run wrote the same ids."""
+    import hashlib
+    import tempfile
+    import data
+    entry = {"path": corpus.name, "bytes": corpus.stat().st_size, "sha256": data.file_sha256(corpus)}
+    sources = {"bytes": entry["bytes"] * repeat, "files": [entry] * repeat}
+    mb = sources["bytes"] / 1e6
+    digests = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ids.bin"
+        for w in workers:
+            def run():
+                n = data.tokenize_files([corpus] * repeat, sources, tok, out, desc="tokenize", workers=w)
+                digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+                return n
+            n, best, med = timed(run, trials)
+            rows.append((f"prepare {mb:.0f} MB, {w} worker(s) (MB/s)", mb / best, mb / med))
+    rows.append(("prepare: ids identical", "yes" if len(digests) == 1 else "NO", f"{n} ids"))
 
 
 if __name__ == "__main__":
