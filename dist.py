@@ -17,7 +17,7 @@ stay equal. What this file adds to train.py's loop:
    global micro-batch index. So 2 ranks x grad_accum 1 and 1 process x grad_accum 2 see the same
    sequences and masks, and (a sum of two terms being the same either way round) end with the same
    weights, bit for bit. With 3 terms a sum depends on its grouping: ((g0 + g1) + g2) in one process,
-   whatever tree MPI picks across 3 ranks: equal to about 1e-7, not bit for bit.
+   whatever tree MPI picks across 3 ranks: equal to about 1e-7, not necessarily bit for bit.
 2. Gradients averaged in one flat buffer (DataParallel), laid out in the order the backward pass
    finishes them (LM head and final norm, the last block ... the first, the embedding) and cut into
    buckets of whole layers. A bucket is sent (MPI Iallreduce, or NCCL on its own CUDA stream) as soon as
@@ -30,10 +30,11 @@ stay equal. What this file adds to train.py's loop:
    The flat buffer is padded so that it divides by N.
 4. Checkpoints stay one file in checkpoint.py's format: rank 0 gathers the shards and writes it, after
    checking that every rank holds the same weights; any world size resumes it.
-5. A rank that dies takes the job down: mpiexec kills the others when a process dies, and every wait here
-   is bounded (--dist-timeout) and ends in MPI_Abort with one line saying what it waited for. A rank that
-   fails (an error) aborts the job the same way. While one rank works alone (data preparation,
-   evaluation, writing a checkpoint) the others wait without spinning, so they leave it the cores.
+5. A rank that dies takes the job down: mpiexec kills the others when a process dies, and every wait in
+   the training steps is bounded (--dist-timeout) and ends in MPI_Abort with one line saying what it
+   waited for. A rank that fails (an error) aborts the job the same way (report_and_abort). While one
+   rank works alone (data preparation, evaluation, writing a checkpoint) the others wait without
+   spinning, so they leave it the cores; those two long waits (data, evaluation) are not bounded.
 """
 
 import hashlib
@@ -257,8 +258,9 @@ def start(backend, timeout=DEFAULT_TIMEOUT):
     if backend == "cupy":
         try:
             return NCCLComm(timeout)
-        except ImportError as e:
-            raise UserError(f"--backend cupy under mpiexec needs CuPy with NCCL ({e})") from None
+        except Exception as e:                          # no CuPy, no NCCL in it, no GPU, a broken driver
+            raise UserError(f"--backend cupy under mpiexec needs CuPy with NCCL and a GPU for each rank "
+                            f"({type(e).__name__}: {e})") from None
     return MPIComm(timeout)
 
 
@@ -373,7 +375,7 @@ class Layout:
                 lo = o
         if lo < o:
             self.buckets.append((lo, o))
-        self.n = o
+        self.n, self.world = o, world
         self.shard = -(-o // world)                     # ceil: the last shard holds the padding
         self.padded = self.shard * world
         self.bucket_of = {k: next(b for b, (lo, hi) in enumerate(self.buckets) if lo <= a < hi)
@@ -383,6 +385,10 @@ class Layout:
         """The part of [lo, hi) in rank's shard, as (a, b) (a == b: none)."""
         a, b = max(lo, rank * self.shard), min(hi, (rank + 1) * self.shard)
         return a, max(a, b)
+
+    def counts(self, lo, hi):
+        """How many elements of [lo, hi) each rank's shard holds."""
+        return [b - a for a, b in (self.owned(q, lo, hi) for q in range(self.world))]
 
 
 class DataParallel:
@@ -418,9 +424,11 @@ class DataParallel:
             self.pieces = [(k, a, b) for k in L.shapes for a, b in [L.owned(r, *L.offset[k])] if a < b]
             self.p_pieces = self._pieces(self.flat_p, 0)
             self.g_pieces = self._pieces(self.g_shard, r * S)
-            self.recv = [(self.g_shard[a - r * S:b - r * S], [L.owned(q, lo, hi)[1] - L.owned(q, lo, hi)[0]
-                                                               for q in range(self.world)])
-                         for lo, hi in L.buckets for a, b in [L.owned(r, lo, hi)]]
+            # per bucket, for its reduce-scatter: where this rank's part of the sum lands, every rank's count
+            self.recv = []
+            for lo, hi in L.buckets:
+                a, b = L.owned(r, lo, hi)
+                self.recv.append((self.g_shard[a - r * S:b - r * S], L.counts(lo, hi)))
 
     def _views(self, flat):
         L = self.layout

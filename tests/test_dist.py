@@ -140,6 +140,7 @@ def test_layout_buckets_shards_and_padding():
     assert lay.padded % 3 == 0 and 0 <= lay.padded - n < 3 and lay.shard * 3 == lay.padded
     # the shards cover [0, padded) once
     assert sum(b - a for a, b in (lay.owned(r, 0, lay.padded) for r in range(3))) == lay.padded
+    assert all(sum(lay.counts(lo, hi)) == hi - lo for lo, hi in lay.buckets)          # reduce-scatter counts
     assert dist.Layout(shapes, 3, 10 ** 9).buckets == [(0, n)]                         # one big bucket
     assert dist.backward_units(["tok_emb", "blocks.0.a", "blocks.1.a", "norm_f.weight"]) == \
         [["norm_f.weight"], ["blocks.1.a"], ["blocks.0.a"], ["tok_emb"]]
@@ -291,3 +292,65 @@ def test_data_is_prepared_by_rank_0_first(tmp_path):
                       timeout=60))
     spans = {r: [float(x) for x in (tmp_path / str(r)).read_text().split()] for r in range(3)}
     assert all(spans[0][1] <= spans[r][0] for r in (1, 2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# NCCL (--backend cupy under mpiexec): these need an NVIDIA GPU (two for the second) and skip without
+
+
+def gpu_count():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() if cupy.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+NCCL_SCRIPT = """
+import sys; sys.path.insert(0, %r)
+import numpy as np, dist
+comm = dist.start("cupy")                     # NCCLComm: picks this rank's GPU before CuPy works
+import gpt_cupy as gm
+cfg = gm.GPTConfig(vocab_size=11, n_layer=3, n_head=2, d_model=8, d_ff=12, max_seq_len=7, dropout=0.1)
+W, r = comm.size, comm.rank
+batches = [np.random.default_rng(s).integers(0, 11, (W, 3, 8)) for s in range(4)]
+ref = gm.init_params(cfg, 1); o_ref = gm.adamw_init(ref)
+for s, b in enumerate(batches):               # one process, accumulating the W micro-batches
+    grads = None
+    for j in range(W):
+        _, g = gm.loss_and_grads(ref, b[j][:, :-1], b[j][:, 1:], cfg, seed=10 * s + j)
+        grads = g if grads is None else {k: grads[k] + g[k] for k in g}
+    for g in grads.values():
+        g *= 1.0 / W
+    gm.clip_grad_norm(grads, 0.05)
+    gm.adamw_step(ref, grads, o_ref, 1e-2)
+for zero in (0, 1):
+    p = gm.init_params(cfg, 1); o = gm.adamw_init(p)
+    dp = dist.DataParallel(comm, gm, p, zero=zero, bucket_mb=0)
+    p, o = dp.adopt(p, o)
+    for s, b in enumerate(batches):
+        l = dp.loss_and_grads(p, b[r][:, :-1], b[r][:, 1:], cfg, 10 * s + r, first=True, last=True)
+        dp.finish(l / W, False)
+        dp.scale_grads(1.0 / W)
+        dp.clip_grad_norm(0.05)
+        dp.adamw_step(p, o, 1e-2, 0.9, 0.95, 1e-8, 0.1)
+    st = dp.gather_state(p, o)
+    if r == 0:
+        P, M, V = st
+        same = all(np.array_equal(P[k], gm.to_host(ref[k])) and np.array_equal(M[k], gm.to_host(o_ref["m"][k]))
+                   for k in P)
+        print(f"zero {zero} same {same}")
+"""
+
+
+@needs_mpi
+@pytest.mark.skipif(gpu_count() < 1, reason="NCCL: needs CuPy and an NVIDIA GPU")
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_nccl_data_parallel_equals_one_process(tmp_path, ranks):
+    """dist.NCCLComm on 1 GPU (one rank: every NCCL call runs, with nothing to add) or 2 (two ranks): the
+    weights and moments of gpt_cupy with grad accumulation, bit for bit, with and without ZeRO-1."""
+    if gpu_count() < ranks:
+        pytest.skip(f"needs {ranks} GPUs")
+    p = ok(subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, "-c", NCCL_SCRIPT % str(ROOT)], env=env1(),
+                          capture_output=True, text=True, timeout=300))
+    assert "zero 0 same True" in p.stdout and "zero 1 same True" in p.stdout, p.stdout
