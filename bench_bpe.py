@@ -128,23 +128,25 @@ def main():
 def prepare_speed(rows, corpus, tok, workers, repeat, trials):
     """Rows for data.tokenize_files (train.py's corpus preparation: read, encode, write the ids) on the
     corpus `repeat` times over, with each number of encoding processes (a fresh pool every trial, its
-    start-up included), and whether every run wrote the same ids."""
+    start-up included; the worker counts alternate within each trial, so that the machine's load hits
+    them alike), and whether every run wrote the same ids."""
     import hashlib
     import tempfile
     import data
     entry = {"path": corpus.name, "bytes": corpus.stat().st_size, "sha256": data.file_sha256(corpus)}
     sources = {"bytes": entry["bytes"] * repeat, "files": [entry] * repeat}
     mb = sources["bytes"] / 1e6
-    digests = set()
+    digests, times = set(), {w: [] for w in workers}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ids.bin"
-        for w in workers:
-            def run():
+        for _ in range(trials):
+            for w in workers:
+                t0 = time.perf_counter()
                 n = data.tokenize_files([corpus] * repeat, sources, tok, out, desc="tokenize", workers=w)
+                times[w].append(time.perf_counter() - t0)
                 digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
-                return n
-            n, best, med = timed(run, trials)
-            rows.append((f"prepare {mb:.0f} MB, {w} worker(s) (MB/s)", mb / best, mb / med))
+    for w in workers:
+        rows.append((f"prepare {mb:.0f} MB, {w} worker(s) (MB/s)", mb / min(times[w]), mb / statistics.median(times[w])))
     rows.append(("prepare: ids identical", "yes" if len(digests) == 1 else "NO", f"{n} ids"))
 
 

@@ -279,6 +279,31 @@ def test_an_error_ends_the_job_with_one_clear_line_not_a_hang(ref):
 
 
 @needs_mpi
+def test_a_nan_on_one_rank_is_seen_by_every_rank():
+    """Rank 1 alone gets a nan loss and gradient: after the reduction every rank has the nan loss and a nan
+    gradient norm, so all of them stop (or skip the step) together; with and without ZeRO."""
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "import numpy as np, dist, gpt_numpy as gm\n"
+            "c = dist.MPIComm(); cfg = gm.GPTConfig(vocab_size=11, n_layer=2, n_head=2, d_model=8, d_ff=12, max_seq_len=7)\n"
+            "for zero in (0, 1):\n"
+            "    p = gm.init_params(cfg, 1); dp = dist.DataParallel(c, gm, p, zero=zero, bucket_mb=0)\n"
+            "    p, o = dp.adopt(p, gm.adamw_init(p))\n"
+            "    ids = np.random.default_rng(c.rank).integers(0, 11, (2, 8))\n"
+            "    _, g = gm.loss_and_grads(p, ids[:, :-1], ids[:, 1:], cfg)\n"
+            "    if c.rank == 1:\n"
+            "        g['blocks.0.attn.qkv'][0, 0] = np.nan\n"
+            "    dp.accumulate(g, first=True)\n"
+            "    loss, _ = dp.finish(float('nan') if c.rank == 1 else 1.0, False)\n"
+            "    dp.scale_grads(0.5)\n"
+            "    seen = c.allgather_host(np.array([np.isnan(loss), np.isnan(dp.clip_grad_norm(1.0))]), 'test')\n"
+            "    if c.rank == 0:\n"
+            "        print(zero, seen.tolist())\n" % str(ROOT))
+    p = ok(subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code], env=env1(), capture_output=True, text=True,
+                          timeout=60))
+    assert p.stdout.split("\n")[:2] == ["0 [[True, True], [True, True]]", "1 [[True, True], [True, True]]"], p.stdout
+
+
+@needs_mpi
 def test_data_is_prepared_by_rank_0_first(tmp_path):
     """dist.in_turn: rank 0 runs alone; then the others (3 ranks on one machine: all in the last turn)."""
     code = ("import sys, time; sys.path.insert(0, %r); import dist\n"
