@@ -414,7 +414,7 @@ class DataParallel:
         self.grads = self._views(self.flat_g)           # params' key order
         self.overlap = True                             # send buckets during the backward pass
         self.handles, self.sent = [], set()
-        self.stats = {"steps": 0, "wait_s": 0.0, "progress_s": 0.0, "bytes": 0}
+        self.stats = {"steps": 0, "wait_s": 0.0, "bytes": 0}    # steps, seconds waiting in finish, bytes sent
         if zero:
             S, r = L.shard, self.rank
             self.flat_p = xp.zeros(L.padded, dtype=dtype)
@@ -483,9 +483,7 @@ class DataParallel:
                 left[b] -= 1
                 if last and self.overlap and left[b] == 0:
                     self._send(b)
-            t0 = time.perf_counter()
             self.comm.progress(self.handles)
-            self.stats["progress_s"] += time.perf_counter() - t0
 
         loss, _ = loss_and_grads_hooked(self.gm, params, ids, targets, cfg, seed, ready)
         return loss
