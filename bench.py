@@ -340,12 +340,13 @@ def dist_main(a, names):
         tokens = n * c["B"] * c["T"]
         hidden = 1 - rd["wait_on"] / rd["wait_off"] if rd["wait_off"] > 0 else float("nan")
         busbw = 2 * (n - 1) / n * rd["bytes"] / (rd["allreduce_ms"] / 1e3) / 1e9
-        print(f"{name}: global batch {tokens:,} tokens; gradients {rd['bytes'] / 2**20:.1f} MiB in {rd['buckets']} buckets")
-        print(f"  1 process x {n * a.threads} threads      {r1['ms']:8.1f} ms/step  {tokens / r1['ms'] * 1e3:8.0f} tokens/s"
-              f"   (load {r1['load_before']} -> {r1['load_after']})")
-        print(f"  {n} ranks x {a.threads} thread(s), overlap {rd['ms_on']:8.1f} ms/step  {tokens / rd['ms_on'] * 1e3:8.0f} "
-              f"tokens/s   x{r1['ms'] / rd['ms_on']:.2f} the speed of 1 process  (load {rd['load_before']} -> "
-              f"{rd['load_after']})")
+        print(f"{name}: global batch {tokens:,} tokens; gradients {rd['bytes'] / 2**20:.1f} MiB in "
+              f"{rd['buckets']} buckets")
+        print(f"  1 process x {n * a.threads} threads      {r1['ms']:8.1f} ms/step  "
+              f"{tokens / r1['ms'] * 1e3:8.0f} tokens/s   (load {r1['load_before']} -> {r1['load_after']})")
+        print(f"  {n} ranks x {a.threads} thread(s), overlap {rd['ms_on']:8.1f} ms/step  "
+              f"{tokens / rd['ms_on'] * 1e3:8.0f} tokens/s   x{r1['ms'] / rd['ms_on']:.2f} the speed of 1 process  "
+              f"(load {rd['load_before']} -> {rd['load_after']})")
         print(f"  {n} ranks, no overlap           {rd['ms_off']:8.1f} ms/step")
         print(f"  comm per step: {rd['wait_off']:.1f} ms without overlap, {rd['wait_on']:.1f} ms exposed with it: "
               f"{100 * hidden:.0f}% hidden; a plain all-reduce of the {rd['bytes'] / 2**20:.1f} MiB: "
@@ -395,7 +396,8 @@ def dp_estimate(a):
         # overlapped: the blocks' buckets travel while the backward pass runs; exposed are what the link
         # could not finish by then, and at least the embedding's bucket, which is ready only at the end
         ov = t + max(t_comm - t_bwd, t_last)
-        print(f"{gpu:<34} {1e3 * t:7.1f}ms {1e3 * no:9.1f}ms {100 * t / no:5.1f}% {1e3 * ov:7.1f}ms {100 * t / ov:5.1f}%")
+        print(f"{gpu:<34} {1e3 * t:7.1f}ms {1e3 * no:9.1f}ms {100 * t / no:5.1f}% {1e3 * ov:7.1f}ms "
+              f"{100 * t / ov:5.1f}%")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ speed in MB/s (1 MB = 10^6 bytes of UTF-8 input) for the tokenizer trained here 
 tiktoken's speed on the same text and whether its ids are identical. --prepare-workers 1,2 adds the
 corpus preparation of train.py (data.tokenize_files: read, encode, write the ids) with the tokenizer
 trained here and 1 or 2 encoding processes, on --prepare-data (anything train.py's --data takes; default
-the Python standard library's sources, train.py's default corpus), and whether the ids are identical. Each row is the best of --trials
-runs (min is the least noisy on a shared machine) with the median beside it. Encoding starts from an
-empty chunk cache in every trial. The corpus is read from its path and never copied.
+the Python standard library's sources, train.py's default corpus), and whether the ids are identical.
+Each row is the best of --trials runs (min is the least noisy on a shared machine) with the median beside
+it. Encoding starts from an empty chunk cache in every trial. The corpus is read from its path and never
+copied.
 """
 
 import argparse

@@ -652,7 +652,7 @@ def build_parser():
                "  python train.py --preset shakespeare-char --data ../shared/data/tinyshakespeare.txt\n"
                "  python train.py --preset tiny --data notes.txt --out-dir out/tiny\n"
                "  python train.py --resume\n"
-               "  mpiexec -n 2 python train.py --preset tiny --data notes.txt --zero 1   # 2 ranks (docs/distributed.md)\n\n"
+               "  mpiexec -n 2 python train.py --preset tiny --data notes.txt --zero 1     # 2 ranks\n\n"
                "fine-tuning (--init-from: the weights, model and tokenizer of a checkpoint; a fresh optimizer):\n"
                "  python export.py --import-hf path/to/hf-llama --out out/imported --max-seq-len 256\n"
                "  python train.py --init-from out/imported --data notes.txt --lr 3e-4 --min-lr 3e-5 \\\n"
