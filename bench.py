@@ -13,6 +13,9 @@ median of repeats). Each config runs in a fresh subprocess, so its peak memory i
     python bench.py --threads 2 --memory                      # activation bytes, 8-layer config, +/- checkpointing
     python bench.py --threads 2 --torch                       # adds PyTorch eager on the same model (if installed)
     python bench.py --backend cupy --configs shakespeare-gpu,gpt2-small [--tf32]
+    python bench.py --configs cpu-mid --ranks 2 --threads 1   # data parallel (mpiexec) vs 1 process x 2 threads
+    python bench.py --configs cpu-mid --optimizer-memory 1,2,4  # AdamW bytes per rank, with and without --zero 1
+    python bench.py --dp-estimate                             # on paper: GPT-2 small on 8 GPUs with NCCL
 
 FLOPs per training step (model FLOPs, the PaLM / nanoGPT MFU convention; a multiply-add is 2 flops,
 the backward pass is 2x the forward, so a step is 3x the forward):
@@ -26,6 +29,15 @@ the backward pass is 2x the forward, so a step is 3x the forward):
                                              is masked out is not subtracted)
 
 Elementwise work (norms, RoPE, softmax, SwiGLU gating, AdamW) is not counted: it is the overhead.
+
+Data parallel (--ranks N, dist.py as train.py uses it under mpiexec): N ranks with --threads BLAS threads
+each train one micro-batch of the config per step, against one process with N x --threads threads that
+accumulates the same N micro-batches (the same global batch, the same weights). The ranks alternate steps
+with the overlap on (each bucket of gradients sent while the backward pass of the earlier layers runs) and
+off (everything sent after the backward pass): "comm" is the time a step waits for the gradients at its
+end; off, it is the whole all-reduce (plus any skew between the ranks), on, what the overlap did not
+hide. "all-reduce" is a plain blocking MPI Allreduce of the same bytes after a barrier, and its bus
+bandwidth 2 (N-1)/N x bytes / time (NCCL's convention).
 
 Memory:
   peak RSS delta   ru_maxrss of the subprocess during the timed steps minus ru_maxrss just before the
@@ -158,6 +170,13 @@ def child(a):
 
     def step(cfg=cfg):
         loss, grads = gm.loss_and_grads(params, ids, targets, cfg)
+        for _ in range(a.accum - 1):                # --ranks: the ranks' global batch in this one process
+            _, g = gm.loss_and_grads(params, ids, targets, cfg)
+            for k in grads:
+                grads[k] += g[k]
+        if a.accum > 1:
+            for g in grads.values():
+                g *= 1.0 / a.accum
         gm.clip_grad_norm(grads, 1.0)
         gm.adamw_step(params, grads, state, 1e-4)
         return loss
@@ -216,6 +235,169 @@ def child(a):
         out.update(torch_bench(a, c, params, ids, targets, peak_gflops, loss_ref))
     out["load_after"] = loadavg()
     print("RESULT " + json.dumps(out))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data parallel: one rank of --ranks N or of --optimizer-memory, started by mpiexec
+
+def child_dist(a):
+    import numpy as np
+    import dist
+    import gpt_numpy as gm
+    from data import keep_freed_memory
+    keep_freed_memory()
+    comm = dist.MPIComm()
+    N = comm.size
+    c = CONFIGS[a.child]
+    cfg = gm.GPTConfig(vocab_size=c["V"], n_layer=c["L"], n_head=c["H"], d_model=c["C"], d_ff=c["F"],
+                       max_seq_len=c["T"])
+    params = gm.init_params(cfg, seed=0)
+    opt = gm.adamw_init(params)
+    dp = dist.DataParallel(comm, gm, params, zero=a.zero, bucket_mb=a.bucket_mb)
+    params, opt = dp.adopt(params, opt)
+    out = {"config": a.child, "ranks": N, "zero": a.zero, "optimizer_bytes": dp.optimizer_bytes(opt),
+           "param_bytes": sum(int(p.nbytes) for p in params.values()), "buckets": len(dp.layout.buckets),
+           "load_before": loadavg()}
+    if a.memory_only:
+        every = comm.allgather_host(np.array([out["optimizer_bytes"]]), "gathering")
+        out["optimizer_bytes_all"] = every.ravel().tolist()
+        if comm.rank == 0:
+            print("RESULT " + json.dumps(out))
+        return
+    data = np.random.default_rng(comm.rank).integers(0, c["V"], (c["B"], c["T"] + 1))
+    ids, targets = data[:, :-1], data[:, 1:]
+
+    def step(overlap):
+        dp.overlap = overlap
+        w0 = dp.stats["wait_s"]
+        t0 = time.perf_counter()
+        loss = dp.loss_and_grads(params, ids, targets, cfg, 0, first=True, last=True)
+        dp.finish(loss / N, False)
+        dp.scale_grads(1.0 / N)
+        dp.clip_grad_norm(1.0)
+        dp.adamw_step(params, opt, 1e-4, 0.9, 0.95, 1e-8, 0.1)
+        return time.perf_counter() - t0, dp.stats["wait_s"] - w0
+
+    for _ in range(a.warmup):
+        step(True)
+    times = {True: [], False: []}
+    for _ in range(a.trials * a.steps):
+        for overlap in (True, False):               # alternating, so the machine's load hits both alike
+            comm.barrier("bench")
+            times[overlap].append(step(overlap))
+    # the plain all-reduce of the same bytes
+    buf = np.ones(dp.layout.n, dtype=np.float32)
+    ar = []
+    for _ in range(5):
+        comm.barrier("bench")
+        t0 = time.perf_counter()
+        comm.comm.Allreduce(comm.MPI.IN_PLACE, buf)
+        ar.append(time.perf_counter() - t0)
+    med = lambda xs: float(np.median(xs))           # noqa: E731
+    out.update({"ms_on": 1e3 * med([t for t, _ in times[True]]), "ms_off": 1e3 * med([t for t, _ in times[False]]),
+                "wait_on": 1e3 * med([w for _, w in times[True]]), "wait_off": 1e3 * med([w for _, w in times[False]]),
+                "bytes": 4 * dp.layout.n, "allreduce_ms": 1e3 * med(ar), "load_after": loadavg()})
+    # rank 0 reports; the slowest rank sets the pace, so take the max over ranks of each median
+    keys = ["ms_on", "ms_off", "wait_on", "wait_off", "allreduce_ms"]
+    every = comm.allgather_host(np.array([out[k] for k in keys]), "gathering")
+    out.update({k: float(every[:, i].max()) for i, k in enumerate(keys)})
+    if comm.rank == 0:
+        print("RESULT " + json.dumps(out))
+
+
+def run_dist(a, name, ranks, zero=0, memory_only=False):
+    """mpiexec -n ranks bench.py --child-dist: one rank's RESULT."""
+    import shutil
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")         # the mpich wheel's
+    mpiexec = beside if os.path.isfile(beside) else shutil.which("mpiexec")
+    if mpiexec is None:
+        raise SystemExit("bench.py: --ranks needs mpiexec (pip install mpi4py mpich)")
+    cmd = [mpiexec, "-n", str(ranks), sys.executable, os.path.abspath(__file__), "--child", name, "--child-dist",
+           "--zero", str(zero), "--bucket-mb", str(a.bucket_mb), "--steps", str(a.steps), "--warmup",
+           str(a.warmup), "--trials", str(a.trials)] + (["--memory-only"] if memory_only else [])
+    env = dict(os.environ)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(a.threads)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    sys.stderr.write(p.stdout + p.stderr)
+    raise SystemExit(f"bench.py: the {ranks}-rank run of {name} failed (exit {p.returncode})")
+
+
+def dist_main(a, names):
+    """--ranks N: one process x N*threads threads vs N ranks x threads each, per config."""
+    n = a.ranks
+    print(f"bench.py --ranks {n}: 1 process x {n * a.threads} threads (grad accumulation {n}) vs {n} ranks x "
+          f"{a.threads} thread(s), the same global batch of {n} micro-batches; steps={a.steps} x trials={a.trials}; "
+          f"bucket {a.bucket_mb} MB; cpus={os.cpu_count()}; load={loadavg()}")
+    for name in names:
+        one = argparse.Namespace(**{**vars(a), "threads": n * a.threads, "accum": n})
+        r1 = run_child(one, name, False)
+        rd = run_dist(a, name, n, zero=a.zero)
+        c = CONFIGS[name]
+        tokens = n * c["B"] * c["T"]
+        hidden = 1 - rd["wait_on"] / rd["wait_off"] if rd["wait_off"] > 0 else float("nan")
+        busbw = 2 * (n - 1) / n * rd["bytes"] / (rd["allreduce_ms"] / 1e3) / 1e9
+        print(f"{name}: global batch {tokens:,} tokens; gradients {rd['bytes'] / 2**20:.1f} MiB in "
+              f"{rd['buckets']} buckets")
+        print(f"  1 process x {n * a.threads} threads      {r1['ms']:8.1f} ms/step  "
+              f"{tokens / r1['ms'] * 1e3:8.0f} tokens/s   (load {r1['load_before']} -> {r1['load_after']})")
+        print(f"  {n} ranks x {a.threads} thread(s), overlap {rd['ms_on']:8.1f} ms/step  "
+              f"{tokens / rd['ms_on'] * 1e3:8.0f} tokens/s   x{r1['ms'] / rd['ms_on']:.2f} the speed of 1 process  "
+              f"(load {rd['load_before']} -> {rd['load_after']})")
+        print(f"  {n} ranks, no overlap           {rd['ms_off']:8.1f} ms/step")
+        print(f"  comm per step: {rd['wait_off']:.1f} ms without overlap, {rd['wait_on']:.1f} ms exposed with it: "
+              f"{100 * hidden:.0f}% hidden; a plain all-reduce of the {rd['bytes'] / 2**20:.1f} MiB: "
+              f"{rd['allreduce_ms']:.1f} ms ({busbw:.2f} GB/s bus bandwidth)")
+
+
+def memory_main(a, names):
+    """--optimizer-memory 1,2,4: AdamW's bytes per rank, with and without ZeRO-1."""
+    ranks = [int(r) for r in a.optimizer_memory.split(",")]
+    print("AdamW state (both moments) held per rank; dist.DataParallel.optimizer_bytes, measured in each rank")
+    for name in names:
+        print(f"{name}:")
+        print(f"  {'ranks':>5}  {'zero 0 (MiB)':>14}  {'zero 1 (MiB)':>14}  {'ratio':>6}")
+        for n in ranks:
+            r0 = run_dist(a, name, n, zero=0, memory_only=True)
+            r1 = run_dist(a, name, n, zero=1, memory_only=True)
+            b0, b1 = max(r0["optimizer_bytes_all"]), max(r1["optimizer_bytes_all"])
+            print(f"  {n:>5}  {b0 / 2**20:14.2f}  {b1 / 2**20:14.2f}  {b0 / b1:6.2f}   (zero 1, each rank: "
+                  f"{', '.join(f'{b / 2**20:.2f}' for b in r1['optimizer_bytes_all'])} MiB)")
+
+
+def dp_estimate(a):
+    """On paper: GPT-2 small (bench's gpt2-small config) data parallel on 8 GPUs with NCCL."""
+    import math
+    import gpt_numpy as gm
+    c = CONFIGS["gpt2-small"]
+    shapes = gm.param_shapes(gm.GPTConfig(vocab_size=c["V"], n_layer=c["L"], n_head=c["H"], d_model=c["C"],
+                                          d_ff=c["F"], max_seq_len=c["T"]))
+    n_params = sum(math.prod(s) for s in shapes.values())
+    grad_bytes = 4 * n_params                                       # float32 gradients
+    flops = flops_per_step(c)                                       # per GPU: one micro-batch of B x T
+    emb_bytes = 4 * math.prod(shapes["tok_emb"])                    # the last bucket: the embedding
+    print(f"GPT-2 small (V {c['V']}, L {c['L']}, C {c['C']}, F {c['F']}, T {c['T']}, B {c['B']} per GPU): "
+          f"{n_params / 1e6:.1f}M parameters, {grad_bytes / 1e6:.0f} MB of float32 gradients, "
+          f"{flops / 1e12:.2f} TFLOP per GPU per step")
+    N, busbw = a.gpus, a.busbw * 1e9
+    t_comm = 2 * (N - 1) / N * grad_bytes / busbw                    # ring all-reduce (or reduce-scatter + all-gather)
+    t_last = 2 * (N - 1) / N * emb_bytes / busbw                     # what the overlap cannot hide
+    print(f"{N} GPUs, NCCL at {a.busbw:g} GB/s bus bandwidth: all-reduce {1e3 * t_comm:.2f} ms per step "
+          f"(2 (N-1)/N x bytes / bus bandwidth), of which the embedding bucket, sent last, {1e3 * t_last:.2f} ms")
+    print(f"{'GPU (float32 rate, MFU)':<34} {'compute':>9} {'no overlap':>11} {'eff.':>6} {'overlap':>9} {'eff.':>6}")
+    for gpu, tflops, mfu in (("A100 TF32 156 TFLOP/s, 40%", 156, 0.40), ("A100 FP32 19.5 TFLOP/s, 70%", 19.5, 0.70),
+                             ("H100 SXM TF32 495 TFLOP/s, 40%", 495, 0.40)):
+        t = flops / (tflops * 1e12 * mfu)
+        t_bwd = 2 / 3 * t                                            # the backward pass: 2/3 of the FLOPs
+        no = t + t_comm                                              # all of it after the backward pass
+        # overlapped: the blocks' buckets travel while the backward pass runs; exposed are what the link
+        # could not finish by then, and at least the embedding's bucket, which is ready only at the end
+        ov = t + max(t_comm - t_bwd, t_last)
+        print(f"{gpu:<34} {1e3 * t:7.1f}ms {1e3 * no:9.1f}ms {100 * t / no:5.1f}% {1e3 * ov:7.1f}ms "
+              f"{100 * t / ov:5.1f}%")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -311,6 +493,7 @@ def run_child(a, name, ckpt, activations=False):
     cmd += ["--torch", "--torch-attention", a.torch_attention] if a.torch else []
     cmd += ["--activations"] if activations else []
     cmd += ["--no-malloc-tuning"] if a.no_malloc_tuning else []
+    cmd += ["--accum", str(a.accum)] if a.accum > 1 else []
     env = dict(os.environ)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(a.threads)
@@ -358,6 +541,17 @@ def main():
     ap.add_argument("--torch-attention", choices=("sdpa", "math"), default="sdpa",
                     help="torch: F.scaled_dot_product_attention (fused, skips the masked half) or the "
                          "explicit matmul / mask / softmax / matmul of gpt_numpy")
+    ap.add_argument("--ranks", type=int, default=0,
+                    help="data parallel: N MPI ranks x --threads each (mpiexec) vs 1 process x N * --threads "
+                         "threads, the same global batch; comm time and the share the overlap hides")
+    ap.add_argument("--zero", type=int, default=0, choices=(0, 1), help="--ranks: ZeRO stage 1")
+    ap.add_argument("--bucket-mb", type=float, default=4.0, help="--ranks: gradient bucket size (MB)")
+    ap.add_argument("--optimizer-memory", default="", metavar="N,N",
+                    help="AdamW bytes per rank with and without --zero 1 at these numbers of ranks, e.g. 1,2,4")
+    ap.add_argument("--dp-estimate", action="store_true",
+                    help="on paper: GPT-2 small data parallel on --gpus GPUs with NCCL at --busbw GB/s")
+    ap.add_argument("--gpus", type=int, default=8, help="--dp-estimate: number of GPUs")
+    ap.add_argument("--busbw", type=float, default=100.0, help="--dp-estimate: NCCL bus bandwidth in GB/s")
     ap.add_argument("--no-malloc-tuning", action="store_true",
                     help="numpy: leave glibc malloc as it is (by default the subprocess calls "
                          "data.keep_freed_memory(), as train.py does)")
@@ -365,9 +559,14 @@ def main():
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--activations", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--accum", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--child-dist", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        return child(a)
+        return child_dist(a) if a.child_dist else child(a)
+    if a.dp_estimate:
+        return dp_estimate(a)
 
     a.threads = a.threads or int(os.environ.get("OPENBLAS_NUM_THREADS", 0) or os.cpu_count())
     if a.backend == "cupy":                         # fail early, with gpt_cupy's message
@@ -379,6 +578,10 @@ def main():
     for n in names:
         if n not in CONFIGS:
             raise SystemExit(f"unknown config {n!r}: choose from {', '.join(CONFIGS)}")
+    if a.ranks:
+        return dist_main(a, names)
+    if a.optimizer_memory:
+        return memory_main(a, names)
     malloc = "" if a.backend != "numpy" else ("  malloc=default" if a.no_malloc_tuning else "  malloc=keep_freed_memory")
     print(f"bench.py  backend={a.backend}{' tf32' if a.tf32 else ''}{malloc}  threads={a.threads}  "
           f"steps={a.steps} x trials={a.trials} (after {a.warmup} warm-up)  cpus={os.cpu_count()}  "

@@ -6,9 +6,13 @@ bench_bpe.py: how fast bpe.py trains and encodes, next to tiktoken (and Hugging 
 
 Prints one table: training time split into its two passes (count chunks, merge), merges/s, and encoding
 speed in MB/s (1 MB = 10^6 bytes of UTF-8 input) for the tokenizer trained here and for GPT-2's, with
-tiktoken's speed on the same text and whether its ids are identical. Each row is the best of --trials
-runs (min is the least noisy on a shared machine) with the median beside it. Encoding starts from an
-empty chunk cache in every trial. The corpus is read from its path and never copied.
+tiktoken's speed on the same text and whether its ids are identical. --prepare-workers 1,2 adds the
+corpus preparation of train.py (data.tokenize_files: read, encode, write the ids) with the tokenizer
+trained here and 1 or 2 encoding processes, on --prepare-data (anything train.py's --data takes; default
+the Python standard library's sources, train.py's default corpus), and whether the ids are identical.
+Each row is the best of --trials runs (min is the least noisy on a shared machine) with the median beside
+it. Encoding starts from an empty chunk cache in every trial. The corpus is read from its path and never
+copied.
 """
 
 import argparse
@@ -42,6 +46,9 @@ def main():
     p.add_argument("--gpt2-dir", default=str(SHARED / "gpt2"), help="folder with GPT-2's encoder.json, vocab.bpe")
     p.add_argument("--trials", type=int, default=3, help="runs per measurement (default 3)")
     p.add_argument("--hf", action="store_true", help="also time Hugging Face's Rust BPE trainer (tokenizers)")
+    p.add_argument("--prepare-workers", default="", metavar="N,N",
+                   help="also time data.tokenize_files with these numbers of encoding processes, e.g. 1,2")
+    p.add_argument("--prepare-data", default="stdlib", help="--prepare-workers: the corpus, as train.py's --data")
     args = p.parse_args()
 
     corpus = Path(args.corpus)
@@ -111,10 +118,49 @@ def main():
             _, best, med = timed(hf_train, args.trials)
             rows.append(("train: HF tokenizers, Rust (s)", best, med))
 
+    if args.prepare_workers:
+        prepare_speed(rows, args.prepare_data, tok, [int(w) for w in args.prepare_workers.split(",")], args.trials)
+
     print(f"\n| {'measurement':<34} | {'best':>10} | {'median':>10} |\n|{'-' * 36}|{'-' * 12}|{'-' * 12}|")
     for what, best, med in rows:
         fmt = lambda v: f"{v:10.2f}" if isinstance(v, float) else f"{v:>10}"  # noqa: E731
         print(f"| {what:<34} | {fmt(best)} | {fmt(med)} |")
+
+
+def prepare_speed(rows, corpus, tok, workers, trials):
+    """Rows for data.tokenize_files (train.py's corpus preparation: read, encode, write the ids) on the
+    corpus (train.py's --data), with each number of encoding processes: a fresh pool every trial, its
+    start-up included, and for 1 (no pool) a fresh copy of the tokenizer, so that no run starts with a
+    warm chunk cache. The worker counts alternate within each trial, so the machine's load hits them
+    alike. Also the CPU seconds of a run, this process and its workers together (what the run costs,
+    whatever the machine's load), and whether every run wrote the same ids."""
+    import hashlib
+    import resource
+    import tempfile
+    import data
+
+    def cpu():
+        return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                             resource.RUSAGE_CHILDREN)))
+    digests, times, cpus = set(), {w: [] for w in workers}, {w: [] for w in workers}
+    with tempfile.TemporaryDirectory() as tmp:
+        root, files = data.find_sources(corpus, tmp)
+        sources = data.digest_sources(root, files, Path(tmp) / "sources.json")
+        out = Path(tmp) / "ids.bin"
+        for _ in range(trials):
+            for w in workers:
+                fresh = data.tokenizer_from_text(tok.kind, tok.to_text())      # an empty chunk cache
+                t0, c0 = time.perf_counter(), cpu()
+                n = data.tokenize_files(files, sources, fresh, out, desc="tokenize", workers=w)
+                times[w].append(time.perf_counter() - t0)
+                cpus[w].append(cpu() - c0)
+                digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    mb = sources["bytes"] / 1e6
+    for w in workers:
+        rows.append((f"prepare {corpus[:12]} {mb:.0f} MB, {w} worker(s) (MB/s)", mb / min(times[w]),
+                     mb / statistics.median(times[w])))
+        rows.append((f"prepare, {w} worker(s): CPU seconds", min(cpus[w]), statistics.median(cpus[w])))
+    rows.append((f"prepare: {len(files)} file(s), ids identical", "yes" if len(digests) == 1 else "NO", f"{n} ids"))
 
 
 if __name__ == "__main__":

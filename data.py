@@ -655,7 +655,8 @@ def prepare_data(cfg, name, root, files, sources, tok, log=print):
     t0 = time.time()
     all_tmp, val_tmp = cache / f".train.bin.tmp-{os.getpid()}", cache / f".val.bin.tmp-{os.getpid()}"
     try:
-        n = tokenize_files(files, sources, tok, all_tmp, desc=f"tokenizing {name}", log=log)
+        n = tokenize_files(files, sources, tok, all_tmp, desc=f"tokenizing {name}", log=log,
+                           workers=encode_workers(sources["bytes"]))
         n_train = int(n * (1.0 - cfg.val_fraction))
         split_tail(all_tmp, val_tmp, n_train * np.dtype(tok.dtype).itemsize)
         os.replace(all_tmp, cache / "train.bin")
@@ -684,31 +685,52 @@ def prepare_data(cfg, name, root, files, sources, tok, log=print):
     return data
 
 
-def tokenize_files(files, sources, tok, out_path, desc, log=print):
+def tokenize_files(files, sources, tok, out_path, desc, log=print, workers=1, block_bytes=1 << 20):
     """Append every file's ids (tok.dtype) to out_path, documents separated by <|endoftext|> where the
     tokenizer has it, checking each file against its digest as it streams. Returns the number of ids.
-    A file whose bytes are not all UTF-8 under a tokenizer that replaces them (char) gets a warning."""
+    A file whose bytes are not all UTF-8 under a tokenizer that replaces them (char) gets a warning.
+
+    workers > 1: the blocks (about block_bytes each, cut where the tokenizer allows) are encoded by a pool
+    of that many processes, at most 2 x workers blocks in flight, and written in file order: the same
+    ids as workers=1, which encodes them here, one after another. (Decoding, and so the count of
+    replaced bytes, stays in this process.)"""
+    from collections import deque
     from tqdm import tqdm
     eot, n = eot_id(tok), 0
     errors = COUNTING_REPLACE if tok.file_errors == "replace" else tok.file_errors
-    with naming_errors(out_path), open(out_path, "wb") as out, tqdm(
-            total=sources["bytes"], unit="B", unit_scale=True, desc=desc, dynamic_ncols=True, disable=None) as bar:
-        for p, entry in zip(files, sources["files"]):
-            h = hashlib.sha256()
-            invalid_before = _replaced[0]
-            for text, nbytes in bpe.read_text_blocks(p, 1 << 20, cut=tok.cut, errors=errors, hasher=h):
-                ids = np.asarray(tok.encode_ordinary(text), dtype=tok.dtype)
-                out.write(ids.tobytes())
-                n += ids.size
-                bar.update(nbytes)
-            if eot is not None:
-                out.write(np.array([eot], tok.dtype).tobytes())
-                n += 1
-            if h.hexdigest() != entry["sha256"]:
-                raise UserError(f"{p} changed while the data was being prepared; run again")
-            if _replaced[0] > invalid_before:
-                log(f"warning: {p}: {_replaced[0] - invalid_before:,} bytes are not UTF-8 and were read as U+FFFD "
-                    f"(the {tok.kind} tokenizer reads text; a BPE tokenizer keeps every byte)")
+    pool = encoding_pool(tok, workers) if workers > 1 else None
+    pending = deque()                                   # (ids, or the pool's promise of them; bytes read)
+    try:
+        with naming_errors(out_path), open(out_path, "wb") as out, tqdm(
+                total=sources["bytes"], unit="B", unit_scale=True, desc=desc, dynamic_ncols=True,
+                disable=None) as bar:
+            def write(keep):                            # the oldest blocks' ids, in order, until `keep` are left
+                nonlocal n
+                while len(pending) > keep:
+                    ids, nbytes = pending.popleft()
+                    ids = ids if isinstance(ids, np.ndarray) else ids.get()
+                    out.write(ids.tobytes())
+                    n += ids.size
+                    bar.update(nbytes)
+
+            for p, entry in zip(files, sources["files"]):
+                h = hashlib.sha256()
+                invalid_before = _replaced[0]
+                for text, nbytes in bpe.read_text_blocks(p, block_bytes, cut=tok.cut, errors=errors, hasher=h):
+                    pending.append((pool.apply_async(encode_in_worker, (text,)) if pool else encode_ids(tok, text),
+                                    nbytes))
+                    write(keep=2 * workers)
+                if eot is not None:
+                    pending.append((np.array([eot], tok.dtype), 0))
+                if h.hexdigest() != entry["sha256"]:
+                    raise UserError(f"{p} changed while the data was being prepared; run again")
+                if _replaced[0] > invalid_before:
+                    log(f"warning: {p}: {_replaced[0] - invalid_before:,} bytes are not UTF-8 and were read as "
+                        f"U+FFFD (the {tok.kind} tokenizer reads text; a BPE tokenizer keeps every byte)")
+            write(keep=0)
+    finally:
+        if pool is not None:
+            pool.terminate()
     return n
 
 
@@ -724,6 +746,38 @@ def _counting_replace(e):
 
 
 codecs.register_error(COUNTING_REPLACE, _counting_replace)
+
+
+def encode_ids(tok, text):
+    """One block of text -> its ids as a tok.dtype array."""
+    return np.asarray(tok.encode_ordinary(text), dtype=tok.dtype)
+
+
+def encode_workers(nbytes):
+    """Processes for tokenizing a corpus of nbytes: one per core this process may use, but no more than
+    one per 8 MB (starting a worker costs ~0.3 s); 1 means no pool."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, nbytes // (8 << 20)))
+
+
+_worker_tok = None                                      # the tokenizer of a pool process (encoding_pool)
+
+
+def encoding_pool(tok, workers):
+    """A pool of fresh ("spawn") processes, each holding a copy of tok rebuilt from its text form. Spawned,
+    not forked: the parent may be an MPI rank, whose state a fork would copy."""
+    import multiprocessing
+    return multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker,
+                                                     initargs=(tok.kind, tok.to_text()))
+
+
+def init_worker(kind, text):
+    global _worker_tok
+    _worker_tok = tokenizer_from_text(kind, text)
+
+
+def encode_in_worker(text):
+    return encode_ids(_worker_tok, text)
 
 
 def split_tail(path, tail_path, at):
@@ -758,12 +812,16 @@ def open_data(cache, meta):
 # ----------------------------------------------------------------------------------------------------
 # The batch sampler
 
-def get_batch(data, batch_size, block_size, rng):
+def get_batch(data, batch_size, block_size, rng, read=True):
     """batch_size random windows of block_size + 1 tokens: inputs x and targets y = x shifted by one.
+    read=False draws the windows (rng moves on exactly as it would) but reads nothing and returns None:
+    under mpiexec a rank draws the other ranks' micro-batches too, so that every sampler stays equal.
 
     Example: data = [5, 6, 7, 8], block_size 2, a window at 1 -> x = [[6, 7]], y = [[7, 8]].
     """
     ix = rng.integers(0, len(data) - block_size, size=batch_size)
+    if not read:
+        return None
     b = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)   # (B, T+1)
     return b[:, :-1], b[:, 1:]                                                  # (B, T), (B, T)
 

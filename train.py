@@ -17,6 +17,7 @@ later failure exits 1.
     python train.py --resume                               # continue the run in its out dir (same flags)
     python train.py --init-from out/imported --data notes.txt --lr 3e-4   # fine-tune a checkpoint on new text
     python train.py --help                                 # every flag and preset
+    mpiexec -n 2 python train.py --preset tiny --data notes.txt   # 2 processes, one model (docs/distributed.md)
     python sample.py --ckpt out/stdlib-bpe2048 --prompt "def "   # stream text from a checkpoint
 
 Run with OPENBLAS_NUM_THREADS=1 (or 2) on a small shared machine: oversubscribed BLAS threads are slow.
@@ -25,6 +26,11 @@ Outputs in --out-dir (default out/<data>-<tokenizer>): ckpt.safetensors (the lat
 checkpoint.py) and log.jsonl (one JSON object per log line and per evaluation). Ctrl-C saves a checkpoint
 and exits; `--resume` continues it, and a resumed run ends with the same weights, bit for bit, as one that
 was never interrupted (given the same machine, backend and thread count).
+
+Under mpiexec (MPI: several processes on one machine or several, or GPUs with NCCL) the ranks train one
+model on slices of each step's batch; dist.py holds that machinery and is imported only then. A run's
+global batch is batch_size x grad_accum x the number of ranks; a resumed run keeps it, whatever the number
+of ranks (grad_accum follows). See docs/distributed.md.
 
 Fine-tuning: `--init-from CKPT` (a ckpt.safetensors or its folder: an earlier run's, or one that
 `export.py --import-hf` wrote) starts a new run from that checkpoint's weights, architecture and tokenizer;
@@ -43,7 +49,7 @@ import sys
 import textwrap
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
 
@@ -130,6 +136,13 @@ class TrainConfig:
     out_dir: str = flag("", "checkpoint and log folder (default: out/<data>-<tokenizer>)")
     data_dir: str = flag("data", "root folder of the data caches")
     skip_nonfinite: bool = flag(False, "skip a step whose loss or gradient is nan/inf instead of stopping")
+    # under mpiexec (dist.py; ignored by a single process)
+    zero: int = flag(0, "under mpiexec: 1 shards AdamW's moments across the ranks (ZeRO stage 1: 1/N of the "
+                     "optimizer memory per rank, the same weights), 0 keeps them whole on every rank", choices=[0, 1])
+    bucket_mb: float = flag(4.0, "under mpiexec: size of the gradient buckets in MB; each is sent while the "
+                            "backward pass of the earlier layers still runs (0: one bucket per layer)")
+    dist_timeout: float = flag(300.0, "under mpiexec: seconds a rank waits for the others inside the training "
+                               "loop before it declares a rank dead and aborts the job")
 
 
 PRESETS = {
@@ -158,8 +171,9 @@ PRESETS = {
 # Flags that a resumed run may change; every other setting must match the checkpoint's. (--data may name
 # the corpus by another path: what must match is the corpus hash, file names and contents, checked later.)
 RESUME_MAY_CHANGE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
-                     "sample_tokens", "sample_prompt", "backend", "tf32", "fused_kernels", "out_dir", "data_dir", "skip_nonfinite",
-                     "data", "name"}
+                     "sample_tokens", "sample_prompt", "backend", "tf32", "fused_kernels", "out_dir", "data_dir",
+                     "skip_nonfinite", "data", "name", "zero", "bucket_mb", "dist_timeout",
+                     "grad_accum"}      # grad_accum: as long as the global batch stays (resume_world)
 
 # What a fine-tuning run (--init-from) takes from its checkpoint instead of from the preset and flags, with
 # the tokenizer; an explicit flag that differs is an error. (block_size is a flag, up to its max_seq_len.)
@@ -214,12 +228,24 @@ def kill_hook(kind, step):
     """For the tests, through the environment: TRAIN_TEST_KILL="step:K" SIGKILLs this process when it
     reaches step K (after that step's checkpoint, if one is due); "save:K" SIGKILLs it inside the checkpoint
     write at step K, when the temporary file is complete but has not replaced the last good checkpoint;
-    "sigint:K" sends it a SIGINT (Ctrl-C) at step K."""
+    "sigint:K" sends it a SIGINT (Ctrl-C) at step K; "hang:K" stops it (SIGSTOP) at step K, as a rank that
+    hangs under mpiexec."""
     want = os.environ.get("TRAIN_TEST_KILL", "")
     if want == f"{kind}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "step" and want == f"sigint:{step}":
         os.kill(os.getpid(), signal.SIGINT)
+    if kind == "step" and want == f"hang:{step}":
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def mpi_world_size():
+    """How many processes mpiexec started (1 without it), from the variables its launcher sets (MPICH and
+    Intel MPI: PMI_SIZE, also srun --mpi=pmi2; Open MPI; MVAPICH): nothing of MPI is imported for this."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
 
 
 def check_memory(cfg, mcfg, gm=None):
@@ -251,10 +277,15 @@ class Run:
     resumed: bool               # continues a checkpoint of this run (--resume)
     log: object = print         # log(line); while the progress bar shows, write(line) prints above it
     write: object = print
+    comm: object = None         # under mpiexec: dist.py's communicator (rank, size); None: one process
+    dp: object = None           # under mpiexec: dist.DataParallel, which averages the gradients
 
     ckpt_path = property(lambda self: self.out_dir / "ckpt.safetensors")
     log_path = property(lambda self: self.out_dir / "log.jsonl")
-    tokens_per_step = property(lambda self: self.cfg.batch_size * self.cfg.block_size * self.cfg.grad_accum)
+    rank = property(lambda self: self.comm.rank if self.comm else 0)     # rank 0 logs, evaluates, saves
+    world = property(lambda self: self.comm.size if self.comm else 1)
+    tokens_per_step = property(lambda self: self.cfg.batch_size * self.cfg.block_size * self.cfg.grad_accum
+                               * self.world)
 
 
 @dataclass
@@ -277,9 +308,10 @@ class State:
         return round(self.elapsed + time.time() - self.t_start, 3)
 
 
-def train(cfg, data, tok, gm, resume=None, log=print, init=None):
+def train(cfg, data, tok, gm, resume=None, log=print, init=None, comm=None):
     """Train (or continue `resume`, a checkpoint.Checkpoint) and return a summary dict. `init` (a
-    Checkpoint too) fine-tunes: its weights and model config, a fresh optimizer and step 0.
+    Checkpoint too) fine-tunes: its weights and model config, a fresh optimizer and step 0. `comm`:
+    under mpiexec, dist.py's communicator (the ranks train one model; rank 0 logs, evaluates and saves).
 
     Each step: grad_accum micro-batches from the seeded sampler -> averaged gradients -> finite check ->
     clip -> AdamW at get_lr(step). Every eval_interval steps: train/val loss, val bits per byte, a sample.
@@ -293,14 +325,16 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None):
     if source:
         check_tokenizer_fits(tok, mcfg, source.path)   # a char vocabulary smaller than the model: refused
     check_corpus_length(cfg, data)
-    run = Run(cfg, mcfg, gm, data, tok, open_out_dir(cfg), resumed=resume is not None, log=log)
+    run = Run(cfg, mcfg, gm, data, tok, open_out_dir(cfg), resumed=resume is not None, log=log, comm=comm)
     state = resumed_state(run, resume) if resume else fresh_state(run, init)
     if resume and state.step >= cfg.max_iters:
         log(f"warning: {resume.path} is at step {state.step}, and --max-iters {cfg.max_iters} ends there: nothing to "
             f"train; pass a larger --max-iters to continue the run")
+    if comm is not None and comm.size > 1:
+        start_data_parallel(run, state)
     log_start(run, state)
-    bar = tqdm(total=cfg.max_iters, initial=state.step, unit="step", dynamic_ncols=True, disable=None,
-               desc="training")
+    bar = tqdm(total=cfg.max_iters, initial=state.step, unit="step", dynamic_ncols=True,
+               disable=None if run.rank == 0 else True, desc="training")
     run.write = tqdm.write if not bar.disable else log
     stop = threading.Event()                                           # set by Ctrl-C
     try:
@@ -337,7 +371,8 @@ def fresh_state(run, init):
         params = load_params(gm, init.params, run.mcfg, init.path)
         run.log(f"initialized from {init.path} (its step {init.step if init.step is not None else '?'}): "
                 f"its weights, architecture and tokenizer; a fresh optimizer from step 0")
-    run.log_path.write_text("")                                       # a fresh run starts a fresh log
+    if run.rank == 0:
+        run.log_path.write_text("")                                   # a fresh run starts a fresh log
     return State(params, gm.adamw_init(params), gm.loss_scaler_init(), np.random.default_rng(cfg.seed))
 
 
@@ -357,12 +392,22 @@ def resumed_state(run, ck):
                   elapsed=p["elapsed_s"], tokens_seen=p["tokens_seen"], best_val=p["best_val_loss"],
                   last_eval=p.get("last_eval"), saved_step=int(meta["step"]))
     run.log(f"resumed from {ck.path} at step {state.step}")
+    if run.rank != 0:
+        return state
     # drop what the interrupted run logged after its checkpoint: those steps are about to be redone
     kept = [line for line in (run.log_path.read_text().splitlines() if run.log_path.is_file() else [])
             if line.strip() and json.loads(line).get("step", 0) <= state.step]
     write_text_atomic(run.log_path, "".join(line + "\n" for line in kept))
-    append_jsonl(run.log_path, {"event": "resume", "step": state.step})
+    append_jsonl(run.log_path, {"event": "resume", "step": state.step, "world_size": run.world})
     return state
+
+
+def start_data_parallel(run, state):
+    """Under mpiexec: the gradient averaging of dist.py over this run's weights; with --zero 1 the ranks
+    then keep their shards of AdamW's moments only."""
+    import dist
+    run.dp = dist.DataParallel(run.comm, run.gm, state.params, zero=run.cfg.zero, bucket_mb=run.cfg.bucket_mb)
+    state.params, state.opt = run.dp.adopt(state.params, state.opt)
 
 
 def log_start(run, state):
@@ -375,8 +420,14 @@ def log_start(run, state):
     if cfg.mixed_precision and cfg.backend == "numpy":
         run.log("note: --mixed-precision on the CPU is slow (NumPy has no float16 matrix multiply); it is meant "
                 "for --backend cupy")
+    ranks = f" x {run.world} ranks" if run.world > 1 else ""
     run.log(f"training: {cfg.max_iters} steps of {run.tokens_per_step:,} tokens (batch {cfg.batch_size} x "
-            f"grad_accum {cfg.grad_accum} x {cfg.block_size}); out dir {run.out_dir}")
+            f"grad_accum {cfg.grad_accum}{ranks} x {cfg.block_size}); out dir {run.out_dir}")
+    if run.dp is not None:
+        dp = run.dp
+        run.log(f"data parallel: {run.world} ranks, gradients in {len(dp.layout.buckets)} bucket(s), "
+                f"optimizer state {dp.optimizer_bytes(state.opt) / 2**20:.2f} MiB per rank"
+                + (f" (ZeRO-1: 1/{run.world} of the moments each)" if cfg.zero else ""))
 
 
 @contextmanager
@@ -407,7 +458,10 @@ def training_loop(run, state, bar, stop):
     while True:
         if state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters:
             if not (run.resumed and state.step == start_step):         # done before the checkpoint was saved
-                evaluate(run, state)
+                if run.rank == 0:
+                    evaluate(run, state)
+                if run.comm is not None:                               # the others wait, without spinning
+                    run.comm.barrier("rank 0 evaluates", timeout=None)
         saved = False
         due = state.step == cfg.max_iters or (cfg.ckpt_interval and state.step % cfg.ckpt_interval == 0)
         # a fresh run with --max-iters 0 saves its step 0: the out dir's checkpoint is then its own
@@ -415,7 +469,7 @@ def training_loop(run, state, bar, stop):
             save(run, state)
             saved = True
         kill_hook("step", state.step)
-        if stop.is_set():                                              # Ctrl-C: save (once) and leave
+        if stop_requested(run, stop):                                  # Ctrl-C: save (once) and leave
             if state.step == start_step:
                 run.write(f"interrupted at step {state.step}, before any step: nothing new to save")
             else:
@@ -435,9 +489,17 @@ def training_loop(run, state, bar, stop):
             loss_log.append(loss)
         bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {run.tokens_per_step / dt:,.0f} tok/s", refresh=False)
         bar.update(1)
-        if state.step % cfg.log_interval == 0 or state.step == cfg.max_iters:
+        if run.rank == 0 and (state.step % cfg.log_interval == 0 or state.step == cfg.max_iters):
             log_line(run, state, loss_log, lr, norm, t_steps / max(1, state.step - step_log))
             t_steps, step_log, loss_log = 0.0, state.step, []
+
+
+def stop_requested(run, stop):
+    """Ctrl-C seen? Under mpiexec every rank gets it, perhaps in different steps: they stop together if
+    any one has seen it."""
+    if run.comm is None:
+        return stop.is_set()
+    return run.comm.allreduce_host([float(stop.is_set())], "starting the next step (checking for Ctrl-C)")[0] > 0
 
 
 def evaluate(run, state):
@@ -464,26 +526,33 @@ def save(run, state):
         run.mcfg, run.tok, step=state.step, adam_t=state.opt["t"], train_config=asdict(cfg),
         rng={"batch": state.rng.bit_generator.state}, loss_scaler=state.scaler,
         sampler={"kind": "uniform random windows", "train_tokens": len(run.data["train"]),
-                 "batch_size": cfg.batch_size, "block_size": cfg.block_size},
+                 "batch_size": cfg.batch_size, "block_size": cfg.block_size}, world_size=run.world,
         data={"name": d["name"], "key": d["key"], "train_tokens": d["train_tokens"], "val_tokens": d["val_tokens"],
               "val_bytes_per_token": d["val_bytes_per_token"]},
         progress={"elapsed_s": state.elapsed_now(), "tokens_seen": state.tokens_seen,
                   "best_val_loss": state.best_val, "last_eval": state.last_eval})
     hook = (lambda tmp: kill_hook("save", state.step)) if os.environ.get("TRAIN_TEST_KILL") else None
     host = lambda arrays: {k: gm.to_host(v) for k, v in arrays.items()}     # noqa: E731
-    save_checkpoint(run.ckpt_path, host(state.params), host(state.opt["m"]), host(state.opt["v"]), meta,
-                    before_replace=hook)
+    if run.dp is None:
+        tensors = host(state.params), host(state.opt["m"]), host(state.opt["v"])
+    else:                                               # the whole state on rank 0 (ZeRO: gathered)
+        tensors = run.dp.gather_state(state.params, state.opt)
+    if run.rank == 0:
+        save_checkpoint(run.ckpt_path, *tensors, meta, before_replace=hook)
     state.saved_step = state.step
 
 
 def optimizer_step(run, state):
     """One step: accumulated gradients -> finite check -> clip -> AdamW, or a skipped step (a float16
     overflow, or a non-finite loss with --skip-nonfinite). Returns (loss, grad norm, lr, overflow)."""
-    cfg, gm = run.cfg, run.gm
+    cfg, gm, dp = run.cfg, run.gm, run.dp
     lr = get_lr(state.step, cfg)
     loss, grads, overflow = accumulate_grads(run, state)
     norm = math.nan
-    if not overflow:
+    if not overflow and dp is not None:                                # the mean over all ranks' micro-batches
+        dp.scale_grads(1.0 / (cfg.grad_accum * run.world))
+        norm = dp.clip_grad_norm(cfg.grad_clip)                        # the same on every rank
+    elif not overflow:
         if cfg.grad_accum > 1:
             for g in grads.values():
                 g *= 1.0 / cfg.grad_accum
@@ -492,12 +561,15 @@ def optimizer_step(run, state):
         gm.loss_scaler_update(state.scaler, not overflow)
     if overflow and math.isfinite(loss):
         # the loss scale was too large for float16: the step is skipped and the scale halved
-        append_jsonl(run.log_path, {"event": "overflow", "step": state.step, "scale": state.scaler["scale"]})
+        if run.rank == 0:
+            append_jsonl(run.log_path, {"event": "overflow", "step": state.step, "scale": state.scaler["scale"]})
         if state.scaler["scale"] < 2.0 ** -24:
             raise UserError(f"mixed precision: gradients overflow float16 at every loss scale (now "
                             f"{state.scaler['scale']:.1e}) at step {state.step}; train without --mixed-precision")
     elif not (math.isfinite(loss) and math.isfinite(norm)):
         skip_nonfinite(run, state, loss, norm)
+    elif dp is not None:
+        dp.adamw_step(state.params, state.opt, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
     else:
         gm.adamw_step(state.params, grads, state.opt, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
     state.step += 1
@@ -506,29 +578,45 @@ def optimizer_step(run, state):
 
 
 def accumulate_grads(run, state):
-    """grad_accum micro-batches from the sampler: (mean loss, summed gradients, overflow?). After a float16
-    overflow (mixed precision) the step does no more work, but still draws its batches, so the sampler
-    stays in step with a run where it did not overflow."""
-    cfg, gm = run.cfg, run.gm
+    """The step's global batch, grad_accum x world micro-batches drawn from the sampler in order, of which
+    this rank takes grad_accum in a row (rank r: r * grad_accum ...; one process: all): (mean loss over the
+    global batch, summed gradients, overflow?). Every rank draws every micro-batch's windows, so the
+    samplers stay equal, and reads only its own; dropout is keyed by the global micro-batch index, so a
+    run sees the same sequences and masks at any world size. Under mpiexec the sum runs over all ranks
+    (dist.DataParallel; its grads are returned). After a float16 overflow (mixed precision) the step does
+    no more work, but still draws its batches, so the sampler stays in step with a run where it did not
+    overflow."""
+    cfg, gm, dp = run.cfg, run.gm, run.dp
+    n = cfg.grad_accum * run.world                                     # micro-batches in the global batch
+    mine = range(run.rank * cfg.grad_accum, (run.rank + 1) * cfg.grad_accum)
     grads, loss, overflow = None, 0.0, False
-    for micro in range(cfg.grad_accum):
-        x, y = get_batch(run.data["train"], cfg.batch_size, cfg.block_size, state.rng)
-        if overflow:
+    for micro in range(n):
+        batch = get_batch(run.data["train"], cfg.batch_size, cfg.block_size, state.rng, read=micro in mine)
+        if micro not in mine or overflow:
             continue
+        x, y = batch
         seed = step_seed(cfg.seed, state.step, micro)
         if cfg.mixed_precision:                                        # grads None: float16 overflowed
             l, g = gm.loss_and_grads_mixed(state.params, x, y, run.mcfg, state.scaler["scale"], seed=seed)
             overflow = g is None
+        elif dp is not None:                                           # into dp's buffer; the last one sends
+            l, g = dp.loss_and_grads(state.params, x, y, run.mcfg, seed, first=micro == mine[0],
+                                     last=micro == mine[-1]), None
         else:
             l, g = gm.loss_and_grads(state.params, x, y, run.mcfg, seed=seed)
-        loss += l / cfg.grad_accum
-        if overflow:
+        loss += l / n
+        if overflow or g is None:
             continue
-        if grads is None:
+        if dp is not None:
+            dp.accumulate(g, first=micro == mine[0])
+        elif grads is None:
             grads = g
         else:
             for k in grads:
                 grads[k] += g[k]
+    if dp is not None:                                                 # summed over the ranks
+        loss, overflow = dp.finish(loss, overflow)
+        grads = dp.grads
     return loss, grads, overflow
 
 
@@ -542,7 +630,8 @@ def skip_nonfinite(run, state, loss, norm):
                 if state.saved_step is not None else "no checkpoint of this run was written")
         raise UserError(f"{what}: stopping; {kept}. Lower --lr, or pass --skip-nonfinite")
     run.write(f"warning: {what}: step skipped (--skip-nonfinite)")
-    append_jsonl(run.log_path, {"event": "skip", "step": state.step, "loss": loss, "grad_norm": norm})
+    if run.rank == 0:
+        append_jsonl(run.log_path, {"event": "skip", "step": state.step, "loss": loss, "grad_norm": norm})
 
 
 def log_line(run, state, loss_log, lr, norm, dt_avg):
@@ -560,7 +649,7 @@ def finish(run, state, status):
     result = {"status": status, "step": state.step, "time_s": state.elapsed_now(), "tokens_seen": state.tokens_seen,
               "best_val_loss": state.best_val, "last_eval": last, "ckpt": str(run.ckpt_path),
               "params": {k: run.gm.to_host(v) for k, v in state.params.items()}}
-    if status == "done" and cfg.sample_tokens:
+    if status == "done" and cfg.sample_tokens and run.rank == 0:
         text = sample_text(run.gm, state.params, run.mcfg, run.tok, cfg.sample_prompt, 4 * cfg.sample_tokens,
                            seed=cfg.seed)
         result["sample"] = text
@@ -587,7 +676,8 @@ def build_parser():
                "examples:\n  python train.py\n"
                "  python train.py --preset shakespeare-char --data ../shared/data/tinyshakespeare.txt\n"
                "  python train.py --preset tiny --data notes.txt --out-dir out/tiny\n"
-               "  python train.py --resume\n\n"
+               "  python train.py --resume\n"
+               "  mpiexec -n 2 python train.py --preset tiny --data notes.txt --zero 1     # 2 ranks\n\n"
                "fine-tuning (--init-from: the weights, model and tokenizer of a checkpoint; a fresh optimizer):\n"
                "  python export.py --import-hf path/to/hf-llama --out out/imported --max-seq-len 256\n"
                "  python train.py --init-from out/imported --data notes.txt --lr 3e-4 --min-lr 3e-5 \\\n"
@@ -659,6 +749,10 @@ def check_config(cfg):
         v = getattr(cfg, name)
         if not (v >= 0 and math.isfinite(v)):
             raise UserError(f"--{name.replace('_', '-')} must be >= 0 and finite, got {v}")
+    if not (cfg.bucket_mb >= 0 and math.isfinite(cfg.bucket_mb)):
+        raise UserError(f"--bucket-mb must be >= 0, got {cfg.bucket_mb}")
+    if not cfg.dist_timeout > 0:
+        raise UserError(f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.seed < 0:
@@ -741,34 +835,43 @@ def run(argv=None, log=print):
     return prepare_and_train(*parse_args(argv), log=log)
 
 
-def prepare_and_train(cfg, explicit, flags, resume, log=print):
+def prepare_and_train(cfg, explicit, flags, resume, log=print, comm=None):
     """From a parsed command line: the checkpoint to continue or start from, the corpus, the tokenizer,
-    the token cache, then train()."""
+    the token cache, then train(). `comm`: under mpiexec, dist.py's communicator (only rank 0 logs, and
+    it prepares the data while the others wait, then read it)."""
+    world = comm.size if comm is not None else 1
+    if comm is not None and comm.rank != 0:
+        log = lambda *a, **k: None                      # noqa: E731
     gm = load_backend(cfg.backend)                      # fail early on a missing GPU
     ck = init = tok = None
     if resume is not None:
-        cfg, ck = open_resume(cfg, explicit, flags, resume)
+        cfg, ck = open_resume(cfg, explicit, flags, resume, world)
         gm = load_backend(cfg.backend)
-    if cfg.backend == "cupy":
-        gm.enable_tf32(cfg.tf32)
-        gm.use_fused_kernels(cfg.fused_kernels)
     elif cfg.init_from:
         init = load_checkpoint_for("--init-from", Path(cfg.init_from).expanduser())
         cfg, tok = init_config(cfg, flags, init)
+    if cfg.backend == "cupy":
+        gm.enable_tf32(cfg.tf32)
+        gm.use_fused_kernels(cfg.fused_kernels)
     if not cfg.lr_decay_iters:
         cfg.lr_decay_iters = cfg.max_iters              # fixed now, so a longer resumed run keeps the schedule
     cfg.name = cfg.name or data_name(cfg.data)
     cfg.out_dir = cfg.out_dir or default_out_dir(cfg)
     make_folders(cfg)
-    with locked_folder(cfg.out_dir):                    # one process at a time writes a run folder
-        tok, data = load_corpus(cfg, ck, init, tok, log)
+    # one process at a time writes a run folder (under mpiexec: rank 0 holds the lock for the job)
+    with locked_folder(cfg.out_dir) if comm is None or comm.rank == 0 else nullcontext():
+        if comm is None:
+            tok, data = load_corpus(cfg, ck, init, tok, log)
+        else:                                           # rank 0 prepares it, the others then read it
+            import dist
+            tok, data = dist.in_turn(comm, lambda: load_corpus(cfg, ck, init, tok, log))
         if ck is None and (Path(cfg.out_dir) / "ckpt.safetensors").is_file():
             old = read_meta(Path(cfg.out_dir) / "ckpt.safetensors")
             log(f"note: starting afresh; {cfg.out_dir}/ckpt.safetensors (step {old.get('step', '?') if old else '?'})"
                 f" will be overwritten (use --resume to continue it instead)")
         if cfg.sample_tokens:
             encode_prompt(tok, cfg.sample_prompt)       # an unencodable --sample-prompt fails now, not mid-run
-        result = train(cfg, data, tok, gm, resume=ck, log=log, init=init)
+        result = train(cfg, data, tok, gm, resume=ck, log=log, init=init, comm=comm)
     result["data_meta"] = data["meta"]
     return result
 
@@ -781,17 +884,34 @@ def load_checkpoint_for(what, path):
         raise type(e)(f"{what}: {e}") from None
 
 
-def open_resume(cfg, explicit, flags, resume):
+def open_resume(cfg, explicit, flags, resume, world=1):
     """--resume [CKPT]: the checkpoint and the config it continues (its own, plus the flags that may change)."""
     path = Path(cfg.out_dir or default_out_dir(cfg)) if resume == "latest" else Path(resume)
     ck = load_checkpoint(path)
     if "train_config" not in ck.meta:
         raise UserError(f"cannot resume from {ck.path}: it holds weights only, no training state")
     cfg = resume_config(cfg, explicit, flags, ck.meta)
+    resume_world(cfg, explicit, ck.meta, world)
     if "out_dir" not in explicit:
         cfg.out_dir = str(ck.path.parent)
     check_config(cfg)
     return cfg, ck
+
+
+def resume_world(cfg, explicit, meta, world):
+    """A resumed run keeps its global batch, grad_accum x world micro-batches per step, at any number of
+    ranks: grad_accum follows the world size (2 ranks x 1 -> 1 process x 2), or, given, must fit it."""
+    saved = meta["train_config"].get("grad_accum", 1) * meta.get("world_size", 1)
+    if "grad_accum" not in explicit:
+        if saved % world:
+            raise UserError(f"cannot resume on {world} ranks: the checkpoint's global batch is {saved} micro-batches "
+                            f"of {cfg.batch_size} per step, which {world} ranks cannot share evenly; use a number "
+                            f"of ranks that divides {saved}")
+        cfg.grad_accum = saved // world
+    elif cfg.grad_accum * world != saved:
+        raise UserError(f"cannot resume with --grad-accum {cfg.grad_accum} on {world} rank(s): the checkpoint's "
+                        f"global batch is {saved} micro-batches per step (grad_accum x ranks); pass --grad-accum "
+                        f"{saved // world if saved % world == 0 else '?'} or drop the flag")
 
 
 def make_folders(cfg):
@@ -844,19 +964,34 @@ def main(argv=None):
     1 for a failure (a bad file, an empty corpus, a full disk ...); 130 on a second Ctrl-C."""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)     # log lines show up at once, also in a file or a pipe
+    world = mpi_world_size()
     try:
         args = parse_args(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0":   # once, not per rank
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    comm = None
     try:
-        prepare_and_train(*args)
+        if world > 1:                                   # under mpiexec: dist.py, and MPI, only now
+            import dist
+            comm = dist.start(args[0].backend, args[0].dist_timeout)
+        prepare_and_train(*args, comm=comm)
     except (UserError, OSError) as e:                   # OSError: disk full, permissions, a path that is not a folder
+        if comm is not None:                            # the other ranks may be waiting for this one
+            dist.report_and_abort(comm, f"error: {e}" if comm.rank == 0 else f"error: rank {comm.rank}: {e}", 1)
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        if comm is not None:
+            comm.abort(130)
         return 130
+    except BaseException:
+        if comm is None:
+            raise
+        import traceback                                # a bug: its traceback, then the job ends
+        dist.report_and_abort(comm, f"rank {comm.rank}: " + traceback.format_exc().rstrip(), 1)
     return 0
 
 

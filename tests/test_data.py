@@ -208,3 +208,29 @@ def test_load_backend():
     assert D.load_backend("numpy") is gn
     with pytest.raises(UserError, match="unknown backend"):
         D.load_backend("tpu")
+
+
+def test_get_batch_read_false_moves_the_sampler_alike():
+    """A rank draws the other ranks' micro-batches without reading them: the generator ends where it
+    would have, and the next batch is the same."""
+    d = np.arange(100)
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    D.get_batch(d, 3, 4, r1)
+    assert D.get_batch(d, 3, 4, r2, read=False) is None
+    assert all(np.array_equal(a, b) for a, b in zip(D.get_batch(d, 3, 4, r1), D.get_batch(d, 3, 4, r2)))
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_parallel_tokenizing_writes_the_serial_ids(tmp_path, kind):
+    """tokenize_files with 2 encoding processes and small blocks (many in flight, several files, the
+    end-of-text ids between them): byte for byte the ids of the serial path."""
+    files = [make_text(tmp_path / f"{i}.txt", n_lines=150, seed=i) for i in range(3)]
+    sources = D.digest_sources(tmp_path, files, tmp_path / "sources.json")
+    text = "".join(f.read_text() for f in files)
+    tok = (D.CharTokenizer(text) if kind == "char" else
+           bpe.Tokenizer.train([text], 300, pattern="gpt4", special_tokens=[D.EOT]))
+    n1 = D.tokenize_files(files, sources, tok, tmp_path / "serial.bin", "t", workers=1, block_bytes=700)
+    n2 = D.tokenize_files(files, sources, tok, tmp_path / "pool.bin", "t", workers=2, block_bytes=700)
+    assert n1 == n2 > 1000
+    assert (tmp_path / "serial.bin").read_bytes() == (tmp_path / "pool.bin").read_bytes()
+    assert D.encode_workers(1 << 20) == 1                      # small corpora: no pool
