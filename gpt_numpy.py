@@ -1,9 +1,10 @@
 """
 gpt_numpy.py: a Llama-style transformer language model in NumPy, with every gradient written by hand.
 
-What this is: one file you can read top to bottom. Token embedding, RoPE, causal multi-head attention,
-RMSNorm or LayerNorm, a SwiGLU feed-forward, the LM head and softmax cross-entropy; each forward with
-its backward right beside it. Then the model, gradient checkpointing, AdamW, mixed precision and
+What this is: one file you can read top to bottom. Token embedding, RoPE, causal multi-head attention
+(grouped-query attention when there are fewer key/value heads than query heads), RMSNorm or LayerNorm,
+a SwiGLU feed-forward, the LM head and softmax cross-entropy; each forward with its backward right
+beside it. Then the model, gradient checkpointing, AdamW, mixed precision and
 generation with a KV cache. The contract (parameter names, shapes, conventions) is SPEC.md; the README
 says where it lives.
 
@@ -11,10 +12,13 @@ What it deliberately is not: no autograd, no framework, no classes where a funct
 state is the parameter dict, the optimizer-state dict and the KV cache.
 
 References: Llama (Touvron et al. 2023), RoFormer / RoPE (Su et al. 2021), GLU variants / SwiGLU
-(Shazeer 2020), RMSNorm (Zhang & Sennrich 2019), AdamW (Loshchilov & Hutter 2019), gradient
-checkpointing (Chen et al. 2016), mixed precision training (Micikevicius et al. 2018).
+(Shazeer 2020), RMSNorm (Zhang & Sennrich 2019), grouped-query attention (Ainslie et al. 2023), RoPE
+position interpolation (Chen et al. 2023) and Llama 3.1's frequency scaling (Meta, 2024), AdamW
+(Loshchilov & Hutter 2019), gradient checkpointing (Chen et al. 2016), mixed precision training
+(Micikevicius et al. 2018).
 
-Legend: B batch, T time, C d_model, nh heads, hs head size (C // nh), F d_ff, V vocab, L layers.
+Legend: B batch, T time, C d_model, nh heads, nkv key/value heads, g = nh / nkv query heads per key/value
+head, hs head size (C // nh), F d_ff, V vocab, L layers.
 Convention: weights multiply from the right, y = x @ W with W shaped (in, out).
 """
 
@@ -52,6 +56,32 @@ def to_host(a):
 # Config
 
 NORMS = ("rmsnorm", "layernorm")
+# RoPE scalings real checkpoints use (rope_inv_freq has the formulas), with their required fields
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(rs):
+    """A rope_scaling dict in the one form the model reads: {"type": name, field: number, ...}. Hugging
+    Face's "rope_type" key is read as "type"; a type other than linear or llama3 (dynamic, yarn, longrope...)
+    raises ValueError naming it.
+
+    Example: {"rope_type": "linear", "factor": 2} -> {"type": "linear", "factor": 2.0}.
+    """
+    if not isinstance(rs, dict):
+        raise ValueError(f"rope_scaling must be None or a dict, got {rs!r}")
+    kind = rs.get("type", rs.get("rope_type"))
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"rope_scaling type {kind!r} is not implemented: choose one of {', '.join(ROPE_SCALINGS)}")
+    out = {"type": kind}
+    for f in ROPE_SCALINGS[kind]:
+        v = rs.get(f)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+            raise ValueError(f"rope_scaling {kind}: {f} must be a positive number, got {v!r}")
+        out[f] = int(v) if f == "original_max_position_embeddings" else float(v)
+    if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
+        raise ValueError("rope_scaling llama3: high_freq_factor must exceed low_freq_factor")
+    return out
 
 
 @dataclass
@@ -59,12 +89,17 @@ class GPTConfig:
     vocab_size: int = 65          # V: number of token ids, e.g. 65 (characters) or 50304 (GPT-2 BPE)
     n_layer: int = 4              # L: transformer blocks, e.g. 4 .. 12
     n_head: int = 4               # nh: attention heads; head size hs = d_model // n_head must be even
+    n_kv_head: int = None         # nkv: key/value heads, a divisor of n_head, e.g. 3 of 9 (grouped-query
+                                  # attention); None: n_head (plain multi-head attention)
     d_model: int = 128            # C: width of the residual stream, e.g. 128 .. 768
     d_ff: int = 344               # F: SwiGLU hidden width, typically about 8/3 * d_model
     max_seq_len: int = 64         # longest sequence the model takes, e.g. 64 .. 1024
     norm: str = "rmsnorm"         # "rmsnorm" (Llama) or "layernorm" (GPT-2)
     norm_eps: float = 1e-5        # epsilon inside the norm's square root
     rope_theta: float = 10000.0   # RoPE base; inv_freq[j] = theta^(-2j/hs)
+    rope_scaling: dict = None     # None, {"type": "linear", "factor": 4.0} or {"type": "llama3", "factor": 8.0,
+                                  # "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  # "original_max_position_embeddings": 8192}: see rope_inv_freq
     tie_embeddings: bool = True   # LM head is tok_emb.T (True) or its own (C, V) matrix (False)
     dropout: float = 0.0          # dropout rate during training, e.g. 0.0 .. 0.2
     checkpoint: bool = False      # gradient checkpointing: recompute each block in the backward pass
@@ -74,6 +109,11 @@ class GPTConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if not isinstance(self.n_kv_head, (int, np.integer)) or isinstance(self.n_kv_head, bool) \
+                or self.n_kv_head < 1 or self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_kv_head must be a positive divisor of n_head ({self.n_head}), got {self.n_kv_head!r}")
         if self.d_model % self.n_head != 0:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if (self.d_model // self.n_head) % 2 != 0:
@@ -87,10 +127,17 @@ class GPTConfig:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.rope_scaling is not None:
+            self.rope_scaling = check_rope_scaling(self.rope_scaling)
 
     @property
     def head_size(self):
         return self.d_model // self.n_head
+
+    @property
+    def qkv_size(self):
+        """Width of attn.qkv's output: nh query heads, then nkv key and nkv value heads, each hs wide."""
+        return (self.n_head + 2 * self.n_kv_head) * self.head_size
 
     def to_dict(self):
         return asdict(self)
@@ -109,7 +156,7 @@ def param_shapes(cfg):
         shapes[p + "norm1.weight"] = (C,)
         if ln:
             shapes[p + "norm1.bias"] = (C,)
-        shapes[p + "attn.qkv"] = (C, 3 * C)
+        shapes[p + "attn.qkv"] = (C, cfg.qkv_size)          # (C, 3C) unless grouped-query
         shapes[p + "attn.proj"] = (C, C)
         shapes[p + "norm2.weight"] = (C,)
         if ln:
@@ -329,9 +376,32 @@ def merge_heads(y):
 # position p are p * theta^(-2j/hs) for j < hs/2, repeated twice along the last axis. Pair (u1[j],
 # u2[j]) is rotated by the angle p * inv_freq[j]: q'.k' then depends on the positions only through
 # their difference.
-def rope_tables(positions, hs, theta, dtype):
-    """cos and sin of shape (T, hs) for the given positions (host math in float64, then cast)."""
+# Scaled RoPE (cfg.rope_scaling), for checkpoints stretched to a longer context than they were trained on:
+# - linear, position interpolation (Chen et al. 2023, arXiv:2306.15595): inv_freq / factor, so position p
+#   turns as position p / factor did in training.
+# - llama3, Llama 3.1's scaling (Meta's reference `apply_scaling`; Hugging Face's
+#   `_compute_llama3_parameters`): with each pair's wavelength w = 2 pi / inv_freq and the original
+#   context L0, short waves (w < L0 / high_freq_factor) stay, long waves (w > L0 / low_freq_factor) are
+#   divided by factor, and in between s = (L0 / w - low_freq_factor) / (high_freq_factor - low_freq_factor)
+#   blends the two: inv_freq' = (1 - s) * inv_freq / factor + s * inv_freq.
+def rope_inv_freq(hs, theta, scaling=None):
+    """The hs/2 rotation frequencies inv_freq[j] = theta^(-2j/hs), scaled as `scaling` says (float64)."""
     inv_freq = theta ** (-np.arange(0, hs, 2, dtype=np.float64) / hs)   # (hs/2,)
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["type"] == "linear":
+        return inv_freq / factor
+    L0, lo, hi = scaling["original_max_position_embeddings"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    w = 2 * math.pi / inv_freq                                          # wavelengths, in positions
+    s = (L0 / w - lo) / (hi - lo)
+    blend = (1 - s) * inv_freq / factor + s * inv_freq
+    return np.where(w < L0 / hi, inv_freq, np.where(w > L0 / lo, inv_freq / factor, blend))
+
+
+def rope_tables(positions, hs, theta, dtype, scaling=None):
+    """cos and sin of shape (T, hs) for the given positions (host math in float64, then cast)."""
+    inv_freq = rope_inv_freq(hs, theta, scaling)                        # (hs/2,)
     angle = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq   # (T, hs/2)
     angle = np.concatenate([angle, angle], axis=-1)                      # (T, hs)
     return to_device(np.cos(angle).astype(dtype)), to_device(np.sin(angle).astype(dtype))
@@ -409,6 +479,10 @@ def dropout_backward(dout, keep, p):
 # Causal multi-head attention with RoPE:
 #   q, k, v = split(x @ Wqkv); q, k = rope(q), rope(k)
 #   att = softmax(q k^T / sqrt(hs) + causal mask); y = dropout(att) @ v; out = merge(y) @ Wproj
+# Grouped-query attention (GQA, Ainslie et al. 2023): k and v have nkv <= nh heads, and each serves a
+# group of g = nh / nkv query heads, query head h using key/value head h // g (Hugging Face's repeat_kv).
+# The g query heads of a group stack into g*T rows against the same keys, so every product below is
+# one matmul per key/value head; nkv = nh (g = 1) is plain multi-head attention, bit for bit.
 # With a KV cache (generation), the new k, v are written at positions pos.. and q attends to all of
 # the cache so far. Training calls it with kv=None, pos=0.
 @functools.lru_cache(maxsize=16)   # every layer of a forward uses the same mask: built (and sent) once
@@ -423,26 +497,32 @@ def causal_mask(T, Tk, pos, dtype):
 def attention_forward(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv=None, pos=0):
     B, T, C = x.shape
     hs = C // n_head
-    qkv = matmul(x, Wqkv)                                            # (B, T, C) @ (C, 3C) -> (B, T, 3C)
-    q, k, v = xp.split(qkv, 3, axis=-1)                              # 3 x (B, T, C)
-    # split heads: (B, T, C) -> (B, T, nh, hs) -> (B, nh, T, hs)
-    q, k, v = split_heads(q, n_head), split_heads(k, n_head), split_heads(v, n_head)
-    q, k = rope_forward(q, cos, sin), rope_forward(k, cos, sin)      # rotate by position, (B, nh, T, hs)
+    n_kv = (Wqkv.shape[1] // hs - n_head) // 2                       # nkv: Wqkv is (C, (nh + 2 nkv) hs)
+    g = n_head // n_kv                                               # query heads per key/value head
+    qkv = matmul(x, Wqkv)                                            # (B, T, C) @ (C, (nh+2nkv)hs) -> (B, T, (nh+2nkv)hs)
+    q, k, v = xp.split(qkv, [C, C + n_kv * hs], axis=-1)             # (B, T, C), 2 x (B, T, nkv*hs)
+    # split heads: (B, T, nh*hs) -> (B, T, nh, hs) -> (B, nh, T, hs); k and v likewise with nkv heads
+    q, k, v = split_heads(q, n_head), split_heads(k, n_kv), split_heads(v, n_kv)
+    q, k = rope_forward(q, cos, sin), rope_forward(k, cos, sin)      # rotate by position, (B, nh|nkv, T, hs)
     if kv is not None:                                               # generation: append to the cache
         K, V = kv
         K[:, :, pos:pos + T], V[:, :, pos:pos + T] = k, v
-        k, v = K[:, :, :pos + T], V[:, :, :pos + T]                  # (B, nh, Tk, hs), Tk = pos + T
+        k, v = K[:, :, :pos + T], V[:, :, :pos + T]                  # (B, nkv, Tk, hs), Tk = pos + T
+    Tk = k.shape[2]
+    # group the query heads: head h = j*g + r is row block r of key/value head j (a view: q is contiguous)
+    qg = q.reshape(B, n_kv, g * T, hs)                               # (B, nkv, g*T, hs)
     # scores: each query against each key, scaled so their variance does not grow with hs
-    att = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hs)                # (B, nh, T, hs) @ (B, nh, hs, Tk) -> (B, nh, T, Tk)
+    att = qg @ k.transpose(0, 1, 3, 2) / math.sqrt(hs)               # (B, nkv, g*T, hs) @ (B, nkv, hs, Tk) -> (B, nkv, g*T, Tk)
     # subtle: the causal mask is added before the softmax, so masked scores become exp(-inf) = 0.
     # Scores are softmaxed in float32 or wider even when the inputs are half precision.
     att = upcast(att)
-    att += causal_mask(T, att.shape[-1], pos, att.dtype)
+    scores = att.reshape(B, n_kv, g, T, Tk)                          # a view: the mask broadcasts per query head
+    scores += causal_mask(T, Tk, pos, att.dtype)
     softmax_(att)
     keep = dropout_mask(att.shape, p_drop, key)
     att_d = dropout_forward(att, keep, p_drop).astype(x.dtype, copy=False)
-    y = att_d @ v                                                    # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs)
-    y = merge_heads(y)                                               # merge heads: (B, nh, T, hs) -> (B, T, C)
+    y = att_d @ v                                                    # (B, nkv, g*T, Tk) @ (B, nkv, Tk, hs) -> (B, nkv, g*T, hs)
+    y = merge_heads(y.reshape(B, n_head, T, hs))                     # merge heads: (B, nh, T, hs) -> (B, T, C)
     out = matmul(y, Wproj)                                           # (B, T, C) @ (C, C) -> (B, T, C)
     return out, (x, Wqkv, Wproj, cos, sin, q, k, v, att, keep, att_d, y, p_drop)
 
@@ -450,33 +530,38 @@ def attention_forward(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv
 def attention_backward(dout, cache):
     x, Wqkv, Wproj, cos, sin, q, k, v, att, keep, att_d, y, p_drop = cache
     B, nh, T, hs = q.shape
+    n_kv = k.shape[1]
+    g = nh // n_kv
     # forward: out = y @ Wproj
     dy, dWproj = matmul_backward(dout, (y, Wproj))                  # (B, T, C)
     # The softmax backward needs, per row i, sum_j datt_ij * att_ij. With datt = dropout'(dy @ v^T)
     # and y = att_d @ v, that sum is dy_i . y_i (head by head): a (B, T, C) product instead of a
     # (B, nh, T, T) one (the "D" of FlashAttention's backward).
-    rowsum = xp.einsum("btnh,btnh->bnt", dy.reshape(B, T, nh, hs), y.reshape(B, T, nh, hs))[..., None]
-    dy = split_heads(dy, nh)                                         # (B, nh, T, hs)
+    rowsum = xp.einsum("btnh,btnh->bnt", dy.reshape(B, T, nh, hs), y.reshape(B, T, nh, hs))
+    rowsum = rowsum.reshape(B, n_kv, g * T, 1)                       # the rows of att
+    dy = split_heads(dy, nh).reshape(B, n_kv, g * T, hs)            # (B, nkv, g*T, hs), grouped as qg
     # forward: y = att_d @ v, so datt_d = dy @ v^T and dv = att_d^T @ dy.
     # subtle: OpenBLAS multiplies small matrices (T = 64) about 1.3x slower when the right operand is a
     # transposed view (dy @ v.T) than when it is stored row by row; a contiguous copy of v^T costs less.
-    vT = xp.ascontiguousarray(v.transpose(0, 1, 3, 2))               # (B, nh, hs, T)
-    datt = dy @ vT                                                   # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
-    dv = att_d.transpose(0, 1, 3, 2) @ dy                            # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+    vT = xp.ascontiguousarray(v.transpose(0, 1, 3, 2))               # (B, nkv, hs, T)
+    datt = dy @ vT                                                   # (B, nkv, g*T, hs) @ (B, nkv, hs, T) -> (B, nkv, g*T, T)
+    # dv sums over all g*T rows that read v: the g query heads of the group add up inside this matmul
+    dv = att_d.transpose(0, 1, 3, 2) @ dy                            # (B, nkv, T, g*T) @ (B, nkv, g*T, hs) -> (B, nkv, T, hs)
     datt = dropout_backward(datt, keep, p_drop)
     # forward: att = softmax(scores); masked entries have att = 0, so they get no gradient
-    dscores = softmax_backward_(datt, att, rowsum)                   # (B, nh, T, T)
-    # forward: scores = q @ k^T / sqrt(hs), so dq = dscores @ k / sqrt(hs), dk = dscores^T @ q / sqrt(hs)
+    dscores = softmax_backward_(datt, att, rowsum)                   # (B, nkv, g*T, T)
+    # forward: scores = qg @ k^T / sqrt(hs), so dqg = dscores @ k / sqrt(hs), dk = dscores^T @ qg / sqrt(hs)
     dscores /= math.sqrt(hs)
-    dq = dscores @ k                                                 # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
-    dk = dscores.transpose(0, 1, 3, 2) @ q                           # (B, nh, T, hs)
+    dq = (dscores @ k).reshape(B, nh, T, hs)                         # (B, nkv, g*T, T) @ (B, nkv, T, hs) -> (B, nh, T, hs)
+    dk = dscores.transpose(0, 1, 3, 2) @ q.reshape(B, n_kv, g * T, hs)   # (B, nkv, T, hs), the group summed as dv
     # forward: q, k = rope(q), rope(k)
     dq, dk = rope_backward(dq, cos, sin), rope_backward(dk, cos, sin)
-    # forward: q, k, v = split(qkv), then split heads; so merge the heads of each into its third of dqkv
-    dqkv = xp.empty((B, T, 3, nh, hs), dtype=dq.dtype)              # (B, T, 3C) laid out as qkv
-    for j, d in enumerate((dq, dk, dv)):
-        dqkv[:, :, j] = d.transpose(0, 2, 1, 3)                      # merge heads: (B, nh, T, hs) -> (B, T, nh, hs)
-    dqkv = dqkv.reshape(B, T, 3 * nh * hs)
+    # forward: q, k, v = split(qkv) into nh, nkv, nkv heads; so merge each one's heads into its columns
+    dqkv = xp.empty((B, T, nh + 2 * n_kv, hs), dtype=dq.dtype)      # (B, T, (nh+2nkv)hs) laid out as qkv
+    dqkv[:, :, :nh] = dq.transpose(0, 2, 1, 3)                       # merge heads: (B, nh, T, hs) -> (B, T, nh, hs)
+    dqkv[:, :, nh:nh + n_kv] = dk.transpose(0, 2, 1, 3)
+    dqkv[:, :, nh + n_kv:] = dv.transpose(0, 2, 1, 3)
+    dqkv = dqkv.reshape(B, T, (nh + 2 * n_kv) * hs)
     dx, dWqkv = matmul_backward(dqkv, (x, Wqkv))
     return dx, dWqkv, dWproj
 
@@ -628,7 +713,7 @@ def model_forward(params, ids, cfg, train=False, seed=0):
     """
     ids = to_device(ids)
     B, T = ids.shape
-    cos, sin = rope_tables(np.arange(T), cfg.head_size, cfg.rope_theta, params["tok_emb"].dtype)
+    cos, sin = rope_tables(np.arange(T), cfg.head_size, cfg.rope_theta, params["tok_emb"].dtype, cfg.rope_scaling)
     p_drop = cfg.dropout if train else 0.0
     x, c_emb = embedding_forward(ids, params["tok_emb"])                # (B, T, C)
     blocks = []
@@ -833,27 +918,39 @@ def loss_and_grads_mixed(params, ids, targets, cfg, scale, seed=0, dtype=np.floa
 # Generation with a KV cache: each layer keeps the keys and the values of every position so far, so a
 # new token costs one position's work instead of a full forward of the whole context.
 # The cached keys are rope(k), unscaled (the 1/sqrt(hs) is applied to the scores), as in Hugging
-# Face's past_key_values; the values are v as computed.
+# Face's past_key_values; the values are v as computed. With grouped-query attention the cache holds
+# the nkv key/value heads only: nh / nkv times smaller than multi-head attention's.
 
-def kv_cache_init(cfg, dtype, batch=1):
-    """Per layer, (K, V) arrays of shape (batch, nh, max_seq_len, hs), filled by forward_cached."""
-    shape = (batch, cfg.n_head, cfg.max_seq_len, cfg.head_size)
+def kv_cache_init(cfg, dtype, batch=1, length=None):
+    """Per layer, (K, V) arrays of shape (batch, nkv, length, hs), filled by forward_cached. length: the
+    positions it can hold, at most (and by default) max_seq_len; generation asks for the prompt plus the
+    new tokens, so a model with a long context (8192, 131072) does not allocate all of it."""
+    length = cfg.max_seq_len if length is None else length
+    if not 1 <= length <= cfg.max_seq_len:
+        raise ValueError(f"KV cache length must be in [1, max_seq_len = {cfg.max_seq_len}], got {length}")
+    shape = (batch, cfg.n_kv_head, length, cfg.head_size)
     return [(xp.zeros(shape, dtype=dtype), xp.zeros(shape, dtype=dtype)) for _ in range(cfg.n_layer)]
 
 
-def forward_cached(params, ids, cfg, kv, pos):
+def forward_cached(params, ids, cfg, kv, pos, last_only=False):
     """Logits (B, T, V) for new tokens ids (B, T) at positions pos .. pos+T-1, attending to the
-    cache; writes their keys and values into `kv`. Equals forward() on the whole context so far."""
+    cache; writes their keys and values into `kv`. Equals forward() on the whole context so far.
+    last_only: the logits of the last position alone, (B, 1, V): all that sampling needs (the LM head
+    is the largest matmul of a prefill; 21% of its work on SmolLM2 at T = 512)."""
     check_ids(ids, cfg)
     T = ids.shape[1]
-    if not 0 <= pos <= cfg.max_seq_len - T:
-        raise ValueError(f"positions {pos} .. {pos + T - 1} do not fit the KV cache: pos + T must be at most "
-                         f"max_seq_len {cfg.max_seq_len}")
+    length = kv[0][0].shape[2]                                          # the positions the cache holds
+    if not 0 <= pos <= length - T:
+        limit = f"max_seq_len {length}" if length == cfg.max_seq_len else f"the cache's length {length}"
+        raise ValueError(f"positions {pos} .. {pos + T - 1} do not fit the KV cache: pos + T must be at most {limit}")
     ids = to_device(ids)
-    cos, sin = rope_tables(np.arange(pos, pos + T), cfg.head_size, cfg.rope_theta, params["tok_emb"].dtype)
+    cos, sin = rope_tables(np.arange(pos, pos + T), cfg.head_size, cfg.rope_theta, params["tok_emb"].dtype,
+                           cfg.rope_scaling)
     x = params["tok_emb"][ids]                                          # (B, T, C)
     for i in range(cfg.n_layer):
         x, _ = block_forward(x, params, i, cfg, cos, sin, kv=kv[i], pos=pos)
+    if last_only:
+        x = x[:, -1:]                                                   # (B, 1, C)
     xf, _ = norm_forward(x, params, "norm_f", cfg)
     return matmul(xf, lm_head(params, cfg))                             # (B, T, V)
 
@@ -900,22 +997,25 @@ def generate_stream(params, ids, cfg, max_new_tokens, temperature=1.0, top_k=Non
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     rng = np.random.default_rng(seed)
     stop = set(int(s) for s in (stop_ids or ()))
-    kv = kv_cache_init(cfg, params["tok_emb"].dtype)
+    if max_new_tokens <= 0:
+        return
     ctx = ids[-cfg.max_seq_len:]
-    logits = forward_cached(params, np.asarray([ctx]), cfg, kv, 0)      # prefill the cache
+    # the cache holds the prompt and the new tokens (the last one is never fed back), capped at the context
+    kv = kv_cache_init(cfg, params["tok_emb"].dtype, length=min(cfg.max_seq_len, len(ctx) + max_new_tokens - 1))
+    logits = forward_cached(params, np.asarray([ctx]), cfg, kv, 0, last_only=True)   # prefill the cache
     pos = len(ctx)
-    for _ in range(max_new_tokens):
+    for n in range(max_new_tokens):
         nxt = sample_next(to_host(logits[0, -1]), rng, temperature, top_k, top_p)
         yield nxt
-        if nxt in stop:
+        if nxt in stop or n == max_new_tokens - 1:                      # done: no forward for a token unused
             return
         ctx.append(nxt)
-        if pos < cfg.max_seq_len:                                       # room left: one new position
+        if pos < kv[0][0].shape[2]:                                     # room left: one new position
             logits = forward_cached(params, np.asarray([[nxt]]), cfg, kv, pos)
             pos += 1
         else:                                                           # full: crop and re-prefill
             ctx = ctx[-cfg.max_seq_len:]
-            logits = forward_cached(params, np.asarray([ctx]), cfg, kv, 0)
+            logits = forward_cached(params, np.asarray([ctx]), cfg, kv, 0, last_only=True)
 
 
 def generate(params, ids, cfg, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
