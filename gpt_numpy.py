@@ -4,27 +4,29 @@ gpt_numpy.py: a Llama-style transformer language model in NumPy, with every grad
 What this is: one file you can read top to bottom. Token embedding, RoPE, causal multi-head attention
 (grouped-query attention when there are fewer key/value heads than query heads), RMSNorm or LayerNorm,
 a SwiGLU feed-forward, the LM head and softmax cross-entropy; each forward with its backward right
-beside it. Then the model, gradient checkpointing, AdamW, mixed precision and
-generation with a KV cache. The contract (parameter names, shapes, conventions) is SPEC.md; the README
+beside it, and LoRA adapters that wrap the weight matmuls for cheap fine-tuning. Then the model,
+gradient checkpointing, AdamW, mixed precision and generation with a KV cache. The contract (parameter names, shapes, conventions) is SPEC.md; the README
 says where it lives.
 
 What it deliberately is not: no autograd, no framework, no classes where a function will do. The only
 state is the parameter dict, the optimizer-state dict and the KV cache.
 
 References: Llama (Touvron et al. 2023), RoFormer / RoPE (Su et al. 2021), GLU variants / SwiGLU
-(Shazeer 2020), RMSNorm (Zhang & Sennrich 2019), grouped-query attention (Ainslie et al. 2023), RoPE
+(Shazeer 2020), RMSNorm (Zhang & Sennrich 2019), grouped-query attention (Ainslie et al. 2023), LoRA
+(Hu et al. 2021), RoPE
 position interpolation (Chen et al. 2023) and Llama 3.1's frequency scaling (Meta, 2024), AdamW
 (Loshchilov & Hutter 2019), gradient checkpointing (Chen et al. 2016), mixed precision training
 (Micikevicius et al. 2018).
 
 Legend: B batch, T time, C d_model, nh heads, nkv key/value heads, g = nh / nkv query heads per key/value
-head, hs head size (C // nh), F d_ff, V vocab, L layers.
+head, hs head size (C // nh), F d_ff, V vocab, L layers, r LoRA rank.
 Convention: weights multiply from the right, y = x @ W with W shaped (in, out).
 """
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, replace
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -143,6 +145,44 @@ class GPTConfig:
         return asdict(self)
 
 
+# The weights of a block that LoRA can adapt, by short name (in the order adapters are kept), with
+# the dropout site of each adapter's input mask (sites 0-2 are the model's own dropouts).
+LORA_TARGETS = {"qkv": ("attn.qkv", 3), "proj": ("attn.proj", 4), "gate": ("ffn.w_gate", 5),
+                "up": ("ffn.w_up", 6), "down": ("ffn.w_down", 7)}
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8                 # r: rank of each adapter, e.g. 4 .. 64
+    alpha: float = 16.0           # the update (x @ A) @ B is scaled by alpha / r, e.g. 2r
+    targets: tuple = tuple(LORA_TARGETS)   # weights of every block with an adapter: any of qkv, proj,
+                                  # gate, up, down (e.g. ("qkv",) as in Hu et al.'s attention-only runs)
+    dropout: float = 0.0          # dropout on each adapter's input in training, e.g. 0.0 .. 0.1
+
+    def __post_init__(self):
+        if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
+        targets = (self.targets.split(",") if isinstance(self.targets, str) else list(self.targets))
+        targets = [t.strip() for t in targets if t.strip()]
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets:
+            raise ValueError(f"LoRA targets must be a non-empty subset of {', '.join(LORA_TARGETS)}; got "
+                             f"{', '.join(map(repr, unknown or targets)) or 'none'}")
+        self.targets = tuple(t for t in LORA_TARGETS if t in targets)     # canonical order, no repeats
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        self.alpha = float(self.alpha)
+
+    @property
+    def scale(self):
+        return self.alpha / self.rank
+
+    def to_dict(self):
+        return {**asdict(self), "targets": list(self.targets)}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Parameters
 
@@ -215,6 +255,56 @@ def num_params(params):
     return sum(int(p.size) for p in params.values())
 
 
+def lora_shapes(cfg, lora):
+    """The adapters of a LoRA run, {name: shape}, block by block in LORA_TARGETS order: for a weight W
+    (in, out), "<W's name>.lora_A" (in, r) and "<W's name>.lora_B" (r, out).
+
+    Example: rank 8, targets ("qkv",), d_model 64 -> {"blocks.0.attn.qkv.lora_A": (64, 8),
+    "blocks.0.attn.qkv.lora_B": (8, 192), "blocks.1.attn.qkv.lora_A": ...}.
+    """
+    base = param_shapes(cfg)
+    shapes = {}
+    for i in range(cfg.n_layer):
+        for t in lora.targets:
+            name = f"blocks.{i}.{LORA_TARGETS[t][0]}"
+            n_in, n_out = base[name]
+            shapes[name + ".lora_A"] = (n_in, lora.rank)
+            shapes[name + ".lora_B"] = (lora.rank, n_out)
+    return shapes
+
+
+def lora_init(cfg, lora, seed=0, dtype=np.float32):
+    """Fresh adapters: A ~ normal(0, 1/r) (PEFT's init_lora_weights="gaussian"), B = 0, so that
+    (x @ A) @ B = 0 and the adapted model starts as the base model, exactly. Host RNG, as init_params."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in lora_shapes(cfg, lora).items():
+        w = rng.normal(0.0, 1.0 / lora.rank, shape) if name.endswith(".lora_A") else np.zeros(shape)
+        out[name] = to_device(w.astype(dtype))
+    return out
+
+
+def lora_merge(params, lora):
+    """A plain model's weights from a LoRA run's params (base weights and adapters in one dict):
+    W + (alpha / r) A @ B for every weight with an adapter, the other weights as they are (the same
+    arrays), no adapter keys. forward(merged) equals forward(params, lora=lora) to rounding."""
+    merged = {k: v for k, v in params.items() if not k.endswith((".lora_A", ".lora_B"))}
+    for k in merged:
+        if k + ".lora_A" in params:
+            merged[k] = merged[k] + lora.scale * (params[k + ".lora_A"] @ params[k + ".lora_B"])   # (in, out)
+    return merged
+
+
+def lora_unmerge(merged, adapters, lora):
+    """The inverse of lora_merge: W' - (alpha / r) A @ B for each adapter in `adapters`, the base
+    weights back (to rounding: W + s A B - s A B is W up to the last bits of float32)."""
+    base = dict(merged)
+    for k in merged:
+        if k + ".lora_A" in adapters:
+            base[k] = merged[k] - lora.scale * (adapters[k + ".lora_A"] @ adapters[k + ".lora_B"])
+    return base
+
+
 # ----------------------------------------------------------------------------------------------------
 # Layers. Each op: `out, cache = op_forward(...)` and `d_inputs... = op_backward(dout, cache)`.
 # The caller adds gradients where paths merge (the residual stream, the tied embedding).
@@ -278,12 +368,12 @@ def column_dot(a, b):
     return xp.einsum("nc,nc->c", upcast(a).reshape(-1, C), upcast(b).reshape(-1, C))
 
 
-def rmsnorm_backward(dout, cache):
+def rmsnorm_backward(dout, cache, frozen=False):
     # forward: xhat = x * rstd, y = xhat * w. With g = dout * w, the gradient through rstd is
-    # dx = rstd * (g - xhat * mean(g * xhat)).
+    # dx = rstd * (g - xhat * mean(g * xhat)). frozen (a LoRA run): dw is None, not computed.
     xhat, rstd, w = cache
     C = xhat.shape[-1]
-    dw = column_dot(dout, xhat)                                         # (C,)
+    dw = None if frozen else column_dot(dout, xhat)                     # (C,)
     g = dout * w                                                        # (B, T, C)
     gx = xp.einsum("...c,...c->...", g, xhat)[..., None] / C          # mean(g * xhat), (B, T, 1)
     dx = g - xhat * gx
@@ -305,12 +395,12 @@ def layernorm_forward(x, w, b, eps):
     return xhat * w + b, (xhat, rstd, w)
 
 
-def layernorm_backward(dout, cache):
+def layernorm_backward(dout, cache, frozen=False):
     # as RMSNorm, plus the mean: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * w.
     xhat, rstd, w = cache
     C = xhat.shape[-1]
-    dw = column_dot(dout, xhat)                                         # (C,)
-    db = upcast(dout).reshape(-1, C).sum(axis=0)                        # (C,)
+    dw = None if frozen else column_dot(dout, xhat)                     # (C,)
+    db = None if frozen else upcast(dout).reshape(-1, C).sum(axis=0)    # (C,)
     g = dout * w                                                        # (B, T, C)
     gx = xp.einsum("...c,...c->...", g, xhat)[..., None] / C          # mean(g * xhat), (B, T, 1)
     dx = (g - g.mean(axis=-1, keepdims=True) - xhat * gx) * rstd        # (B, T, C)
@@ -326,7 +416,10 @@ def norm_forward(x, params, prefix, cfg):
 
 def norm_backward(dout, cache, grads, prefix, cfg):
     """Backward of norm_forward: returns dx. Not (dout, cache) alone: it writes the weight (and bias)
-    gradients into `grads` under the parameter names, so the block needs no norm-specific code."""
+    gradients into `grads` under the parameter names, so the block needs no norm-specific code.
+    grads None: the norm is frozen (a LoRA run), only dx is computed."""
+    if grads is None:
+        return (rmsnorm_backward if cfg.norm == "rmsnorm" else layernorm_backward)(dout, cache, frozen=True)[0]
     if cfg.norm == "rmsnorm":
         dx, grads[prefix + ".weight"] = rmsnorm_backward(dout, cache)
     else:
@@ -354,6 +447,79 @@ def matmul_backward(dout, cache):
     dx = (dout2 @ W.T).reshape(x.shape)                                 # (N, out) @ (out, in) -> (B, T, in)
     dW = x.reshape(-1, W.shape[0]).T @ dout2                            # (in, N) @ (N, out) -> (in, out)
     return dx, dW
+
+
+# LoRA, low-rank adaptation (Hu et al. 2021, arXiv:2106.09685). Fine-tuning moves a pretrained weight
+# W (in, out) by some dW; LoRA bets that dW has a low rank r and learns it as a product A @ B:
+#   y = x @ W + (alpha / r) * (dropout(x) @ A) @ B,      A (in, r), B (r, out), r << in, out.
+# W stays frozen: no gradient, no optimizer state. Only A and B train: r (in + out) numbers instead of
+# in * out (r = 8 on a (576, 1536) matrix: 17k instead of 885k). B starts at zero, so training starts
+# from the pretrained model exactly; alpha / r keeps the update's size when r changes (Hu et al. fix
+# alpha and do not tune it). Afterwards the update folds into the weight, W' = W + (alpha / r) A @ B
+# (lora_merge), and inference costs what the base model costs.
+# In a LoRA run every weight of the blocks reaches the layers as a Lora record instead of a bare array:
+# the frozen W with its adapter, or with A = None where it has none (frozen, nothing to train).
+# linear_forward / linear_backward below are the layers' matmul for either kind.
+class Lora(NamedTuple):
+    W: object               # (in, out), frozen
+    A: object               # (in, r), or None: no adapter on this weight
+    B: object               # (r, out), or None
+    scale: float            # alpha / r
+    p_drop: float           # dropout on the adapter's input (0 outside training)
+    key: tuple              # the key of that dropout's mask: (seed, layer, site)
+
+    @property
+    def shape(self):        # W's shape: the layers read sizes off either kind of weight
+        return self.W.shape
+
+
+def lora_forward(x, w, recompute=False):
+    # recompute (checkpointing): only the cache is wanted; the product with W is skipped
+    W, A, B, scale, p, key = w
+    y = None if recompute else matmul(x, W)                            # (B, T, in) @ (in, out) -> (B, T, out)
+    if A is None:
+        return y, (x, w, None, None, None)
+    keep = dropout_mask(x.shape, p, key)
+    xd = dropout_forward(x, keep, p)                                   # the adapter's input, (B, T, in)
+    u = matmul(xd, A)                                                  # (B, T, in) @ (in, r) -> (B, T, r)
+    if y is not None:
+        y += matmul(u * scale, B)                                      # (B, T, r) @ (r, out) -> (B, T, out)
+    return y, (x, w, xd, u, keep)
+
+
+def lora_backward(dout, cache):
+    # forward: y = x @ W + s * u @ B with u = xd @ A, xd = dropout(x), s = alpha / r. W is frozen, so
+    # there is no dW = x^T @ dout (the largest matmul of a full backward, skipped); the rest, with
+    # du = s * dout @ B^T:  dB = s * u^T @ dout,  dA = xd^T @ du,  dx = dout @ W^T + dropout'(du @ A^T).
+    x, w, xd, u, keep = cache
+    W, A, B, scale, p, _ = w
+    dout2 = dout.reshape(-1, W.shape[1])                               # (N, out), N = B * T
+    dx = (dout2 @ W.T).reshape(x.shape)                                # (N, out) @ (out, in) -> (B, T, in)
+    if A is None:
+        return dx, (None, None)
+    u2 = u.reshape(-1, A.shape[1])                                     # (N, r)
+    dB = (u2 * scale).T @ dout2                                        # (r, N) @ (N, out) -> (r, out)
+    du = dout2 @ B.T                                                   # (N, out) @ (out, r) -> (N, r)
+    du *= scale
+    dA = xd.reshape(-1, A.shape[0]).T @ du                             # (in, N) @ (N, r) -> (in, r)
+    dxd = (du @ A.T).reshape(x.shape)                                  # (N, r) @ (r, in) -> (B, T, in)
+    dx += dropout_backward(dxd, keep, p)
+    return dx, (dA, dB)
+
+
+def linear_forward(x, w, recompute=False):
+    """The layers' weight matmul: x @ w for an array w (its cache is (x, w), matmul_forward's), or
+    lora_forward for a Lora record. recompute: return (None, cache), skipping the product with W."""
+    if isinstance(w, Lora):
+        return lora_forward(x, w, recompute)
+    return (None if recompute else matmul(x, w)), (x, w)
+
+
+def linear_backward(dout, cache):
+    """(dx, dw): dw = dW for a weight array, (dA, dB) for a Lora record ((None, None) without adapter)."""
+    if isinstance(cache[1], Lora):
+        return lora_backward(dout, cache)
+    return matmul_backward(dout, cache)
 
 
 # Heads. Attention runs nh independent heads of size hs side by side in the C columns: head h owns
@@ -484,7 +650,8 @@ def dropout_backward(dout, keep, p):
 # The g query heads of a group stack into g*T rows against the same keys, so every product below is
 # one matmul per key/value head; nkv = nh (g = 1) is plain multi-head attention, bit for bit.
 # With a KV cache (generation), the new k, v are written at positions pos.. and q attends to all of
-# the cache so far. Training calls it with kv=None, pos=0.
+# the cache so far. Training calls it with kv=None, pos=0. Wqkv and Wproj are arrays, or Lora records
+# in a LoRA run (linear_forward takes either).
 @functools.lru_cache(maxsize=16)   # every layer of a forward uses the same mask: built (and sent) once
 def causal_mask(T, Tk, pos, dtype):
     """(T, Tk) additive mask: 0 where query pos+i may see key j (j <= pos+i), -inf elsewhere.
@@ -499,7 +666,7 @@ def attention_forward(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv
     hs = C // n_head
     n_kv = (Wqkv.shape[1] // hs - n_head) // 2                       # nkv: Wqkv is (C, (nh + 2 nkv) hs)
     g = n_head // n_kv                                               # query heads per key/value head
-    qkv = matmul(x, Wqkv)                                            # (B, T, C) @ (C, (nh+2nkv)hs) -> (B, T, (nh+2nkv)hs)
+    qkv, c_qkv = linear_forward(x, Wqkv)                             # (B, T, C) @ (C, (nh+2nkv)hs) -> (B, T, (nh+2nkv)hs)
     q, k, v = xp.split(qkv, [C, C + n_kv * hs], axis=-1)             # (B, T, C), 2 x (B, T, nkv*hs)
     # split heads: (B, T, nh*hs) -> (B, T, nh, hs) -> (B, nh, T, hs); k and v likewise with nkv heads
     q, k, v = split_heads(q, n_head), split_heads(k, n_kv), split_heads(v, n_kv)
@@ -523,17 +690,17 @@ def attention_forward(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv
     att_d = dropout_forward(att, keep, p_drop).astype(x.dtype, copy=False)
     y = att_d @ v                                                    # (B, nkv, g*T, Tk) @ (B, nkv, Tk, hs) -> (B, nkv, g*T, hs)
     y = merge_heads(y.reshape(B, n_head, T, hs))                     # merge heads: (B, nh, T, hs) -> (B, T, C)
-    out = matmul(y, Wproj)                                           # (B, T, C) @ (C, C) -> (B, T, C)
-    return out, (x, Wqkv, Wproj, cos, sin, q, k, v, att, keep, att_d, y, p_drop)
+    out, c_proj = linear_forward(y, Wproj)                           # (B, T, C) @ (C, C) -> (B, T, C)
+    return out, (c_qkv, c_proj, cos, sin, q, k, v, att, keep, att_d, y, p_drop)
 
 
 def attention_backward(dout, cache):
-    x, Wqkv, Wproj, cos, sin, q, k, v, att, keep, att_d, y, p_drop = cache
+    c_qkv, c_proj, cos, sin, q, k, v, att, keep, att_d, y, p_drop = cache
     B, nh, T, hs = q.shape
     n_kv = k.shape[1]
     g = nh // n_kv
     # forward: out = y @ Wproj
-    dy, dWproj = matmul_backward(dout, (y, Wproj))                  # (B, T, C)
+    dy, dWproj = linear_backward(dout, c_proj)                      # (B, T, C)
     # The softmax backward needs, per row i, sum_j datt_ij * att_ij. With datt = dropout'(dy @ v^T)
     # and y = att_d @ v, that sum is dy_i . y_i (head by head): a (B, T, C) product instead of a
     # (B, nh, T, T) one (the "D" of FlashAttention's backward).
@@ -562,27 +729,28 @@ def attention_backward(dout, cache):
     dqkv[:, :, nh:nh + n_kv] = dk.transpose(0, 2, 1, 3)
     dqkv[:, :, nh + n_kv:] = dv.transpose(0, 2, 1, 3)
     dqkv = dqkv.reshape(B, T, (nh + 2 * n_kv) * hs)
-    dx, dWqkv = matmul_backward(dqkv, (x, Wqkv))
+    dx, dWqkv = linear_backward(dqkv, c_qkv)
     return dx, dWqkv, dWproj
 
 
 # SwiGLU feed-forward: out = (silu(a) * b) @ Wd with a = x @ Wg, b = x @ Wu, silu(a) = a * sigmoid(a).
+# The weights are arrays, or Lora records in a LoRA run.
 def swiglu_forward(x, Wg, Wu, Wd, recompute=False):
-    a = matmul(x, Wg)                                    # (B, T, C) @ (C, F) -> (B, T, F)
-    b = matmul(x, Wu)                                    # (B, T, F)
+    a, c_g = linear_forward(x, Wg)                       # (B, T, C) @ (C, F) -> (B, T, F)
+    b, c_u = linear_forward(x, Wu)                       # (B, T, F)
     sig = 1.0 / (1.0 + xp.exp(-a))                       # sigmoid(a), (B, T, F)
     silu = a                                             # a is not needed again: silu(a) overwrites it
     silu *= sig                                          # a * sigmoid(a)
     h = silu * b                                         # (B, T, F)
     # recompute (checkpointing): only the cache is wanted, so the down projection is skipped
-    out = None if recompute else matmul(h, Wd)           # (B, T, F) @ (F, C) -> (B, T, C)
-    return out, (x, Wg, Wu, Wd, b, sig, silu, h)
+    out, c_d = linear_forward(h, Wd, recompute)          # (B, T, F) @ (F, C) -> (B, T, C)
+    return out, (c_g, c_u, c_d, b, sig, silu)
 
 
 def swiglu_backward(dout, cache):
-    x, Wg, Wu, Wd, b, sig, silu, h = cache
+    c_g, c_u, c_d, b, sig, silu = cache
     # forward: out = h @ Wd
-    dh, dWd = matmul_backward(dout, (h, Wd))            # (B, T, F)
+    dh, dWd = linear_backward(dout, c_d)                # (B, T, F)
     # forward: h = silu(a) * b, so db = dh * silu(a) and da = dh * b * silu'(a), with
     # silu'(a) = sig + a * sig * (1 - sig) = sig + silu * (1 - sig)
     db = dh * silu
@@ -590,8 +758,8 @@ def swiglu_backward(dout, cache):
     da *= b
     da *= sig + silu * (1.0 - sig)                       # silu'(a)
     # forward: a = x @ Wg and b = x @ Wu; both paths reach x
-    dx, dWg = matmul_backward(da, (x, Wg))
-    dx_b, dWu = matmul_backward(db, (x, Wu))
+    dx, dWg = linear_backward(da, c_g)
+    dx_b, dWu = linear_backward(db, c_u)
     dx += dx_b
     return dx, dWg, dWu, dWd
 
@@ -629,19 +797,32 @@ def cross_entropy_backward(dloss, cache):
 # ----------------------------------------------------------------------------------------------------
 # Model: blocks, then the whole forward and backward, mirroring each other in reverse.
 
-def block_forward(x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv=None, pos=0, recompute=False):
+def block_weight(params, i, target, lora, seed):
+    """Block i's weight `target` (qkv, proj, gate, up or down) as the layers take it: the array, or in a
+    LoRA run (lora: a LoraConfig) a Lora record of the frozen weight and its adapter, params[name +
+    ".lora_A"] and [name + ".lora_B"], if it has one. Its dropout mask's key is (seed, i, site)."""
+    name, site = LORA_TARGETS[target]
+    W = params[f"blocks.{i}.{name}"]
+    if lora is None:
+        return W
+    A, B = (params.get(f"blocks.{i}.{name}.lora_{m}") for m in "AB")
+    return Lora(W, A, B, lora.scale, lora.dropout, (seed, i, site))
+
+
+def block_forward(x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv=None, pos=0, recompute=False, lora=None):
     """One pre-norm block: x + Attn(Norm1(x)), then + SwiGLU(Norm2(x)). Returns (out, cache).
     recompute=True (the checkpointed backward) wants only the cache: it returns (None, cache) and
-    skips the last matmul, SwiGLU's down projection, whose output the backward does not need."""
+    skips the last matmul, SwiGLU's down projection, whose output the backward does not need.
+    lora (a LoraConfig): a LoRA run; the weights are frozen, the adapters in params add their terms."""
     p = f"blocks.{i}."
+    w = lambda target: block_weight(params, i, target, lora, seed)    # noqa: E731
     h, c_n1 = norm_forward(x, params, p + "norm1", cfg)
-    a, c_attn = attention_forward(h, params[p + "attn.qkv"], params[p + "attn.proj"], cos, sin,
+    a, c_attn = attention_forward(h, w("qkv"), w("proj"), cos, sin,
                                   cfg.n_head, p_drop, (seed, i, 0), kv, pos)
     keep_a = dropout_mask(a.shape, p_drop, (seed, i, 1))
     x1 = x + dropout_forward(a, keep_a, p_drop)                       # residual, (B, T, C)
     h2, c_n2 = norm_forward(x1, params, p + "norm2", cfg)
-    f, c_ffn = swiglu_forward(h2, params[p + "ffn.w_gate"], params[p + "ffn.w_up"], params[p + "ffn.w_down"],
-                              recompute)
+    f, c_ffn = swiglu_forward(h2, w("gate"), w("up"), w("down"), recompute)
     keep_f = dropout_mask(x1.shape, p_drop, (seed, i, 2))
     cache = (c_n1, c_attn, keep_a, c_n2, c_ffn, keep_f, p_drop)
     if recompute:
@@ -650,19 +831,34 @@ def block_forward(x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv=None, pos=
     return out, cache
 
 
-def block_backward(dout, cache, grads, i, cfg):
+def put_grad(grads, name, dw):
+    """Store a weight's gradient from linear_backward under its parameter names: dW as `name`, a LoRA
+    adapter's (dA, dB) as name.lora_A and name.lora_B, nothing for a frozen weight without adapter."""
+    if not isinstance(dw, tuple):
+        grads[name] = dw
+    elif dw[0] is not None:
+        grads[name + ".lora_A"], grads[name + ".lora_B"] = dw
+
+
+def block_backward(dout, cache, grads, i, cfg, frozen=False):
     """Reverse of block_forward: writes this block's gradients into `grads` under their parameter
-    names (hence grads, i and cfg beside (dout, cache)), returns dx."""
+    names (hence grads, i and cfg beside (dout, cache)), returns dx. frozen (a LoRA run): the norms'
+    weights get no gradient; the adapters' do."""
     c_n1, c_attn, keep_a, c_n2, c_ffn, keep_f, p_drop = cache
     p = f"blocks.{i}."
+    g_norm = None if frozen else grads                                  # norm_backward skips frozen weights
     # forward: out = x1 + dropout(ffn(norm2(x1))): the residual passes dout straight to x1
     df = dropout_backward(dout, keep_f, p_drop)
-    dh2, grads[p + "ffn.w_gate"], grads[p + "ffn.w_up"], grads[p + "ffn.w_down"] = swiglu_backward(df, c_ffn)
-    dx1 = dout + norm_backward(dh2, c_n2, grads, p + "norm2", cfg)
+    dh2, dWg, dWu, dWd = swiglu_backward(df, c_ffn)
+    for name, dw in (("ffn.w_gate", dWg), ("ffn.w_up", dWu), ("ffn.w_down", dWd)):
+        put_grad(grads, p + name, dw)
+    dx1 = dout + norm_backward(dh2, c_n2, g_norm, p + "norm2", cfg)
     # forward: x1 = x + dropout(attn(norm1(x)))
     da = dropout_backward(dx1, keep_a, p_drop)
-    dh, grads[p + "attn.qkv"], grads[p + "attn.proj"] = attention_backward(da, c_attn)
-    dx = dx1 + norm_backward(dh, c_n1, grads, p + "norm1", cfg)
+    dh, dWqkv, dWproj = attention_backward(da, c_attn)
+    put_grad(grads, p + "attn.qkv", dWqkv)
+    put_grad(grads, p + "attn.proj", dWproj)
+    dx = dx1 + norm_backward(dh, c_n1, g_norm, p + "norm1", cfg)
     return dx
 
 
@@ -705,21 +901,24 @@ def check_targets(targets, ids, cfg):
         raise ValueError("every target is -1: the loss needs at least one position to predict")
 
 
-def model_forward(params, ids, cfg, train=False, seed=0):
+def model_forward(params, ids, cfg, train=False, seed=0, lora=None):
     """Embedding, L blocks, final norm, LM head. Returns (logits (B, T, V), cache).
 
     With train=False: no dropout and nothing kept (cache is None). With train=True the cache keeps
     every block's activations, or, with cfg.checkpoint, only each block's input.
+    lora (a LoraConfig): a LoRA run; params holds the base weights and the adapters (lora_shapes).
     """
     ids = to_device(ids)
     B, T = ids.shape
     cos, sin = rope_tables(np.arange(T), cfg.head_size, cfg.rope_theta, params["tok_emb"].dtype, cfg.rope_scaling)
     p_drop = cfg.dropout if train else 0.0
+    if lora is not None and not train:
+        lora = replace(lora, dropout=0.0)                               # no adapter dropout either
     x, c_emb = embedding_forward(ids, params["tok_emb"])                # (B, T, C)
     blocks = []
     for i in range(cfg.n_layer):
         x_in = x
-        x, c = block_forward(x, params, i, cfg, cos, sin, p_drop, seed)
+        x, c = block_forward(x, params, i, cfg, cos, sin, p_drop, seed, lora=lora)
         # gradient checkpointing: keep the block's input (B*T*C numbers) instead of its activations
         # (about 10 B*T*C + 4 B*T*F + the (B, nh, T, T) attention: 25x as many at C=384, T=256), and
         # recompute them in the backward: one more forward of each block, about 1.3x the step time.
@@ -728,30 +927,36 @@ def model_forward(params, ids, cfg, train=False, seed=0):
     logits = matmul(xf, lm_head(params, cfg))                           # (B, T, C) @ (C, V) -> (B, T, V)
     if not train:
         return logits, None
-    return logits, (c_emb, blocks, c_nf, xf, cos, sin, p_drop, seed)
+    return logits, (c_emb, blocks, c_nf, xf, cos, sin, p_drop, seed, lora)
 
 
 def model_backward(dlogits, cache, params, cfg):
     """Reverse of model_forward for dlogits (B*T, V). Returns grads with params' keys and shapes.
-    Takes params and cfg beside (dlogits, cache): the weights are read, not cached."""
-    c_emb, blocks, c_nf, xf, cos, sin, p_drop, seed = cache
+    Takes params and cfg beside (dlogits, cache): the weights are read, not cached.
+    In a LoRA run (model_forward's lora) only the adapters get gradients: grads has their keys alone,
+    and no frozen weight's gradient is ever computed (nor the LM head's, nor the embedding's)."""
+    c_emb, blocks, c_nf, xf, cos, sin, p_drop, seed, lora = cache
+    frozen = lora is not None
     grads = {}
     C = cfg.d_model
     xf2 = xf.reshape(-1, C)                                             # (N, C)
     # forward: logits = xf @ W_head, so dxf = dlogits @ W_head^T and dW_head = xf^T @ dlogits
     W = lm_head(params, cfg)
     dxf = (dlogits @ W.T).reshape(xf.shape)                             # (N, V) @ (V, C) -> (B, T, C)
-    if cfg.tie_embeddings:
-        dW_emb_head = dlogits.T @ xf2                                   # (V, N) @ (N, C) -> (V, C)
-    else:
-        grads["lm_head"] = xf2.T @ dlogits                              # (C, N) @ (N, V) -> (C, V)
-    dx = norm_backward(dxf, c_nf, grads, "norm_f", cfg)
+    if not frozen:                                                      # (in a LoRA run the head is frozen)
+        if cfg.tie_embeddings:
+            dW_emb_head = dlogits.T @ xf2                               # (V, N) @ (N, C) -> (V, C)
+        else:
+            grads["lm_head"] = xf2.T @ dlogits                          # (C, N) @ (N, V) -> (C, V)
+    dx = norm_backward(dxf, c_nf, None if frozen else grads, "norm_f", cfg)
     for i in reversed(range(cfg.n_layer)):
         c = blocks[i]
         if cfg.checkpoint:                                              # recompute the activations
-            _, c = block_forward(c, params, i, cfg, cos, sin, p_drop, seed, recompute=True)
-        dx = block_backward(dx, c, grads, i, cfg)
+            _, c = block_forward(c, params, i, cfg, cos, sin, p_drop, seed, recompute=True, lora=lora)
+        dx = block_backward(dx, c, grads, i, cfg, frozen)
         blocks[i] = None                                                # free as we go
+    if frozen:                                                          # the adapters' gradients only
+        return {k: grads[k] for k in params if k in grads}
     dW_emb = embedding_backward(dx, c_emb)
     if cfg.tie_embeddings:
         dW_emb += dW_emb_head                                           # tied: both uses add up
@@ -759,25 +964,26 @@ def model_backward(dlogits, cache, params, cfg):
     return {k: grads[k] for k in params}                                # params' key order
 
 
-def forward(params, ids, cfg):
-    """Logits (B, T, V) for token ids (B, T), no dropout."""
+def forward(params, ids, cfg, lora=None):
+    """Logits (B, T, V) for token ids (B, T), no dropout. lora: see model_forward."""
     check_ids(ids, cfg)
-    return model_forward(params, ids, cfg, train=False)[0]
+    return model_forward(params, ids, cfg, train=False, lora=lora)[0]
 
 
-def loss_fn(params, ids, targets, cfg):
+def loss_fn(params, ids, targets, cfg, lora=None):
     """Mean cross-entropy without dropout or gradients (evaluation)."""
     check_ids(ids, cfg)
     check_targets(targets, ids, cfg)
-    logits, _ = model_forward(params, ids, cfg, train=False)
+    logits, _ = model_forward(params, ids, cfg, train=False, lora=lora)
     return cross_entropy_forward(logits, to_device(targets))[0]
 
 
-def loss_and_grads(params, ids, targets, cfg, seed=0):
-    """Training loss (dropout on when cfg.dropout > 0, masks drawn from `seed`) and its gradients."""
+def loss_and_grads(params, ids, targets, cfg, seed=0, lora=None):
+    """Training loss (dropout on when cfg.dropout > 0, masks drawn from `seed`) and its gradients.
+    lora (a LoraConfig): train the adapters in params only; grads then holds their keys alone."""
     check_ids(ids, cfg)
     check_targets(targets, ids, cfg)
-    logits, cache = model_forward(params, ids, cfg, train=True, seed=seed)
+    logits, cache = model_forward(params, ids, cfg, train=True, seed=seed, lora=lora)
     loss, c_ce = cross_entropy_forward(logits, to_device(targets))
     del logits                                                          # its buffer lives on in c_ce
     dlogits = cross_entropy_backward(1.0, c_ce)                         # d(loss) / d(loss) = 1
@@ -891,17 +1097,18 @@ def loss_scaler_update(scaler, finite, growth_interval=2000):
         scaler["good_steps"] = 0
 
 
-def loss_and_grads_mixed(params, ids, targets, cfg, scale, seed=0, dtype=np.float16):
+def loss_and_grads_mixed(params, ids, targets, cfg, scale, seed=0, dtype=np.float16, lora=None):
     """loss_and_grads in half precision (`dtype`) from the master weights `params`, the backward run
     on scale * loss. Returns (loss, grads), grads unscaled and in the master weights' dtype, or
     (loss, None) when a gradient overflowed: then skip the optimizer step. Either way, pass
-    `grads is not None` to loss_scaler_update. Dropout masks are those of loss_and_grads with `seed`."""
+    `grads is not None` to loss_scaler_update. Dropout masks are those of loss_and_grads with `seed`.
+    lora: as in loss_and_grads (the frozen weights are cast too; the adapters alone get gradients)."""
     check_ids(ids, cfg)
     check_targets(targets, ids, cfg)
     # overflow is expected here and handled below: silence NumPy's warnings (CuPy gives none)
     with np.errstate(over="ignore", invalid="ignore"):
         half = {k: p.astype(dtype) for k, p in params.items()}          # the compute copy
-        logits, cache = model_forward(half, ids, cfg, train=True, seed=seed)
+        logits, cache = model_forward(half, ids, cfg, train=True, seed=seed, lora=lora)
         loss, c_ce = cross_entropy_forward(upcast(logits), to_device(targets))   # softmax in float32
         del logits
         dlogits = cross_entropy_backward(scale, c_ce).astype(dtype)             # d(S * loss), (N, V)
@@ -932,11 +1139,12 @@ def kv_cache_init(cfg, dtype, batch=1, length=None):
     return [(xp.zeros(shape, dtype=dtype), xp.zeros(shape, dtype=dtype)) for _ in range(cfg.n_layer)]
 
 
-def forward_cached(params, ids, cfg, kv, pos, last_only=False):
+def forward_cached(params, ids, cfg, kv, pos, last_only=False, lora=None):
     """Logits (B, T, V) for new tokens ids (B, T) at positions pos .. pos+T-1, attending to the
     cache; writes their keys and values into `kv`. Equals forward() on the whole context so far.
     last_only: the logits of the last position alone, (B, 1, V): all that sampling needs (the LM head
-    is the largest matmul of a prefill; 21% of its work on SmolLM2 at T = 512)."""
+    is the largest matmul of a prefill; 21% of its work on SmolLM2 at T = 512).
+    lora: the LoraConfig of the adapters in params (see model_forward), or None."""
     check_ids(ids, cfg)
     T = ids.shape[1]
     length = kv[0][0].shape[2]                                          # the positions the cache holds
@@ -947,8 +1155,9 @@ def forward_cached(params, ids, cfg, kv, pos, last_only=False):
     cos, sin = rope_tables(np.arange(pos, pos + T), cfg.head_size, cfg.rope_theta, params["tok_emb"].dtype,
                            cfg.rope_scaling)
     x = params["tok_emb"][ids]                                          # (B, T, C)
+    lora = lora and replace(lora, dropout=0.0)
     for i in range(cfg.n_layer):
-        x, _ = block_forward(x, params, i, cfg, cos, sin, kv=kv[i], pos=pos)
+        x, _ = block_forward(x, params, i, cfg, cos, sin, kv=kv[i], pos=pos, lora=lora)
     if last_only:
         x = x[:, -1:]                                                   # (B, 1, C)
     xf, _ = norm_forward(x, params, "norm_f", cfg)
@@ -979,8 +1188,9 @@ def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
 
 
 def generate_stream(params, ids, cfg, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                    seed=None, stop_ids=()):
-    """Yield new token ids one at a time after the prompt `ids` (a 1-D sequence of ints).
+                    seed=None, stop_ids=(), lora=None):
+    """Yield new token ids one at a time after the prompt `ids` (a 1-D sequence of ints). lora: the
+    LoraConfig of adapters in params (unmerged), or None.
 
     The context is cropped to its last max_seq_len tokens; once it is full, the cache is rebuilt from
     the cropped context each step (RoPE positions restart at 0, as a fresh forward would see them).
@@ -1002,7 +1212,7 @@ def generate_stream(params, ids, cfg, max_new_tokens, temperature=1.0, top_k=Non
     ctx = ids[-cfg.max_seq_len:]
     # the cache holds the prompt and the new tokens (the last one is never fed back), capped at the context
     kv = kv_cache_init(cfg, params["tok_emb"].dtype, length=min(cfg.max_seq_len, len(ctx) + max_new_tokens - 1))
-    logits = forward_cached(params, np.asarray([ctx]), cfg, kv, 0, last_only=True)   # prefill the cache
+    logits = forward_cached(params, np.asarray([ctx]), cfg, kv, 0, last_only=True, lora=lora)   # prefill
     pos = len(ctx)
     for n in range(max_new_tokens):
         nxt = sample_next(to_host(logits[0, -1]), rng, temperature, top_k, top_p)
@@ -1011,20 +1221,20 @@ def generate_stream(params, ids, cfg, max_new_tokens, temperature=1.0, top_k=Non
             return
         ctx.append(nxt)
         if pos < kv[0][0].shape[2]:                                     # room left: one new position
-            logits = forward_cached(params, np.asarray([[nxt]]), cfg, kv, pos)
+            logits = forward_cached(params, np.asarray([[nxt]]), cfg, kv, pos, lora=lora)
             pos += 1
         else:                                                           # full: crop and re-prefill
             ctx = ctx[-cfg.max_seq_len:]
-            logits = forward_cached(params, np.asarray([ctx]), cfg, kv, 0, last_only=True)
+            logits = forward_cached(params, np.asarray([ctx]), cfg, kv, 0, last_only=True, lora=lora)
 
 
 def generate(params, ids, cfg, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
-             stop_ids=()):
+             stop_ids=(), lora=None):
     """The prompt followed by up to max_new_tokens sampled ids, as a list of ints (stops early after a
     stop id). temperature=0 is greedy decoding; a seed makes sampling reproducible."""
     prompt = [int(i) for i in np.asarray(to_host(ids) if hasattr(ids, "shape") else ids).ravel()]
     return prompt + list(generate_stream(params, prompt, cfg, max_new_tokens, temperature, top_k, top_p,
-                                         seed, stop_ids))
+                                         seed, stop_ids, lora))
 
 
 # ----------------------------------------------------------------------------------------------------
