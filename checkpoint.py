@@ -7,7 +7,7 @@ one way every program builds, reads and loads it:
     ck = load_checkpoint(path)        # Checkpoint(path, params, adam_m, adam_v, meta): host arrays, verified
     ck.model_config(), ck.tokenizer() # the metadata read back, with one-line errors
     model = load_model(path, "numpy") # Model(path, params on the device, cfg, tokenizer, meta, gm): sampling,
-                                      # export, evaluation
+                                      # export, evaluation (a LoRA run's adapters merged into its base)
 
 Layout of `ckpt.safetensors` (any safetensors reader opens it):
 
@@ -19,6 +19,10 @@ Layout of `ckpt.safetensors` (any safetensors reader opens it):
               "meta"           JSON: step, adam_t, model and training config, the batch sampler's RNG state,
                                the tokenizer (its file's text), data identity, progress (build_meta)
               "tensors_sha256" sha256 over every tensor (name, dtype, shape, bytes, in sorted name order)
+
+A LoRA run's checkpoint (train.py --lora-rank) holds its adapters as the params (<weight>.lora_A and
+.lora_B) with their AdamW moments, and names its base checkpoint by path and weights hash in the metadata
+("lora"; see the LoRA section at the end).
 
 Tensors are stored as host (NumPy) float32 arrays, so a checkpoint written on the GPU loads on the CPU
 and back. A file that is truncated, corrupt, or whose tensors do not hash to the recorded sha256 is
@@ -32,6 +36,7 @@ ignored.
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,9 +217,82 @@ class Model:
 
 
 def load_model(path, backend="numpy"):
-    """A checkpoint (a file or its folder) as a Model on `backend` ("numpy" or "cupy")."""
+    """A checkpoint (a file or its folder) as a Model on `backend` ("numpy" or "cupy"). A LoRA run's
+    checkpoint loads its base checkpoint and merges the adapters into it: W + (alpha / r) A @ B."""
     gm = load_backend(backend)
     ck = load_checkpoint(path)
+    if lora_config_of(ck) is not None:
+        base, adapters, lora, cfg = open_lora_run(ck, gm)
+        return Model(ck.path, gm.lora_merge({**base, **adapters}, lora), cfg, ck.tokenizer(), ck.meta, gm)
     cfg = ck.model_config(dropout=0.0, checkpoint=False)
     params = load_params(gm, ck.params, cfg, ck.path)
     return Model(ck.path, params, cfg, ck.tokenizer(), ck.meta, gm)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA runs (train.py --lora-rank): the checkpoint holds the adapters (params.<weight>.lora_A / .lora_B)
+# and their AdamW moments, not a second copy of the base weights. Its metadata names the base:
+#     "lora": {"config": {rank, alpha, targets, dropout},
+#              "base": {"path": absolute path, "relpath": path from the adapter file's folder,
+#                       "params_sha256": tensors_sha256 of the base's params}}
+# Loading finds the base by relpath (so a run folder and its base can move together), then by path, and
+# refuses it unless its weights hash to params_sha256.
+
+def lora_base_ref(base_ck, out_dir):
+    """The "base" entry of a LoRA run's metadata, for the base checkpoint base_ck and the run's folder."""
+    base = Path(base_ck.path).resolve()
+    return {"path": str(base), "relpath": os.path.relpath(base, Path(out_dir).resolve()),
+            "params_sha256": tensors_sha256(base_ck.params)}
+
+
+def lora_config_of(ck):
+    """The LoraConfig of a LoRA run's checkpoint, or None for any other checkpoint."""
+    if "lora" not in ck.meta:
+        return None
+    try:
+        return gpt_numpy.LoraConfig(**ck.meta["lora"]["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise FileFormatError(f"{ck.path}: unusable LoRA config in the checkpoint ({e})") from None
+
+
+def load_lora_base(ck):
+    """The base checkpoint of the LoRA run `ck`, verified against the hash recorded in it."""
+    ref = ck.meta["lora"].get("base") or {}
+    tries = [Path(ck.path).parent / ref["relpath"]] if ref.get("relpath") else []
+    tries += [Path(ref["path"])] if ref.get("path") else []
+    found = next((p for p in tries if p.is_file()), None)
+    if found is None:
+        raise FileFormatError(f"{ck.path} holds LoRA adapters for the base checkpoint {ref.get('path')}, which is "
+                              f"not there (nor at {tries[0] if tries else '?'}); put it back to use the adapters")
+    base = load_checkpoint(found)
+    if tensors_sha256(base.params) != ref.get("params_sha256"):
+        raise FileFormatError(f"{ck.path} holds LoRA adapters for the base checkpoint {found}, whose weights have "
+                              f"changed since (params sha256 {tensors_sha256(base.params)[:12]}, expected "
+                              f"{str(ref.get('params_sha256'))[:12]}); the adapters fit only the original")
+    return base
+
+
+def load_adapters(gm, host_adapters, cfg, lora, path="the checkpoint"):
+    """A LoRA checkpoint's adapters -> gm's device arrays in lora_shapes order, checked against it."""
+    shapes = gm.lora_shapes(cfg, lora)
+    for k, shape in shapes.items():
+        if k not in host_adapters or tuple(host_adapters[k].shape) != shape:
+            got = tuple(host_adapters[k].shape) if k in host_adapters else "missing"
+            raise FileFormatError(f"{path}: adapter {k} is {got}, expected {shape} for its LoRA config")
+    extra = sorted(set(host_adapters) - set(shapes))
+    if extra:
+        raise FileFormatError(f"{path}: unexpected tensor {extra[0]} in a LoRA checkpoint")
+    return {k: gm.to_device(host_adapters[k]) for k in shapes}
+
+
+def open_lora_run(ck, gm):
+    """A LoRA run's checkpoint `ck`, unmerged: (base params, adapters, LoraConfig, cfg), on gm's device
+    (the base found and verified by load_lora_base). export.py --peft-adapter reads the adapters this way;
+    load_model merges them."""
+    lora = lora_config_of(ck)
+    if lora is None:
+        raise FileFormatError(f"{ck.path} is not a LoRA run's checkpoint (it has no adapters; train one with "
+                              f"train.py --init-from CKPT --lora-rank R)")
+    cfg = ck.model_config(dropout=0.0, checkpoint=False)
+    base = load_lora_base(ck)
+    return load_params(gm, base.params, cfg, base.path), load_adapters(gm, ck.params, cfg, lora, ck.path), lora, cfg
