@@ -45,6 +45,20 @@ read and widened to float32.
 
 The chat template (tokenizer_config.json's chat_template, or chat_template.jinja) and the special tokens
 it uses go into the checkpoint's metadata ("chat"), for `sample.py --chat` (chat.py).
+
+A LoRA run (train.py --lora-rank) exports as its merged model (W + (alpha/r) A @ B), and with
+`--peft-adapter DIR2` also as a PEFT LoRA adapter for its base model, so that
+`peft.PeftModel.from_pretrained(base, DIR2)` computes what our model computes:
+
+    python export.py --ckpt out/chat-from-base --out export/merged --peft-adapter export/adapter
+    python export.py --ckpt out/base --out export/base             # the base, if it is not on the Hub already
+
+    base = AutoModelForCausalLM.from_pretrained("export/base")           # then, with peft
+    model = PeftModel.from_pretrained(base, "export/adapter")
+
+Our fused qkv adapter (one A, B of (r, (nh + 2 nkv) hs)) is q_proj, k_proj and v_proj adapters that share
+A: each gets A, and its columns of B (narrower for k and v under grouped-query attention). PEFT stores
+lora_A.weight as (r, in) and lora_B.weight as (out, r), torch's Linear layout: A.T and B.T here.
 """
 
 import argparse
@@ -57,7 +71,7 @@ from safetensors import SafetensorError, deserialize, safe_open
 from safetensors.numpy import load_file, save_file
 
 import gpt_numpy as gn
-from checkpoint import build_meta, load_model, save_checkpoint
+from checkpoint import build_meta, load_checkpoint, load_model, open_lora_run, read_meta, save_checkpoint
 from data import tokenizer_from_hf_json
 from errors import ArgumentParser, FileFormatError, UserError
 
@@ -150,6 +164,52 @@ def from_hf_tensors(tensors, cfg):
     except ValueError as e:
         raise FileFormatError(f"the weights do not fit config.json: {e}") from None
     return {k: params[k] for k in gn.param_shapes(cfg)}        # our canonical order
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA adapters -> a PEFT adapter: Hugging Face's module names for each of our targets (qkv is three).
+
+PEFT_MODULES = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "proj": ("self_attn.o_proj",),
+                "gate": ("mlp.gate_proj",), "up": ("mlp.up_proj",), "down": ("mlp.down_proj",)}
+
+
+def to_peft_tensors(adapters, lora, cfg):
+    """Our adapters -> {PEFT name: float32 array}: lora_A.weight (r, in) = A.T, lora_B.weight (out, r) = B.T.
+
+    Example: blocks.0.attn.qkv.lora_B (r, C + 2 nkv hs) -> base_model.model.model.layers.0.self_attn.
+    {q,k,v}_proj.lora_B.weight of shapes (C, r), (nkv hs, r), (nkv hs, r), each with the same lora_A.
+    """
+    host = {k: gn.to_host(v) for k, v in adapters.items()}
+    out = {}
+    for i in range(cfg.n_layer):
+        for t in lora.targets:
+            ours = f"blocks.{i}.{gn.LORA_TARGETS[t][0]}"
+            A, B = host[ours + ".lora_A"], host[ours + ".lora_B"]           # (in, r), (r, out)
+            cols = qkv_columns(cfg) if t == "qkv" else [slice(None)]
+            for module, c in zip(PEFT_MODULES[t], cols):
+                p = f"base_model.model.model.layers.{i}.{module}"
+                out[p + ".lora_A.weight"] = np.ascontiguousarray(A.T, dtype=np.float32)
+                out[p + ".lora_B.weight"] = np.ascontiguousarray(B[:, c].T, dtype=np.float32)
+    return out
+
+
+def peft_config(lora, base_name=None):
+    """adapter_config.json of a PEFT LoRA adapter with our rank, alpha (scale alpha / r) and targets."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+            "lora_dropout": lora.dropout, "target_modules": sorted(m.split(".")[1] for t in lora.targets
+                                                                    for m in PEFT_MODULES[t]),
+            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+            "init_lora_weights": "gaussian", "modules_to_save": None, "inference_mode": True,
+            "base_model_name_or_path": base_name}
+
+
+def export_peft_adapter(adapters, lora, cfg, out_dir, base_name=None):
+    """Write adapter_config.json and adapter_model.safetensors, a PEFT LoRA adapter, to out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(to_peft_tensors(adapters, lora, cfg), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_json(out / "adapter_config.json", peft_config(lora, base_name))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -390,6 +450,7 @@ def write_checkpoint(path, params, cfg, tok, source):
 
 EPILOG = """examples:
   python export.py --ckpt out/stdlib-bpe2048 --out export/stdlib-bpe2048      # -> transformers
+  python export.py --ckpt out/chat-from-base --out export/merged --peft-adapter export/adapter   # a LoRA run
   python export.py --import-hf path/to/llama-dir --out out/imported --max-seq-len 1024
   python sample.py --ckpt out/imported --prompt "Once upon a time"
 
@@ -414,10 +475,31 @@ def parse_args(argv):
                    help="export: the folder to write; import: a .safetensors file or a folder for ckpt.safetensors")
     p.add_argument("--max-seq-len", type=int, metavar="N",
                    help="import: context length to use (default: the model's max_position_embeddings)")
+    p.add_argument("--peft-adapter", metavar="DIR",
+                   help="export of a LoRA run (train.py --lora-rank): also write its adapters to DIR as a PEFT "
+                        "LoRA adapter for the base model (--out gets the merged model)")
     args = p.parse_args(argv)
     if args.ckpt and args.max_seq_len is not None:
         raise UserError("--max-seq-len applies to --import-hf only")
+    if args.peft_adapter and not args.ckpt:
+        raise UserError("--peft-adapter applies to --ckpt (the export of a LoRA run)")
     return args
+
+
+def export_lora_run(ckpt, out, adapter_dir):
+    """--ckpt RUN --out DIR --peft-adapter DIR2: the merged model to DIR, the PEFT adapter to DIR2."""
+    ck = load_checkpoint(ckpt)
+    if "lora" not in ck.meta:
+        raise UserError(f"--peft-adapter: {ck.path} is not a LoRA run's checkpoint (train one with train.py "
+                        f"--init-from CKPT --lora-rank R)")
+    base, adapters, lora, cfg = open_lora_run(ck, gn)
+    base_meta = read_meta(ck.meta["lora"]["base"]["path"]) or {}
+    export_hf(gn.lora_merge({**base, **adapters}, lora), cfg, ck.tokenizer(), out)
+    export_peft_adapter(adapters, lora, cfg, adapter_dir, base_meta.get("imported_from"))
+    n = sum(int(v.size) for v in adapters.values())
+    print(f"wrote {out}: LlamaForCausalLM with the adapters merged, {gn.num_params(base):,} parameters; "
+          f"{adapter_dir}: a PEFT LoRA adapter (rank {lora.rank}, {n:,} parameters of ours) for the base "
+          f"{ck.meta['lora']['base']['path']}", file=sys.stderr)
 
 
 def main(argv=None):
@@ -429,7 +511,9 @@ def main(argv=None):
         print(f"export.py: error: {e}", file=sys.stderr)
         return 2
     try:
-        if args.ckpt:
+        if args.peft_adapter:
+            export_lora_run(args.ckpt, args.out, args.peft_adapter)
+        elif args.ckpt:
             m = load_model(args.ckpt)                   # gpt_numpy as the backend: arrays stay NumPy
             export_hf(m.params, m.cfg, m.tokenizer, args.out)
             print(f"wrote {args.out}: LlamaForCausalLM with {gn.num_params(m.params):,} parameters", file=sys.stderr)
