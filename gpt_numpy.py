@@ -671,6 +671,9 @@ def attention_forward(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv
     # split heads: (B, T, nh*hs) -> (B, T, nh, hs) -> (B, nh, T, hs); k and v likewise with nkv heads
     q, k, v = split_heads(q, n_head), split_heads(k, n_kv), split_heads(v, n_kv)
     q, k = rope_forward(q, cos, sin), rope_forward(k, cos, sin)      # rotate by position, (B, nh|nkv, T, hs)
+    # v is still a view into qkv, whose q and k columns are not needed any more: a copy of v lets the
+    # (B, T, (nh+2nkv)hs) buffer go instead of living in the cache until the backward
+    v = xp.ascontiguousarray(v)                                      # (B, nkv, T, hs)
     if kv is not None:                                               # generation: append to the cache
         K, V = kv
         K[:, :, pos:pos + T], V[:, :, pos:pos + T] = k, v
@@ -766,7 +769,9 @@ def swiglu_backward(dout, cache):
 
 # Cross-entropy fused with softmax: loss = mean over positions with target != -1 of
 # logsumexp(logits) - logits[target]; its gradient is (softmax(logits) - onehot(target)) / n.
-def cross_entropy_forward(logits, targets):
+def cross_entropy_forward(logits, targets, overwrite=False):
+    # overwrite: the softmax is computed in the logits' buffer (the caller will not read them again),
+    # which saves an (N, V) array at the step's peak memory (96 MiB at N = 512, V = 49152)
     V = logits.shape[-1]
     logits = logits.reshape(-1, V)                       # (N, V), N = B * T
     targets = targets.reshape(-1)                        # (N,)
@@ -774,7 +779,11 @@ def cross_entropy_forward(logits, targets):
     n = int(valid.sum())
     t = xp.where(valid, targets, 0)                      # a harmless index where ignored
     rows = xp.arange(logits.shape[0])
-    probs = logits - logits.max(axis=-1, keepdims=True)  # max-shifted copy, becomes the softmax
+    if overwrite:
+        probs = logits
+        probs -= logits.max(axis=-1, keepdims=True)      # max-shifted in place, becomes the softmax
+    else:
+        probs = logits - logits.max(axis=-1, keepdims=True)   # max-shifted copy, becomes the softmax
     picked = probs[rows, t]                              # shifted logit of the target, (N,)
     xp.exp(probs, out=probs)
     sumexp = probs.sum(axis=-1)                          # (N,)
@@ -984,7 +993,7 @@ def loss_and_grads(params, ids, targets, cfg, seed=0, lora=None):
     check_ids(ids, cfg)
     check_targets(targets, ids, cfg)
     logits, cache = model_forward(params, ids, cfg, train=True, seed=seed, lora=lora)
-    loss, c_ce = cross_entropy_forward(logits, to_device(targets))
+    loss, c_ce = cross_entropy_forward(logits, to_device(targets), overwrite=True)
     del logits                                                          # its buffer lives on in c_ce
     dlogits = cross_entropy_backward(1.0, c_ce)                         # d(loss) / d(loss) = 1
     return loss, model_backward(dlogits, cache, params, cfg)
@@ -1109,7 +1118,7 @@ def loss_and_grads_mixed(params, ids, targets, cfg, scale, seed=0, dtype=np.floa
     with np.errstate(over="ignore", invalid="ignore"):
         half = {k: p.astype(dtype) for k, p in params.items()}          # the compute copy
         logits, cache = model_forward(half, ids, cfg, train=True, seed=seed, lora=lora)
-        loss, c_ce = cross_entropy_forward(upcast(logits), to_device(targets))   # softmax in float32
+        loss, c_ce = cross_entropy_forward(upcast(logits), to_device(targets), overwrite=True)   # float32 softmax
         del logits
         dlogits = cross_entropy_backward(scale, c_ce).astype(dtype)             # d(S * loss), (N, V)
         grads = model_backward(dlogits, cache, half, cfg)

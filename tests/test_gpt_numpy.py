@@ -243,6 +243,19 @@ def test_cross_entropy_backward_with_ignored_targets(backend):
     assert loss == pytest.approx(((lse - picked) * valid).sum() / valid.sum(), rel=1e-12)
 
 
+def test_cross_entropy_overwrite_equals_the_copy(backend):
+    # overwrite=True computes the softmax in the logits' buffer: the same loss and gradient, bit for bit
+    gm = backend
+    logits = normal(gm, 3, 4, 9)
+    t = gm.to_device(np.array([[1, -1, 6, 0], [2, 3, 8, 2], [-1, 0, 0, 5]]))
+    l1, c1 = gm.cross_entropy_forward(logits.copy(), t)
+    buf = logits.copy()
+    l2, c2 = gm.cross_entropy_forward(buf, t, overwrite=True)
+    assert l1 == l2 and c2[0].base is buf and c1[0].base is not buf     # the softmax is in buf's memory
+    np.testing.assert_array_equal(gm.to_host(gm.cross_entropy_backward(1.0, c1)),
+                                  gm.to_host(gm.cross_entropy_backward(1.0, c2)))
+
+
 # ----------------------------------------------------------------------------------------------------
 # the whole model in float64
 
