@@ -18,12 +18,15 @@ numbers:
     torch  transformers' LlamaForCausalLM (sdpa attention) wrapped by peft.PeftModel (LoRA on q, k, v, o,
            gate, up, down), cross-entropy, clip_grad_norm_ and torch.optim.AdamW on the adapters
 
-Each step kind runs in a fresh subprocess with the thread count in its environment (OPENBLAS, OMP and
-MKL_NUM_THREADS; torch.set_num_threads), so its peak memory is its own: the peak resident memory
-of the whole process (VmHWM: Python, the libraries, the weights, the optimizer state, activations and
-temporaries). Each times --steps steps after --warmup and reports their median. The kinds alternate in
-rounds (full, lora, torch, full, lora, torch, ...) so that the shared machine's changing load hits them
-alike; ratios are taken within a round, and the table shows the median over rounds, with /proc/loadavg.
+Memory: each kind runs alone in a fresh subprocess with the thread count in its environment (OPENBLAS,
+OMP and MKL_NUM_THREADS; torch.set_num_threads), so that its peak is its own: VmHWM, the peak resident
+memory of the whole process (Python, the libraries, the weights, the optimizer state, activations and
+temporaries), over --warmup + --steps steps.
+
+Time: one more subprocess holds all three (separate weights for each) and alternates their steps, full,
+lora, torch, full, lora, torch, ... (--rounds * --steps of each after --warmup), so that the load of a
+shared machine, which changes from minute to minute, hits the three alike. The ratios are taken between
+neighbouring steps and the median is reported, with /proc/loadavg before and after.
 """
 
 import argparse
@@ -104,7 +107,8 @@ def prepare(a, work):
 def run_child(a, kind, work):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--work", str(work),
            "--model", a.model, "--batch", str(a.batch), "--block", str(a.block), "--rank", str(a.rank),
-           "--alpha", str(a.alpha), "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads)]
+           "--alpha", str(a.alpha), "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads),
+           "--rounds", str(a.rounds), "--kinds", ",".join(a.kinds)]
     cmd += ["--checkpoint-activations"] if a.checkpoint_activations else []
     env = dict(os.environ)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -118,36 +122,35 @@ def run_child(a, kind, work):
     raise SystemExit(f"bench_lora: the {kind} child failed (exit {p.returncode})")
 
 
-def report(a, rounds, n_params):
+def report(a, mem, speed, n_params):
     med = lambda xs: float(np.median(xs))                                          # noqa: E731
+    times = speed["ms"]
     print(f"\n{'kind':<6} {'trainable params':>17} {'optimizer state':>16} {'peak RSS':>10} {'ms/step':>9} "
-          f"{'round medians (ms)':<26} {'loss at start':>14}")
-    rows = {}
+          f"{'loss at start':>14}")
     for kind in a.kinds:
-        rs = [r[kind] for r in rounds]
-        rows[kind] = rs
-        ms = [r["ms"] for r in rs]
-        print(f"{kind:<6} {rs[0]['trainable']:>17,} {rs[0]['opt_bytes'] / 2**20:>12.1f} MiB "
-              f"{med([r['maxrss_mib'] for r in rs]):>6.0f} MiB {med(ms):>9.0f} "
-              f"{', '.join(f'{m:.0f}' for m in ms):<26} {rs[0]['loss']:>14.6f}")
+        r = mem[kind]
+        print(f"{kind:<6} {r['trainable']:>17,} {r['opt_bytes'] / 2**20:>12.1f} MiB {r['maxrss_mib']:>6.0f} MiB "
+              f"{med(times[kind]):>9.0f} {r['loss']:>14.6f}")
     print(f"\nmodel {a.model}: {n_params:,} parameters; batch {a.batch} x {a.block} tokens; LoRA rank {a.rank}, alpha "
           f"{a.alpha:g} on every projection; {a.threads} thread(s); "
-          f"{'activation checkpointing on both sides; ' if a.checkpoint_activations else ''}"
-          f"{len(rounds)} rounds of {a.steps} steps after {a.warmup} warm-up")
-    if "full" in rows and "lora" in rows:
-        t = [r["lora"]["ms"] / r["full"]["ms"] for r in rounds]
-        m = [r["lora"]["maxrss_mib"] / r["full"]["maxrss_mib"] for r in rounds]
-        print(f"LoRA / full fine-tuning: step time x{med(t):.2f} (per round {', '.join(f'{x:.2f}' for x in t)}; "
-              f"goal <= 0.8), peak RSS x{med(m):.2f} (goal <= 0.5), optimizer state "
-              f"x{rows['lora'][0]['opt_bytes'] / rows['full'][0]['opt_bytes']:.4f}")
-    if "lora" in rows and "torch" in rows:
-        s = [r["torch"]["ms"] / r["lora"]["ms"] for r in rounds]
-        d = abs(rows["lora"][0]["loss"] - rows["torch"][0]["loss"])
-        print(f"ours / PyTorch + peft: speed x{med(s):.2f} (per round {', '.join(f'{x:.2f}' for x in s)}; goal >= 1.0); "
-              f"|loss difference| at the start {d:.1e}, same weights, adapters and batch; torch "
-              f"{rows['torch'][0]['torch']}, peft {rows['torch'][0]['peft']}")
-    print("loadavg before -> after each child: " + "; ".join(
-        f"{k} {r[k]['load_before']} -> {r[k]['load_after']}" for r in rounds for k in a.kinds))
+          f"{'activation checkpointing on every side; ' if a.checkpoint_activations else ''}"
+          f"peak RSS: each kind alone ({a.warmup} + {a.steps} steps); ms/step: the median of {len(times[a.kinds[0]])} "
+          f"steps of each, alternating in one process")
+    if "full" in mem and "lora" in mem:
+        t = [lo / fu for lo, fu in zip(times["lora"], times["full"])]
+        print(f"LoRA / full fine-tuning: step time x{med(t):.2f} (neighbouring steps; quartiles "
+              f"{np.percentile(t, 25):.2f}-{np.percentile(t, 75):.2f}; goal <= 0.8), peak RSS "
+              f"x{mem['lora']['maxrss_mib'] / mem['full']['maxrss_mib']:.2f} (goal <= 0.5), optimizer state "
+              f"x{mem['lora']['opt_bytes'] / mem['full']['opt_bytes']:.4f}")
+    if "lora" in mem and "torch" in mem:
+        s = [to / lo for to, lo in zip(times["torch"], times["lora"])]
+        d = abs(mem["lora"]["loss"] - mem["torch"]["loss"])
+        print(f"ours / PyTorch + peft: speed x{med(s):.2f} (torch ms / ours, neighbouring steps; quartiles "
+              f"{np.percentile(s, 25):.2f}-{np.percentile(s, 75):.2f}; goal >= 1.0); |loss difference| at the start "
+              f"{d:.1e} (same weights, adapters and batch); torch {mem['torch']['torch']}, peft {mem['torch']['peft']}, "
+              f"{mem['torch']['threads']} torch thread(s)")
+    print("loadavg before -> after: " + "; ".join(f"{k} {r['load_before']} -> {r['load_after']}"
+                                                  for k, r in [*mem.items(), ("timing", speed)]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -157,10 +160,21 @@ def child(a):
     work = Path(a.work)
     batch = np.load(work / "batch.npy")
     ids, targets = batch[:, :-1], batch[:, 1:]
-    if a.child == "torch":
-        out = torch_child(a, work, ids, targets)
-    else:
-        out = numpy_child(a, work, ids, targets)
+    if a.child == "speed":                              # all kinds in one process, steps alternating
+        steps = {k: (torch_step if k == "torch" else numpy_step)(a, k, work, ids, targets)[0] for k in a.kinds}
+        for _ in range(a.warmup):
+            for k in a.kinds:
+                steps[k]()
+        ms = {k: [] for k in a.kinds}
+        for _ in range(a.rounds * a.steps):
+            for k in a.kinds:
+                t0 = time.perf_counter()
+                steps[k]()
+                ms[k].append(1e3 * (time.perf_counter() - t0))
+        out = {"ms": ms}
+    else:                                               # one kind alone: its memory
+        step, out = (torch_step if a.child == "torch" else numpy_step)(a, a.child, work, ids, targets)
+        out["ms"] = timed(step, a)
     out["maxrss_mib"] = maxrss_mib()
     print("RESULT " + json.dumps(out))
 
@@ -176,15 +190,16 @@ def timed(step, a):
     return 1e3 * float(np.median(ts))
 
 
-def numpy_child(a, work, ids, targets):
-    # the weights are made here rather than read from the checkpoint the parent wrote (the same numbers):
-    # reading a file holds it in memory a while, and the peak RSS is to be the training step's
+def numpy_step(a, kind, work, ids, targets):
+    """(step, info) for our full or LoRA step. The weights are made here rather than read from the
+    checkpoint the parent wrote (the same numbers): reading a file holds it in memory a while, and the peak
+    RSS is to be the training step's."""
     import gpt_numpy as gn
     from data import keep_freed_memory
     keep_freed_memory()                                 # as train.py does (data.load_backend)
     cfg, lora, params, adapters = weights(a, a.checkpoint_activations)
     trained = params
-    if a.child == "lora":
+    if kind == "lora":
         params.update(adapters)
         trained = adapters
     else:
@@ -197,12 +212,12 @@ def numpy_child(a, work, ids, targets):
         gn.clip_grad_norm(grads, 1.0)
         gn.adamw_step(trained, grads, opt, 1e-4, 0.9, 0.99, 1e-8, 0.1)
 
-    ms = timed(step, a)
-    return {"kind": a.child, "ms": ms, "loss": float(loss0), "trainable": gn.num_params(trained),
-            "opt_bytes": sum(int(v.nbytes) for d in (opt["m"], opt["v"]) for v in d.values())}
+    return step, {"kind": kind, "loss": float(loss0), "trainable": gn.num_params(trained),
+                  "opt_bytes": sum(int(v.nbytes) for d in (opt["m"], opt["v"]) for v in d.values())}
 
 
-def torch_child(a, work, ids, targets):
+def torch_step(a, kind, work, ids, targets):
+    """(step, info) for the PyTorch + peft LoRA step."""
     import peft
     import torch
     import transformers
@@ -230,12 +245,12 @@ def torch_child(a, work, ids, targets):
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
 
-    ms = timed(step, a)
+    step()                                              # AdamW makes its state on the first step
     opt_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                     if torch.is_tensor(t) and t.dim() > 0)
-    return {"kind": "torch", "ms": ms, "loss": loss0, "trainable": sum(p.numel() for p in trained),
-            "opt_bytes": opt_bytes, "torch": torch.__version__, "peft": peft.__version__,
-            "threads": torch.get_num_threads()}
+    return step, {"kind": "torch", "loss": loss0, "trainable": sum(p.numel() for p in trained),
+                  "opt_bytes": opt_bytes, "torch": torch.__version__, "peft": peft.__version__,
+                  "threads": torch.get_num_threads()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -249,9 +264,10 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
     ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="BLAS / torch threads of each child (default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per child (default: %(default)s)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: %(default)s)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of the three kinds (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=2, help="steps of each kind per round, and of each memory "
+                    "run (default: %(default)s)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps of each kind first (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of the alternating timing (default: %(default)s)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="which kinds, comma-separated (default: %(default)s)")
     ap.add_argument("--checkpoint-activations", action="store_true", help="activation checkpointing on every side")
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -269,15 +285,13 @@ def main(argv=None):
         t0 = time.time()
         cfg, n_params = prepare(a, work)
         print(f"weights written and exported in {time.time() - t0:.0f} s: {n_params:,} parameters", flush=True)
-        rounds = []
-        for i in range(a.rounds):
-            r = {}
-            for kind in a.kinds:
-                r[kind] = run_child(a, kind, work)
-                print(f"round {i + 1} {kind:<5} {r[kind]['ms']:8.0f} ms/step  peak RSS {r[kind]['maxrss_mib']:6.0f} MiB  "
-                      f"load {r[kind]['load_before']} -> {r[kind]['load_after']}", flush=True)
-            rounds.append(r)
-        report(a, rounds, n_params)
+        mem = {}
+        for kind in a.kinds:
+            mem[kind] = run_child(a, kind, work)
+            print(f"memory: {kind:<5} peak RSS {mem[kind]['maxrss_mib']:6.0f} MiB ({mem[kind]['ms']:.0f} ms/step alone)  "
+                  f"load {mem[kind]['load_before']} -> {mem[kind]['load_after']}", flush=True)
+        speed = run_child(a, "speed", work)
+        report(a, mem, speed, n_params)
     return 0
 
 

@@ -16,6 +16,7 @@ later failure exits 1.
     python train.py --data ~/books/ --tokenizer char       # a folder (or a file, or a glob "src/**/*.py")
     python train.py --resume                               # continue the run in its out dir (same flags)
     python train.py --init-from out/imported --data notes.txt --lr 3e-4   # fine-tune a checkpoint on new text
+    python train.py --init-from out/stdlib-bpe2048 --sft chat.jsonl --lora-rank 8    # LoRA on instruction data
     python train.py --help                                 # every flag and preset
     python sample.py --ckpt out/stdlib-bpe2048 --prompt "def "   # stream text from a checkpoint
 
@@ -31,6 +32,10 @@ Fine-tuning: `--init-from CKPT` (a ckpt.safetensors or its folder: an earlier ru
 the optimizer, the step counter and the batch sampler start afresh, and the training settings come from the
 flags and --preset as usual. Its out dir (default out/<data>-from-<checkpoint>) also holds the tokenizer
 file the data cache is keyed by, and the run resumes like any other (`--resume out/<data>-from-<checkpoint>`).
+`--lora-rank R` trains LoRA adapters beside the frozen weights instead of the weights themselves (the
+checkpoints then hold only the adapters and name the base checkpoint by path and hash; `--lora-merge`
+also writes the merged model), and `--sft FILE.jsonl` trains on chat or Alpaca records with the loss on the
+assistant's tokens only (sft.py). docs/finetuning.md has a worked example.
 """
 
 
@@ -693,7 +698,11 @@ def build_parser():
                "  python train.py --init-from out/imported --data notes.txt --lr 3e-4 --min-lr 3e-5 \\\n"
                "      --warmup-iters 20 --max-iters 200      # writes out/notes-from-imported\n"
                "  python train.py --resume out/notes-from-imported      # continue it after Ctrl-C\n"
-               "  python sample.py --ckpt out/notes-from-imported --prompt \"Once\"")
+               "  python sample.py --ckpt out/notes-from-imported --prompt \"Once\"\n\n"
+               "LoRA and instruction data (docs/finetuning.md):\n"
+               "  python train.py --init-from out/stdlib-bpe2048 --sft docs/examples/python_howto.jsonl \\\n"
+               "      --lora-rank 8 --lr 3e-3 --max-iters 300 --sample-prompt \"How do I sort a list?\" --lora-merge\n"
+               "  python export.py --ckpt out/python_howto-from-stdlib-bpe2048 --out export/merged --peft-adapter export/adapter")
     p.add_argument("--preset", choices=list(PRESETS), default=argparse.SUPPRESS,
                    help="start from a named configuration (listed below)")
     p.add_argument("--resume", nargs="?", const="latest", default=argparse.SUPPRESS, metavar="CKPT",
