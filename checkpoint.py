@@ -258,7 +258,7 @@ def lora_config_of(ck):
 def load_lora_base(ck):
     """The base checkpoint of the LoRA run `ck`, verified against the hash recorded in it."""
     ref = ck.meta["lora"].get("base") or {}
-    tries = [Path(ck.path).parent / ref["relpath"]] if ref.get("relpath") else []
+    tries = [Path(os.path.normpath(Path(ck.path).parent / ref["relpath"]))] if ref.get("relpath") else []
     tries += [Path(ref["path"])] if ref.get("path") else []
     found = next((p for p in tries if p.is_file()), None)
     if found is None:
