@@ -52,7 +52,7 @@ def test_default_template_renders_as_documented(tok):
     assert char.stop_token is None and char.render(msgs) == "### User:\nHi\n\n### Assistant:\nHello!"
 
 
-@pytest.mark.parametrize("template", [CHATML, sft.DEFAULT_TEMPLATE])
+@pytest.mark.parametrize("template", [CHATML, sft.DEFAULT_TEMPLATE], ids=["chatml", "default"])
 @pytest.mark.parametrize("gen", [False, True])
 def test_render_equals_transformers(template, gen):
     ct = pytest.importorskip("transformers.utils.chat_template_utils")
