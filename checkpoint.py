@@ -97,6 +97,7 @@ def load_checkpoint(path):
         tensors = load(data)
     except Exception as e:
         raise FileFormatError(f"{path} is truncated or corrupt and was not loaded ({e})") from None
+    del data                    # the tensors hold copies of the bytes: at most two copies of the file in memory
     metadata = header.get("__metadata__") or {}
     if metadata.get("format") != FORMAT:
         raise FileFormatError(f"{path} is not a gpt-numpy training checkpoint (format "
@@ -112,7 +113,8 @@ def load_checkpoint(path):
     except (KeyError, ValueError) as e:
         raise FileFormatError(f"{path} is corrupt: unreadable metadata ({e})") from None
     groups = {"params.": {}, "adam.m.": {}, "adam.v.": {}}
-    for name, a in tensors.items():
+    for name in list(tensors):
+        a = tensors.pop(name)   # each tensor's buffer goes once it is copied
         for prefix, group in groups.items():
             if name.startswith(prefix):
                 group[name[len(prefix):]] = np.array(a, copy=True)   # own, aligned, writable memory

@@ -194,3 +194,14 @@ def test_chat_prompt_and_stop_ids(tok):
     ids = sft.chat_prompt_ids(tok, chat, "Hi")
     assert tok.decode(ids).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert sft.stop_ids(tok, chat) == [tok.special_tokens["<|im_end|>"]]
+
+
+def test_the_documented_default_template_is_the_one_in_use():
+    # docs/finetuning.md prints DEFAULT_TEMPLATE over four lines; it must render the same text
+    from conftest import ROOT
+    doc = (ROOT / "docs" / "finetuning.md").read_text()
+    shown = doc.split("such as every model train.py trains:\n\n```\n")[1].split("\n```")[0]
+    for gen in (False, True):
+        for msgs in (CHAT, CHAT[:3], CHAT[1:2], []):
+            assert sft.render_chat(shown, msgs, gen, eos_token=EOT) == sft.render_chat(sft.DEFAULT_TEMPLATE, msgs, gen,
+                                                                                        eos_token=EOT)
