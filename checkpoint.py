@@ -7,7 +7,7 @@ one way every program builds, reads and loads it:
     ck = load_checkpoint(path)        # Checkpoint(path, params, adam_m, adam_v, meta): host arrays, verified
     ck.model_config(), ck.tokenizer() # the metadata read back, with one-line errors
     model = load_model(path, "numpy") # Model(path, params on the device, cfg, tokenizer, meta, gm): sampling,
-                                      # export, evaluation
+                                      # export, evaluation (a LoRA run's adapters merged into its base)
 
 Layout of `ckpt.safetensors` (any safetensors reader opens it):
 
@@ -24,6 +24,10 @@ Layout of `ckpt.safetensors` (any safetensors reader opens it):
 Version 1 recorded "tensors_sha256" instead, over the tensors alone; such a file
 still loads, its metadata unverified, with a note on stderr. A file saved now is always version 2.
 
+A LoRA run's checkpoint (train.py --lora-rank) holds its adapters as the params (<weight>.lora_A and
+.lora_B) with their AdamW moments, and names its base checkpoint by path and weights hash in the metadata
+("lora"; see the LoRA section at the end).
+
 Tensors are stored as host (NumPy) float32 arrays, so a checkpoint written on the GPU loads on the CPU
 and back. A file that is truncated, corrupt, or that does not hash to the recorded sha256 is refused with
 errors.FileFormatError and never loaded; so is one with tensors that are not float32 or not finite, or
@@ -39,6 +43,7 @@ ignored.
 import hashlib
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +116,7 @@ def load_checkpoint(path):
         tensors = load(data)
     except Exception as e:
         raise FileFormatError(f"{path} is truncated or corrupt and was not loaded ({e})") from None
+    del data                    # the tensors hold copies of the bytes: at most two copies of the file in memory
     metadata = header.get("__metadata__") or {}
     if metadata.get("format") != FORMAT:
         raise FileFormatError(f"{path} is not a gpt-numpy training checkpoint (format "
@@ -121,15 +127,16 @@ def load_checkpoint(path):
     except (KeyError, ValueError) as e:
         raise FileFormatError(f"{path} is corrupt: unreadable metadata ({e})") from None
     check_meta(meta, path)
+    check_tensors(tensors, path)                        # before the loop below empties `tensors`
     groups = {"params.": {}, "adam.m.": {}, "adam.v.": {}}
-    for name, a in tensors.items():
+    for name in list(tensors):
+        a = tensors.pop(name)   # each tensor's buffer goes once it is copied
         for prefix, group in groups.items():
             if name.startswith(prefix):
                 group[name[len(prefix):]] = np.array(a, copy=True)   # own, aligned, writable memory
                 break
         else:
             raise FileFormatError(f"{path} has an unexpected tensor {name!r}")
-    check_tensors(tensors, path)
     params, m, v = groups.values()
     if not params:
         raise FileFormatError(f"{path} holds no parameters")
@@ -290,7 +297,7 @@ class Checkpoint:
             cfg = gpt_numpy.GPTConfig(**{**saved, **override})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise FileFormatError(f"{self.path}: no usable model config in the checkpoint ({e})") from None
-        check_model_fits_file(cfg, self.params, self.path)
+        check_model_fits_file(cfg, self.params, self.path, lora_config_of(self))
         return cfg
 
     def tokenizer(self):
@@ -305,14 +312,15 @@ class Checkpoint:
             raise FileFormatError(f"{self.path}: no usable tokenizer in the checkpoint ({e})") from None
 
 
-def check_model_fits_file(cfg, params, path):
+def check_model_fits_file(cfg, params, path, lora=None):
     """Refuse, before anything is built from it, a model config that cannot describe these tensors: a
     context beyond memory.LONGEST_CONTEXT, or a tensor count that differs from the file's (n_layer = 10**9
-    would otherwise build a table of 10**10 names). Shapes are compared later, by load_params."""
+    would otherwise build a table of 10**10 names). Shapes are compared later, by load_params. A LoRA
+    run's file (lora: its LoraConfig) holds two adapter tensors per target and block instead."""
     if cfg.max_seq_len > memory.LONGEST_CONTEXT:
         raise FileFormatError(f"{path}: the model config says max_seq_len {cfg.max_seq_len:,}, beyond any context "
                               f"this code runs (at most {memory.LONGEST_CONTEXT:,}); damaged metadata?")
-    n = memory.count_params(cfg)[1]
+    n = memory.count_params(cfg)[1] if lora is None else 2 * len(lora.targets) * cfg.n_layer
     if n != len(params):
         raise FileFormatError(f"{path} does not fit its model config: n_layer {cfg.n_layer:,} means {n:,} weight "
                               f"tensors, and the file holds {len(params):,}")
@@ -353,11 +361,84 @@ class Model:
 
 
 def load_model(path, backend="numpy"):
-    """A checkpoint (a file or its folder) as a Model on `backend` ("numpy" or "cupy")."""
+    """A checkpoint (a file or its folder) as a Model on `backend` ("numpy" or "cupy"). A LoRA run's
+    checkpoint loads its base checkpoint and merges the adapters into it: W + (alpha / r) A @ B."""
     gm = load_backend(backend)
     ck = load_checkpoint(path)
+    if lora_config_of(ck) is not None:
+        base, adapters, lora, cfg = open_lora_run(ck, gm)
+        return Model(ck.path, gm.lora_merge({**base, **adapters}, lora), cfg, ck.tokenizer(), ck.meta, gm)
     cfg = ck.model_config(dropout=0.0, checkpoint=False)
     tok = ck.tokenizer()
     check_tokenizer_fits(tok, cfg, ck.path)
     params = load_params(gm, ck.params, cfg, ck.path)
     return Model(ck.path, params, cfg, tok, ck.meta, gm)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA runs (train.py --lora-rank): the checkpoint holds the adapters (params.<weight>.lora_A / .lora_B)
+# and their AdamW moments, not a second copy of the base weights. Its metadata names the base:
+#     "lora": {"config": {rank, alpha, targets, dropout},
+#              "base": {"path": absolute path, "relpath": path from the adapter file's folder,
+#                       "params_sha256": tensors_sha256 of the base's params}}
+# Loading finds the base by relpath (so a run folder and its base can move together), then by path, and
+# refuses it unless its weights hash to params_sha256.
+
+def lora_base_ref(base_ck, out_dir):
+    """The "base" entry of a LoRA run's metadata, for the base checkpoint base_ck and the run's folder."""
+    base = Path(base_ck.path).resolve()
+    return {"path": str(base), "relpath": os.path.relpath(base, Path(out_dir).resolve()),
+            "params_sha256": tensors_sha256(base_ck.params)}
+
+
+def lora_config_of(ck):
+    """The LoraConfig of a LoRA run's checkpoint, or None for any other checkpoint."""
+    if "lora" not in ck.meta:
+        return None
+    try:
+        return gpt_numpy.LoraConfig(**ck.meta["lora"]["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise FileFormatError(f"{ck.path}: unusable LoRA config in the checkpoint ({e})") from None
+
+
+def load_lora_base(ck):
+    """The base checkpoint of the LoRA run `ck`, verified against the hash recorded in it."""
+    ref = ck.meta["lora"].get("base") or {}
+    tries = [Path(os.path.normpath(Path(ck.path).parent / ref["relpath"]))] if ref.get("relpath") else []
+    tries += [Path(ref["path"])] if ref.get("path") else []
+    found = next((p for p in tries if p.is_file()), None)
+    if found is None:
+        raise FileFormatError(f"{ck.path} holds LoRA adapters for the base checkpoint {ref.get('path')}, which is "
+                              f"not there (nor at {tries[0] if tries else '?'}); put it back to use the adapters")
+    base = load_checkpoint(found)
+    if tensors_sha256(base.params) != ref.get("params_sha256"):
+        raise FileFormatError(f"{ck.path} holds LoRA adapters for the base checkpoint {found}, whose weights have "
+                              f"changed since (params sha256 {tensors_sha256(base.params)[:12]}, expected "
+                              f"{str(ref.get('params_sha256'))[:12]}); the adapters fit only the original")
+    return base
+
+
+def load_adapters(gm, host_adapters, cfg, lora, path="the checkpoint"):
+    """A LoRA checkpoint's adapters -> gm's device arrays in lora_shapes order, checked against it."""
+    shapes = gm.lora_shapes(cfg, lora)
+    for k, shape in shapes.items():
+        if k not in host_adapters or tuple(host_adapters[k].shape) != shape:
+            got = tuple(host_adapters[k].shape) if k in host_adapters else "missing"
+            raise FileFormatError(f"{path}: adapter {k} is {got}, expected {shape} for its LoRA config")
+    extra = sorted(set(host_adapters) - set(shapes))
+    if extra:
+        raise FileFormatError(f"{path}: unexpected tensor {extra[0]} in a LoRA checkpoint")
+    return {k: gm.to_device(host_adapters[k]) for k in shapes}
+
+
+def open_lora_run(ck, gm):
+    """A LoRA run's checkpoint `ck`, unmerged: (base params, adapters, LoraConfig, cfg), on gm's device
+    (the base found and verified by load_lora_base). export.py --peft-adapter reads the adapters this way;
+    load_model merges them."""
+    lora = lora_config_of(ck)
+    if lora is None:
+        raise FileFormatError(f"{ck.path} is not a LoRA run's checkpoint (it has no adapters; train one with "
+                              f"train.py --init-from CKPT --lora-rank R)")
+    cfg = ck.model_config(dropout=0.0, checkpoint=False)
+    base = load_lora_base(ck)
+    return load_params(gm, base.params, cfg, base.path), load_adapters(gm, ck.params, cfg, lora, ck.path), lora, cfg

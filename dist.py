@@ -284,53 +284,11 @@ def in_turn(comm, fn):
 # The backward pass that says when each gradient is final
 
 def loss_and_grads_hooked(gm, params, ids, targets, cfg, seed, ready):
-    """identical to gm.loss_and_grads except that its backward pass (model_backward_hooked) calls
-    ready(grads, names) as soon as the gradients `names` are final, so that they can be sent while the
-    earlier layers' gradients are still being computed."""
-    gm.check_ids(ids, cfg)
-    gm.check_targets(targets, ids, cfg)
-    logits, cache = gm.model_forward(params, ids, cfg, train=True, seed=seed)
-    loss, c_ce = gm.cross_entropy_forward(logits, gm.to_device(targets))
-    del logits
-    dlogits = gm.cross_entropy_backward(1.0, c_ce)
-    return loss, model_backward_hooked(gm, dlogits, cache, params, cfg, ready)
-
-
-def model_backward_hooked(gm, dlogits, cache, params, cfg, ready):
-    """identical to gm.model_backward except for the calls to ready(grads, names): after the LM head and
-    final norm, after each block (the last one first), after the embedding. (tests/test_dist.py checks it
-    against gm.loss_and_grads, bit for bit.)"""
-    c_emb, blocks, c_nf, xf, cos, sin, p_drop, seed = cache
-    grads, reported = {}, set()
-
-    def report():
-        new = [k for k in grads if k not in reported]
-        reported.update(new)
-        ready(grads, new)
-
-    C = cfg.d_model
-    xf2 = xf.reshape(-1, C)                                             # (N, C)
-    W = gm.lm_head(params, cfg)
-    dxf = (dlogits @ W.T).reshape(xf.shape)                             # (N, V) @ (V, C) -> (B, T, C)
-    if cfg.tie_embeddings:
-        dW_emb_head = dlogits.T @ xf2                                   # (V, N) @ (N, C) -> (V, C)
-    else:
-        grads["lm_head"] = xf2.T @ dlogits                              # (C, N) @ (N, V) -> (C, V)
-    dx = gm.norm_backward(dxf, c_nf, grads, "norm_f", cfg)
-    report()                                                            # final norm (and untied LM head)
-    for i in reversed(range(cfg.n_layer)):
-        c = blocks[i]
-        if cfg.checkpoint:
-            _, c = gm.block_forward(c, params, i, cfg, cos, sin, p_drop, seed, recompute=True)
-        dx = gm.block_backward(dx, c, grads, i, cfg)
-        blocks[i] = None
-        report()                                                        # block i
-    dW_emb = gm.embedding_backward(dx, c_emb)
-    if cfg.tie_embeddings:
-        dW_emb += dW_emb_head
-    grads["tok_emb"] = dW_emb
-    report()                                                            # the embedding, last
-    return {k: grads[k] for k in params}
+    """gm.loss_and_grads whose backward pass calls ready(grads, names) as soon as the gradients `names`
+    are final (gpt_numpy.model_backward's hook), so that they can be sent while the earlier layers'
+    gradients are still being computed. (tests/test_dist.py checks it against gm.loss_and_grads, bit for
+    bit, and that each gradient is reported once.)"""
+    return gm.loss_and_grads(params, ids, targets, cfg, seed=seed, ready=ready)
 
 
 # ----------------------------------------------------------------------------------------------------

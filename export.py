@@ -19,16 +19,17 @@ the command line writes them as one of our checkpoints, which sample.py reads:
 
 Why this is exact: SPEC.md's model is Llama's. RMSNorm, SwiGLU, no biases, and RoPE in the same
 half-split convention as Hugging Face's `rotate_half`, with q, k and v heads taken by reshaping the
-projection's output to (nh, hs). So q_proj.weight is simply W_q transposed (torch's Linear stores
-(out, in); we store (in, out)), with no permutation of rows. (Meta's original checkpoints and GGUF files
-rotate interleaved pairs instead, and their converters permute the rows of q and k; Hugging Face's files
-and ours need none of that.)
+projection's output to (nh, hs) and (nkv, hs), query head h reading key/value head h // (nh / nkv) as
+repeat_kv does. So q_proj.weight is simply W_q transposed (torch's Linear stores (out, in); we store
+(in, out)), with no permutation of rows. (Meta's original checkpoints and GGUF files rotate interleaved
+pairs instead, and their converters permute the rows of q and k; Hugging Face's files and ours need none
+of that. GGUF files import with `--import-gguf`, through interop.py, which undoes that permutation.)
 
 The mapping, for block i (ours -> Hugging Face's, `.T` meaning transposed):
 
     tok_emb                  -> model.embed_tokens.weight                        (V, C), as is
     blocks.i.norm1.weight    -> model.layers.i.input_layernorm.weight
-    blocks.i.attn.qkv        -> model.layers.i.self_attn.{q,k,v}_proj.weight     each (C, C) slice .T
+    blocks.i.attn.qkv        -> model.layers.i.self_attn.{q,k,v}_proj.weight     slices (C, C), (C, nkv hs) x 2, .T
     blocks.i.attn.proj       -> model.layers.i.self_attn.o_proj.weight           .T
     blocks.i.norm2.weight    -> model.layers.i.post_attention_layernorm.weight
     blocks.i.ffn.w_gate/w_up -> model.layers.i.mlp.gate_proj/up_proj.weight      .T
@@ -36,10 +37,28 @@ The mapping, for block i (ours -> Hugging Face's, `.T` meaning transposed):
     norm_f.weight            -> model.norm.weight
     lm_head                  -> lm_head.weight (untied only; tied models leave it out)  .T
 
-What does not map: LayerNorm models (Llama has no LayerNorm, no biases), and on import grouped-query
-attention, biases, RoPE scaling, activations other than SiLU and tokenizers other than byte-level BPE:
-each is refused with an error naming the field. Weights are written in float32; bfloat16 and float16
-files are read and widened to float32.
+What does not map: LayerNorm models (Llama has no LayerNorm, no biases), and on import biases, RoPE
+scalings other than linear and llama3, activations other than SiLU and tokenizers other than byte-level
+BPE: each is refused with an error naming the field. Grouped-query attention (num_key_value_heads <
+num_attention_heads) maps to n_kv_head. Weights are written in float32; bfloat16 and float16 files are
+read and widened to float32.
+
+The chat template (tokenizer_config.json's chat_template, or chat_template.jinja) and the special tokens
+it uses go into the checkpoint's metadata ("chat"), for `sample.py --chat` (chat.py).
+
+A LoRA run (train.py --lora-rank) exports as its merged model (W + (alpha/r) A @ B), and with
+`--peft-adapter DIR2` also as a PEFT LoRA adapter for its base model, so that
+`peft.PeftModel.from_pretrained(base, DIR2)` computes what our model computes:
+
+    python export.py --ckpt out/chat-from-base --out export/merged --peft-adapter export/adapter
+    python export.py --ckpt out/base --out export/base             # the base, if it is not on the Hub already
+
+    base = AutoModelForCausalLM.from_pretrained("export/base")           # then, with peft
+    model = PeftModel.from_pretrained(base, "export/adapter")
+
+Our fused qkv adapter (one A, B of (r, (nh + 2 nkv) hs)) is q_proj, k_proj and v_proj adapters that share
+A: each gets A, and its columns of B (narrower for k and v under grouped-query attention). PEFT stores
+lora_A.weight as (r, in) and lora_B.weight as (out, r), torch's Linear layout: A.T and B.T here.
 """
 
 import argparse
@@ -53,7 +72,7 @@ from safetensors import SafetensorError, deserialize, safe_open
 from safetensors.numpy import load_file, save_file
 
 import gpt_numpy as gn
-from checkpoint import build_meta, load_model, save_checkpoint
+from checkpoint import build_meta, load_checkpoint, load_model, open_lora_run, read_meta, save_checkpoint
 from data import file_mode, mark_output_folder, tokenizer_from_hf_json, write_folder
 from errors import ArgumentParser, FileFormatError, UserError
 
@@ -89,6 +108,7 @@ def to_hf_tensors(params, cfg):
     """Our params -> {Hugging Face name: float32 array in torch's Linear layout (out, in)}.
 
     Example: blocks.0.attn.qkv (C, 3C) -> model.layers.0.self_attn.q_proj.weight = qkv[:, :C].T (C, C).
+    With grouped-query attention k_proj and v_proj are (nkv hs, C).
     """
     try:
         gn.check_param_shapes(params, cfg)
@@ -101,12 +121,19 @@ def to_hf_tensors(params, cfg):
         w = host[ours].T if transposed else host[ours]
         out[theirs] = np.ascontiguousarray(w, dtype=np.float32)   # safetensors needs contiguous data
     for i in range(cfg.n_layer):
-        qkv = host[f"blocks.{i}.attn.qkv"]                        # (C, 3C): q, k, v along the last axis
-        for j, n in enumerate("qkv"):
-            # heads are the (nh, hs) reshape of each C-wide slice in both libraries: no permutation
+        qkv = host[f"blocks.{i}.attn.qkv"]                        # (C, (nh + 2 nkv) hs): q, k, v along the last axis
+        for n, cols in zip("qkv", qkv_columns(cfg)):
+            # heads are the (nh, hs) / (nkv, hs) reshape of each slice in both libraries: no permutation
             out[f"model.layers.{i}.self_attn.{n}_proj.weight"] = np.ascontiguousarray(
-                qkv[:, j * C:(j + 1) * C].T, dtype=np.float32)    # (C, C), (out, in)
+                qkv[:, cols].T, dtype=np.float32)                 # (out, in)
     return out
+
+
+def qkv_columns(cfg):
+    """The column slices of q, k and v in attn.qkv: C, then nkv * hs and nkv * hs.
+    Example: C = 576, 3 key/value heads of 64 -> slice(0, 576), slice(576, 768), slice(768, 960)."""
+    C, kv = cfg.d_model, cfg.n_kv_head * cfg.head_size
+    return slice(0, C), slice(C, C + kv), slice(C + kv, C + 2 * kv)
 
 
 def from_hf_tensors(tensors, cfg):
@@ -128,13 +155,62 @@ def from_hf_tensors(tensors, cfg):
         w = tensors[theirs]
         params[ours] = np.ascontiguousarray(w.T if transposed else w, dtype=np.float32)
     for i in range(cfg.n_layer):
-        q, k, v = (tensors[f"model.layers.{i}.self_attn.{n}_proj.weight"] for n in "qkv")   # 3 x (C, C)
-        params[f"blocks.{i}.attn.qkv"] = np.concatenate([q.T, k.T, v.T], axis=1).astype(np.float32)  # (C, 3C)
+        q, k, v = (tensors[f"model.layers.{i}.self_attn.{n}_proj.weight"] for n in "qkv")   # (C, C), 2 x (nkv hs, C)
+        if q.ndim != 2 or k.shape != v.shape or k.ndim != 2 or q.shape[1] != k.shape[1]:
+            raise FileFormatError(f"layer {i}: q, k, v projections of shapes {q.shape}, {k.shape}, {v.shape} "
+                                  f"do not stack into one qkv matrix")
+        params[f"blocks.{i}.attn.qkv"] = np.concatenate([q.T, k.T, v.T], axis=1).astype(np.float32)  # (C, (nh+2nkv)hs)
     try:
         gn.check_param_shapes(params, cfg)
     except ValueError as e:
         raise FileFormatError(f"the weights do not fit config.json: {e}") from None
     return {k: params[k] for k in gn.param_shapes(cfg)}        # our canonical order
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA adapters -> a PEFT adapter: Hugging Face's module names for each of our targets (qkv is three).
+
+PEFT_MODULES = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "proj": ("self_attn.o_proj",),
+                "gate": ("mlp.gate_proj",), "up": ("mlp.up_proj",), "down": ("mlp.down_proj",)}
+
+
+def to_peft_tensors(adapters, lora, cfg):
+    """Our adapters -> {PEFT name: float32 array}: lora_A.weight (r, in) = A.T, lora_B.weight (out, r) = B.T.
+
+    Example: blocks.0.attn.qkv.lora_B (r, C + 2 nkv hs) -> base_model.model.model.layers.0.self_attn.
+    {q,k,v}_proj.lora_B.weight of shapes (C, r), (nkv hs, r), (nkv hs, r), each with the same lora_A.
+    """
+    host = {k: gn.to_host(v) for k, v in adapters.items()}
+    out = {}
+    for i in range(cfg.n_layer):
+        for t in lora.targets:
+            ours = f"blocks.{i}.{gn.LORA_TARGETS[t][0]}"
+            A, B = host[ours + ".lora_A"], host[ours + ".lora_B"]           # (in, r), (r, out)
+            cols = qkv_columns(cfg) if t == "qkv" else [slice(None)]
+            for module, c in zip(PEFT_MODULES[t], cols):
+                p = f"base_model.model.model.layers.{i}.{module}"
+                out[p + ".lora_A.weight"] = np.ascontiguousarray(A.T, dtype=np.float32)
+                out[p + ".lora_B.weight"] = np.ascontiguousarray(B[:, c].T, dtype=np.float32)
+    return out
+
+
+def peft_config(lora, base_name=None):
+    """adapter_config.json of a PEFT LoRA adapter with our rank, alpha (scale alpha / r) and targets."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+            "lora_dropout": lora.dropout, "target_modules": sorted(m.split(".")[1] for t in lora.targets
+                                                                    for m in PEFT_MODULES[t]),
+            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+            "init_lora_weights": "gaussian", "modules_to_save": None, "inference_mode": True,
+            "base_model_name_or_path": base_name}
+
+
+def export_peft_adapter(adapters, lora, cfg, out_dir, base_name=None):
+    """Write adapter_config.json and adapter_model.safetensors, a PEFT LoRA adapter, to out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(to_peft_tensors(adapters, lora, cfg), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_json(out / "adapter_config.json", peft_config(lora, base_name))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -146,6 +222,7 @@ def hf_config(cfg, bos_id=None, eos_id=None):
     if cfg.norm != "rmsnorm":
         raise UserError(f"only RMSNorm models map to Hugging Face's Llama; this model uses "
                            f"norm={cfg.norm!r} (LayerNorm has a bias and subtracts the mean)")
+    rs = cfg.rope_scaling and {("rope_type" if k == "type" else k): v for k, v in cfg.rope_scaling.items()}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -154,14 +231,14 @@ def hf_config(cfg, bos_id=None, eos_id=None):
         "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.n_head,          # plain multi-head attention
+        "num_key_value_heads": cfg.n_kv_head,       # = num_attention_heads: plain multi-head attention
         "head_dim": cfg.head_size,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": rs or None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(rs or {})},
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -179,8 +256,8 @@ def hf_config(cfg, bos_id=None, eos_id=None):
 def config_from_hf(hf, max_seq_len=None):
     """config.json (a dict) -> GPTConfig, refusing every feature our model does not have.
 
-    max_seq_len: the context length to use here instead of max_position_embeddings (generation allocates
-    its KV cache at full length, and some models say 131072).
+    max_seq_len: the context length to use here instead of max_position_embeddings (e.g. to fine-tune
+    on shorter blocks; generation sizes its KV cache to the text, not to this).
     """
     def need(field, ok, why):
         if not ok:
@@ -192,30 +269,36 @@ def config_from_hf(hf, max_seq_len=None):
             raise FileFormatError(f"config.json: {f} is missing or not an integer")
     nh = hf["num_attention_heads"]
     C = hf["hidden_size"]
-    need("num_key_value_heads", hf.get("num_key_value_heads") in (None, nh),
-         f"grouped-query attention (num_key_value_heads != num_attention_heads = {nh})")
+    nkv = hf.get("num_key_value_heads") or nh
+    need("num_key_value_heads", isinstance(nkv, int) and nkv > 0 and nh % nkv == 0,
+         f"it must divide num_attention_heads = {nh}")
     need("head_dim", hf.get("head_dim") in (None, C // nh), "head_dim must be hidden_size / num_attention_heads")
     need("attention_bias", not hf.get("attention_bias", False), "our attention has no biases")
     need("mlp_bias", not hf.get("mlp_bias", False), "our feed-forward has no biases")
     need("hidden_act", hf.get("hidden_act", "silu") in ("silu", "swish"), "SwiGLU here uses SiLU")
-    # RoPE: transformers 4.x writes rope_theta + rope_scaling, 5.x writes rope_parameters
-    theta = hf.get("rope_theta", 10000.0)
-    rs = hf.get("rope_scaling")
-    need("rope_scaling", rs is None or isinstance(rs, dict) and rs.get("rope_type", rs.get("type")) == "default",
-         "scaled RoPE (llama3, linear, dynamic, yarn...) is not implemented here")
-    rp = hf.get("rope_parameters")
-    if rp is not None:
-        need("rope_parameters", isinstance(rp, dict) and rp.get("rope_type", "default") == "default"
-             and rp.get("partial_rotary_factor", 1.0) == 1.0,
-             "only default RoPE on the whole head (no scaling, no per-layer RoPE) is implemented here")
-        theta = rp.get("rope_theta", theta)
+    # RoPE: transformers 4.x writes rope_theta + rope_scaling, 5.x writes rope_parameters (theta and
+    # scaling in one dict); the scaling types gpt_numpy implements are linear and llama3
+    theta, scaling = hf.get("rope_theta", 10000.0), None
+    for field in ("rope_scaling", "rope_parameters"):
+        rs = hf.get(field)
+        if rs is None:
+            continue
+        need(field, isinstance(rs, dict) and rs.get("partial_rotary_factor", 1.0) == 1.0,
+             "RoPE must turn the whole head (no partial_rotary_factor, no per-layer RoPE)")
+        theta = rs.get("rope_theta", theta)
+        kind = rs.get("rope_type", rs.get("type", "default"))
+        if kind != "default":
+            try:
+                scaling = gn.check_rope_scaling({**rs, "type": kind})
+            except ValueError as e:
+                need(field, False, str(e))
     try:
         return gn.GPTConfig(
-            vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=nh, d_model=C,
+            vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=nh, n_kv_head=nkv, d_model=C,
             d_ff=hf["intermediate_size"],
             max_seq_len=hf.get("max_position_embeddings", 2048) if max_seq_len is None else max_seq_len,
             norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)))   # LlamaConfig's default
+            rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)))   # LlamaConfig's default
     except ValueError as e:
         raise FileFormatError(f"config.json: {e}") from None
 
@@ -384,6 +467,7 @@ def write_import(out, params, cfg, tok, source, force=False):
 
 EPILOG = """examples:
   python export.py --ckpt out/stdlib-bpe2048 --out export/stdlib-bpe2048      # -> transformers
+  python export.py --ckpt out/chat-from-base --out export/merged --peft-adapter export/adapter   # a LoRA run
   python export.py --import-hf path/to/llama-dir --out out/imported --max-seq-len 1024
   python sample.py --ckpt out/imported --prompt "Once upon a time"
 
@@ -411,10 +495,31 @@ def parse_args(argv):
                         "non-empty --out (another model, a training run) is refused")
     p.add_argument("--max-seq-len", type=int, metavar="N",
                    help="import: context length to use (default: the model's max_position_embeddings)")
+    p.add_argument("--peft-adapter", metavar="DIR",
+                   help="export of a LoRA run (train.py --lora-rank): also write its adapters to DIR as a PEFT "
+                        "LoRA adapter for the base model (--out gets the merged model)")
     args = p.parse_args(argv)
     if args.ckpt and args.max_seq_len is not None:
         raise UserError("--max-seq-len applies to --import-hf only")
+    if args.peft_adapter and not args.ckpt:
+        raise UserError("--peft-adapter applies to --ckpt (the export of a LoRA run)")
     return args
+
+
+def export_lora_run(ckpt, out, adapter_dir):
+    """--ckpt RUN --out DIR --peft-adapter DIR2: the merged model to DIR, the PEFT adapter to DIR2."""
+    ck = load_checkpoint(ckpt)
+    if "lora" not in ck.meta:
+        raise UserError(f"--peft-adapter: {ck.path} is not a LoRA run's checkpoint (train one with train.py "
+                        f"--init-from CKPT --lora-rank R)")
+    base, adapters, lora, cfg = open_lora_run(ck, gn)
+    base_meta = read_meta(ck.meta["lora"]["base"]["path"]) or {}
+    export_hf(gn.lora_merge({**base, **adapters}, lora), cfg, ck.tokenizer(), out)
+    export_peft_adapter(adapters, lora, cfg, adapter_dir, base_meta.get("imported_from"))
+    n = sum(int(v.size) for v in adapters.values())
+    print(f"wrote {out}: LlamaForCausalLM with the adapters merged, {gn.num_params(base):,} parameters; "
+          f"{adapter_dir}: a PEFT LoRA adapter (rank {lora.rank}, {n:,} parameters of ours) for the base "
+          f"{ck.meta['lora']['base']['path']}", file=sys.stderr)
 
 
 def main(argv=None):
@@ -426,7 +531,9 @@ def main(argv=None):
         print(f"export.py: error: {e}", file=sys.stderr)
         return 2
     try:
-        if args.ckpt:
+        if args.peft_adapter:
+            export_lora_run(args.ckpt, args.out, args.peft_adapter)
+        elif args.ckpt:
             m = load_model(args.ckpt)                   # gpt_numpy as the backend: arrays stay NumPy
             write_folder(args.out, lambda d: export_hf(m.params, m.cfg, m.tokenizer, d), args.force)
             print(f"wrote {args.out}: LlamaForCausalLM with {gn.num_params(m.params):,} parameters", file=sys.stderr)

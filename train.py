@@ -16,6 +16,7 @@ later failure exits 1.
     python train.py --data ~/books/ --tokenizer char       # a folder (or a file, or a glob "src/**/*.py")
     python train.py --resume                               # continue the run in its out dir (same flags)
     python train.py --init-from out/imported --data notes.txt --lr 3e-4   # fine-tune a checkpoint on new text
+    python train.py --init-from out/stdlib-bpe2048 --sft chat.jsonl --lora-rank 8    # LoRA on instruction data
     python train.py --help                                 # every flag and preset
     mpiexec -n 2 python train.py --preset tiny --data notes.txt   # 2 processes, one model (docs/distributed.md)
     python sample.py --ckpt out/stdlib-bpe2048 --prompt "def "   # stream text from a checkpoint
@@ -37,6 +38,10 @@ Fine-tuning: `--init-from CKPT` (a ckpt.safetensors or its folder: an earlier ru
 the optimizer, the step counter and the batch sampler start afresh, and the training settings come from the
 flags and --preset as usual. Its out dir (default out/<data>-from-<checkpoint>) also holds the tokenizer
 file the data cache is keyed by, and the run resumes like any other (`--resume out/<data>-from-<checkpoint>`).
+`--lora-rank R` trains LoRA adapters beside the frozen weights instead of the weights themselves (the
+checkpoints then hold only the adapters and name the base checkpoint by path and hash; `--lora-merge`
+also writes the merged model), and `--sft FILE.jsonl` trains on chat or Alpaca records with the loss on the
+assistant's tokens only (sft.py). docs/finetuning.md has a worked example.
 """
 
 
@@ -56,8 +61,11 @@ from pathlib import Path
 import numpy as np
 
 import gpt_numpy
+import gpt_numpy
 import memory
-from checkpoint import build_meta, check_tokenizer_fits, load_checkpoint, load_params, read_meta, save_checkpoint
+import sft
+from checkpoint import (build_meta, check_tokenizer_fits, load_adapters, load_checkpoint, load_lora_base, load_params,
+                        lora_base_ref, read_meta, save_checkpoint)
 from data import (data_key, data_name, digest_sources, encode_prompt, find_sources, get_batch, get_tokenizer,
                   load_backend, load_tokenizer_file, locked_folder, mark_output_folder, naming_errors, prepare_data,
                   safe_name, tokenizer_tag, write_text_atomic)
@@ -105,6 +113,24 @@ class TrainConfig:
     mixed_precision: bool = flag(False, "float16 forward and backward on a copy of the float32 weights, with "
                                  "dynamic loss scaling (overflowing steps are skipped); for --backend cupy: "
                                  "NumPy has no float16 BLAS")
+    # fine-tuning (with --init-from): LoRA adapters instead of every weight, and instruction data
+    lora_rank: int = flag(0, "LoRA: train rank-r adapters A (in, r), B (r, out) beside frozen weights, y = x @ W + "
+                          "(alpha/r) (x @ A) @ B, e.g. 8 (0: full fine-tuning); the checkpoints hold the adapters "
+                          "and the base checkpoint's path and hash")
+    lora_alpha: float = flag(16.0, "LoRA: the adapters' output is scaled by alpha / rank")
+    lora_targets: str = flag("qkv,proj,gate,up,down", "LoRA: the weights of every block that get an adapter "
+                             "(comma-separated, from qkv, proj, gate, up, down)")
+    lora_dropout: float = flag(0.0, "LoRA: dropout on the adapters' input in training, e.g. 0.05")
+    lora_merge: bool = flag(False, "LoRA: when the run ends, also write merged.safetensors in the out dir: the base "
+                            "weights plus (alpha/r) A @ B, a full checkpoint for sample.py, export.py, --init-from")
+    sft: str = flag("", "supervised fine-tuning on a JSONL file of chat records {\"messages\": [{\"role\", "
+                    "\"content\"}, ...]} or Alpaca records {\"instruction\", \"input\", \"output\"}, "
+                    "instead of --data: rendered with the checkpoint's chat template (or --chat-template, or "
+                    "the default of docs/finetuning.md), loss on the assistant's tokens only, one padded "
+                    "example per row; the samples answer --sample-prompt as a user message", metavar="FILE")
+    sft_train_on_prompt: bool = flag(False, "--sft: put the loss on every token, the prompt's too")
+    chat_template: str = flag("", "--sft: a Jinja chat template file to use instead of the checkpoint's",
+                              metavar="FILE")
     # optimisation: AdamW, linear warmup then cosine decay to min_lr
     batch_size: int = flag(16, "B: sequences per micro-batch")
     grad_accum: int = flag(1, "micro-batches per optimizer step (gradients averaged): the effective batch is "
@@ -172,7 +198,7 @@ PRESETS = {
 # the corpus by another path: what must match is the corpus hash, file names and contents, checked later.)
 RESUME_MAY_CHANGE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
                      "sample_tokens", "sample_prompt", "backend", "tf32", "fused_kernels", "out_dir", "data_dir",
-                     "skip_nonfinite", "data", "name", "zero", "bucket_mb", "dist_timeout",
+                     "skip_nonfinite", "data", "name", "zero", "bucket_mb", "dist_timeout", "lora_merge", "sft",
                      "grad_accum"}      # grad_accum: as long as the global batch stays (resume_world)
 
 # What a fine-tuning run (--init-from) takes from its checkpoint instead of from the preset and flags, with
@@ -183,15 +209,28 @@ FROM_CHECKPOINT = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "norm")
 # ----------------------------------------------------------------------------------------------------
 # Training helpers
 
-def estimate_loss(gm, params, data, cfg, mcfg):
+def estimate_loss(gm, params, data, cfg, mcfg, lora=None):
     """Mean loss over eval_iters batches of each split, without dropout. The batches come from a fixed
     seed, so every evaluation of a run sees the same windows and the curve is not sampling noise."""
     out = {}
     for k, split in enumerate(("train", "val")):
         rng = np.random.default_rng([cfg.seed, 1, k])
-        losses = [gm.loss_fn(params, *get_batch(data[split], cfg.batch_size, cfg.block_size, rng), mcfg)
+        losses = [gm.loss_fn(params, *get_batch(data[split], cfg.batch_size, cfg.block_size, rng), mcfg, lora=lora)
                   for _ in range(cfg.eval_iters)]
         out[split] = float(np.mean(losses))
+    return out
+
+
+def estimate_sft_loss(gm, params, data, cfg, mcfg, lora=None):
+    """--sft: the loss per target token (the assistant's), over eval_iters batches drawn from the train
+    split with a fixed seed, and over the val split in order (at most eval_iters batches)."""
+    rng = np.random.default_rng([cfg.seed, 1, 0])
+    batches = {"train": [sft.get_batch(data["train"], cfg.batch_size, rng) for _ in range(cfg.eval_iters)],
+               "val": sft.eval_batches(data["val"], cfg.batch_size, cfg.eval_iters)}
+    out = {}
+    for split, bs in batches.items():
+        n = [int((y >= 0).sum()) for _, y in bs]                       # a batch's mean is over its targets
+        out[split] = float(sum(gm.loss_fn(params, x, y, mcfg, lora=lora) * k for (x, y), k in zip(bs, n)) / sum(n))
     return out
 
 
@@ -207,11 +246,31 @@ def step_seed(seed, step, micro):
     return int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0])
 
 
-def sample_text(gm, params, mcfg, tok, prompt, n, seed, temperature=0.8, top_k=200):
+def sample_text(gm, params, mcfg, tok, prompt, n, seed, temperature=0.8, top_k=200, lora=None):
     """The prompt and n sampled tokens, as text (KV-cache generation)."""
     ids = encode_prompt(tok, prompt)
-    new = list(gm.generate_stream(params, ids, mcfg, n, temperature=temperature, top_k=top_k, seed=seed))
+    new = list(gm.generate_stream(params, ids, mcfg, n, temperature=temperature, top_k=top_k, seed=seed, lora=lora))
     return tok.decode_bytes(ids + new).decode("utf-8", "replace")
+
+
+def sample_answer(gm, params, mcfg, tok, chat, question, n, lora=None):
+    """--sft: the model's answer to `question` sent as a user message in the chat template: greedy, at
+    most n tokens, up to the template's end of turn."""
+    ids = sft.chat_prompt_ids(tok, chat, question)
+    stop = sft.stop_ids(tok, chat)
+    new = list(gm.generate_stream(params, ids, mcfg, n, temperature=0, stop_ids=stop, lora=lora))
+    return tok.decode_bytes([i for i in new if i not in stop]).decode("utf-8", "replace")
+
+
+def lora_config(cfg):
+    """The run's gpt_numpy.LoraConfig, or None for full training (--lora-rank 0)."""
+    if not cfg.lora_rank:
+        return None
+    try:
+        return gpt_numpy.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                                    dropout=cfg.lora_dropout)
+    except ValueError as e:
+        raise UserError(f"bad LoRA setting: {e}") from None
 
 
 def model_config(cfg, vocab_size):
@@ -279,6 +338,9 @@ class Run:
     write: object = print
     comm: object = None         # under mpiexec: dist.py's communicator (rank, size); None: one process
     dp: object = None           # under mpiexec: dist.DataParallel, which averages the gradients
+    lora: object = None         # gpt_numpy.LoraConfig of a LoRA run, else None
+    lora_base: dict = None      # a LoRA run's base checkpoint: checkpoint.lora_base_ref's path and hash
+    chat: object = None         # --sft: the sft.Chat the records are rendered with
 
     ckpt_path = property(lambda self: self.out_dir / "ckpt.safetensors")
     log_path = property(lambda self: self.out_dir / "log.jsonl")
@@ -307,6 +369,11 @@ class State:
     def elapsed_now(self):
         return round(self.elapsed + time.time() - self.t_start, 3)
 
+    def trained(self):
+        """The parameters the optimizer updates, the keys of its state: every weight, or a LoRA run's
+        adapters (the base weights in params stay frozen)."""
+        return {k: self.params[k] for k in self.opt["m"]}
+
 
 def train(cfg, data, tok, gm, resume=None, log=print, init=None, comm=None):
     """Train (or continue `resume`, a checkpoint.Checkpoint) and return a summary dict. `init` (a
@@ -324,8 +391,10 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None, comm=None):
     check_memory(cfg, mcfg, gm)
     if source:
         check_tokenizer_fits(tok, mcfg, source.path)   # a char vocabulary smaller than the model: refused
-    check_corpus_length(cfg, data)
-    run = Run(cfg, mcfg, gm, data, tok, open_out_dir(cfg), resumed=resume is not None, log=log, comm=comm)
+    if not cfg.sft:
+        check_corpus_length(cfg, data)
+    run = Run(cfg, mcfg, gm, data, tok, open_out_dir(cfg), resumed=resume is not None, log=log, comm=comm,
+              lora=lora_config(cfg), chat=data.get("chat"))
     state = resumed_state(run, resume) if resume else fresh_state(run, init)
     if resume and state.step >= cfg.max_iters:
         log(f"warning: {resume.path} is at step {state.step}, and --max-iters {cfg.max_iters} ends there: nothing to "
@@ -371,9 +440,14 @@ def fresh_state(run, init):
         params = load_params(gm, init.params, run.mcfg, init.path)
         run.log(f"initialized from {init.path} (its step {init.step if init.step is not None else '?'}): "
                 f"its weights, architecture and tokenizer; a fresh optimizer from step 0")
+    trained = params
+    if run.lora is not None:                            # LoRA: those weights stay frozen; fresh adapters train
+        run.lora_base = lora_base_ref(init, run.out_dir)
+        trained = gm.lora_init(run.mcfg, run.lora, seed=cfg.seed)
+        params.update(trained)
     if run.rank == 0:
         run.log_path.write_text("")                                   # a fresh run starts a fresh log
-    return State(params, gm.adamw_init(params), gm.loss_scaler_init(), np.random.default_rng(cfg.seed))
+    return State(params, gm.adamw_init(trained), gm.loss_scaler_init(), np.random.default_rng(cfg.seed))
 
 
 def resumed_state(run, ck):
@@ -382,9 +456,16 @@ def resumed_state(run, ck):
     if not ck.has_training_state:
         raise UserError(f"cannot resume: the checkpoint lacks {', '.join(ck.missing_training_state())} (a weights-"
                         f"only file? fine-tune from it with --init-from instead)")
-    params = load_params(gm, ck.params, run.mcfg, ck.path)
-    opt = {"t": int(meta["adam_t"]), "m": {k: gm.to_device(ck.adam_m[k]) for k in params},
-           "v": {k: gm.to_device(ck.adam_v[k]) for k in params}}
+    if run.lora is not None:                            # the adapters, and the base they were trained on
+        base = load_lora_base(ck)
+        run.lora_base = meta["lora"]["base"]
+        params = load_params(gm, base.params, run.mcfg, base.path)
+        trained = load_adapters(gm, ck.params, run.mcfg, run.lora, ck.path)
+        params.update(trained)
+    else:
+        params = trained = load_params(gm, ck.params, run.mcfg, ck.path)
+    opt = {"t": int(meta["adam_t"]), "m": {k: gm.to_device(ck.adam_m[k]) for k in trained},
+           "v": {k: gm.to_device(ck.adam_v[k]) for k in trained}}
     rng = np.random.default_rng(run.cfg.seed)
     rng.bit_generator.state = meta["rng"]["batch"]
     p = meta["progress"]
@@ -412,7 +493,8 @@ def start_data_parallel(run, state):
 
 def log_start(run, state):
     cfg, mcfg = run.cfg, run.mcfg
-    run.log(f"model: {run.gm.num_params(state.params):,} parameters ({mcfg.n_layer} layers, d_model "
+    n_model = run.gm.num_params(state.params) - (run.gm.num_params(state.trained()) if run.lora else 0)
+    run.log(f"model: {n_model:,} parameters ({mcfg.n_layer} layers, d_model "
             f"{mcfg.d_model}, {mcfg.n_head} heads, d_ff {mcfg.d_ff}, vocab {mcfg.vocab_size}, context "
             f"{mcfg.max_seq_len}); backend {cfg.backend}"
             + ("; mixed precision: float16 compute, float32 weights, loss scale "
@@ -420,6 +502,15 @@ def log_start(run, state):
     if cfg.mixed_precision and cfg.backend == "numpy":
         run.log("note: --mixed-precision on the CPU is slow (NumPy has no float16 matrix multiply); it is meant "
                 "for --backend cupy")
+    if run.lora is not None:
+        n = run.gm.num_params(state.trained())
+        run.log(f"LoRA: rank {run.lora.rank}, alpha {run.lora.alpha:g} on {','.join(run.lora.targets)}: {n:,} "
+                f"trainable parameters ({100 * n / n_model:.2f}% of the model's, whose weights stay frozen); "
+                f"AdamW state {8 * n / 2**20:.2f} MiB")
+    if cfg.sft:
+        run.log(f"training: {cfg.max_iters} steps of {cfg.batch_size} x {cfg.grad_accum} examples (rows padded "
+                f"to the longest drawn, at most {cfg.block_size} tokens); out dir {run.out_dir}")
+        return
     ranks = f" x {run.world} ranks" if run.world > 1 else ""
     run.log(f"training: {cfg.max_iters} steps of {run.tokens_per_step:,} tokens (batch {cfg.batch_size} x "
             f"grad_accum {cfg.grad_accum}{ranks} x {cfg.block_size}); out dir {run.out_dir}")
@@ -505,7 +596,7 @@ def stop_requested(run, stop):
 def evaluate(run, state):
     """Train and val loss and val bits per byte, printed and logged; then a short sample."""
     cfg, t0 = run.cfg, time.time()
-    losses = estimate_loss(run.gm, state.params, run.data, cfg, run.mcfg)
+    losses = (estimate_sft_loss if cfg.sft else estimate_loss)(run.gm, state.params, run.data, cfg, run.mcfg, run.lora)
     bpb = losses["val"] / run.data["meta"]["val_bytes_per_token"] / math.log(2)
     state.best_val = losses["val"] if state.best_val is None else min(state.best_val, losses["val"])
     state.last_eval = {"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": bpb}
@@ -514,32 +605,69 @@ def evaluate(run, state):
     append_jsonl(run.log_path, {"event": "eval", **state.last_eval, "lr": get_lr(state.step, cfg),
                                 "time_s": state.elapsed_now(), "tokens_seen": state.tokens_seen})
     if cfg.sample_tokens and state.step < cfg.max_iters:
-        text = sample_text(run.gm, state.params, run.mcfg, run.tok, cfg.sample_prompt, cfg.sample_tokens,
-                           seed=cfg.seed + state.step)
-        run.write("--- sample ---\n" + text.strip("\n") + "\n--------------")
+        run.write(framed(run, make_sample(run, state, cfg.sample_tokens, seed=cfg.seed + state.step)))
+
+
+def make_sample(run, state, n, seed):
+    """The evaluation's sample: a continuation of --sample-prompt, or with --sft the model's answer to it
+    as a user message."""
+    cfg = run.cfg
+    if cfg.sft:
+        return sample_answer(run.gm, state.params, run.mcfg, run.tok, run.chat, cfg.sample_prompt, n, run.lora)
+    return sample_text(run.gm, state.params, run.mcfg, run.tok, cfg.sample_prompt, n, seed=seed, lora=run.lora)
+
+
+def framed(run, text):
+    head = f"--- answer to {run.cfg.sample_prompt!r} ---" if run.cfg.sft else "--- sample ---"
+    return head + "\n" + text.strip("\n") + "\n--------------"
 
 
 def save(run, state):
     """An atomic checkpoint of the state (checkpoint.py's file, build_meta's metadata)."""
     cfg, gm, d = run.cfg, run.gm, run.data["meta"]
+    sampler = ({"kind": "uniform random examples", "train_examples": len(run.data["train"])} if cfg.sft else
+               {"kind": "uniform random windows", "train_tokens": len(run.data["train"])})
     meta = build_meta(
         run.mcfg, run.tok, step=state.step, adam_t=state.opt["t"], train_config=asdict(cfg),
         rng={"batch": state.rng.bit_generator.state}, loss_scaler=state.scaler,
-        sampler={"kind": "uniform random windows", "train_tokens": len(run.data["train"]),
-                 "batch_size": cfg.batch_size, "block_size": cfg.block_size}, world_size=run.world,
+        sampler={**sampler, "batch_size": cfg.batch_size, "block_size": cfg.block_size}, world_size=run.world,
         data={"name": d["name"], "key": d["key"], "train_tokens": d["train_tokens"], "val_tokens": d["val_tokens"],
               "val_bytes_per_token": d["val_bytes_per_token"]},
         progress={"elapsed_s": state.elapsed_now(), "tokens_seen": state.tokens_seen,
-                  "best_val_loss": state.best_val, "last_eval": state.last_eval})
+                  "best_val_loss": state.best_val, "last_eval": state.last_eval}, **fine_tuning_meta(run))
     hook = (lambda tmp: kill_hook("save", state.step)) if os.environ.get("TRAIN_TEST_KILL") else None
     host = lambda arrays: {k: gm.to_host(v) for k, v in arrays.items()}     # noqa: E731
+    # a LoRA run saves its adapters, not the frozen base (the metadata names the base and its hash)
     if run.dp is None:
-        tensors = host(state.params), host(state.opt["m"]), host(state.opt["v"])
+        tensors = host(state.trained()), host(state.opt["m"]), host(state.opt["v"])
     else:                                               # the whole state on rank 0 (ZeRO: gathered)
         tensors = run.dp.gather_state(state.params, state.opt)
     if run.rank == 0:
         save_checkpoint(run.ckpt_path, *tensors, meta, before_replace=hook)
     state.saved_step = state.step
+
+
+def fine_tuning_meta(run):
+    """The metadata a fine-tuning run adds: "lora" (its config and base) and "chat" (the template)."""
+    extra = {}
+    if run.lora is not None:
+        extra["lora"] = {"config": run.lora.to_dict(), "base": run.lora_base}
+    if run.chat is not None:
+        extra["chat"] = run.chat.to_meta()
+    return extra
+
+
+def write_merged(run, state):
+    """--lora-merge: out_dir/merged.safetensors, the base weights plus (alpha/r) A @ B, a weights-only
+    checkpoint with the model config, tokenizer and chat template (no optimizer state)."""
+    gm, path = run.gm, run.out_dir / "merged.safetensors"
+    merged = {k: gm.to_host(v) for k, v in gm.lora_merge(state.params, run.lora).items()}
+    meta = build_meta(run.mcfg, run.tok, step=state.step,
+                      merged_from={"adapters": str(run.ckpt_path), "base": run.lora_base["path"]},
+                      **({"chat": run.chat.to_meta()} if run.chat is not None else {}))
+    save_checkpoint(path, merged, {}, {}, meta)
+    run.log(f"wrote {path}: the base with the adapters merged in ({gm.num_params(merged):,} parameters)")
+    return path
 
 
 def optimizer_step(run, state):
@@ -571,7 +699,7 @@ def optimizer_step(run, state):
     elif dp is not None:
         dp.adamw_step(state.params, state.opt, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
     else:
-        gm.adamw_step(state.params, grads, state.opt, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
+        gm.adamw_step(state.trained(), grads, state.opt, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
     state.step += 1
     state.tokens_seen += run.tokens_per_step
     return loss, norm, lr, overflow
@@ -591,19 +719,21 @@ def accumulate_grads(run, state):
     mine = range(run.rank * cfg.grad_accum, (run.rank + 1) * cfg.grad_accum)
     grads, loss, overflow = None, 0.0, False
     for micro in range(n):
-        batch = get_batch(run.data["train"], cfg.batch_size, cfg.block_size, state.rng, read=micro in mine)
+        batch = (sft.get_batch(run.data["train"], cfg.batch_size, state.rng) if cfg.sft
+                 else get_batch(run.data["train"], cfg.batch_size, cfg.block_size, state.rng, read=micro in mine))
         if micro not in mine or overflow:
             continue
         x, y = batch
         seed = step_seed(cfg.seed, state.step, micro)
         if cfg.mixed_precision:                                        # grads None: float16 overflowed
-            l, g = gm.loss_and_grads_mixed(state.params, x, y, run.mcfg, state.scaler["scale"], seed=seed)
+            l, g = gm.loss_and_grads_mixed(state.params, x, y, run.mcfg, state.scaler["scale"], seed=seed,
+                                           lora=run.lora)
             overflow = g is None
         elif dp is not None:                                           # into dp's buffer; the last one sends
             l, g = dp.loss_and_grads(state.params, x, y, run.mcfg, seed, first=micro == mine[0],
                                      last=micro == mine[-1]), None
         else:
-            l, g = gm.loss_and_grads(state.params, x, y, run.mcfg, seed=seed)
+            l, g = gm.loss_and_grads(state.params, x, y, run.mcfg, seed=seed, lora=run.lora)
         loss += l / n
         if overflow or g is None:
             continue
@@ -650,10 +780,11 @@ def finish(run, state, status):
               "best_val_loss": state.best_val, "last_eval": last, "ckpt": str(run.ckpt_path),
               "params": {k: run.gm.to_host(v) for k, v in state.params.items()}}
     if status == "done" and cfg.sample_tokens and run.rank == 0:
-        text = sample_text(run.gm, state.params, run.mcfg, run.tok, cfg.sample_prompt, 4 * cfg.sample_tokens,
-                           seed=cfg.seed)
+        text = make_sample(run, state, 4 * cfg.sample_tokens, seed=cfg.seed)
         result["sample"] = text
-        run.log("--- sample ---\n" + text.strip("\n") + "\n--------------")
+        run.log(framed(run, text))
+    if status == "done" and cfg.lora_merge:
+        result["merged"] = str(write_merged(run, state))
     if last:
         run.log(f"done: step {state.step}, val loss {last['val_loss']:.4f}, {last['val_bpb']:.3f} bits/byte, "
                 f"{state.elapsed_now():.0f} s of training; checkpoint {run.ckpt_path}")
@@ -683,7 +814,11 @@ def build_parser():
                "  python train.py --init-from out/imported --data notes.txt --lr 3e-4 --min-lr 3e-5 \\\n"
                "      --warmup-iters 20 --max-iters 200      # writes out/notes-from-imported\n"
                "  python train.py --resume out/notes-from-imported      # continue it after Ctrl-C\n"
-               "  python sample.py --ckpt out/notes-from-imported --prompt \"Once\"")
+               "  python sample.py --ckpt out/notes-from-imported --prompt \"Once\"\n\n"
+               "LoRA and instruction data (docs/finetuning.md):\n"
+               "  python train.py --init-from out/stdlib-bpe2048 --sft docs/examples/python_howto.jsonl \\\n"
+               "      --lora-rank 8 --lr 3e-3 --max-iters 300 --sample-prompt \"How do I sort a list?\" --lora-merge\n"
+               "  python export.py --ckpt out/python_howto-from-stdlib-bpe2048 --out export/merged --peft-adapter export/adapter")
     p.add_argument("--preset", choices=list(PRESETS), default=argparse.SUPPRESS,
                    help="start from a named configuration (listed below)")
     p.add_argument("--resume", nargs="?", const="latest", default=argparse.SUPPRESS, metavar="CKPT",
@@ -725,6 +860,16 @@ def parse_args(argv):
         model_config(cfg, max(cfg.vocab_size, 256))     # a bad model shape fails now, before data preparation
         if cfg.backend == "numpy":                      # and so does a size that cannot fit (vocab: a lower bound)
             check_memory(cfg, model_config(cfg, cfg.vocab_size if cfg.tokenizer == "bpe" else 1))
+    if resume is None and not cfg.init_from and (cfg.lora_rank or cfg.sft):
+        raise UserError(f"{'--lora-rank' if cfg.lora_rank else '--sft'} fine-tunes a model: pass --init-from CKPT "
+                        f"(a checkpoint of train.py or export.py --import-hf)")
+    if cfg.sft and "data" in flags:
+        raise UserError("--sft FILE is the training data; --data names a text corpus: pass one of them")
+    if resume is None and cfg.lora_merge and not cfg.lora_rank:
+        raise UserError("--lora-merge merges a LoRA run's adapters: it needs --lora-rank R")
+    if mpi_world_size() > 1 and (cfg.lora_rank or cfg.sft):
+        raise UserError(f"{'--lora-rank' if cfg.lora_rank else '--sft'} runs in one process for now: start it "
+                        f"without mpiexec")
     return cfg, explicit, flags, resume
 
 
@@ -766,6 +911,9 @@ def check_config(cfg):
     for name in ("tf32", "fused_kernels"):
         if getattr(cfg, name) and cfg.backend != "cupy":
             raise UserError(f"--{name.replace('_', '-')} is for --backend cupy (an NVIDIA GPU)")
+    if cfg.lora_rank < 0:
+        raise UserError(f"--lora-rank must be >= 0 (0: no LoRA), got {cfg.lora_rank}")
+    lora_config(cfg)                                    # alpha, targets and dropout, when LoRA is on
 
 
 def resume_config(cfg, explicit, flags, meta):
@@ -849,22 +997,29 @@ def prepare_and_train(cfg, explicit, flags, resume, log=print, comm=None):
         gm = load_backend(cfg.backend)
     elif cfg.init_from:
         init = load_checkpoint_for("--init-from", Path(cfg.init_from).expanduser())
+        if "lora" in init.meta:
+            raise UserError(f"--init-from {init.path} holds LoRA adapters, not a whole model: merge them first "
+                            f"(train.py --resume {init.path.parent} --lora-merge writes merged.safetensors there) "
+                            f"and start from that")
         cfg, tok = init_config(cfg, flags, init)
     if cfg.backend == "cupy":
         gm.enable_tf32(cfg.tf32)
         gm.use_fused_kernels(cfg.fused_kernels)
+    if cfg.lora_merge and not cfg.lora_rank:
+        raise UserError("--lora-merge merges a LoRA run's adapters, and this run has none (--lora-rank 0)")
     if not cfg.lr_decay_iters:
         cfg.lr_decay_iters = cfg.max_iters              # fixed now, so a longer resumed run keeps the schedule
-    cfg.name = cfg.name or data_name(cfg.data)
+    cfg.name = cfg.name or data_name(cfg.sft or cfg.data)
     cfg.out_dir = cfg.out_dir or default_out_dir(cfg)
     make_folders(cfg)
     # one process at a time writes a run folder (under mpiexec: rank 0 holds the lock for the job)
     with locked_folder(cfg.out_dir) if comm is None or comm.rank == 0 else nullcontext():
+        load = load_sft if cfg.sft else load_corpus
         if comm is None:
-            tok, data = load_corpus(cfg, ck, init, tok, log)
+            tok, data = load(cfg, ck, init, tok, log)
         else:                                           # rank 0 prepares it, the others then read it
             import dist
-            tok, data = dist.in_turn(comm, lambda: load_corpus(cfg, ck, init, tok, log))
+            tok, data = dist.in_turn(comm, lambda: load(cfg, ck, init, tok, log))
         if ck is None and (Path(cfg.out_dir) / "ckpt.safetensors").is_file():
             old = read_meta(Path(cfg.out_dir) / "ckpt.safetensors")
             log(f"note: starting afresh; {cfg.out_dir}/ckpt.safetensors (step {old.get('step', '?') if old else '?'})"
@@ -949,9 +1104,28 @@ def load_corpus(cfg, ck, init, tok, log):
     return tok, data
 
 
+def load_sft(cfg, ck, init, tok, log):
+    """--sft: the tokenizer (as load_corpus: a resumed run's own, a fine-tuning run's from init, saved in
+    the out dir), the chat template (a resumed run's own, else --chat-template, the checkpoint's or the
+    default) and the encoded records (sft.prepare_sft): (tok, data), data["chat"] the template."""
+    if ck is not None:
+        tok, chat = ck.tokenizer(), sft.chat_template_for(ck.meta, ck.tokenizer())
+    else:
+        cfg.tokenizer = str(Path(cfg.out_dir) / f"tokenizer.{tok.kind}")
+        write_text_atomic(cfg.tokenizer, tok.to_text())
+        chat = sft.chat_template_for(init.meta, tok, cfg.chat_template or None)
+    data = sft.prepare_sft(cfg.sft, tok, chat, cfg.block_size, cfg.val_fraction, cfg.seed, cfg.sft_train_on_prompt,
+                           log)
+    if ck is not None and data["meta"]["key"] != ck.meta["data"]["key"]:
+        raise UserError(f"cannot resume: the records of --sft {cfg.sft} (or their rendering) differ from the "
+                        f"checkpoint's; restore them or start a new run")
+    data["chat"] = chat
+    return tok, data
+
+
 def default_out_dir(cfg):
     """out/<data>-<tokenizer>, or for a fine-tuning run out/<data>-from-<the checkpoint's folder or name>."""
-    name = cfg.name or data_name(cfg.data)
+    name = cfg.name or data_name(cfg.sft or cfg.data)
     if cfg.init_from:
         src = Path(cfg.init_from).expanduser().resolve()
         src = src.parent if src.name == "ckpt.safetensors" else src

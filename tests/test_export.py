@@ -177,10 +177,11 @@ def test_export_checks_params_against_config(tmp_path, tok):
 # import: what does not map is refused, naming the field
 
 @pytest.mark.parametrize("changes, match", [
-    ({"num_key_value_heads": 2}, "num_key_value_heads = 2 .*grouped-query attention"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads = 3 .*it must divide num_attention_heads = 4"),
     ({"attention_bias": True}, "attention_bias = true"),
     ({"mlp_bias": True}, "mlp_bias = true"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling = .*llama3"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling = .*llama3: low_freq_factor must be"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling = .*type 'dynamic' is not implemented"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_parameters = .*yarn"),
     ({"hidden_act": "gelu"}, 'hidden_act = "gelu"'),
     ({"model_type": "mistral"}, 'model_type = "mistral"'),
@@ -432,3 +433,85 @@ def test_gpt2_tokenizer_json_from_hugging_face_imports(tmp_path, hf):
     assert tok.vocab_size == 50257 and tok.special_tokens == {"<|endoftext|>": 50256}
     for s in SAMPLES:
         assert ht.encode(s).ids == encode(tok, s), s
+
+
+# ----------------------------------------------------------------------------------------------------
+# grouped-query attention and RoPE scaling, against a Llama made by transformers itself
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}    # with head size 8 and theta 500: all three regimes
+
+
+def random_gqa_llama(transformers, torch, tie, rope_type, seed=0):
+    """A tiny LlamaForCausalLM with 6 query heads sharing 2 key/value heads, weights well above init scale."""
+    rope = {"rope_type": "default", "rope_theta": 500.0}
+    if rope_type == "llama3":
+        rope = {**LLAMA3_ROPE, "rope_theta": 500.0}
+    hcfg = transformers.LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
+                                    rms_norm_eps=1e-5, rope_parameters=rope, tie_word_embeddings=tie,
+                                    attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(hcfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if p.ndim == 1 else 0.3 * torch.randn_like(p))
+    return model
+
+
+def float64_forward(model, ids, torch, transformers, monkeypatch):
+    """Logits of a float64 copy of `model`, computed in float64 throughout. subtle: transformers keeps
+    three steps in float32 even in a float64 model: RoPE's inv_freq (computed with dtype=torch.float) and
+    angles, LlamaRMSNorm (hidden_states.to(torch.float32)) and the attention softmax (dtype=torch.float32).
+    So rerun its own inv_freq function, and its forward, with the names torch.float and torch.float32
+    meaning float64; the formulas stay transformers' own."""
+    model = model.double()
+    emb = model.model.rotary_emb
+    fn = (emb.compute_default_rope_parameters if emb.rope_type == "default"
+          else transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS[emb.rope_type])
+    with monkeypatch.context() as m:
+        m.setattr(torch, "float", torch.float64)
+        m.setattr(torch, "float32", torch.float64)
+        inv_freq, _ = fn(model.config)
+        np.testing.assert_allclose(inv_freq.numpy(), emb.inv_freq.numpy(), rtol=1e-6)   # its float32 one
+        emb.inv_freq = inv_freq                                         # float64 now
+        with torch.no_grad():
+            return model(torch.tensor(ids)).logits.numpy()
+
+
+@pytest.mark.parametrize("rope_type", ["default", "llama3"])
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_gqa_llama_from_transformers(tmp_path, hf, tie, rope_type, monkeypatch):
+    """Logits within 1e-5 (float32) and 1e-10 (float64) relative, and the same greedy tokens; our export of
+    the imported model loads in transformers with the same logits."""
+    torch, transformers = hf
+    model = random_gqa_llama(transformers, torch, tie, rope_type)
+    model.save_pretrained(tmp_path / "hf")
+    params, cfg, _ = export.import_hf(tmp_path / "hf")
+    assert (cfg.n_head, cfg.n_kv_head, cfg.tie_embeddings) == (6, 2, tie)
+    assert params["blocks.0.attn.qkv"].shape == (48, (6 + 2 * 2) * 8)
+    assert cfg.rope_scaling == (None if rope_type == "default" else
+                                {"type": "llama3", **{k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}})
+    ids = np.random.default_rng(2).integers(0, 96, (2, 100))        # past the original context of 64
+    with torch.no_grad():
+        theirs32 = model(torch.tensor(ids)).logits.numpy()
+    err32 = rel_error(gn.forward(params, ids, cfg), theirs32)
+    # float64: both models in double precision throughout
+    theirs64 = float64_forward(model, ids, torch, transformers, monkeypatch)
+    assert theirs64.dtype == np.float64
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    err64 = rel_error(gn.forward(p64, ids, cfg), theirs64)
+    print(f"\nGQA 6/2 {rope_type} {'tied' if tie else 'untied'}: max rel diff float32 {err32:.1e}, float64 {err64:.1e}")
+    assert err32 < 1e-5 and err64 < 1e-10
+    # greedy generation, float32 both
+    model = model.float()
+    prompt = [5, 17, 42, 3]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40, pad_token_id=0,
+                             eos_token_id=None)
+    assert out[0].tolist() == gn.generate(params, prompt, cfg, 40, temperature=0)
+    # and back: our export of it is a Llama transformers reads with the same logits
+    export.export_hf(params, cfg, None, tmp_path / "back")
+    back = load_float32(transformers, torch, tmp_path / "back")
+    with torch.no_grad():
+        assert rel_error(back(torch.tensor(ids)).logits.numpy(), theirs32) < 1e-5   # sdpa there, eager here

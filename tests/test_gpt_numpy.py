@@ -243,6 +243,19 @@ def test_cross_entropy_backward_with_ignored_targets(backend):
     assert loss == pytest.approx(((lse - picked) * valid).sum() / valid.sum(), rel=1e-12)
 
 
+def test_cross_entropy_overwrite_equals_the_copy(backend):
+    # overwrite=True computes the softmax in the logits' buffer: the same loss and gradient, bit for bit
+    gm = backend
+    logits = normal(gm, 3, 4, 9)
+    t = gm.to_device(np.array([[1, -1, 6, 0], [2, 3, 8, 2], [-1, 0, 0, 5]]))
+    l1, c1 = gm.cross_entropy_forward(logits.copy(), t)
+    buf = logits.copy()
+    l2, c2 = gm.cross_entropy_forward(buf, t, overwrite=True)
+    assert l1 == l2 and c2[0].base is buf and c1[0].base is not buf     # the softmax is in buf's memory
+    np.testing.assert_array_equal(gm.to_host(gm.cross_entropy_backward(1.0, c1)),
+                                  gm.to_host(gm.cross_entropy_backward(1.0, c2)))
+
+
 # ----------------------------------------------------------------------------------------------------
 # the whole model in float64
 
@@ -402,6 +415,163 @@ def test_init_matches_spec(backend):
     # the same weights on every backend (drawn on the host)
     for k, p in gn.init_params(cfg, seed=0).items():
         np.testing.assert_array_equal(params[k], p)
+
+
+# ----------------------------------------------------------------------------------------------------
+# grouped-query attention: nkv key/value heads, each serving nh / nkv query heads
+
+N_KV = [1, 2, 4]       # for nh = 4: one key/value head for all (multi-query), pairs, plain multi-head
+
+
+@pytest.mark.parametrize("n_kv", N_KV)
+@pytest.mark.parametrize("p_drop", [0.0, 0.25])
+def test_gqa_attention_backward(backend, n_kv, p_drop):
+    gm = backend
+    B, T, C, nh = 2, 5, 16, 4
+    hs = C // nh
+    cos, sin = gm.rope_tables(np.arange(T), hs, 10000.0, np.float64)
+    x = normal(gm, B, T, C)
+    Wqkv = normal(gm, C, (nh + 2 * n_kv) * hs, scale=0.5, seed=2)     # (C, (nh + 2 nkv) hs)
+    Wproj = normal(gm, C, C, scale=0.5, seed=3)
+    fwd = lambda x, Wqkv, Wproj: gm.attention_forward(x, Wqkv, Wproj, cos, sin, nh, p_drop, (3, 1, 0))
+    check_layer(gm, f"attention nkv={n_kv}", fwd, gm.attention_backward, [x, Wqkv, Wproj])
+
+
+@pytest.mark.parametrize("n_kv", N_KV)
+def test_gqa_attention_is_textbook(backend, n_kv):
+    # per query head h: softmax(q_h k_j^T / sqrt(hs) + mask) v_j with j = h // (nh / nkv), the key/value
+    # head it shares with its group (Hugging Face's repeat_kv), written out with a loop over heads
+    gm = backend
+    B, T, C, nh = 2, 6, 24, 4
+    hs, g = C // nh, nh // n_kv
+    cos, sin = gm.rope_tables(np.arange(T), hs, 10000.0, np.float64)
+    x, Wqkv = normal(gm, B, T, C), normal(gm, C, (nh + 2 * n_kv) * hs, seed=2)
+    Wproj = normal(gm, C, C, seed=3)
+    out, cache = gm.attention_forward(x, Wqkv, Wproj, cos, sin, nh)
+    xh, Wq, Wp, c, s = (gm.to_host(a) for a in (x, Wqkv, Wproj, cos, sin))
+    qkv = xh @ Wq
+    Q, K, V = qkv[..., :C], qkv[..., C:C + n_kv * hs], qkv[..., C + n_kv * hs:]
+    rot = lambda u: u * c + np.concatenate([-u[..., hs // 2:], u[..., :hs // 2]], -1) * s
+    y = np.zeros((B, T, C))
+    for h in range(nh):
+        j = h // g
+        q, k, v = Q[..., h * hs:(h + 1) * hs], K[..., j * hs:(j + 1) * hs], V[..., j * hs:(j + 1) * hs]
+        scores = rot(q) @ rot(k).transpose(0, 2, 1) / math.sqrt(hs) + np.triu(np.full((T, T), -np.inf), 1)
+        att = np.exp(scores - scores.max(-1, keepdims=True))
+        y[..., h * hs:(h + 1) * hs] = att / att.sum(-1, keepdims=True) @ v
+    np.testing.assert_allclose(gm.to_host(out), y @ Wp, rtol=1e-10, atol=1e-12)
+
+
+def gqa_cfg(n_kv, **kw):
+    """tiny_cfg with 4 heads of size 4 and n_kv key/value heads."""
+    return tiny_cfg(**{"n_head": 4, "d_model": 16, "n_kv_head": n_kv, **kw})
+
+
+@pytest.mark.parametrize("n_kv", N_KV)
+def test_gqa_model_gradients_every_entry(n_kv):
+    cfg = gqa_cfg(n_kv, n_layer=1, dropout=0.2, tie_embeddings=False)
+    params = scaled_params(gn, cfg, seed=1, mult=10.0)
+    assert params["blocks.0.attn.qkv"].shape == (16, (4 + 2 * n_kv) * 4)
+    ids, targets = batch(cfg)
+    loss, grads = gn.loss_and_grads(params, ids, targets, cfg, seed=42)
+    f = lambda: gn.cross_entropy_forward(gn.model_forward(params, ids, cfg, True, 42)[0], targets)[0]
+    for k, p in params.items():
+        err = record(f"model nkv={n_kv}", rel_err(grads[k], numeric_grad(f, p)))
+        assert err < TOL, f"{k}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("n_kv", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gqa_checkpointing_is_bit_identical(backend, n_kv, dtype):
+    gm = backend
+    cfg, ckpt = gqa_cfg(n_kv, dropout=0.3), gqa_cfg(n_kv, dropout=0.3, checkpoint=True)
+    params = gm.init_params(cfg, seed=0, dtype=dtype)
+    ids, targets = batch(cfg)
+    loss1, g1 = gm.loss_and_grads(params, ids, targets, cfg, seed=17)
+    loss2, g2 = gm.loss_and_grads(params, ids, targets, ckpt, seed=17)
+    assert loss1 == loss2
+    for k in params:
+        np.testing.assert_array_equal(gm.to_host(g1[k]), gm.to_host(g2[k]), err_msg=k)
+
+
+@pytest.mark.parametrize("n_kv", [1, 2])
+def test_gqa_kv_cache_holds_nkv_heads_and_equals_full_forward(backend, n_kv):
+    gm = backend
+    cfg = gqa_cfg(n_kv, max_seq_len=9)
+    params = trained_ish_params(gm, cfg)
+    seq = np.random.default_rng(3).integers(0, cfg.vocab_size, 9)
+    kv = gm.kv_cache_init(cfg, np.float64)
+    assert all(K.shape == V.shape == (1, n_kv, 9, 4) for K, V in kv)   # nh / nkv times smaller
+    logits = gm.forward_cached(params, seq[None, :4], cfg, kv, 0)
+    np.testing.assert_allclose(gm.to_host(logits), gm.to_host(gm.forward(params, seq[None, :4], cfg)),
+                               rtol=1e-10, atol=1e-12)
+    for pos in range(4, 9):
+        step = gm.forward_cached(params, seq[None, pos:pos + 1], cfg, kv, pos)
+        full = gm.forward(params, seq[None, :pos + 1], cfg)[:, -1:]
+        np.testing.assert_allclose(gm.to_host(step), gm.to_host(full), rtol=1e-10, atol=1e-12)
+    assert gm.generate(params, [1, 5], cfg, 10, temperature=0) == naive_greedy(gm, params, [1, 5], cfg, 10)
+
+
+def test_gqa_config():
+    cfg = gqa_cfg(2)
+    assert cfg.qkv_size == (4 + 2 * 2) * 4 and gqa_cfg(None).n_kv_head == 4
+    assert gn.GPTConfig(**cfg.to_dict()) == cfg                       # as a checkpoint stores it
+    for bad in (3, 0, 8, 2.0, True):
+        with pytest.raises(ValueError, match="n_kv_head must be a positive divisor of n_head"):
+            gqa_cfg(bad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# RoPE scaling
+
+LLAMA3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+def test_rope_scaling_linear_and_llama3():
+    hs, theta = 32, 10000.0
+    base = theta ** (-np.arange(0, hs, 2) / hs)
+    np.testing.assert_allclose(gn.rope_inv_freq(hs, theta, {"type": "linear", "factor": 4.0}), base / 4, rtol=1e-15)
+    # llama3 with an original context of 64: waves shorter than 64/4 = 16 positions stay, longer than
+    # 64/1 are divided by 8, and in between the blend (1 - s) f / 8 + s f with s = (64 / w - 1) / (4 - 1)
+    got = gn.rope_inv_freq(hs, theta, LLAMA3)
+    w = 2 * np.pi / base
+    short, long_ = w < 16, w > 64
+    mid = ~short & ~long_
+    assert short.any() and long_.any() and mid.any()                  # all three regimes are tested
+    np.testing.assert_array_equal(got[short], base[short])
+    np.testing.assert_allclose(got[long_], base[long_] / 8, rtol=1e-15)
+    s = (64 / w[mid] - 1) / 3
+    np.testing.assert_allclose(got[mid], (1 - s) * base[mid] / 8 + s * base[mid], rtol=1e-15)
+
+
+@pytest.mark.parametrize("rs, match", [
+    ({"type": "yarn", "factor": 4.0}, "rope_scaling type 'yarn' is not implemented: choose one of linear, llama3"),
+    ({"rope_type": "dynamic", "factor": 2.0}, "type 'dynamic' is not implemented"),
+    ({"type": "linear"}, "linear: factor must be a positive number"),
+    ({**LLAMA3, "high_freq_factor": 0.5}, "high_freq_factor must exceed low_freq_factor"),
+    ("linear", "must be None or a dict"),
+])
+def test_rope_scaling_refused_by_name(rs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_cfg(rope_scaling=rs)
+
+
+def test_rope_scaling_reaches_every_path(backend):
+    # the full forward, the KV cache and a checkpoint's config all see the scaling
+    gm = backend
+    cfg = gqa_cfg(2, rope_scaling={"rope_type": "llama3", **{k: v for k, v in LLAMA3.items() if k != "type"}},
+                  max_seq_len=7)
+    assert cfg.rope_scaling == LLAMA3 and gn.GPTConfig(**cfg.to_dict()) == cfg
+    params = trained_ish_params(gm, cfg)
+    seq = np.array([[3, 1, 4, 1, 5, 9, 2]])
+    plain = gm.forward(params, seq, gqa_cfg(2, max_seq_len=7))
+    full = gm.forward(params, seq, cfg)
+    assert rel_err(full, plain) > 1e-3                                # the scaling changes the model
+    kv = gm.kv_cache_init(cfg, np.float64)
+    gm.forward_cached(params, seq[:, :5], cfg, kv, 0)
+    step = gm.forward_cached(params, seq[:, 5:], cfg, kv, 5)
+    np.testing.assert_allclose(gm.to_host(step), gm.to_host(full[:, 5:]), rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -645,6 +815,30 @@ def test_zz_report_largest_errors():
     for name, err in sorted(MAX_SEEN.items()):
         print(f"  largest relative gradient error  {name:14s} {err:.2e}")
     assert all(err < TOL for err in MAX_SEEN.values())
+
+
+def test_generation_sizes_the_kv_cache_to_prompt_plus_new_tokens(monkeypatch):
+    # issue 12: a model with a long context (Llama 3's 131072) must not allocate its whole KV cache to
+    # generate a few tokens. Here the full cache would be 2 layers x (K, V) x 2 heads x 131072 x 16 x 4
+    # bytes = 67 MB; generation allocates the prompt plus the new tokens, capped at the context.
+    import tracemalloc
+    cfg = gn.GPTConfig(vocab_size=16, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=32, max_seq_len=131072)
+    params = gn.init_params(cfg)
+    lengths = []
+    real = gn.kv_cache_init
+    monkeypatch.setattr(gn, "kv_cache_init", lambda *a, **k: lengths.append(k.get("length")) or real(*a, **k))
+    tracemalloc.start()
+    try:
+        out = gn.generate(params, [1, 2, 3], cfg, 5, temperature=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(out) == 8 and lengths == [3 + 5 - 1]                  # the last token is never fed back
+    assert peak < 1 << 20, f"{peak / 1e6:.1f} MB"
+    # capped at the context: a small model runs past it and crops (test_greedy_generation_... above)
+    small = tiny_cfg(max_seq_len=6)
+    gn.generate(gn.init_params(small), [1, 2, 3], small, 9, temperature=0)
+    assert lengths[-1] == 6
 
 
 def test_forward_cached_checks_ids_and_positions():

@@ -263,9 +263,9 @@ def test_nonfinite_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     real = gpt_numpy.loss_and_grads
     calls = {"n": 0}
 
-    def poisoned(params, ids, targets, cfg, seed=0):
+    def poisoned(params, ids, targets, cfg, seed=0, **kw):
         calls["n"] += 1
-        loss, grads = real(params, ids, targets, cfg, seed)
+        loss, grads = real(params, ids, targets, cfg, seed, **kw)
         return (float("nan") if calls["n"] == 13 else loss), grads      # step 12's loss is nan
     monkeypatch.setattr(gpt_numpy, "loss_and_grads", poisoned)
     with pytest.raises(UserError, match=r"non-finite loss .* at step 12: stopping; the last good "
