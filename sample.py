@@ -85,6 +85,8 @@ def chat_session(m, args):
             except EOFError:
                 print(file=sys.stderr)
                 return
+            if not sys.stdin.isatty():                  # piped in: show the message, as a terminal would
+                print(text)
         messages.append({"role": "user", "content": text})
         messages.append({"role": "assistant", "content": reply(m, info, messages, args)})
         if args.prompt is not None:

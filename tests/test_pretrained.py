@@ -572,7 +572,7 @@ def test_chat_interactive_keeps_history_and_system(chat_run, capsys, monkeypatch
     first = imp.tok.decode(reply_tokens(imp, messages, 12, stop))
     messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
     second = imp.tok.decode(reply_tokens(imp, messages, 12, stop))
-    assert out == first + "\n" + second + "\n"
+    assert out == "Hello there\n" + first + "\n" + "And then?\n" + second + "\n"   # stdin not a terminal: echoed
 
 
 def test_chat_needs_a_template(tiny_run, capsys):
