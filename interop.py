@@ -85,10 +85,13 @@ def unpermute_rows(w, n_head):
 
 def open_gguf(path):
     """gguf.GGUFReader on the file (memory-mapped; nothing is read until used), or FileFormatError."""
-    import gguf
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no GGUF file at {path}")
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("reading GGUF files needs the gguf package: pip install gguf") from None
     try:
         return gguf.GGUFReader(path)
     except Exception as e:                      # a bad magic, a truncated header or tensor table, ...

@@ -94,7 +94,8 @@ def chat_session(m, args):
 
 
 def parse_args(argv):
-    p = ArgumentParser(prog="sample.py", description="Stream text from a train.py checkpoint.")
+    p = ArgumentParser(prog="sample.py", description="Stream text from a checkpoint (train.py's, or a model imported "
+                                                     "with export.py); --chat talks to a chat model.")
     p.add_argument("--ckpt", metavar="PATH", default="out/stdlib-bpe2048/ckpt.safetensors",
                    help="checkpoint file, or the out dir holding ckpt.safetensors (default: %(default)s)")
     p.add_argument("--prompt", metavar="TEXT", help="text to continue (default: a newline; '' starts from "

@@ -26,7 +26,7 @@ import gpt_numpy as gn
 import interop
 import sample
 from checkpoint import load_checkpoint, load_model
-from conftest import ROOT, SHARED_DATA, main_error
+from conftest import ROOT, SHARED_DATA, main_error, run_quiet, tiny_args
 from errors import FileFormatError, UserError
 
 # ----------------------------------------------------------------------------------------------------
@@ -394,6 +394,13 @@ def test_cli_import_gguf_then_sample_and_fine_tune_checkpoint(gguf_case, tmp_pat
     # --max-seq-len shortens the context
     assert export.main(["--import-gguf", str(path), "--out", str(tmp_path / "short"), "--max-seq-len", "16"]) == 0
     assert load_checkpoint(tmp_path / "short").model_config().max_seq_len == 16
+    # and train.py --init-from fine-tunes it: the grouped-query model, its tokenizer (version 2) on a new text
+    (tmp_path / "notes.txt").write_text(TEXT * 3, encoding="utf-8")
+    res = run_quiet(tiny_args(tmp_path, tmp_path / "notes.txt", "--init-from", tmp_path / "run", "--max-iters", 3,
+                              "--sample-tokens", 8, "--out-dir", tmp_path / "ft"))
+    ft = load_checkpoint(tmp_path / "ft" / "ckpt.safetensors")
+    assert res["step"] == 3 and ft.model_config() == cfg and ft.tokenizer().to_text() == tok.to_text()
+    assert not np.array_equal(ft.params["blocks.0.attn.qkv"], params["blocks.0.attn.qkv"])
 
 
 def bad_gguf(kind, tmp_path, fields, tok):
