@@ -49,6 +49,16 @@ Tokenizer file (plain text, ASCII; strings JSON-quoted):
     <id> "<special token>"        S lines
     merges <M>
     <left id> <right id>          M lines; merge i mints token 256 + i
+
+Version 2, written only for a vocabulary laid out otherwise (imported from a tokenizer.json or a GGUF file):
+    bpe-tokenizer v2
+    pattern "<split regex>"
+    bytes <256 fields>            the id of each byte, or - for a byte with no token
+    ignore_merges <true|false>    does a chunk that is a whole token skip the merges?
+    specials <S>
+    <id> "<special token>"        S lines
+    merges <M>
+    <left id> <right id> <id>     M lines, in rank order; merge i mints the id on its line
 """
 
 import argparse
@@ -76,7 +86,27 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 # take one leading non-letter, numbers in groups of at most 3 digits, punctuation keeps its newlines.
 GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
-SAFE_PATTERNS = frozenset(PATTERNS.values())  # cover every text, in linear time: used without the checks below
+# Real models' split patterns, as one regex each. SmolLM2's (StarCoder's) tokenizer.json splits off every
+# digit first (Digits(individual_digits=true)), then runs ByteLevel's GPT-2 regex on the pieces between.
+# As one regex: a digit alone first, GPT-2's alternatives without digits, and GPT-2's "whitespace not
+# followed by a non-space" \s+(?!\S) also taking a digit as the end of its piece: \s+(?![^\s\p{N}]).
+SMOLLM_PATTERN = r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?[^\s\p{L}\p{N}]++|\s+(?![^\s\p{N}])|\s+"""
+# Llama 3's (tiktoken's cl100k with a non-possessive spelling) and Qwen2's (digits one by one), as their
+# tokenizer.json files write them
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# A GGUF file names its pre-tokenizer (tokenizer.ggml.pre) instead of storing its regex: llama.cpp's names
+# -> (split pattern, ignore_merges), as llama.cpp's llama-vocab.cpp sets them (ignore_merges only for
+# Llama 3). tests/test_pretrained.py checks each against the pre-tokenizer of Hugging Face tokenizers.
+PRE_PATTERNS = {
+    "gpt-2": (GPT2_PATTERN, False),
+    **{name: (SMOLLM_PATTERN, False) for name in ("smollm", "starcoder", "refact", "codeshell")},
+    **{name: (LLAMA3_PATTERN, True) for name in ("llama-bpe", "llama3", "llama-v3")},
+    "qwen2": (QWEN2_PATTERN, False),
+}
+SAFE_PATTERNS = frozenset([*PATTERNS.values(), *(p for p, _ in PRE_PATTERNS.values())])  # cover every text, in linear time: used without the checks below
 PATTERN_MIN_SECONDS = 10.0  # the time limit of any other pattern on one text: this much ...
 PATTERN_SECONDS_PER_CHAR = 5e-6  # ... plus this per character (~20x what GPT-4's pattern needs)
 PATTERN_PROBE_SECONDS = 1.0  # a new tokenizer's pattern must split each probe text in less than this
@@ -90,6 +120,7 @@ PATTERN_PROBES = [  # every kind of character, and long runs of one kind (where 
     "aA1! " * 60,
 ]
 FORMAT = "bpe-tokenizer v1"  # first line of a tokenizer file
+FORMAT_V2 = "bpe-tokenizer v2"  # ... of one whose ids are laid out otherwise (see the module docstring)
 MAX_CACHE = 1 << 20  # chunks remembered by the encoder before its cache is cleared
 
 # -----------------------------------------------------------------------------
@@ -461,22 +492,29 @@ def train_merges(chunk_counts, n_merges, progress=True):
     return merges
 
 
-def bpe(piece, ranks):
-    """Encode one chunk's bytes the way tiktoken does: repeatedly merge the adjacent pair whose
-    concatenation has the lowest rank (rank = token id; the leftmost on a tie) until none is in ranks.
-    For a tokenizer trained here that is exactly replaying the merges in order. A heap of candidate pairs
-    over a linked list of parts makes it O(n log n): a long chunk (a run of spaces, base64) stays fast,
-    where rescanning all pairs per merge is quadratic.
+def bpe(piece, ranks, splits=None):
+    """Encode one chunk's bytes: repeatedly merge the adjacent pair whose concatenation has the lowest rank
+    (the leftmost on a tie) until no pair's concatenation is in ranks; returns the parts (bytes). For a
+    tokenizer trained here rank = token id, and that is exactly replaying the merges in order. A heap of
+    candidate pairs over a linked list of parts makes it O(n log n): a long chunk (a run of spaces, base64)
+    stays fast, where rescanning all pairs per merge is quadratic.
 
-    >>> ranks = {b"a": 97, b"b": 98, b"c": 99, b"ab": 256, b"abc": 257}
+    splits: {token bytes: length of the left part of the merge that makes it}. With it, two parts merge only
+    if they are that merge's pair, (t[:n], t[n:]), not just any two parts that spell a token t: Hugging
+    Face's rule (a merge is a pair of tokens). tiktoken's rule (any two parts) gives the same ids on a
+    vocabulary trained by BPE; a vocabulary from elsewhere (tokenizer.json, GGUF) need not be one.
+
+    >>> ranks = {b"ab": 256, b"abc": 257}
     >>> bpe(b"abcab", ranks)
-    [257, 256]
+    [b'abc', b'ab']
+    >>> bpe(b"abc", {b"bc": 0, b"abc": 1}, splits={b"bc": 1, b"abc": 2})    # abc = (ab, c), not (a, bc)
+    [b'a', b'bc']
     """
     get, n = ranks.get, len(piece)
     parts = [piece[i : i + 1] for i in range(n)]
     nxt = list(range(1, n + 1))  # linked list over the parts still alive: next and previous index
     prv = list(range(-1, n - 1))
-    heap = [(r, i) for i in range(n - 1) if (r := get(piece[i : i + 2])) is not None]
+    heap = [(r, i) for i in range(n - 1) if (r := get(piece[i : i + 2])) is not None]  # 1 + 1 byte: any split fits
     heapq.heapify(heap)
     while heap:
         r, i = heapq.heappop(heap)
@@ -488,14 +526,17 @@ def bpe(piece, ranks):
         parts[i] = merged = parts[i] + parts[j]
         parts[j] = None
         k = nxt[i] = nxt[j]
-        # the merged part makes new pairs with its neighbours
+        # the merged part makes new pairs with its neighbours (with splits: only the pairs a merge joins)
         if k < n:
             prv[k] = i
-            if (r := get(merged + parts[k])) is not None:
+            t = merged + parts[k]
+            if (r := get(t)) is not None and (splits is None or splits[t] == len(merged)):
                 heapq.heappush(heap, (r, i))
-        if (h := prv[i]) >= 0 and (r := get(parts[h] + merged)) is not None:
-            heapq.heappush(heap, (r, h))
-    return [ranks[p] for p in parts if p is not None]
+        if (h := prv[i]) >= 0:
+            t = parts[h] + merged
+            if (r := get(t)) is not None and (splits is None or splits[t] == len(parts[h])):
+                heapq.heappush(heap, (r, h))
+    return [p for p in parts if p is not None]
 
 
 def _ints(text, count, fail):
@@ -515,39 +556,73 @@ def _ints(text, count, fail):
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer: a split pattern, 256 byte tokens, merges, and special tokens.
+    """A byte-level BPE tokenizer: a split pattern, byte tokens, merges, and special tokens.
 
     Token ids: byte_ids[b] for byte b (b itself when trained here), 256 + i for merge i, then the special
     tokens. Build one with train, load or from_gpt2_files; the constructor only checks that no two tokens
     have the same bytes and that the special tokens take the ids after the merges.
+
+    Vocabularies made elsewhere (tokenizer.json, GGUF: from_hf_json, from_gguf_fields) may lay their ids
+    out otherwise: merge_ids[i] is the id merge i makes, special tokens may come first (SmolLM2's ids
+    0..16), and a byte may have no token at all (byte_ids[b] None; SmolLM2 lacks 21 bytes that never occur
+    in UTF-8 text): such a byte is dropped when encoding, as Hugging Face tokenizers and llama.cpp drop it.
+    Every id from 0 to vocab_size - 1 is a byte, a merge or a special token, exactly once.
+    ignore_merges: a chunk that is a whole token maps to it directly (tiktoken, and Hugging Face's
+    ignore_merges = true); False runs the merges on every chunk (Hugging Face's default).
     """
 
-    def __init__(self, pattern, merges, special_tokens=None, byte_ids=None):
+    def __init__(self, pattern, merges, special_tokens=None, byte_ids=None, merge_ids=None, ignore_merges=True):
         self.pattern = PATTERNS.get(pattern, pattern)  # the split regex itself, not its name
-        self.merges = [tuple(m) for m in merges]  # merge i: (left id, right id) -> 256 + i
-        self.byte_ids = list(range(256)) if byte_ids is None else list(byte_ids)  # byte b -> its id
+        self.merges = [tuple(m) for m in merges]  # merge i, in rank order: (left id, right id)
+        self.byte_ids = list(range(256)) if byte_ids is None else list(byte_ids)  # byte b -> its id, or None
+        n_bytes = sum(i is not None for i in self.byte_ids)
+        standard = merge_ids is None  # merge i makes n_bytes + i (256 + i when trained here)
+        self.merge_ids = list(range(n_bytes, n_bytes + len(self.merges))) if standard else list(merge_ids)
         self.special_tokens = dict(special_tokens or {})  # str -> id
+        self.ignore_merges = bool(ignore_merges)
+        n = n_bytes + len(self.merges)  # ordinary tokens
+        size = n + len(self.special_tokens)
+        if len(self.merge_ids) != len(self.merges):
+            raise ValueError(f"{len(self.merge_ids)} merge ids for {len(self.merges)} merges")
+        if standard and sorted(self.special_tokens.values()) != list(range(n, size)):
+            raise ValueError(f"special token ids must be {n}, {n + 1}, ... (after the merges)")
+        owners = [i for i in self.byte_ids if i is not None] + self.merge_ids + list(self.special_tokens.values())
+        if sorted(owners) != list(range(size)):
+            raise ValueError(f"the bytes, merges and special tokens must have the ids 0 .. {size - 1}, each once")
         # every token's bytes, by id
-        vocab = [b""] * (256 + len(self.merges))
+        vocab = [None] * size
         for b, i in enumerate(self.byte_ids):
-            vocab[i] = bytes([b])
-        for i, (a, b) in enumerate(self.merges):
-            vocab[256 + i] = vocab[a] + vocab[b]
+            if i is not None:
+                vocab[i] = bytes([b])
+        for k, ((a, b), i) in enumerate(zip(self.merges, self.merge_ids)):
+            if not (0 <= a < size and 0 <= b < size and vocab[a] is not None and vocab[b] is not None):
+                raise ValueError(f"merge {k} joins ids {a} and {b}, which no byte or earlier merge makes")
+            vocab[i] = vocab[a] + vocab[b]
         # ranks, the inverse: bytes -> id. subtle: it must be one-to-one (tiktoken requires it); training
         # here cannot make the same bytes twice (see train), but a hand-made file could
-        self._ranks = {t: i for i, t in enumerate(vocab)}
-        if len(self._ranks) < len(vocab):
-            dup = next(i for i, t in enumerate(vocab) if self._ranks[t] != i)
-            first = self._ranks[vocab[dup]]
-            raise ValueError(f"merge {dup - 256} makes {vocab[dup]!r}, which token {first} already is")
-        if sorted(self.special_tokens.values()) != list(range(len(vocab), len(vocab) + len(self.special_tokens))):
-            raise ValueError(f"special token ids must be {len(vocab)}, {len(vocab) + 1}, ... (after the merges)")
-        self._decoder = vocab + [None] * len(self.special_tokens)  # id -> bytes, specials included
+        self._ranks = {}
+        for i, t in enumerate(vocab):
+            if t is not None and self._ranks.setdefault(t, i) != i:
+                raise ValueError(f"token {i} is {t!r}, which token {self._ranks[t]} already is")
+        # for the merge loop (bpe): the rank of the merge making each token's bytes, and its left part's length
+        self._merge_ranks = {vocab[i]: k for k, i in enumerate(self.merge_ids)}
+        self._splits = {vocab[i]: len(vocab[a]) for (a, _), i in zip(self.merges, self.merge_ids)}
+        self._all_bytes = n_bytes == 256
+        self._missing = bytes(b for b, i in enumerate(self.byte_ids) if i is None)   # bytes with no token
+        self._decoder = vocab  # id -> bytes, specials included
         for s, i in self.special_tokens.items():
             self._decoder[i] = s.encode("utf-8")
         self._chunk_re = check_pattern(self.pattern)  # a pattern that drops text or hangs: ValueError
         self._special_res = {}  # frozenset of special tokens -> regex finding them
         self._cache = {}  # chunk -> its ids
+
+    @property
+    def standard_layout(self):
+        """Ids laid out as training here lays them out (bytes, then merges in order, then the special
+        tokens), with the whole-token shortcut: the tokenizer file's version 1 holds exactly these."""
+        n = sum(i is not None for i in self.byte_ids)
+        return (n == 256 and self.ignore_merges and self.merge_ids == list(range(256, 256 + len(self.merges)))
+                and sorted(self.special_tokens.values()) == list(range(256 + len(self.merges), self.vocab_size)))
 
     def __repr__(self):
         name = next((k for k, v in PATTERNS.items() if v == self.pattern), "custom")
@@ -555,8 +630,8 @@ class Tokenizer:
 
     @property
     def vocab_size(self):
-        """Number of token ids: 256 bytes + merges + special tokens."""
-        return 256 + len(self.merges) + len(self.special_tokens)
+        """Number of token ids: bytes (256 when trained here) + merges + special tokens."""
+        return len(self._decoder)
 
     @property
     def dtype(self):
@@ -612,11 +687,15 @@ class Tokenizer:
     # -- encoding ------------------------------------------------------------------------------------
 
     def _encode_chunk(self, chunk):
-        """One chunk's ids; a chunk that is a whole token (most English words) skips the merge loop."""
+        """One chunk's ids; a chunk that is a whole token (most English words) skips the merge loop, unless
+        ignore_merges is off. A byte with no token (only in a vocabulary made elsewhere) is dropped before
+        the merges, as Hugging Face drops it: its neighbours then merge as if adjacent."""
         piece = to_bytes(chunk)
-        if (i := self._ranks.get(piece)) is not None:
+        if self.ignore_merges and (i := self._ranks.get(piece)) is not None:
             return [i]
-        return bpe(piece, self._ranks)
+        if not self._all_bytes:
+            piece = piece.translate(None, self._missing)
+        return list(map(self._ranks.__getitem__, bpe(piece, self._merge_ranks, self._splits)))
 
     def encode_ordinary(self, text):
         """Encode text with no special tokens: a special token's text is encoded as ordinary text.
@@ -728,11 +807,23 @@ class Tokenizer:
     def to_text(self):
         """The tokenizer file's content (format in the module docstring), as a str: what save writes and
         what every checkpoint embeds."""
+        if not self.standard_layout:
+            return self._to_text_v2()
         lines = [FORMAT, f"pattern {json.dumps(self.pattern)}", "bytes " + " ".join(map(str, self.byte_ids))]
         lines.append(f"specials {len(self.special_tokens)}")
         lines += [f"{i} {json.dumps(s)}" for s, i in self.special_tokens.items()]
         lines.append(f"merges {len(self.merges)}")
         lines += [f"{a} {b}" for a, b in self.merges]
+        return "\n".join(lines) + "\n"
+
+    def _to_text_v2(self):
+        """Version 2 of the file, for ids laid out as another library lays them out."""
+        lines = [FORMAT_V2, f"pattern {json.dumps(self.pattern)}",
+                 "bytes " + " ".join("-" if i is None else str(i) for i in self.byte_ids),
+                 f"ignore_merges {str(self.ignore_merges).lower()}", f"specials {len(self.special_tokens)}"]
+        lines += [f"{i} {json.dumps(s)}" for s, i in self.special_tokens.items()]
+        lines.append(f"merges {len(self.merges)}")
+        lines += [f"{a} {b} {i}" for (a, b), i in zip(self.merges, self.merge_ids)]
         return "\n".join(lines) + "\n"
 
     def save(self, path):
@@ -764,6 +855,8 @@ class Tokenizer:
                 fail(f"a line starting with {key!r}")
             return lines[n - 1][len(key) + 1 :] if key is not None else lines[n - 1]
 
+        if lines[:1] == [FORMAT_V2]:
+            return cls._from_text_v2(lines, path)
         if take() != FORMAT:
             fail(f"the header {FORMAT!r} (is this a tokenizer file, and of this version?)")
         try:
@@ -795,6 +888,60 @@ class Tokenizer:
             fail("the end of the file")
         try:
             return cls(pattern, merges, specials, byte_ids)
+        except ValueError as e:
+            raise FileFormatError(f"{path}: {e}") from None
+
+    @classmethod
+    def _from_text_v2(cls, lines, path):
+        """Version 2 of the file (from_text reads version 1); the constructor checks the ids add up."""
+        it = iter(enumerate(lines, 1))
+
+        def take(key, fields=None):
+            """The next line, which must be `key` and then `fields` space-separated fields (any number if
+            None); returns the fields as a list."""
+            n, line = next(it, (len(lines) + 1, None))
+            if line is None:
+                raise FileFormatError(f"{path}: the file ends at line {n - 1}, expected more")
+            head, _, rest = line.partition(" ")
+            got = rest.split(" ") if rest else []
+            if (key is not None and head != key) or (fields is not None and len(got) != fields):
+                raise FileFormatError(f"{path}, line {n}: expected {key or 'a'} line of {fields or 'some'} "
+                                      f"fields, got {line[:100]!r}")
+            return [head] + got if key is None else got
+
+        def num(f):
+            if not (f.isdigit() and f.isascii()):
+                raise FileFormatError(f"{path}: expected a non-negative integer, got {f[:30]!r}")
+            return int(f)
+
+        next(it)                                                  # the header
+        try:
+            pattern = json.loads(" ".join(take("pattern")))
+            regex.compile(pattern)
+        except (ValueError, TypeError, regex.error):
+            raise FileFormatError(f"{path}, line 2: expected pattern followed by a JSON-quoted valid regex") from None
+        byte_ids = [None if f == "-" else num(f) for f in take("bytes", 256)]
+        flag = take("ignore_merges", 1)[0]
+        if flag not in ("true", "false"):
+            raise FileFormatError(f"{path}: ignore_merges must be true or false, got {flag!r}")
+        specials = {}
+        for _ in range(num(take("specials", 1)[0])):
+            i, *name = take(None)
+            try:
+                name = json.loads(" ".join(name))
+            except ValueError:
+                name = None
+            if not isinstance(name, str) or not name or name in specials:
+                raise FileFormatError(f'{path}: expected <id> "<special token>", a non-empty string, each once')
+            specials[name] = num(i)
+        rows = [take(None) for _ in range(num(take("merges", 1)[0]))]
+        if any(len(r) != 3 for r in rows):
+            raise FileFormatError(f"{path}: expected merge lines <left id> <right id> <id>")
+        if next(it, None) is not None:
+            raise FileFormatError(f"{path}: expected the end of the file after the merges")
+        try:
+            return cls(pattern, [(num(a), num(b)) for a, b, _ in rows], specials, byte_ids,
+                       [num(i) for _, _, i in rows], flag == "true")
         except ValueError as e:
             raise FileFormatError(f"{path}: {e}") from None
 
@@ -842,7 +989,7 @@ class Tokenizer:
         _encode_chunk do (for a tokenizer trained here the merges reach it anyway)."""
         b2u = bytes_to_unicode()
         spell = lambda t: "".join(b2u[b] for b in t)  # noqa: E731
-        n = 256 + len(self.merges)
+        special_ids = set(self.special_tokens.values())
         pattern = hf_split_regex(self.pattern)
         return {
             "version": "1.0",
@@ -871,8 +1018,10 @@ class Tokenizer:
                 "end_of_word_suffix": None,
                 "fuse_unk": False,
                 "byte_fallback": False,
-                "ignore_merges": True,
-                "vocab": {spell(self._decoder[i]): i for i in range(n)},
+                "ignore_merges": self.ignore_merges,
+                # the special tokens too, under their own text: Hugging Face keeps an added token's id only
+                # if its model's vocabulary has it (else it appends the token after the vocabulary)
+                "vocab": {t.decode() if i in special_ids else spell(t): i for i, t in enumerate(self._decoder)},
                 # "left right": byte-level spellings never hold a real space (" " is spelled "Ġ")
                 "merges": [f"{spell(self._decoder[a])} {spell(self._decoder[b])}" for a, b in self.merges],
             },
@@ -885,12 +1034,10 @@ class Tokenizer:
     @classmethod
     def from_hf_json(cls, obj):
         """A byte-level BPE tokenizer.json (a dict) -> Tokenizer, the inverse of to_hf_json; GPT-2's as
-        Hugging Face tokenizers writes it reads too. It must have GPT-2's layout: the 256 byte tokens are
-        ids 0..255 in any order, merge i makes id 256 + i, the special tokens come after. Anything else
-        raises FileFormatError naming the field.
-        Example: vocab {'Ġthe': 262}, merges ['Ġt he'] -> token 262 = b' the'.
-        subtle: this file merges by rank like tiktoken (and skips the merges when a chunk is a whole token,
-        like ignore_merges); for merges in id order, as BPE training writes them, that is the same result."""
+        Hugging Face tokenizers writes it, and those of real models (SmolLM2, Llama 3) read too, with the
+        same ids as Hugging Face gives on any text. Every vocabulary entry must be a byte or made by a
+        merge; special tokens may have any ids. Anything else raises FileFormatError naming the field.
+        Example: vocab {'Ġthe': 262}, merges ['Ġt he'] -> token 262 = b' the'."""
         model = obj.get("model") or {}
 
         def need(field, ok, why):
@@ -906,28 +1053,73 @@ class Tokenizer:
         pattern = _pattern_from_hf(obj.get("pre_tokenizer"))
         specials = {t["content"]: t["id"] for t in obj.get("added_tokens", []) if t.get("special")}
         ordinary = {t["content"] for t in obj.get("added_tokens", []) if not t.get("special")}
-        # vocab strings spell bytes in GPT-2's printable alphabet (special tokens may be listed in the vocab
-        # as well, as GPT-2's <|endoftext|> is; they are not byte strings). The constructor rebuilds each
-        # token's bytes from byte_ids and the merges, so the spellings only need to match up here.
+        # special tokens may be listed in the vocab as well, as GPT-2's <|endoftext|> is; they are not byte strings
+        vocab = {s: i for s, i in model.get("vocab", {}).items() if i not in specials.values()}
+        need("added_tokens", ordinary <= vocab.keys(), f"non-special added tokens {sorted(ordinary - vocab.keys())[:3]}")
+        merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]  # "a b" or ["a", "b"]
+        tok = cls._from_byte_level(vocab, merges, specials, pattern, bool(model.get("ignore_merges", False)), need,
+                                   ("model.vocab", "model.merges"))
+        # an unknown token only stands in for a byte the vocabulary lacks: refuse one that would be used
+        need("model.unk_token", not model.get("unk_token") or tok._all_bytes,
+             "an unknown token with bytes missing from the vocabulary (Hugging Face would emit it where we drop the byte)")
+        return tok
+
+    @classmethod
+    def from_gguf_fields(cls, fields):
+        """llama.cpp's tokenizer metadata -> Tokenizer: `fields` maps GGUF keys (tokenizer.ggml.model, .pre,
+        .tokens, .token_type, .merges) to plain values (interop.py reads them from the file). Byte-level BPE
+        only (model "gpt2"); the pre-tokenizer's name picks the split pattern (PRE_PATTERNS). Control and
+        user-defined tokens (types 3, 4) become special tokens, found whole in the text as llama.cpp and
+        Hugging Face find them. Anything else raises FileFormatError naming the key."""
+        def need(key, ok, why):
+            if not ok:
+                raise FileFormatError(f"GGUF {key} = {fields.get(key)!r:.60} is not supported: {why}")
+
+        need("tokenizer.ggml.model", fields.get("tokenizer.ggml.model") == "gpt2",
+             "only byte-level BPE (llama.cpp's 'gpt2' tokenizer) imports, not SentencePiece ('llama') and others")
+        pre = fields.get("tokenizer.ggml.pre", "default")
+        need("tokenizer.ggml.pre", pre in PRE_PATTERNS,
+             f"its split pattern is not known here (known: {', '.join(sorted(PRE_PATTERNS))})")
+        pattern, ignore_merges = PRE_PATTERNS[pre]
+        tokens = list(fields.get("tokenizer.ggml.tokens") or [])
+        types = list(fields.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+        need("tokenizer.ggml.token_type", len(types) == len(tokens), f"{len(types)} types for {len(tokens)} tokens")
+        need("tokenizer.ggml.merges", "tokenizer.ggml.merges" in fields, "a byte-level BPE needs its merges")
+        specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}   # CONTROL, USER_DEFINED
+        vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty not in (3, 4)}
+        need("tokenizer.ggml.tokens", len(specials) + len(vocab) == len(tokens), "the same token twice")
+        merges = [m.split(" ") for m in fields["tokenizer.ggml.merges"]]
+        return cls._from_byte_level(vocab, merges, specials, pattern, ignore_merges, need,
+                                    ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
+
+    @classmethod
+    def _from_byte_level(cls, vocab, merges, specials, pattern, ignore_merges, need, fields):
+        """A Tokenizer from a byte-level vocabulary {spelling: id} and merges [[left, right]] spelled in
+        GPT-2's printable alphabet (bytes_to_unicode), as tokenizer.json and GGUF store them. need(field,
+        ok, why) raises the caller's FileFormatError; fields: the caller's names of the vocabulary and the
+        merges, for the messages."""
+        vocab_field, merges_field = fields
         b2u = bytes_to_unicode()
         alphabet = set(b2u.values())
-        vocab = {s: i for s, i in model.get("vocab", {}).items() if i not in specials.values()}
-        need("model.vocab", all(c in alphabet for s in vocab for c in s), "not in the byte-level alphabet")
-        need("added_tokens", ordinary <= vocab.keys(), f"non-special added tokens {sorted(ordinary - vocab.keys())[:3]}")
-        byte_ids = [vocab.get(b2u[b]) for b in range(256)]
-        need("model.vocab", sorted(i for i in byte_ids if i is not None) == list(range(256)),
-             "bpe.py needs the 256 single-byte tokens at ids 0..255")
-        merges = []
-        for n, m in enumerate(model.get("merges", [])):
-            a, b = m.split(" ") if isinstance(m, str) else m  # "a b" (older files) or ["a", "b"]
-            need("model.merges", a in vocab and b in vocab and vocab.get(a + b) == 256 + n,
-                 f"merge {n} ({a!r}, {b!r}) must make id {256 + n} (bpe.py's layout: merge i is token 256 + i)")
-            merges.append((vocab[a], vocab[b]))
-        need("model.vocab", len(vocab) == 256 + len(merges), f"{len(vocab) - 256 - len(merges)} tokens no merge makes")
+        bad = next((s for s in vocab if not s or any(c not in alphabet for c in s)), None)
+        need(vocab_field, bad is None,
+             f"token {bad!r} is not in the byte-level alphabet")
+        byte_ids = [vocab.get(b2u[b]) for b in range(256)]          # None: a byte with no token
+        made = {i for i in byte_ids if i is not None}
+        pairs, merge_ids = [], []
+        for n, m in enumerate(merges):
+            a, b = m if len(m) == 2 else (None, None)
+            i = vocab.get(a + b) if a is not None else None
+            need(merges_field, a in vocab and b in vocab and i is not None and vocab[a] in made and vocab[b] in made
+                 and i not in made, f"merge {n} {m!r} must join two tokens made before it into a new vocabulary token")
+            pairs.append((vocab[a], vocab[b]))
+            merge_ids.append(i)
+            made.add(i)
+        need(vocab_field, len(made) == len(vocab), f"{len(vocab) - len(made)} tokens that no byte or merge makes")
         try:
-            return cls(pattern, merges, specials, byte_ids)
+            return cls(pattern, pairs, specials, byte_ids, merge_ids, ignore_merges)
         except (ValueError, regex.error) as e:
-            raise FileFormatError(f"tokenizer.json: {e}") from None
+            raise FileFormatError(f"tokenizer: {e}") from None
 
 
 def hf_split_regex(pattern):
@@ -943,7 +1135,8 @@ def hf_split_regex(pattern):
 
 def _pattern_from_hf(pre):
     """The split regex of a byte-level pre_tokenizer: ByteLevel(use_regex=true) alone is GPT-2's;
-    Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)] is the Split's (to_hf_json's)."""
+    Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)] is the Split's (to_hf_json's, Llama 3's);
+    Sequence[Digits(individual_digits=true), ByteLevel(use_regex=true)] is SmolLM2's (SMOLLM_PATTERN)."""
     def bad(why):
         raise FileFormatError(f"tokenizer.json: pre_tokenizer is not supported: {why}")
 
@@ -958,13 +1151,17 @@ def _pattern_from_hf(pre):
             bad("ByteLevel with use_regex false and no Split before it")
         return GPT2_PATTERN  # the possessive form of ByteLevel's regex: the same chunks
     split = steps[0]
+    if (len(steps) == 2 and split.get("type") == "Digits" and split.get("individual_digits")
+            and last.get("use_regex", True)):
+        return SMOLLM_PATTERN
     if (len(steps) != 2 or split.get("type") != "Split" or "Regex" not in (split.get("pattern") or {})
             or split.get("behavior") != "Isolated" or split.get("invert", False) or last.get("use_regex", True)):
         bad("only Split(Regex, Isolated) then ByteLevel(use_regex=false) is understood")
     # to_hf_json rewrites GPT-4's possessive "\\p{N}{1,3}+" for Oniguruma: map the rewritten spellings
     # back, so that an export round trip gives the same tok.pattern
     hf = split["pattern"]["Regex"]
-    return next((p for p in PATTERNS.values() if hf_split_regex(p) == hf), hf)
+    known = [*PATTERNS.values(), SMOLLM_PATTERN]
+    return next((p for p in known if hf_split_regex(p) == hf), hf)
 
 
 # -----------------------------------------------------------------------------

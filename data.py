@@ -41,7 +41,8 @@ EOT = "<|endoftext|>"                   # the BPE special token written between 
 # Files: atomic writes and streamed hashing
 
 def atomic_write(path, data, before_replace=None):
-    """Write bytes to `path` so that a crash leaves either the old file or the complete new one.
+    """Write bytes (or a list of bytes-like chunks) to `path` so that a crash leaves either the old file
+    or the complete new one.
 
     tmp file in the same folder -> write, flush, fsync -> os.replace -> fsync the folder. (A rename is
     atomic only within one file system, hence the same folder.) `before_replace` is a hook for tests.
@@ -51,7 +52,8 @@ def atomic_write(path, data, before_replace=None):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with naming_errors(path), open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in (data if isinstance(data, list) else [data]):
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         if before_replace is not None:

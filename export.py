@@ -17,6 +17,11 @@ the command line writes them as one of our checkpoints, which sample.py reads:
     python export.py --import-hf path/to/hf-llama --out out/imported
     python sample.py --ckpt out/imported --prompt "Once upon a time"
 
+llama.cpp's GGUF files import the same way (interop.py reads them; docs/pretrained.md has a walk-through):
+
+    python export.py --import-gguf SmolLM2-135M-Instruct.Q4_1.gguf --out out/smollm2
+    python sample.py --ckpt out/smollm2 --chat
+
 Why this is exact: SPEC.md's model is Llama's. RMSNorm, SwiGLU, no biases, and RoPE in the same
 half-split convention as Hugging Face's `rotate_half`, with q, k and v heads taken by reshaping the
 projection's output to (nh, hs) and (nkv, hs), query head h reading key/value head h // (nh / nkv) as
@@ -72,6 +77,7 @@ from safetensors import SafetensorError, deserialize, safe_open
 from safetensors.numpy import load_file, save_file
 
 import gpt_numpy as gn
+import interop
 from checkpoint import build_meta, load_checkpoint, load_model, open_lora_run, read_meta, save_checkpoint
 from data import file_mode, mark_output_folder, tokenizer_from_hf_json, write_folder
 from errors import ArgumentParser, FileFormatError, UserError
@@ -439,28 +445,30 @@ def write_tokenizer_files(tok, cfg, out):
 # ----------------------------------------------------------------------------------------------------
 # Training checkpoints (checkpoint.py's file, with train.py's metadata) and the command line.
 
-def write_checkpoint(path, params, cfg, tok, source):
-    """A checkpoint for sample.py and fine-tuning: step 0, zero AdamW moments, the model config and the
-    tokenizer (checkpoint.build_meta). path: a .safetensors file, or a folder for ckpt.safetensors."""
+def write_checkpoint(path, params, cfg, tok, source, chat=None):
+    """A checkpoint for sample.py and fine-tuning: the weights alone (no AdamW moments: a fine-tuning run
+    starts its optimizer afresh, and zero moments would triple the file), step 0, the model config, the
+    tokenizer and, for a chat model, chat.chat_info's dict (checkpoint.build_meta). path: a .safetensors
+    file, or a folder for ckpt.safetensors."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / "ckpt.safetensors"
-    zeros = {k: np.zeros_like(v) for k, v in params.items()}
-    save_checkpoint(path, params, zeros, zeros, build_meta(cfg, tok, imported_from=str(source)))
+    more = {"chat": chat} if chat and chat.get("template") else {}
+    save_checkpoint(path, params, {}, {}, build_meta(cfg, tok, imported_from=str(source), **more))
     return path
 
 
-def write_import(out, params, cfg, tok, source, force=False):
+def write_import(out, params, cfg, tok, source, force=False, chat=None):
     """write_checkpoint to --out: a .safetensors file (refused if it exists, unless force), or a folder
     written whole (data.write_folder: refused if not empty, unless force), marked as a run folder."""
     out = Path(out)
     if out.suffix == ".safetensors":
         if out.exists() and not force:
             raise UserError(f"--out {out} exists; pass --force to replace it")
-        return write_checkpoint(out, params, cfg, tok, source)
+        return write_checkpoint(out, params, cfg, tok, source, chat)
 
     def write(d):
-        write_checkpoint(d, params, cfg, tok, source)
+        write_checkpoint(d, params, cfg, tok, source, chat)
         mark_output_folder(d)
     return write_folder(out, write, force) / "ckpt.safetensors"
 
@@ -470,6 +478,8 @@ EPILOG = """examples:
   python export.py --ckpt out/chat-from-base --out export/merged --peft-adapter export/adapter   # a LoRA run
   python export.py --import-hf path/to/llama-dir --out out/imported --max-seq-len 1024
   python sample.py --ckpt out/imported --prompt "Once upon a time"
+  python export.py --import-gguf SmolLM2-135M-Instruct.Q4_1.gguf --out out/smollm2   # llama.cpp's files
+  python sample.py --ckpt out/smollm2 --chat
 
 Then, in Python with transformers installed:
   from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -482,25 +492,28 @@ def parse_args(argv):
     p = ArgumentParser(
         prog="export.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Convert between our training checkpoints and Hugging Face Llama directories\n"
-                    "(config.json, model.safetensors, tokenizer.json).")
+                    "(config.json, model.safetensors, tokenizer.json); import llama.cpp's GGUF files.")
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--ckpt", metavar="PATH",
                      help="export this checkpoint (a ckpt.safetensors or its folder) to the folder --out")
     way.add_argument("--import-hf", metavar="DIR",
                      help="import this Hugging Face Llama folder into the checkpoint --out")
+    way.add_argument("--import-gguf", metavar="FILE",
+                     help="import this llama.cpp GGUF file (a llama model, any quantization the gguf package "
+                          "reads) into the checkpoint --out")
     p.add_argument("--out", required=True, metavar="PATH",
                    help="export: the folder to write; import: a .safetensors file or a folder for ckpt.safetensors")
     p.add_argument("--force", action="store_true",
                    help="replace a non-empty --out whole (never a folder that holds folders); without it, a "
                         "non-empty --out (another model, a training run) is refused")
     p.add_argument("--max-seq-len", type=int, metavar="N",
-                   help="import: context length to use (default: the model's max_position_embeddings)")
+                   help="import: context length to use (default: the model's own, e.g. 8192)")
     p.add_argument("--peft-adapter", metavar="DIR",
                    help="export of a LoRA run (train.py --lora-rank): also write its adapters to DIR as a PEFT "
                         "LoRA adapter for the base model (--out gets the merged model)")
     args = p.parse_args(argv)
     if args.ckpt and args.max_seq_len is not None:
-        raise UserError("--max-seq-len applies to --import-hf only")
+        raise UserError("--max-seq-len applies to --import-hf and --import-gguf only")
     if args.peft_adapter and not args.ckpt:
         raise UserError("--peft-adapter applies to --ckpt (the export of a LoRA run)")
     return args
@@ -522,6 +535,15 @@ def export_lora_run(ckpt, out, adapter_dir):
           f"{ck.meta['lora']['base']['path']}", file=sys.stderr)
 
 
+def replace_context(cfg, n):
+    """cfg with max_seq_len n (--max-seq-len); UserError for a bad n."""
+    from dataclasses import replace
+    try:
+        return replace(cfg, max_seq_len=n)
+    except ValueError as e:
+        raise UserError(f"--max-seq-len: {e}") from None
+
+
 def main(argv=None):
     """Exit status 0; `export.py: error: <one line>` and 2 for a bad command line, 1 for a failure (a
     file that is missing, corrupt or maps to no Llama)."""
@@ -537,12 +559,21 @@ def main(argv=None):
             m = load_model(args.ckpt)                   # gpt_numpy as the backend: arrays stay NumPy
             write_folder(args.out, lambda d: export_hf(m.params, m.cfg, m.tokenizer, d), args.force)
             print(f"wrote {args.out}: LlamaForCausalLM with {gn.num_params(m.params):,} parameters", file=sys.stderr)
-        else:
+        elif args.import_hf:
             params, cfg, tok = import_hf(args.import_hf, args.max_seq_len)
             if tok is None:
                 raise FileFormatError(f"{args.import_hf} has no tokenizer.json, and a checkpoint carries its tokenizer")
-            path = write_import(args.out, params, cfg, tok, args.import_hf, args.force)
+            path = write_import(args.out, params, cfg, tok, args.import_hf, args.force,
+                                interop.hf_chat_info(args.import_hf, tok))
             print(f"wrote {path}: {gn.num_params(params):,} parameters, context {cfg.max_seq_len}", file=sys.stderr)
+        else:
+            imp = interop.read_gguf(args.import_gguf, progress=True)
+            cfg = imp.cfg if args.max_seq_len is None else replace_context(imp.cfg, args.max_seq_len)
+            path = write_import(args.out, imp.params, cfg, imp.tok, args.import_gguf, args.force, imp.chat)
+            print(f"wrote {path}: {gn.num_params(imp.params):,} parameters, {cfg.n_layer} layers, "
+                  f"{cfg.n_head} query / {cfg.n_kv_head} key-value heads, context {cfg.max_seq_len}, "
+                  f"vocabulary {imp.tok.vocab_size}" + (", chat template" if imp.chat.get("template") else ""),
+                  file=sys.stderr)
     except (UserError, OSError) as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         return 1

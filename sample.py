@@ -7,16 +7,23 @@ sample.py: stream text from a checkpoint written by train.py, token by token, wi
     python sample.py --ckpt out/tinyshakespeare-char/ckpt.safetensors --prompt "ROMEO:" \\
         --temperature 0.8 --top-k 200 --seed 1
     python sample.py --backend cupy ...                         # generate on the GPU
+    python sample.py --ckpt out/smollm2 --chat                  # chat with an imported chat model
+    python sample.py --ckpt out/smollm2 --chat --system "Answer in French." --prompt "Hi!"   # one answer
 
 The checkpoint carries its tokenizer, so nothing else is needed. Each token's bytes go through an
 incremental UTF-8 decoder before printing, so a character split over two tokens (an emoji, "é" in a
 byte-level BPE) prints whole once its last byte arrives.
+
+--chat talks to a chat model imported with export.py (--import-gguf, --import-hf): each turn renders the
+whole conversation with the model's own chat template (chat.py), generates the reply token by token and
+stops at the template's end-of-turn token. Interactive: type a message, Enter; Ctrl-D or Ctrl-C ends.
 """
 
 import codecs
 import math
 import sys
 
+import chat
 import memory
 from checkpoint import load_model
 from data import encode_prompt
@@ -49,12 +56,63 @@ def check_memory(m, prompt_len, new_tokens):
                       hint="a shorter --prompt or fewer --max-new-tokens")
 
 
+def reply(m, info, messages, args, out=None):
+    """Stream the model's answer to `messages` (rendered with its chat template) to `out`; returns its
+    text, without the end-of-turn token that stopped it."""
+    out = out or sys.stdout
+    ids = chat.prompt_ids(info, m.tokenizer, messages)
+    stop = set(info["stop_ids"])
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    new = []
+    for i in m.gm.generate_stream(m.params, ids, m.cfg, args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1.0 else None,
+                                  seed=args.seed, stop_ids=stop):
+        if i in stop:
+            break
+        new.append(i)
+        out.write(dec.decode(m.tokenizer.decode_bytes([i])))
+        out.flush()
+    out.write(dec.decode(b"", final=True) + "\n")
+    out.flush()
+    return m.tokenizer.decode(new)
+
+
+def chat_session(m, args):
+    """--chat: one answer to --prompt, or turns read from the terminal until end of input. The whole
+    conversation goes back to the model each turn (its history)."""
+    info = chat.from_meta(m.meta)
+    if info is None:
+        raise UserError(f"{m.path} has no chat template: --chat needs a chat model imported with export.py "
+                        f"--import-gguf or --import-hf (e.g. SmolLM2-135M-Instruct)")
+    messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+    while True:
+        if args.prompt is not None:
+            text = args.prompt
+        else:
+            try:
+                text = input("> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return
+            if not sys.stdin.isatty():                  # piped in: show the message, as a terminal would
+                print(text)
+        messages.append({"role": "user", "content": text})
+        messages.append({"role": "assistant", "content": reply(m, info, messages, args)})
+        if args.prompt is not None:
+            return
+
+
 def parse_args(argv):
-    p = ArgumentParser(prog="sample.py", description="Stream text from a train.py checkpoint.")
+    p = ArgumentParser(prog="sample.py", description="Stream text from a checkpoint (train.py's, or a model imported "
+                                                     "with export.py); --chat talks to a chat model.")
     p.add_argument("--ckpt", metavar="PATH", default="out/stdlib-bpe2048/ckpt.safetensors",
                    help="checkpoint file, or the out dir holding ckpt.safetensors (default: %(default)s)")
-    p.add_argument("--prompt", metavar="TEXT", default="\n", help="text to continue (default: a newline; '' starts from "
-                                                  "<|endoftext|> with a BPE tokenizer)")
+    p.add_argument("--prompt", metavar="TEXT", help="text to continue (default: a newline; '' starts from "
+                                                  "<|endoftext|> with a BPE tokenizer); with --chat: the one "
+                                                  "message to answer")
+    p.add_argument("--chat", action="store_true", help="chat with a chat model, in its own chat template: "
+                                                       "interactive, or one answer to --prompt")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message to start the conversation")
     p.add_argument("--max-new-tokens", type=int, metavar="N", default=300, help="tokens to generate (default: %(default)s)")
     p.add_argument("--temperature", type=float, metavar="T", default=0.8, help="0: greedy; <1 sharper, >1 flatter (default: %(default)s)")
     p.add_argument("--top-k", type=int, metavar="K", default=200, help="sample among the k likeliest tokens; 0: all (default: %(default)s)")
@@ -67,6 +125,10 @@ def parse_args(argv):
             or not 0 < args.top_p <= 1 or (args.seed is not None and args.seed < 0)):
         raise UserError("need --max-new-tokens >= 0, a finite --temperature >= 0, --top-k >= 0, "
                         "0 < --top-p <= 1 and --seed >= 0")
+    if args.system is not None and not args.chat:
+        raise UserError("--system needs --chat")
+    if args.prompt is None and not args.chat:
+        args.prompt = "\n"
     return args
 
 
@@ -80,9 +142,12 @@ def main(argv=None):
         return 2
     try:
         m = load_model(args.ckpt, args.backend)
-        check_memory(m, len(encode_prompt(m.tokenizer, args.prompt)), args.max_new_tokens)
-        stream(m.params, m.cfg, m.tokenizer, m.gm, args.prompt, args.max_new_tokens, args.temperature,
-               args.top_k or None, args.top_p if args.top_p < 1.0 else None, args.seed)
+        if args.chat:
+            chat_session(m, args)
+        else:
+            check_memory(m, len(encode_prompt(m.tokenizer, args.prompt)), args.max_new_tokens)
+            stream(m.params, m.cfg, m.tokenizer, m.gm, args.prompt, args.max_new_tokens, args.temperature,
+                   args.top_k or None, args.top_p if args.top_p < 1.0 else None, args.seed)
     except BrokenPipeError:                               # e.g. piped into `head`
         sys.stderr.close()
     except (UserError, OSError) as e:

@@ -522,6 +522,92 @@ def test_gqa_config():
 
 
 # ----------------------------------------------------------------------------------------------------
+# causal attention by query blocks, against the plain form it must equal
+
+@pytest.mark.parametrize("n_kv", [1, 3])
+@pytest.mark.parametrize("p_drop", [0.0, 0.3])
+def test_blocked_attention_equals_plain(backend, n_kv, p_drop, monkeypatch):
+    # blocks of 4 rows over T = 11 (the last one partial), float64: outputs and every gradient agree
+    gm = backend
+    monkeypatch.setattr(gm, "ATT_BLOCK", 4)
+    B, T, C, nh = 2, 11, 24, 3
+    hs = C // nh
+    cos, sin = gm.rope_tables(np.arange(T), hs, 10000.0, np.float64)
+    x, Wqkv = normal(gm, B, T, C), normal(gm, C, (nh + 2 * n_kv) * hs, scale=0.5, seed=2)
+    Wproj = normal(gm, C, C, scale=0.5, seed=3)
+    out1, c1 = gm.attention_forward(x, Wqkv, Wproj, cos, sin, nh, p_drop, (5, 0, 0))
+    out2, c2 = gm.attention_forward_blocked(x, Wqkv, Wproj, cos, sin, nh, p_drop, (5, 0, 0))
+    assert [a.shape[-2:] for a in c2[7]] == [(4 * nh // n_kv, 4), (4 * nh // n_kv, 8), (3 * nh // n_kv, 11)]
+    np.testing.assert_allclose(gm.to_host(out2), gm.to_host(out1), rtol=1e-12, atol=1e-13)
+    dout = normal(gm, *out1.shape, seed=7)
+    for g1, g2 in zip(gm.attention_backward(dout, c1), gm.attention_backward_blocked(dout, c2)):
+        np.testing.assert_allclose(gm.to_host(g2), gm.to_host(g1), rtol=1e-11, atol=1e-12)
+
+
+def test_blocked_attention_backward(backend, monkeypatch):
+    gm = backend
+    monkeypatch.setattr(gm, "ATT_BLOCK", 2)
+    B, T, C, nh, n_kv = 2, 5, 16, 4, 2
+    hs = C // nh
+    cos, sin = gm.rope_tables(np.arange(T), hs, 10000.0, np.float64)
+    x, Wqkv = normal(gm, B, T, C), normal(gm, C, (nh + 2 * n_kv) * hs, scale=0.5, seed=2)
+    Wproj = normal(gm, C, C, scale=0.5, seed=3)
+    fwd = lambda x, Wqkv, Wproj: gm.attention_forward_blocked(x, Wqkv, Wproj, cos, sin, nh, 0.25, (3, 1, 0))
+    check_layer(gm, "attention blocked", fwd, gm.attention_backward_blocked, [x, Wqkv, Wproj])
+
+
+def test_blocked_attention_with_a_kv_cache(backend, monkeypatch):
+    # a prefill after earlier positions: block rows start at pos, and see the cache's keys too
+    gm = backend
+    monkeypatch.setattr(gm, "ATT_BLOCK", 3)
+    cfg = gqa_cfg(2, max_seq_len=20)
+    params = trained_ish_params(gm, cfg)
+    seq = np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 20))
+    kv = gm.kv_cache_init(cfg, np.float64)
+    gm.forward_cached(params, seq[:, :5], cfg, kv, 0)                 # 5 >= 2 blocks: blocked
+    logits = gm.forward_cached(params, seq[:, 5:], cfg, kv, 5)         # 15 more, from position 5
+    monkeypatch.setattr(gm, "ATT_BLOCK", 10**6)                       # the plain form only
+    np.testing.assert_allclose(gm.to_host(logits), gm.to_host(gm.forward(params, seq, cfg)[:, 5:]),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_model_with_blocked_attention(backend, checkpoint, monkeypatch):
+    # the whole model takes the blocked form once T >= 2 blocks: the same loss and gradients as the
+    # plain form, and checkpointing still bit-identical to no checkpointing
+    gm = backend
+    cfg = gqa_cfg(2, dropout=0.2, checkpoint=checkpoint)
+    params = gm.init_params(cfg, seed=1, dtype=np.float64)
+    ids, targets = batch(cfg)
+    plain_loss, plain = gm.loss_and_grads(params, ids, targets, cfg, seed=4)
+    monkeypatch.setattr(gm, "ATT_BLOCK", 2)
+    loss, grads = gm.loss_and_grads(params, ids, targets, cfg, seed=4)
+    assert abs(loss - plain_loss) < 1e-12
+    for k in params:
+        assert rel_err(grads[k], plain[k]) < 1e-10, k
+    if checkpoint:
+        _, g2 = gm.loss_and_grads(params, ids, targets, gqa_cfg(2, dropout=0.2), seed=4)
+        for k in params:
+            np.testing.assert_array_equal(gm.to_host(g2[k]), gm.to_host(grads[k]), err_msg=k)
+
+
+def test_blocked_attention_in_half_precision(backend, monkeypatch):
+    # mixed precision takes the blocked form too: probabilities kept in float32, gradients as the plain form's
+    gm = backend
+    cfg = small_cfg(n_kv_head=2)
+    params = gm.init_params(cfg, seed=0)
+    ids, targets = batch(cfg, B=2, T=16)
+    _, plain = gm.loss_and_grads_mixed(params, ids, targets, cfg, 1024.0, seed=1)
+    monkeypatch.setattr(gm, "ATT_BLOCK", 4)
+    _, cache = gm.model_forward({k: v.astype(np.float16) for k, v in params.items()}, ids, cfg, train=True)
+    atts = cache[1][0][1][7]
+    assert isinstance(atts, list) and all(a.dtype == np.float32 for a in atts)
+    _, grads = gm.loss_and_grads_mixed(params, ids, targets, cfg, 1024.0, seed=1)
+    for k in params:
+        assert rel_err(grads[k], plain[k]) < 1e-2, k
+
+
+# ----------------------------------------------------------------------------------------------------
 # RoPE scaling
 
 LLAMA3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

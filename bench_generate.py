@@ -1,0 +1,248 @@
+"""
+bench_generate.py: how fast gpt_numpy generates with a real pretrained model, next to transformers (eager
+attention, float32) on the same weights, in the same run, on the same threads.
+
+    python export.py --import-gguf SmolLM2-135M-Instruct.Q4_1.gguf --out out/smollm2
+    python bench_generate.py --ckpt out/smollm2 --threads 2
+    python bench_generate.py --ckpt out/smollm2 --threads 2 --profile     # where our time goes
+
+It measures, each in a fresh subprocess (so each peak memory is its own), alternating ours and theirs
+round by round so that the load of a shared machine falls on both alike:
+
+    decode   tokens/s of single-token steps with the KV cache, after a short prompt (greedy, --decode steps)
+    prefill  tokens/s of a --prefill-token prompt into an empty cache, logits of the last position only
+             (as generation needs them; transformers' generate() asks for logits_to_keep=1 too)
+    memory   peak RSS of the process (loading included), and the peak while generating alone (Linux:
+             VmHWM reset after loading); the import's peak (export.py --import-gguf in a subprocess)
+
+The weights are the checkpoint's float32 arrays; transformers reads the same arrays through export.py's
+Hugging Face directory (written to a temporary folder). Both greedy decodes must give the same tokens.
+Numbers are the median of --rounds rounds (best beside it); /proc/loadavg is printed before and after.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def loadavg():
+    try:
+        return Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        return ["?"] * 3
+
+
+def reset_peak_rss():
+    """Start VmHWM (the peak RSS) afresh from the current RSS (Linux); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb():
+    """VmHWM from /proc/self/status (follows reset_peak_rss), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prompt_ids(tok, n):
+    """n token ids of real text (tiny Shakespeare if present, else a repeated sentence)."""
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:20000] if SHAKESPEARE.is_file() else \
+        "The quick brown fox jumps over the lazy dog. " * 400
+    ids = tok.encode_ordinary(text)
+    return ids[:n]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the two engines, each run in its own subprocess
+
+def run_ours(a):
+    import numpy as np
+    import gpt_numpy as gn
+    from checkpoint import load_model
+    m = load_model(a.ckpt)
+    params, cfg = m.params, m.cfg
+    loaded_mb = peak_rss_mb()
+    reset_peak_rss()
+    long = prompt_ids(m.tokenizer, a.prefill)
+    short = long[:a.prompt]
+
+    def prefill():
+        kv = gn.kv_cache_init(cfg, np.float32, length=len(long))
+        t = time.perf_counter()
+        gn.forward_cached(params, np.array([long]), cfg, kv, 0, last_only=True)
+        return time.perf_counter() - t
+
+    def decode():
+        kv = gn.kv_cache_init(cfg, np.float32, length=len(short) + a.decode)
+        logits = gn.forward_cached(params, np.array([short]), cfg, kv, 0, last_only=True)
+        out = []
+        t = time.perf_counter()
+        for pos in range(len(short), len(short) + a.decode):
+            out.append(int(np.argmax(logits[0, -1])))
+            logits = gn.forward_cached(params, np.array([out[-1:]]), cfg, kv, pos)
+        return time.perf_counter() - t, out
+
+    if a.profile:
+        return profile(prefill, decode, a)
+    prefill(), decode()                                     # warm-up
+    return {"prefill_s": prefill(), "decode_s": decode()[0], "tokens": decode()[1],
+            "load_peak_mb": loaded_mb, "gen_peak_mb": peak_rss_mb(), "threads": os.environ.get("OPENBLAS_NUM_THREADS")}
+
+
+def run_theirs(a):
+    import numpy as np
+    import torch
+    import transformers
+    import export
+    from checkpoint import load_model
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(a.threads)
+    m = load_model(a.ckpt)
+    tok = m.tokenizer
+    with tempfile.TemporaryDirectory() as d:
+        export.export_hf(m.params, m.cfg, None, d)
+        del m
+        model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
+                                                                  attn_implementation="eager").eval()
+    loaded_mb = peak_rss_mb()
+    reset_peak_rss()
+    long = prompt_ids(tok, a.prefill)
+    short = long[:a.prompt]
+
+    def prefill():
+        with torch.no_grad():
+            t = time.perf_counter()
+            model(torch.tensor([long]), use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - t
+
+    def decode():
+        with torch.no_grad():
+            res = model(torch.tensor([short]), use_cache=True, logits_to_keep=1)
+            kw = "cache" if hasattr(res, "cache") else "past_key_values"
+            out = []
+            t = time.perf_counter()
+            for _ in range(a.decode):
+                out.append(int(res.logits[0, -1].argmax()))
+                res = model(torch.tensor([out[-1:]]), use_cache=True, **{kw: getattr(res, kw)})
+            return time.perf_counter() - t, out
+
+    prefill(), decode()
+    return {"prefill_s": prefill(), "decode_s": decode()[0], "tokens": decode()[1],
+            "load_peak_mb": loaded_mb, "gen_peak_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
+            "version": f"transformers {transformers.__version__}, torch {torch.__version__}"}
+
+
+def profile(prefill, decode, a):
+    """cProfile of our prefill and decode: the functions where the time goes, by own time."""
+    import cProfile
+    import io
+    import pstats
+    prefill(), decode()
+    out = {}
+    for name, fn in (("prefill", prefill), ("decode", lambda: decode()[0])):
+        pr = cProfile.Profile()
+        pr.enable()
+        fn()
+        pr.disable()
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(14)
+        out[name] = s.getvalue()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# the parent: rounds, the import's memory, the table
+
+def child(a, engine):
+    env = {**os.environ, **{v: str(a.threads) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
+    argv = [sys.executable, __file__, "--child", engine, "--ckpt", a.ckpt, "--threads", str(a.threads),
+            "--prompt", str(a.prompt), "--decode", str(a.decode), "--prefill", str(a.prefill)]
+    if a.profile:
+        argv.append("--profile")
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
+    if r.returncode:
+        sys.exit(f"bench_generate.py: error: the {engine} run failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def import_peak_mb(a):
+    """Peak RSS of export.py --import-gguf (a subprocess), or None without --gguf."""
+    if not a.gguf:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": str(a.threads)}
+        p = subprocess.Popen([sys.executable, str(ROOT / "export.py"), "--import-gguf", a.gguf, "--out", d],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+        if status:
+            sys.exit(f"bench_generate.py: error: the import failed: {p.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="a checkpoint (export.py --import-gguf / --import-hf)")
+    ap.add_argument("--gguf", help="also measure the peak memory of importing this GGUF file")
+    ap.add_argument("--threads", type=int, default=2, help="BLAS / torch threads of both (default: 2)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds, ours then theirs in each (default: 3)")
+    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens before decoding (default: 16)")
+    ap.add_argument("--decode", type=int, default=64, help="decode steps timed (default: 64)")
+    ap.add_argument("--prefill", type=int, default=512, help="prefill prompt tokens (default: 512)")
+    ap.add_argument("--profile", action="store_true", help="cProfile of our prefill and decode instead")
+    ap.add_argument("--child", choices=["ours", "theirs"], help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        sys.path.insert(0, str(ROOT))
+        print(json.dumps((run_ours if a.child == "ours" else run_theirs)(a)))
+        return 0
+    print(f"bench_generate.py  ckpt={a.ckpt}  threads={a.threads}  rounds={a.rounds}  load={' '.join(loadavg())}")
+    if a.profile:
+        for name, text in child(a, "ours").items():
+            print(f"\n--- ours, {name} ({a.prefill if name == 'prefill' else a.decode} tokens) ---\n{text}")
+        return 0
+    imp = import_peak_mb(a)
+    res = {"ours": [], "theirs": []}
+    for _ in range(a.rounds):
+        for engine in ("ours", "theirs"):
+            res[engine].append(child(a, engine))
+    same = all(r["tokens"] == res["theirs"][0]["tokens"] for r in res["ours"] + res["theirs"])
+    med = lambda xs: sorted(xs)[len(xs) // 2]                  # noqa: E731
+    rows = {}
+    for engine, runs in res.items():
+        dec = [a.decode / r["decode_s"] for r in runs]
+        pre = [a.prefill / r["prefill_s"] for r in runs]
+        rows[engine] = (med(dec), max(dec), med(pre), max(pre), max(r["load_peak_mb"] for r in runs),
+                        max(r["gen_peak_mb"] for r in runs))
+    print(f"load after: {' '.join(loadavg())}; {res['theirs'][0]['version']}; greedy tokens identical: {same}")
+    if imp is not None:
+        print(f"peak memory of export.py --import-gguf: {imp:.0f} MB")
+    print(f"\n| {'':<28} | decode tok/s (best) | prefill {a.prefill} tok/s (best) | peak MB: process | while generating |")
+    print(f"|{'-' * 30}|{'-' * 21}|{'-' * 27}|{'-' * 18}|{'-' * 18}|")
+    names = {"ours": "gpt_numpy (NumPy, float32)", "theirs": "transformers eager float32"}
+    for engine, (d, db, p, pb, lm, gm) in rows.items():
+        print(f"| {names[engine]:<28} | {d:8.1f} ({db:6.1f}) | {p:12.1f} ({pb:7.1f})  | {lm:16.0f} | {gm:16.0f} |")
+    o, t = rows["ours"], rows["theirs"]
+    print(f"| {'ratio ours / transformers':<28} | {o[0] / t[0]:8.2f}x           | {o[2] / t[2]:12.2f}x           |"
+          f" {o[4] / t[4]:15.2f}x | {o[5] / t[5]:15.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

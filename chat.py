@@ -1,0 +1,146 @@
+"""
+chat.py: a chat model's own template, rendered as transformers renders it, and the token ids of a chat.
+
+An instruction-tuned model was trained on conversations laid out by its chat template, a Jinja2 program
+that ships with the model (GGUF's tokenizer.chat_template; Hugging Face's tokenizer_config.json or
+chat_template.jinja). SmolLM2's writes each message as "<|im_start|>{role}\\n{content}<|im_end|>\\n"
+(ChatML) and, asked for a generation prompt, ends with "<|im_start|>assistant\\n". The template is not
+re-implemented here: it is rendered. It comes from a file, so it is untrusted code: it runs in Jinja2's
+ImmutableSandboxedEnvironment, set up as transformers' apply_chat_template sets it up (trim_blocks,
+lstrip_blocks, loopcontrols; a tojson filter that does not escape HTML; raise_exception, strftime_now;
+the special tokens bos_token, eos_token... as variables), so the text is the one transformers renders.
+
+    info = chat_info(template, tok, bos_id=1, eos_id=2)          # what a checkpoint keeps (meta["chat"])
+    text = render(info, [{"role": "user", "content": "Hi"}])     # ... "<|im_start|>assistant\\n"
+    ids = prompt_ids(info, tok, messages)                         # its ids, special tokens as their ids
+    info["stop_ids"]                                              # generation ends at the end of the turn
+
+The end-of-turn token is found by rendering a probe conversation: the special token the template writes
+right after an assistant message (<|im_end|> for ChatML, <|eot_id|> for Llama 3, </s> for Mistral).
+"""
+
+import functools
+import json
+from datetime import datetime
+
+from errors import FileFormatError, UserError
+
+PROBE = "PROBE_0f1e2d3c"                # an assistant message no template changes, to find what follows it
+
+
+def _jinja():
+    """jinja2, at a version without the known sandbox escapes (3.1.6, as transformers requires)."""
+    try:
+        import jinja2
+    except ImportError:
+        raise UserError("chat needs jinja2: pip install 'jinja2>=3.1.6'") from None
+    if tuple(int(x) for x in jinja2.__version__.split(".")[:3] if x.isdigit()) < (3, 1, 6):
+        raise UserError(f"chat needs jinja2 >= 3.1.6 (older ones have sandbox escapes); this is {jinja2.__version__}")
+    return jinja2
+
+
+@functools.lru_cache(maxsize=8)
+def compile_template(template):
+    """The template compiled in the sandbox, with transformers' options and helpers; FileFormatError if
+    it does not parse."""
+    jinja2 = _jinja()
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """{% generation %}...{% endgeneration %}: transformers marks the assistant's text with it (for
+        training masks); rendering it is rendering its body."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateError as e:
+        raise FileFormatError(f"the chat template does not parse: {e}") from None
+
+
+def render_template(template, messages, add_generation_prompt=True, **context):
+    """The template's text for messages [{"role": ..., "content": ...}]; `context` holds the special tokens
+    (bos_token="<s>", ...). A template that raises (raise_exception, a sandbox violation) gives UserError."""
+    jinja2 = _jinja()
+    try:
+        return compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                 tools=None, documents=None, **context)
+    except jinja2.exceptions.TemplateError as e:
+        raise UserError(f"the chat template refused this conversation: {e}") from None
+
+
+def _token_context(info):
+    return {k: info[k] for k in ("bos_token", "eos_token") if info.get(k) is not None}
+
+
+def render(info, messages, add_generation_prompt=True):
+    """render_template with a chat_info's template and special tokens."""
+    if not info or not info.get("template"):
+        raise UserError("this model has no chat template (import a chat model with export.py --import-gguf "
+                        "or --import-hf)")
+    return render_template(info["template"], messages, add_generation_prompt, **_token_context(info))
+
+
+def prompt_ids(info, tok, messages):
+    """The ids of the rendered conversation, special tokens written by the template as their ids (as
+    apply_chat_template(tokenize=True) does; it adds no BOS: a template that wants one writes it)."""
+    return tok.encode(render(info, messages), allowed_special="all")
+
+
+def chat_info(template, tok, bos_id=None, eos_id=None, add_bos=False):
+    """The chat metadata a checkpoint keeps: the template (None if the model has none), its special tokens,
+    whether plain prompts start with BOS, and the ids that end a reply (the template's end-of-turn token
+    and EOS).
+
+    Example, SmolLM2: {"template": "{% for message in messages %}...", "bos_token": "<|im_start|>",
+    "eos_token": "<|im_end|>", "add_bos": False, "stop_ids": [2]}.
+    """
+    name = {i: s for s, i in tok.special_tokens.items()}
+    info = {"template": template or None, "bos_token": name.get(bos_id), "eos_token": name.get(eos_id),
+            "bos_id": bos_id, "add_bos": bool(add_bos)}
+    stop = {eos_id} if eos_id is not None else set()
+    if template:
+        compile_template(template)                      # a template that does not parse: refused now
+        eot = end_of_turn(info, tok)
+        if eot is not None:
+            stop.add(tok.special_tokens[eot])
+    info["stop_ids"] = sorted(stop)
+    return info
+
+
+def end_of_turn(info, tok):
+    """The special token the template writes right after an assistant message, or None."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE}]
+    try:
+        text = render(info, probe, add_generation_prompt=False)
+    except UserError:                                   # e.g. a template that insists on a system message
+        return None
+    rest = text[text.find(PROBE) + len(PROBE):] if PROBE in text else ""
+    found = [s for s in tok.special_tokens if rest.startswith(s)]
+    return max(found, key=len) if found else None
+
+
+def from_meta(meta):
+    """A checkpoint's chat_info, or None when it has none (a model trained here)."""
+    info = meta.get("chat") if isinstance(meta, dict) else None
+    if not isinstance(info, dict) or not isinstance(info.get("template"), str):
+        return None
+    return info
