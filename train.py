@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 import gpt_numpy
+import scoring
 from checkpoint import build_meta, load_checkpoint, load_params, read_meta, save_checkpoint
 from data import (data_name, digest_sources, encode_prompt, find_sources, get_batch, get_tokenizer, load_backend,
                   load_tokenizer_file, prepare_data, safe_name, tokenizer_tag, write_text_atomic)
@@ -118,6 +119,10 @@ class TrainConfig:
     ckpt_interval: int = flag(150, "write a checkpoint every N steps (0: only at the end and on Ctrl-C)")
     sample_tokens: int = flag(100, "tokens sampled at each evaluation; the final sample is 4x (0: none)")
     sample_prompt: str = flag("\n", "prompt of those samples")
+    eval_mc: str = flag("", "a multiple-choice JSONL file (eval.py --mc's formats, e.g. HellaSwag's) scored at every "
+                        "evaluation as eval.py scores it: acc, acc_norm, acc_token_norm, printed and in log.jsonl",
+                        metavar="FILE")
+    eval_mc_limit: int = flag(0, "score only the first N items of --eval-mc (0: all)")
     # run
     seed: int = flag(1337, "seed of the weights, the batch sampler and the dropout masks")
     backend: str = flag("numpy", "numpy (CPU) or cupy (NVIDIA GPU, through gpt_cupy.py)", choices=["numpy", "cupy"])
@@ -151,7 +156,7 @@ PRESETS = {
 # the corpus by another path: what must match is the corpus hash, file names and contents, checked later.)
 RESUME_MAY_CHANGE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
                      "sample_tokens", "sample_prompt", "backend", "out_dir", "data_dir", "skip_nonfinite",
-                     "data", "name"}
+                     "data", "name", "eval_mc", "eval_mc_limit"}
 
 # What a fine-tuning run (--init-from) takes from its checkpoint instead of from the preset and flags, with
 # the tokenizer; an explicit flag that differs is an error. (block_size is a flag, up to its max_seq_len.)
@@ -234,6 +239,7 @@ class Run:
     resumed: bool               # continues a checkpoint of this run (--resume)
     log: object = print         # log(line); while the progress bar shows, write(line) prints above it
     write: object = print
+    mc: list | None = None      # --eval-mc's items, encoded once (scoring.MCRequest)
 
     ckpt_path = property(lambda self: self.out_dir / "ckpt.safetensors")
     log_path = property(lambda self: self.out_dir / "log.jsonl")
@@ -273,7 +279,8 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None):
     mcfg = (source.model_config(dropout=cfg.dropout, checkpoint=cfg.checkpoint_activations) if source
             else model_config(cfg, tok.vocab_size))
     check_corpus_length(cfg, data)
-    run = Run(cfg, mcfg, gm, data, tok, open_out_dir(cfg), resumed=resume is not None, log=log)
+    run = Run(cfg, mcfg, gm, data, tok, open_out_dir(cfg), resumed=resume is not None, log=log,
+              mc=load_eval_mc(cfg, tok, mcfg))
     state = resumed_state(run, resume) if resume else fresh_state(run, init)
     log_start(run, state)
     bar = tqdm(total=cfg.max_iters, initial=state.step, unit="step", dynamic_ncols=True, disable=None,
@@ -415,16 +422,33 @@ def training_loop(run, state, bar, stop):
             t_steps, step_log, loss_log = 0.0, state.step, []
 
 
+def load_eval_mc(cfg, tok, mcfg):
+    """--eval-mc's items, read and encoded once, so that a bad file fails before the first step."""
+    if not cfg.eval_mc:
+        return None
+    try:
+        return scoring.encode_items(tok, scoring.read_mc(cfg.eval_mc, cfg.eval_mc_limit or None), mcfg.max_seq_len)
+    except UserError as e:
+        raise type(e)(f"--eval-mc: {e}") from None
+
+
 def evaluate(run, state):
-    """Train and val loss and val bits per byte, printed and logged; then a short sample."""
+    """Train and val loss and val bits per byte (and --eval-mc's accuracy), printed and logged; then a
+    short sample."""
     cfg, t0 = run.cfg, time.time()
     losses = estimate_loss(run.gm, state.params, run.data, cfg, run.mcfg)
+    mc = {}
+    if run.mc:                                          # the same numbers as eval.py --mc on this checkpoint
+        r = scoring.mc_metrics(scoring.score_requests(run.gm, state.params, run.mcfg, run.mc))
+        mc = {f"mc_{k}": r[k] for k in ("acc", "acc_norm", "acc_token_norm", "items")}
     bpb = losses["val"] / run.data["meta"]["val_bytes_per_token"] / math.log(2)
     state.best_val = losses["val"] if state.best_val is None else min(state.best_val, losses["val"])
     state.last_eval = {"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": bpb}
     run.write(f"step {state.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-              f"val {bpb:.3f} bits/byte ({time.time() - t0:.1f} s)")
-    append_jsonl(run.log_path, {"event": "eval", **state.last_eval, "lr": get_lr(state.step, cfg),
+              f"val {bpb:.3f} bits/byte"
+              + (f", mc acc {mc['mc_acc']:.4f} (norm {mc['mc_acc_norm']:.4f}, token norm "
+                 f"{mc['mc_acc_token_norm']:.4f})" if mc else "") + f" ({time.time() - t0:.1f} s)")
+    append_jsonl(run.log_path, {"event": "eval", **state.last_eval, **mc, "lr": get_lr(state.step, cfg),
                                 "time_s": state.elapsed_now(), "tokens_seen": state.tokens_seen})
     if cfg.sample_tokens and state.step < cfg.max_iters:
         text = sample_text(run.gm, state.params, run.mcfg, run.tok, cfg.sample_prompt, cfg.sample_tokens,
@@ -616,7 +640,7 @@ def check_config(cfg):
                  "eval_interval", "eval_iters", "log_interval"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("max_iters", "warmup_iters", "lr_decay_iters", "ckpt_interval", "sample_tokens"):
+    for name in ("max_iters", "warmup_iters", "lr_decay_iters", "ckpt_interval", "sample_tokens", "eval_mc_limit"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not 0.0 < cfg.val_fraction < 1.0:
