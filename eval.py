@@ -93,8 +93,12 @@ def eval_text(m, args):
     from bpe import read_text_blocks
     import numpy as np
     tok = m.tokenizer
-    ids = [np.asarray(tok.encode_ordinary(text), dtype=np.int64)
-           for text, _ in read_text_blocks(args.text, 1 << 20, cut=tok.cut, errors=tok.file_errors)]
+    ids = []
+    for text, _ in read_text_blocks(args.text, 1 << 20, cut=tok.cut, errors=tok.file_errors):
+        try:
+            ids.append(np.asarray(tok.encode_ordinary(text), dtype=np.int64))
+        except UserError as e:                          # e.g. a character the char vocabulary lacks
+            raise UserError(f"{args.text}: {e}") from None
     ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     if args.block_size and args.block_size > m.cfg.max_seq_len:
         raise UserError(f"--block-size {args.block_size} exceeds the model's context of {m.cfg.max_seq_len} tokens")

@@ -235,7 +235,10 @@ def token_logprobs(gm, logits, targets):
     subtle: the max is subtracted before exp, as in every softmax here; float32 logits stay float32."""
     xp = gm.xp
     m = logits.max(axis=-1, keepdims=True)                                    # (B, T, 1)
-    lse = m[..., 0] + xp.log(xp.exp(logits - m).sum(axis=-1))                 # log sum exp, (B, T)
+    e = logits - m
+    xp.exp(e, out=e)                                                          # one (B, T, V) temporary
+    lse = m[..., 0] + xp.log(e.sum(axis=-1))                                  # log sum exp, (B, T)
+    del e
     t = xp.asarray(np.maximum(targets, 0))
     picked = xp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]        # logits[b, t, target], (B, T)
     lp = gm.to_host(picked - lse).astype(np.float64)
