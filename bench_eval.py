@@ -103,7 +103,8 @@ def ours(m, items):
 
 
 def theirs(torch, model, tok, items, max_length):
-    """The harness's procedure with transformers, the choices of one item in one right-padded batch.
+    """The harness's procedure with transformers (non-empty contexts, as HellaSwag's), the choices of one item
+    in one right-padded batch.
     Returns (seconds, [[(log-likelihood, tokens)] per item])."""
     enc = lambda s: tok.encode(s, add_special_tokens=False)            # noqa: E731
     t0 = time.perf_counter()
@@ -111,8 +112,10 @@ def theirs(torch, model, tok, items, max_length):
     with torch.inference_mode():
         for item in items:
             rows = []
-            for choice in item.choices:                              # _encode_pair, context without trailing space
-                whole, ctx = enc(item.context + " " + choice), enc(item.context)
+            for choice in item.choices:                              # _encode_pair
+                context, cont = item.context.rstrip(), " " + choice
+                cont = item.context[len(context):] + cont               # trailing whitespace moves over
+                whole, ctx = enc(context + cont), enc(context)
                 cont = whole[len(ctx):]
                 rows.append(((ctx + cont)[-(max_length + 1):][:-1], cont))
             T = max(len(inp) for inp, _ in rows)

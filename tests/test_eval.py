@@ -358,3 +358,34 @@ def test_plot_errors(tmp_path, monkeypatch, capsys):
     assert code == 1 and "plot.py needs matplotlib" in err and "pip install matplotlib" in err
     code, err = main_error(plot.main, [], capsys)
     assert code == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench_eval.py's baseline computes what eval.py computes
+
+def test_bench_eval_baseline_equals_our_scoring(exported, hf):
+    import bench_eval
+    from checkpoint import load_model
+    torch, transformers = hf
+    run, hf_dir, cfg = exported
+    items = [scoring.MCItem(d["context"], d["choices"], d["label"], k) for k, d in enumerate(GENERIC) if d["context"]]
+    model, tok = load_hf(transformers, torch, hf_dir), transformers.AutoTokenizer.from_pretrained(hf_dir)
+    _, ref = bench_eval.theirs(torch, model, tok, items, cfg.max_seq_len)
+    _, res = bench_eval.ours(load_model(run), items)
+    for r, lls in zip(res, ref):
+        assert r.tokens == [n for _, n in lls]
+        np.testing.assert_allclose(r.loglikelihoods, [b for b, _ in lls], rtol=TOL)
+
+
+def test_bench_eval_tokenizer_and_items():
+    import bench_eval
+    from conftest import SHARED_DATA
+    if not (SHARED_DATA / "gpt2" / "encoder.json").is_file() or not (SHARED_DATA / "tinyshakespeare.txt").is_file():
+        pytest.skip("needs ../shared/data (gpt2/, tinyshakespeare.txt)")
+    tok = bench_eval.gpt2_cut_tokenizer(SHARED_DATA / "gpt2", 49152)
+    assert tok.vocab_size == 49152 and tok.special_tokens == {"<|endoftext|>": 49151}
+    assert tok.encode_ordinary("Hello world") == [15496, 995]               # GPT-2's own ids
+    items = bench_eval.make_items(SHARED_DATA / "tinyshakespeare.txt", 5)
+    assert len(items) == 5
+    for d in items:
+        assert len(d["endings"]) == 4 and 0 <= d["label"] < 4 and 20 <= len(d["ctx_a"].split()) <= 40
