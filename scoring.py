@@ -317,7 +317,7 @@ def score_request(gm, params, cfg, req, index=0):
 def score_requests(gm, params, cfg, reqs, progress=False, desc="scoring"):
     """MCResults of every request, in order; a tqdm bar (items/s) when progress is true."""
     from tqdm import tqdm
-    with tqdm(total=len(reqs), unit="item", desc=desc, dynamic_ncols=True, disable=not progress or None) as bar:
+    with tqdm(total=len(reqs), unit=" items", desc=desc, dynamic_ncols=True, disable=not progress or None) as bar:
         out = []
         for k, req in enumerate(reqs):
             out.append(score_request(gm, params, cfg, req, k))
@@ -370,10 +370,11 @@ def text_windows(n_tokens, block_size, stride=None):
 
 
 def score_text(gm, params, cfg, ids, block_size=None, stride=None, token_bytes=None, progress=False,
-               batch_bytes=1 << 28):
+               batch_bytes=1 << 28, batch_tokens=1 << 14):
     """Mean loss of every token but the first, in the windows of text_windows. ids: a 1-D int array.
     token_bytes (the UTF-8 length of each id, data.token_byte_lengths) adds bits per byte.
-    Full windows go batch_bytes of logits at a time. Returns {"loss", "ppl", "bits_per_byte", "tokens",
+    Windows go through the model together, up to batch_tokens tokens and batch_bytes of float32 logits
+    at a time (bounding the activations and the logits). Returns {"loss", "ppl", "bits_per_byte", "tokens",
     "bytes", "windows", "block_size", "stride"}."""
     from tqdm import tqdm
     ids = np.asarray(ids, dtype=np.int64)
@@ -383,10 +384,10 @@ def score_text(gm, params, cfg, ids, block_size=None, stride=None, token_bytes=N
     if ids.size < 2:
         raise UserError(f"the text has {ids.size} token(s); at least 2 are needed to predict one")
     windows = text_windows(ids.size, N, stride)
-    per_batch = max(1, batch_bytes // (N * cfg.vocab_size * 4))
+    per_batch = max(1, min(batch_bytes // (N * cfg.vocab_size * 4), batch_tokens // N))
     nll, count = 0.0, 0
     nbytes = 0 if token_bytes is not None else None
-    with tqdm(total=len(windows), unit="window", desc="scoring", dynamic_ncols=True,
+    with tqdm(total=len(windows), unit=" windows", desc="scoring", dynamic_ncols=True,
               disable=not progress or None) as bar:
         k = 0
         while k < len(windows):
