@@ -131,16 +131,40 @@ def theirs(torch, model, tok, items, max_length):
     return time.perf_counter() - t0, out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv):
+    from errors import ArgumentParser, UserError
+    p = ArgumentParser(prog="bench_eval.py", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="BLAS / PyTorch threads, both sides (default 1)")
     p.add_argument("--items", type=int, default=100, help="items in the file (default 100)")
     p.add_argument("--trials", type=int, default=3, help="timed trials per side, alternating (default 3)")
-    p.add_argument("--workdir", default="bench_eval_work", help="where the model, its export and the items go")
+    p.add_argument("--workdir", default="out/bench_eval", help="where the model, its export and the items go "
+                                                            "(default: out/bench_eval, 1.2 GB)")
     p.add_argument("--gpt2-dir", default=str(SHARED / "gpt2"), help="GPT-2's encoder.json and vocab.bpe")
     p.add_argument("--text", default=str(SHARED / "gutenberg_mix.txt"), help="the text the items are cut from")
     a = p.parse_args(argv)
+    for k in ("threads", "items", "trials"):
+        if getattr(a, k) < 1:
+            raise UserError(f"--{k} must be at least 1, got {getattr(a, k)}")
+    return a
+
+
+def main(argv=None):
+    """Exit status 0; `error: <one line>` and 2 for a bad command line, 1 for a failure."""
+    from errors import UserError
+    try:
+        a = parse_args(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return bench(a)
+    except (ValueError, OSError, subprocess.CalledProcessError) as e:    # UserError and bpe.py's errors
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def bench(a):
     for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[k] = str(a.threads)                    # before NumPy and PyTorch start their pools
     if "numpy" in sys.modules:
