@@ -63,6 +63,7 @@ import numpy as np
 import gpt_numpy
 import gpt_numpy
 import memory
+import scoring
 import sft
 from checkpoint import (build_meta, check_tokenizer_fits, load_adapters, load_checkpoint, load_lora_base, load_params,
                         lora_base_ref, read_meta, save_checkpoint)
@@ -152,6 +153,10 @@ class TrainConfig:
     ckpt_interval: int = flag(150, "write a checkpoint every N steps (0: only at the end and on Ctrl-C)")
     sample_tokens: int = flag(100, "tokens sampled at each evaluation; the final sample is 4x (0: none)")
     sample_prompt: str = flag("\n", "prompt of those samples")
+    eval_mc: str = flag("", "a multiple-choice JSONL file (eval.py --mc's formats, e.g. HellaSwag's) scored at every "
+                        "evaluation as eval.py scores it: acc, acc_norm, acc_token_norm, printed and in log.jsonl",
+                        metavar="FILE")
+    eval_mc_limit: int = flag(0, "score only the first N items of --eval-mc (0: all)")
     # run
     seed: int = flag(1337, "seed of the weights, the batch sampler and the dropout masks")
     backend: str = flag("numpy", "numpy (CPU) or cupy (NVIDIA GPU, through gpt_cupy.py)", choices=["numpy", "cupy"])
@@ -199,6 +204,7 @@ PRESETS = {
 RESUME_MAY_CHANGE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
                      "sample_tokens", "sample_prompt", "backend", "tf32", "fused_kernels", "out_dir", "data_dir",
                      "skip_nonfinite", "data", "name", "zero", "bucket_mb", "dist_timeout", "lora_merge", "sft",
+                     "eval_mc", "eval_mc_limit",
                      "grad_accum"}      # grad_accum: as long as the global batch stays (resume_world)
 
 # What a fine-tuning run (--init-from) takes from its checkpoint instead of from the preset and flags, with
@@ -341,6 +347,7 @@ class Run:
     lora: object = None         # gpt_numpy.LoraConfig of a LoRA run, else None
     lora_base: dict = None      # a LoRA run's base checkpoint: checkpoint.lora_base_ref's path and hash
     chat: object = None         # --sft: the sft.Chat the records are rendered with
+    mc: list | None = None      # --eval-mc's items, encoded once (scoring.MCRequest)
 
     ckpt_path = property(lambda self: self.out_dir / "ckpt.safetensors")
     log_path = property(lambda self: self.out_dir / "log.jsonl")
@@ -394,7 +401,7 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None, comm=None):
     if not cfg.sft:
         check_corpus_length(cfg, data)
     run = Run(cfg, mcfg, gm, data, tok, open_out_dir(cfg), resumed=resume is not None, log=log, comm=comm,
-              lora=lora_config(cfg), chat=data.get("chat"))
+              lora=lora_config(cfg), chat=data.get("chat"), mc=load_eval_mc(cfg, tok, mcfg))
     state = resumed_state(run, resume) if resume else fresh_state(run, init)
     if resume and state.step >= cfg.max_iters:
         log(f"warning: {resume.path} is at step {state.step}, and --max-iters {cfg.max_iters} ends there: nothing to "
@@ -593,16 +600,34 @@ def stop_requested(run, stop):
     return run.comm.allreduce_host([float(stop.is_set())], "starting the next step (checking for Ctrl-C)")[0] > 0
 
 
+def load_eval_mc(cfg, tok, mcfg):
+    """--eval-mc's items, read and encoded once, so that a bad file fails before the first step."""
+    if not cfg.eval_mc:
+        return None
+    try:
+        return scoring.encode_items(tok, scoring.read_mc(cfg.eval_mc, cfg.eval_mc_limit or None), mcfg.max_seq_len)
+    except UserError as e:
+        raise type(e)(f"--eval-mc: {e}") from None
+
+
 def evaluate(run, state):
-    """Train and val loss and val bits per byte, printed and logged; then a short sample."""
+    """Train and val loss and val bits per byte (and --eval-mc's accuracy), printed and logged; then a
+    short sample."""
     cfg, t0 = run.cfg, time.time()
     losses = (estimate_sft_loss if cfg.sft else estimate_loss)(run.gm, state.params, run.data, cfg, run.mcfg, run.lora)
+    mc = {}
+    if run.mc:                                          # the same numbers as eval.py --mc on this checkpoint
+        weights = state.params if run.lora is None else run.gm.lora_merge(state.params, run.lora)
+        r = scoring.mc_metrics(scoring.score_requests(run.gm, weights, run.mcfg, run.mc))
+        mc = {f"mc_{k}": r[k] for k in ("acc", "acc_norm", "acc_token_norm", "items")}
     bpb = losses["val"] / run.data["meta"]["val_bytes_per_token"] / math.log(2)
     state.best_val = losses["val"] if state.best_val is None else min(state.best_val, losses["val"])
     state.last_eval = {"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": bpb}
     run.write(f"step {state.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-              f"val {bpb:.3f} bits/byte ({time.time() - t0:.1f} s)")
-    append_jsonl(run.log_path, {"event": "eval", **state.last_eval, "lr": get_lr(state.step, cfg),
+              f"val {bpb:.3f} bits/byte"
+              + (f", mc acc {mc['mc_acc']:.4f} (norm {mc['mc_acc_norm']:.4f}, token norm "
+                 f"{mc['mc_acc_token_norm']:.4f})" if mc else "") + f" ({time.time() - t0:.1f} s)")
+    append_jsonl(run.log_path, {"event": "eval", **state.last_eval, **mc, "lr": get_lr(state.step, cfg),
                                 "time_s": state.elapsed_now(), "tokens_seen": state.tokens_seen})
     if cfg.sample_tokens and state.step < cfg.max_iters:
         run.write(framed(run, make_sample(run, state, cfg.sample_tokens, seed=cfg.seed + state.step)))
@@ -878,7 +903,7 @@ def check_config(cfg):
                  "eval_interval", "eval_iters", "log_interval"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("max_iters", "warmup_iters", "lr_decay_iters", "ckpt_interval", "sample_tokens"):
+    for name in ("max_iters", "warmup_iters", "lr_decay_iters", "ckpt_interval", "sample_tokens", "eval_mc_limit"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not 0.0 < cfg.val_fraction < 1.0:

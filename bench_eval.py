@@ -1,0 +1,222 @@
+"""
+bench_eval.py: how fast eval.py scores a multiple-choice benchmark, against the same scoring done with
+transformers (PyTorch) on the same model, the same items and the same thread count, in one process.
+
+    python bench_eval.py --threads 1                       # 100 items, 3 trials each, alternating
+    python bench_eval.py --threads 2 --items 50 --trials 2
+
+The model: random weights in SmolLM2-135M's shape (30 layers, d_model 576, d_ff 1536, 9 heads, vocab
+49152, RoPE theta 100000, tied embeddings), except plain multi-head attention (9 key/value heads, where
+SmolLM2 has 3): 148M parameters. Random weights score no better than chance, but cost what trained
+ones cost. The tokenizer: GPT-2's BPE (../shared/data/gpt2) cut to its first 48895 merges plus
+<|endoftext|>, so that it has exactly 49152 ids. Both are written as our checkpoint, then exported with
+`python export.py` to a Hugging Face folder that transformers loads.
+
+The items: HellaSwag-shaped records (activity_label, ctx_a, ctx_b, 4 endings) cut from a text file
+(../shared/data/gutenberg_mix.txt), with about HellaSwag's lengths; the token counts are printed.
+
+Ours: scoring.encode_items + scoring.score_requests, what eval.py --mc runs after loading the model:
+each item's context once into a KV cache, its 4 choices in one batch on top of it.
+Theirs: lm-evaluation-harness's procedure with transformers: the fast tokenizer, each item's 4
+(context + choice) sequences right-padded into one batch, one forward, log_softmax, the continuation's
+log-probabilities summed. Both include tokenization; neither includes loading the model.
+Within a trial the two sides alternate item by item (ours then theirs, then theirs then ours, ...), so
+that load changes on this shared machine hit both alike; a trial's ratio is theirs / ours in total time
+over all items, and the reported ratio is the median over the trials. The two sides' log-likelihoods
+are compared too.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def loadavg():
+    try:
+        return Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        return ["?"] * 3
+
+
+def smollm2_shape():
+    import gpt_numpy
+    return gpt_numpy.GPTConfig(vocab_size=49152, n_layer=30, n_head=9, d_model=576, d_ff=1536, max_seq_len=2048,
+                               rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True)
+
+
+def gpt2_cut_tokenizer(gpt2_dir, vocab_size):
+    """GPT-2's BPE with only its first vocab_size - 257 merges, plus <|endoftext|> as the last id."""
+    import bpe
+    full = bpe.Tokenizer.from_gpt2_files(Path(gpt2_dir) / "encoder.json", Path(gpt2_dir) / "vocab.bpe")
+    n = vocab_size - 256 - 1
+    return bpe.Tokenizer(full.pattern, full.merges[:n], {"<|endoftext|>": vocab_size - 1}, full.byte_ids)
+
+
+def make_items(text_path, n, seed=0):
+    """n HellaSwag-shaped records cut from a text: activity_label 1-3 words, ctx_a 20-40 words, ctx_b 2-6
+    words, 4 endings of 10-25 words each, label random."""
+    import numpy as np
+    words = Path(text_path).read_text(encoding="utf-8", errors="replace").split()
+    rng = np.random.default_rng(seed)
+
+    def span(k):
+        i = int(rng.integers(0, len(words) - k))
+        return " ".join(words[i:i + k])
+    return [{"activity_label": span(int(rng.integers(1, 4))), "ctx_a": span(int(rng.integers(20, 41))),
+             "ctx_b": span(int(rng.integers(2, 7))), "endings": [span(int(rng.integers(10, 26))) for _ in range(4)],
+             "label": int(rng.integers(0, 4))} for _ in range(n)]
+
+
+def prepare(a):
+    """Our checkpoint, its export and the items file in a.workdir (reused when already there)."""
+    import numpy as np
+    import gpt_numpy
+    from checkpoint import build_meta, save_checkpoint
+    work = Path(a.workdir)
+    ckpt, hf, mc = work / "ckpt.safetensors", work / "hf", work / f"items{a.items}.jsonl"
+    cfg = smollm2_shape()
+    if not ckpt.is_file():
+        tok = gpt2_cut_tokenizer(a.gpt2_dir, cfg.vocab_size)
+        params = gpt_numpy.init_params(cfg, seed=0)
+        save_checkpoint(ckpt, params, {}, {}, build_meta(cfg, tok, bench="random weights, SmolLM2-135M's shape, MHA"))
+    if not (hf / "model.safetensors").is_file():
+        subprocess.run([sys.executable, str(ROOT / "export.py"), "--ckpt", str(ckpt), "--out", str(hf)], check=True)
+    if not mc.is_file():
+        mc.write_text("".join(json.dumps(d) + "\n" for d in make_items(a.text, a.items)))
+    return ckpt, hf, mc
+
+
+def ours(m, items):
+    """eval.py --mc's work after loading: encode, score. Returns (seconds, results)."""
+    import scoring
+    t0 = time.perf_counter()
+    reqs = scoring.encode_items(m.tokenizer, items, m.cfg.max_seq_len)
+    res = scoring.score_requests(m.gm, m.params, m.cfg, reqs)
+    return time.perf_counter() - t0, res
+
+
+def theirs(torch, model, tok, items, max_length):
+    """The harness's procedure with transformers (non-empty contexts, as HellaSwag's), the choices of one item
+    in one right-padded batch.
+    Returns (seconds, [[(log-likelihood, tokens)] per item])."""
+    enc = lambda s: tok.encode(s, add_special_tokens=False)            # noqa: E731
+    t0 = time.perf_counter()
+    out = []
+    with torch.inference_mode():
+        for item in items:
+            rows = []
+            for choice in item.choices:                              # _encode_pair
+                context, cont = item.context.rstrip(), " " + choice
+                cont = item.context[len(context):] + cont               # trailing whitespace moves over
+                whole, ctx = enc(context + cont), enc(context)
+                cont = whole[len(ctx):]
+                rows.append(((ctx + cont)[-(max_length + 1):][:-1], cont))
+            T = max(len(inp) for inp, _ in rows)
+            batch = torch.zeros((len(rows), T), dtype=torch.long)
+            for b, (inp, _) in enumerate(rows):
+                batch[b, :len(inp)] = torch.tensor(inp)
+            logp = torch.log_softmax(model(batch).logits, dim=-1)   # (B, T, V), float32 as the harness
+            lls = []
+            for b, (inp, cont) in enumerate(rows):
+                sl = logp[b, len(inp) - len(cont):len(inp)]           # the continuation's positions
+                lls.append((float(sl.gather(1, torch.tensor(cont)[:, None]).sum()), len(cont)))
+            out.append(lls)
+    return time.perf_counter() - t0, out
+
+
+def parse_args(argv):
+    from errors import ArgumentParser, UserError
+    p = ArgumentParser(prog="bench_eval.py", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1, help="BLAS / PyTorch threads, both sides (default 1)")
+    p.add_argument("--items", type=int, default=100, help="items in the file (default 100)")
+    p.add_argument("--trials", type=int, default=3, help="timed trials per side, alternating (default 3)")
+    p.add_argument("--workdir", default="out/bench_eval", help="where the model, its export and the items go "
+                                                            "(default: out/bench_eval, 1.2 GB)")
+    p.add_argument("--gpt2-dir", default=str(SHARED / "gpt2"), help="GPT-2's encoder.json and vocab.bpe")
+    p.add_argument("--text", default=str(SHARED / "gutenberg_mix.txt"), help="the text the items are cut from")
+    a = p.parse_args(argv)
+    for k in ("threads", "items", "trials"):
+        if getattr(a, k) < 1:
+            raise UserError(f"--{k} must be at least 1, got {getattr(a, k)}")
+    return a
+
+
+def main(argv=None):
+    """Exit status 0; `error: <one line>` and 2 for a bad command line, 1 for a failure."""
+    from errors import UserError
+    try:
+        a = parse_args(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return bench(a)
+    except (ValueError, OSError, subprocess.CalledProcessError) as e:    # UserError and bpe.py's errors
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def bench(a):
+    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[k] = str(a.threads)                    # before NumPy and PyTorch start their pools
+    if "numpy" in sys.modules:
+        print("warning: NumPy was imported before the thread count was set", file=sys.stderr)
+    import numpy as np
+    import torch
+    import transformers
+    import scoring
+    from checkpoint import load_model
+    torch.set_num_threads(a.threads)
+    transformers.logging.set_verbosity_error()
+
+    ckpt, hf, mc = prepare(a)
+    m = load_model(ckpt)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(hf)
+    items = scoring.read_mc(mc)
+    reqs = scoring.encode_items(m.tokenizer, items, m.cfg.max_seq_len)
+    ctx_len = np.mean([len(r.inputs[0][0]) for r in reqs])
+    cont_len = np.mean([len(c) for r in reqs for _, c in r.inputs])
+    print(f"model: {m.gm.num_params(m.params):,} parameters (SmolLM2-135M's shape, {m.cfg.n_head} kv heads); "
+          f"{len(items)} items, 4 choices, mean context {ctx_len:.1f} tokens, mean choice {cont_len:.1f} tokens")
+    print(f"threads: BLAS {a.threads}, torch {torch.get_num_threads()}; numpy {np.__version__}, torch "
+          f"{torch.__version__}, transformers {transformers.__version__}; loadavg {' '.join(loadavg())}")
+    ours(m, items[:2])                                    # warm-up: caches, allocator, thread pools
+    theirs(torch, model, tok, items[:2], m.cfg.max_seq_len)
+    rows = []
+    for t in range(a.trials):
+        so = st = 0.0
+        res, ref = [], []
+        for k, item in enumerate(items):                  # interleaved item by item, the order alternating,
+            for side in ((0, 1) if k % 2 == 0 else (1, 0)):   # so that load changes hit both sides alike
+                if side == 0:
+                    dt, r = ours(m, [item])
+                    so, res = so + dt, res + r
+                else:
+                    dt, r = theirs(torch, model, tok, [item], m.cfg.max_seq_len)
+                    st, ref = st + dt, ref + r
+        rows.append((so, st))
+        print(f"trial {t + 1}: ours {len(items) / so:.3f} items/s ({so:.1f} s), transformers {len(items) / st:.3f} "
+              f"items/s ({st:.1f} s), ratio {st / so:.2f}x; loadavg {' '.join(loadavg())}")
+    worst = max(abs(a_ - b) / abs(b) for r, lls in zip(res, ref) for a_, (b, _) in zip(r.loglikelihoods, lls))
+    same_tokens = all(r.tokens == [n for _, n in lls] for r, lls in zip(res, ref))
+    acc_ours = np.mean([r.pred == r.label for r in res])
+    acc_theirs = np.mean([int(np.argmax([b for b, _ in lls])) == r.label for r, lls in zip(res, ref)])
+    so, st = (float(np.median(x)) for x in zip(*rows))
+    print(f"median: ours {len(items) / so:.3f} items/s, transformers {len(items) / st:.3f} items/s; ratio "
+          f"{float(np.median([b / a_ for a_, b in rows])):.2f}x (median of the {a.trials} pairs)")
+    print(f"agreement: max relative difference of a choice's log-likelihood {worst:.1e}; token counts "
+          f"{'equal' if same_tokens else 'DIFFER'}; acc {acc_ours:.2f} (ours) vs {acc_theirs:.2f} (transformers)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,411 @@
+"""
+scoring.py: how eval.py and train.py --eval-mc score a model, in one place: the perplexity of a text, and
+multiple-choice benchmarks (HellaSwag and a generic format) scored as EleutherAI's lm-evaluation-harness
+scores them, plus llm.c's per-token normalisation. A library: it reads files and returns numbers; the
+programs print them.
+
+    items = read_mc("hellaswag_val.jsonl", limit=100)     # [MCItem(context, choices, label, line)]
+    reqs = encode_items(tok, items, cfg.max_seq_len)      # the harness's token ids, left-truncated to fit
+    results = score_requests(gm, params, cfg, reqs)       # per item: each choice's log-likelihood, tokens
+    mc_metrics(results)                                   # {"acc", "acc_norm", "acc_token_norm", *_stderr, ...}
+    text = score_text(gm, params, cfg, ids, 128, 64)      # {"loss", "ppl", "tokens", ...} of a token stream
+
+Multiple choice, the harness's way (lm_eval/api/task.py, api/model.py, models/huggingface.py):
+- Each choice is a continuation of the context: (context, delimiter + choice), the delimiter " " by default
+  (the harness's target_delimiter). Whitespace at the end of the context moves to the continuation.
+- Context and continuation are tokenized together and split at the context's own token length:
+  ctx = encode(context), cont = encode(context + continuation)[len(ctx):]. The model reads ctx + cont
+  and the choice's log-likelihood is the sum of log p(cont[j] | everything before it).
+- An empty context is replaced by a start token (<|endoftext|>; a char vocabulary's newline), unless the
+  continuation already starts with it.
+- Too long for the window of N = max_seq_len tokens: ctx + cont is cut to its last N + 1 tokens (the
+  context loses its beginning) and the item is counted as truncated. A continuation of more than N tokens
+  cannot be scored and is an error.
+- Metrics, each the mean over items of 0/1 with the harness's standard error, sqrt(p (1 - p) / (n - 1)):
+  acc            argmax of the summed log-likelihoods
+  acc_norm       argmax of log-likelihood / len(choice) in characters (the harness's acc_norm)
+  acc_token_norm argmax of log-likelihood / tokens, the mean per token (llm.c's hellaswag.py "acc_norm")
+  Ties go to the first choice (np.argmax).
+
+HellaSwag (the harness's hellaswag task, lm_eval/tasks/hellaswag/utils.py): the context is
+preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize()) and each choice preprocess(ending),
+where preprocess strips, turns " [title]" into ". ", drops every "[...]" and collapses double spaces.
+A line with `ctx` but no ctx_a uses ctx in their place.
+
+Text perplexity: the ids are cut into windows of N + 1 tokens that overlap by one token (the last token
+of a window is the first of the next), so every token but the first is predicted exactly once, from the
+earlier tokens of its window. With stride S < N each window starts S tokens after the previous one and
+scores only the tokens no earlier window scored (its last S): every prediction then sees at least N - S
+tokens of context (the sliding-window perplexity of Hugging Face's docs).
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from data import atomic_write, encode_prompt, encode_text
+from errors import FileFormatError, UserError
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Multiple-choice files: one JSON object per line, HellaSwag's fields or the generic ones
+
+@dataclass
+class MCItem:
+    context: str
+    choices: list               # strings, as scored (HellaSwag's preprocessed)
+    label: int                  # index of the right choice
+    line: int                   # 1-based line of the file, for messages
+    source: str = ""            # the file
+
+
+def hellaswag_preprocess(text):
+    """The harness's hellaswag preprocess(). Example: " A man [title] is [step] here  now " -> "A man. is  here now"
+    (brackets are artifacts of HellaSwag's WikiHow part)."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    text = text.replace("  ", " ")
+    return text
+
+
+def hellaswag_item(doc):
+    """(context, choices) of a HellaSwag record, as the harness's process_docs builds them.
+    subtle: str.capitalize() also lowercases the rest of ctx_b ("Then The" -> "Then the"): kept, as
+    the harness does it."""
+    if "ctx_a" in doc:
+        ctx = doc["ctx_a"] + " " + doc.get("ctx_b", "").capitalize()
+    else:
+        ctx = doc["ctx"]
+    label = doc.get("activity_label")
+    query = hellaswag_preprocess((label + ": " if label is not None else "") + ctx)
+    return query, [hellaswag_preprocess(e) for e in doc["endings"]]
+
+
+def parse_mc_line(doc, where):
+    """One JSON record -> (context, choices, label), checking every field; FileFormatError naming `where`."""
+    def bad(why):
+        raise FileFormatError(f"{where}: {why}")
+
+    if not isinstance(doc, dict):
+        bad(f"expected a JSON object, got {type(doc).__name__}")
+    if "endings" in doc:                                       # HellaSwag
+        texts = [doc.get(k) for k in ("ctx", "ctx_a", "ctx_b", "activity_label") if k in doc]
+        if ("ctx" not in doc and "ctx_a" not in doc) or not all(isinstance(t, str) for t in texts):
+            bad("a HellaSwag record needs a string `ctx` (or `ctx_a` and `ctx_b`)")
+        if not isinstance(doc["endings"], list) or not all(isinstance(e, str) for e in doc["endings"]):
+            bad("`endings` must be a list of strings")
+        context, choices = hellaswag_item(doc)
+    elif "choices" in doc:                                     # generic
+        context, choices = doc.get("context"), doc["choices"]
+        if not isinstance(context, str):
+            bad("`context` must be a string")
+        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+            bad("`choices` must be a list of strings")
+    else:
+        bad("expected HellaSwag's fields (ctx, endings, label) or the generic ones (context, choices, label)")
+    if len(choices) < 2:
+        bad(f"{len(choices)} choice(s); a multiple-choice item needs at least 2")
+    for i, c in enumerate(choices):
+        if not c:
+            bad(f"choice {i} is empty" + (" after HellaSwag's preprocessing" if "endings" in doc else ""))
+    label = doc.get("label")
+    if isinstance(label, str) and label.strip().isdigit():     # HellaSwag on the Hub spells it "0".."3"
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int):
+        bad(f"`label` must be the index of the right choice, got {json.dumps(label)}")
+    if not 0 <= label < len(choices):
+        bad(f"label {label} is out of range for {len(choices)} choices (0 .. {len(choices) - 1})")
+    return context, list(choices), label
+
+
+def read_mc(path, limit=None):
+    """The items of a multiple-choice JSONL file (blank lines skipped), the first `limit` if given.
+    Raises UserError for a missing file, FileFormatError naming the line for a bad one."""
+    path = Path(path)
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    items = []
+    with f:
+        try:
+            for n, line in enumerate(f, 1):
+                if limit is not None and len(items) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)
+                except ValueError as e:
+                    raise FileFormatError(f"{path}, line {n}: not valid JSON ({e})") from None
+                items.append(MCItem(*parse_mc_line(doc, f"{path}, line {n}"), line=n, source=str(path)))
+        except UnicodeDecodeError as e:
+            raise FileFormatError(f"{path} is not UTF-8 text ({e})") from None
+    if not items:
+        raise FileFormatError(f"{path} holds no items")
+    return items
+
+
+def fetch_hellaswag(data_dir, log=print):
+    """HellaSwag's official validation file (10042 items, 11 MB), downloaded once into
+    <data_dir>/hellaswag/hellaswag_val.jsonl; later calls return the path without the network."""
+    path = Path(data_dir) / "hellaswag" / "hellaswag_val.jsonl"
+    if path.is_file():
+        return path
+    import urllib.request
+    try:
+        log(f"downloading HellaSwag's validation set from {HELLASWAG_URL} ...")
+        with urllib.request.urlopen(HELLASWAG_URL, timeout=30) as r:
+            data = r.read()
+    except Exception as e:
+        raise UserError(f"could not download HellaSwag ({e.__class__.__name__}: {e}); download "
+                        f"{HELLASWAG_URL} by hand to {path}, or pass a local file with --mc") from None
+    atomic_write(path, data)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokens: the harness's split of (context, continuation), and the left-truncation to the window
+
+@dataclass
+class MCRequest:
+    item: MCItem
+    inputs: list                # per choice: (context ids, continuation ids), ctx + cont <= N + 1 tokens
+    truncated: bool             # did some choice lose the beginning of its context?
+
+
+def encode_pair(tok, context, continuation):
+    """(context ids, continuation ids) as the harness's _encode_pair: trailing whitespace of the context
+    moves to the continuation, both are encoded together and split at the context's own length.
+
+    Example (GPT-2's BPE): ("The cat", " sat") -> ([464, 3797], [3332]).
+    An empty context becomes the start token (encode_prompt(tok, "")); subtle: where the continuation
+    already starts with that token, its first token is the context instead (the harness's rule)."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    if not context:
+        cont = [int(i) for i in encode_text(tok, continuation)]
+        start = encode_prompt(tok, "")
+        return (cont[:1], cont[1:]) if cont[:1] == start else (start, cont)
+    whole = [int(i) for i in encode_text(tok, context + continuation)]
+    ctx = [int(i) for i in encode_text(tok, context)]
+    return ctx, whole[len(ctx):]
+
+
+def encode_items(tok, items, window, delimiter=" "):
+    """MCItems -> MCRequests: every choice encoded with encode_pair(context, delimiter + choice) and cut
+    to the last window + 1 tokens as the harness cuts it. UserError naming the item if a choice cannot
+    be scored (no token of its own, or longer than the window)."""
+    reqs = []
+    for item in items:
+        inputs, truncated = [], False
+        for i, choice in enumerate(item.choices):
+            where = f"{item.source or 'item'}, line {item.line}, choice {i}"
+            try:
+                ctx, cont = encode_pair(tok, item.context, delimiter + choice)
+            except UserError as e:                         # e.g. a character the char vocabulary lacks
+                raise UserError(f"{where}: {e}") from None
+            if not cont:
+                raise UserError(f"{where}: the choice has no tokens of its own (the tokenizer merged it into "
+                                f"the context); use a --delimiter such as ' '")
+            if len(cont) > window:
+                raise UserError(f"{where}: the choice is {len(cont)} tokens long, more than the model's "
+                                f"window of {window}")
+            if len(ctx) + len(cont) > window + 1:          # the harness keeps the last N + 1 tokens
+                ctx, truncated = ctx[len(ctx) + len(cont) - (window + 1):], True
+            inputs.append((ctx, cont))
+        reqs.append(MCRequest(item, inputs, truncated))
+    return reqs
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model's side: log-probabilities of given tokens
+
+def token_logprobs(gm, logits, targets):
+    """log softmax(logits)[target] per position: logits (B, T, V) on gm's device, targets (B, T) host
+    ints (-1: padding, gives 0). Returns a host float64 array (B, T).
+    subtle: the max is subtracted before exp, as in every softmax here; float32 logits stay float32."""
+    xp = gm.xp
+    m = logits.max(axis=-1, keepdims=True)                                    # (B, T, 1)
+    e = logits - m
+    xp.exp(e, out=e)                                                          # one (B, T, V) temporary
+    lse = m[..., 0] + xp.log(e.sum(axis=-1))                                  # log sum exp, (B, T)
+    del e
+    t = xp.asarray(np.maximum(targets, 0))
+    picked = xp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]        # logits[b, t, target], (B, T)
+    lp = gm.to_host(picked - lse).astype(np.float64)
+    return np.where(targets >= 0, lp, 0.0)
+
+
+def score_continuations(gm, params, cfg, ctx, conts):
+    """Summed log p(cont | ctx) for each continuation of one shared context, in one batch.
+
+    The context is read once: all of it but its last token goes through forward_cached into a KV cache,
+    whose keys and values are then copied for each choice; the batch row of choice i is
+    [ctx[-1]] + cont_i[:-1], right-padded (causal: padding at the end changes no earlier position), and
+    its logits predict cont_i. Returns (log-likelihoods, per-token log-probabilities)."""
+    c, longest = len(ctx), max(len(x) for x in conts)
+    T = longest                                                   # ctx[-1] + the longest cont minus its last
+    ccfg = replace(cfg, max_seq_len=c - 1 + T)                    # a cache just as long as needed
+    dtype = params["tok_emb"].dtype
+    kv = gm.kv_cache_init(ccfg, dtype, batch=1)
+    if c > 1:
+        gm.forward_cached(params, np.asarray([ctx[:-1]]), ccfg, kv, 0)       # prefill; logits unused
+    B = len(conts)
+    kv = [(gm.xp.repeat(K, B, axis=0), gm.xp.repeat(V, B, axis=0)) for K, V in kv]   # the context, per choice
+    ids = np.zeros((B, T), dtype=np.int64)                       # padding: id 0, never scored
+    targets = np.full((B, T), -1, dtype=np.int64)
+    for b, x in enumerate(conts):
+        row = [ctx[-1]] + x[:-1]
+        ids[b, :len(row)] = row
+        targets[b, :len(x)] = x
+    logits = gm.forward_cached(params, ids, ccfg, kv, c - 1)     # (B, T, V)
+    lp = token_logprobs(gm, logits, targets)                      # (B, T)
+    return lp.sum(axis=1), lp
+
+
+@dataclass
+class MCResult:
+    index: int                  # the item's position among those scored
+    line: int
+    label: int
+    loglikelihoods: list        # per choice, summed over its tokens (nats)
+    tokens: list                # per choice: tokens scored
+    chars: list                 # per choice: len(choice) in characters
+    truncated: bool
+    pred: int = field(init=False)
+    pred_norm: int = field(init=False)
+    pred_token_norm: int = field(init=False)
+
+    def __post_init__(self):
+        ll = np.asarray(self.loglikelihoods, dtype=np.float64)
+        self.pred = int(np.argmax(ll))                                        # ties: the first
+        self.pred_norm = int(np.argmax(ll / np.asarray(self.chars, np.float64)))
+        self.pred_token_norm = int(np.argmax(ll / np.asarray(self.tokens, np.float64)))
+
+    def record(self):
+        """The --per-item JSON line."""
+        return {"index": self.index, "line": self.line, "label": self.label, "pred": self.pred,
+                "pred_norm": self.pred_norm, "pred_token_norm": self.pred_token_norm,
+                "loglikelihoods": self.loglikelihoods, "tokens": self.tokens, "chars": self.chars,
+                "truncated": self.truncated}
+
+
+def score_request(gm, params, cfg, req, index=0):
+    """One item: its choices that share a context are scored in one batch (after a left-truncation the
+    contexts may differ: each group of equal contexts is a batch)."""
+    ll = [0.0] * len(req.inputs)
+    groups = {}
+    for i, (ctx, _) in enumerate(req.inputs):
+        groups.setdefault(tuple(ctx), []).append(i)
+    for ctx, members in groups.items():
+        sums, _ = score_continuations(gm, params, cfg, list(ctx), [req.inputs[i][1] for i in members])
+        for i, s in zip(members, sums):
+            ll[i] = float(s)
+    return MCResult(index, req.item.line, req.item.label, ll, [len(cont) for _, cont in req.inputs],
+                    [len(c) for c in req.item.choices], req.truncated)
+
+
+def score_requests(gm, params, cfg, reqs, progress=False, desc="scoring"):
+    """MCResults of every request, in order; a tqdm bar (items/s) when progress is true."""
+    from tqdm import tqdm
+    with tqdm(total=len(reqs), unit=" items", desc=desc, dynamic_ncols=True, disable=not progress or None) as bar:
+        out = []
+        for k, req in enumerate(reqs):
+            out.append(score_request(gm, params, cfg, req, k))
+            bar.update(1)
+    return out
+
+
+def mean_stderr(x):
+    """The harness's standard error of a mean: sample standard deviation (n - 1) / sqrt(n); None for n < 2.
+    For 0/1 scores with mean p: sqrt(p (1 - p) / (n - 1))."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.size < 2:
+        return None
+    return float(x.std(ddof=1) / math.sqrt(x.size))
+
+
+def mc_metrics(results):
+    """acc, acc_norm, acc_token_norm and their standard errors over MCResults, plus items and truncated."""
+    out = {}
+    for name, attr in (("acc", "pred"), ("acc_norm", "pred_norm"), ("acc_token_norm", "pred_token_norm")):
+        hits = [float(getattr(r, attr) == r.label) for r in results]
+        out[name] = float(np.mean(hits))
+        out[name + "_stderr"] = mean_stderr(hits)
+    out["items"] = len(results)
+    out["truncated"] = sum(r.truncated for r in results)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text perplexity
+
+def text_windows(n_tokens, block_size, stride=None):
+    """The windows over n_tokens ids as (start, end, first): the model reads ids[start:end] and is scored
+    on the targets ids[first:end + 1] (positions first .. end), every position 1 .. n_tokens - 1 once.
+
+    >>> text_windows(9, 4)                  # overlap of one token: [0..4], [4..8]
+    [(0, 4, 1), (4, 8, 5)]
+    >>> text_windows(9, 4, stride=2)        # sliding: each later window scores its last 2 targets
+    [(0, 4, 1), (2, 6, 5), (4, 8, 7)]
+    """
+    stride = block_size if stride is None else stride
+    if not 1 <= stride <= block_size:
+        raise ValueError(f"stride must be in [1, block_size = {block_size}], got {stride}")
+    windows, start, done = [], 0, 0                     # done: the last position scored so far
+    while done < n_tokens - 1:
+        end = min(start + block_size, n_tokens - 1)     # reads ids[start:end], predicts ids[start+1:end+1]
+        windows.append((start, end, done + 1))
+        done, start = end, start + stride
+    return windows
+
+
+def score_text(gm, params, cfg, ids, block_size=None, stride=None, token_bytes=None, progress=False,
+               batch_bytes=1 << 28, batch_tokens=1 << 14):
+    """Mean loss of every token but the first, in the windows of text_windows. ids: a 1-D int array.
+    token_bytes (the UTF-8 length of each id, data.token_byte_lengths) adds bits per byte.
+    Windows go through the model together, up to batch_tokens tokens and batch_bytes of float32 logits
+    at a time (bounding the activations and the logits). Returns {"loss", "ppl", "bits_per_byte", "tokens",
+    "bytes", "windows", "block_size", "stride"}."""
+    from tqdm import tqdm
+    ids = np.asarray(ids, dtype=np.int64)
+    N = block_size or cfg.max_seq_len
+    if N > cfg.max_seq_len:
+        raise UserError(f"block size {N} exceeds the model's context of {cfg.max_seq_len} tokens")
+    if ids.size < 2:
+        raise UserError(f"the text has {ids.size} token(s); at least 2 are needed to predict one")
+    windows = text_windows(ids.size, N, stride)
+    per_batch = max(1, min(batch_bytes // (N * cfg.vocab_size * 4), batch_tokens // N))
+    nll, count = 0.0, 0
+    nbytes = 0 if token_bytes is not None else None
+    with tqdm(total=len(windows), unit=" windows", desc="scoring", dynamic_ncols=True,
+              disable=not progress or None) as bar:
+        k = 0
+        while k < len(windows):
+            # windows of one length go together (all but maybe the last are N long)
+            length = windows[k][1] - windows[k][0]
+            group = [w for w in windows[k:k + per_batch] if w[1] - w[0] == length][:per_batch]
+            x = np.stack([ids[s:e] for s, e, _ in group])                        # (B, T)
+            y = np.stack([ids[s + 1:e + 1] for s, e, _ in group])                # (B, T)
+            for b, (s, e, first) in enumerate(group):
+                y[b, :first - (s + 1)] = -1                                       # scored by an earlier window
+            lp = token_logprobs(gm, gm.forward(params, x, cfg), y)
+            nll -= float(lp.sum())
+            count += int((y >= 0).sum())
+            if nbytes is not None:
+                nbytes += int(token_bytes[y[y >= 0]].sum())
+            k += len(group)
+            bar.update(len(group))
+    loss = nll / count
+    return {"loss": loss, "ppl": math.exp(loss),
+            "bits_per_byte": nll / math.log(2) / nbytes if nbytes else None,
+            "tokens": count, "bytes": nbytes, "windows": len(windows), "block_size": N, "stride": stride or N}
