@@ -403,6 +403,25 @@ def test_cli_import_gguf_then_sample_and_fine_tune_checkpoint(gguf_case, tmp_pat
     assert not np.array_equal(ft.params["blocks.0.attn.qkv"], params["blocks.0.attn.qkv"])
 
 
+def test_cli_import_hf_keeps_the_chat_template(hf_tok, tmp_path, capsys):
+    """--import-hf reads the template and special tokens from tokenizer_config.json (or chat_template.jinja)."""
+    _, tj = hf_tok
+    tok = bpe.Tokenizer.from_hf_json(tj)
+    params, cfg = tiny_model(tok.vocab_size)
+    export.export_hf(params, cfg, tok, tmp_path / "hf")
+    conf = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    conf.update(chat_template=SMOLLM_TEMPLATE, bos_token="<|im_start|>",
+                eos_token={"content": "<|im_end|>", "special": True})
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(conf))
+    assert export.main(["--import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    info = load_checkpoint(tmp_path / "run").meta["chat"]
+    assert (info["template"], info["bos_token"], info["eos_token"], info["stop_ids"]) == \
+        (SMOLLM_TEMPLATE, "<|im_start|>", "<|im_end|>", [2])
+    (tmp_path / "hf" / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
+    assert export.main(["--import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run2")]) == 0
+    assert load_checkpoint(tmp_path / "run2").meta["chat"]["template"].startswith("{% for m in messages %}")
+
+
 def bad_gguf(kind, tmp_path, fields, tok):
     params, cfg = tiny_model(tok.vocab_size)
     path = tmp_path / f"{kind}.gguf"
