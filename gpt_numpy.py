@@ -4,14 +4,9 @@ gpt_numpy.py: a Llama-style transformer language model in NumPy, with every grad
 What this is: one file you can read top to bottom. Token embedding, RoPE, causal multi-head attention
 (grouped-query attention when there are fewer key/value heads than query heads), RMSNorm or LayerNorm,
 a SwiGLU feed-forward, the LM head and softmax cross-entropy; each forward with its backward right
-<<<<<<< HEAD
 beside it, and LoRA adapters that wrap the weight matmuls for cheap fine-tuning. Then the model,
-gradient checkpointing, AdamW, mixed precision and generation with a KV cache. The contract (parameter names, shapes, conventions) is SPEC.md; the README
-says where it lives.
-=======
-beside it. Then the model, gradient checkpointing, AdamW, mixed precision and generation with a KV
-cache. The contract (parameter names, shapes, conventions) is SPEC.md; the README says where it lives.
->>>>>>> d-pretrained
+gradient checkpointing, AdamW, mixed precision and generation with a KV cache. The contract (parameter
+names, shapes, conventions) is docs/SPEC.md.
 
 What it deliberately is not: no autograd, no framework, no classes where a function will do. The only
 state is the parameter dict, the optimizer-state dict and the KV cache.
