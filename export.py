@@ -49,7 +49,7 @@ num_attention_heads) maps to n_kv_head. Weights are written in float32; bfloat16
 read and widened to float32.
 
 The chat template (tokenizer_config.json's chat_template, or chat_template.jinja) and the special tokens
-it uses go into the checkpoint's metadata ("chat"), for `sample.py --chat` (chat.py).
+it uses go into the checkpoint's metadata ("chat"), for `sample.py --chat` (chat_template.py).
 
 A LoRA run (train.py --lora-rank) exports as its merged model (W + (alpha/r) A @ B), and with
 `--peft-adapter DIR2` also as a PEFT LoRA adapter for its base model, so that

@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 import bpe
-import chat
+import chat_template as chat
 import gpt_numpy as gn
 from errors import FileFormatError, UserError
 

@@ -15,7 +15,7 @@ incremental UTF-8 decoder before printing, so a character split over two tokens 
 byte-level BPE) prints whole once its last byte arrives.
 
 --chat talks to a chat model imported with export.py (--import-gguf, --import-hf): each turn renders the
-whole conversation with the model's own chat template (chat.py), generates the reply token by token and
+whole conversation with the model's own chat template (chat_template.py), generates the reply token by token and
 stops at the template's end-of-turn token. Interactive: type a message, Enter; Ctrl-D or Ctrl-C ends.
 """
 
@@ -23,7 +23,7 @@ import codecs
 import math
 import sys
 
-import chat
+import chat_template as chat
 import memory
 from checkpoint import load_model
 from data import encode_prompt

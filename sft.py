@@ -36,11 +36,11 @@ block size, keeps the wasted work small; the causal mask already keeps real toke
 import hashlib
 import json
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from chat_template import compile_template     # the template in jinja2's sandbox, as transformers compiles it
 from data import EOT, file_sha256, text_sha256
 from errors import FileFormatError, UserError
 
@@ -63,45 +63,6 @@ DEFAULT_TEMPLATE = (
 
 # ----------------------------------------------------------------------------------------------------
 # Rendering a chat with a template
-
-@lru_cache(maxsize=8)
-def compile_template(template):
-    """A Jinja chat template compiled as transformers compiles one (see the module docstring)."""
-    from datetime import datetime
-
-    import jinja2
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):
-        # {% generation %}...{% endgeneration %} marks the assistant's text for transformers'
-        # return_assistant_tokens_mask; here it renders its body (the turns are found by prefixes)
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateError as e:
-        raise FileFormatError(f"the chat template does not compile: {e}") from None
-
 
 def render_chat(template, messages, add_generation_prompt=False, **specials):
     """The text of `messages` (a list of {"role", "content"} dicts) under a Jinja chat template, with

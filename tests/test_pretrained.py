@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import bpe
-import chat
+import chat_template as chat
 import export
 import gpt_numpy as gn
 import interop

@@ -69,7 +69,7 @@ def test_template_runs_in_the_sandbox(tok):
     with pytest.raises(UserError, match="the chat template failed: no system messages"):
         sft.render_chat("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system messages') }}"
                         "{% endif %}", CHAT)
-    with pytest.raises(UserError, match="does not compile"):
+    with pytest.raises(UserError, match="the chat template does not parse"):
         sft.chat_template_for({"chat": {"template": "{% for m in messages %}"}}, tok)
     with pytest.raises(UserError, match="eos_token '<nope>' is not a special token"):
         sft.chat_template_for({"chat": {"template": CHATML, "eos_token": "<nope>"}}, tok)

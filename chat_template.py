@@ -1,5 +1,5 @@
 """
-chat.py: a chat model's own template, rendered as transformers renders it, and the token ids of a chat.
+chat_template.py: a chat model's own template, rendered as transformers renders it, and the token ids of a chat.
 
 An instruction-tuned model was trained on conversations laid out by its chat template, a Jinja2 program
 that ships with the model (GGUF's tokenizer.chat_template; Hugging Face's tokenizer_config.json or
