@@ -53,7 +53,7 @@ def reset_peak_rss():
         return False
 
 
-def peak_rss_mb():
+def peak_rss_mib():
     """VmHWM from /proc/self/status (follows reset_peak_rss), else ru_maxrss."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -163,12 +163,12 @@ def run_speed(a):
 
 
 def run_memory(a, engine):
-    """Peak RSS (MB) of loading `engine` and generating with it once, and of the generating alone."""
+    """Peak RSS (MiB) of loading `engine` and generating with it once, and of the generating alone."""
     prefill, decode = (ours if engine == "ours" else theirs)(a)
-    loaded = peak_rss_mb()
+    loaded = peak_rss_mib()
     reset_peak_rss()
     prefill(), decode()
-    return {"load_peak_mb": loaded, "gen_peak_mb": peak_rss_mb(), "process_peak_mb": max(loaded, peak_rss_mb())}
+    return {"load_peak_mib": loaded, "gen_peak_mib": peak_rss_mib(), "process_peak_mib": max(loaded, peak_rss_mib())}
 
 
 def profile(prefill, decode, a):
@@ -202,8 +202,8 @@ def child(a, what):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def import_peak_mb(a):
-    """Peak RSS of export.py --import-gguf (a subprocess), or None without --gguf."""
+def import_peak_mib(a):
+    """Peak RSS (MiB) of export.py --import-gguf (a subprocess), or None without --gguf."""
     if not a.gguf:
         return None
     with tempfile.TemporaryDirectory() as d:
@@ -240,7 +240,7 @@ def main(argv=None):
         for name, text in child(a, "profile").items():
             print(f"\n--- ours, {name} ({a.prefill if name == 'prefill' else a.decode} tokens) ---\n{text}")
         return 0
-    imp = import_peak_mb(a)
+    imp = import_peak_mib(a)
     import torch
     import transformers
     import export
@@ -256,14 +256,14 @@ def main(argv=None):
     print(f"load after: {' '.join(loadavg())}; transformers {transformers.__version__}, torch {torch.__version__}; "
           f"threads {speed['threads']}; greedy tokens identical: {same}")
     if imp is not None:
-        print(f"peak memory of export.py --import-gguf: {imp:.0f} MB")
+        print(f"peak memory of export.py --import-gguf: {imp:.0f} MiB")
     med = lambda xs: sorted(xs)[len(xs) // 2]                  # noqa: E731
     rows = {}
     for engine in ("ours", "theirs"):
         r = speed[engine]
         dec, pre = [a.decode / s for s in r["decode_s"]], [a.prefill / s for s in r["prefill_s"]]
-        rows[engine] = (max(dec), med(dec), max(pre), med(pre), mem[engine]["process_peak_mb"], mem[engine]["gen_peak_mb"])
-    print(f"\n| {'':<28} | decode tok/s: best (median) | prefill {a.prefill} tok/s: best (median) | peak MB: process | while generating |")
+        rows[engine] = (max(dec), med(dec), max(pre), med(pre), mem[engine]["process_peak_mib"], mem[engine]["gen_peak_mib"])
+    print(f"\n| {'':<28} | decode tok/s: best (median) | prefill {a.prefill} tok/s: best (median) | peak MiB: process | while generating |")
     print(f"|{'-' * 30}|{'-' * 29}|{'-' * 35}|{'-' * 18}|{'-' * 18}|")
     names = {"ours": "gpt_numpy (NumPy, float32)", "theirs": "transformers eager float32"}
     for engine, (db, dm, pb, pm, lm, gm) in rows.items():
