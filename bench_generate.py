@@ -3,21 +3,24 @@ bench_generate.py: how fast gpt_numpy generates with a real pretrained model, ne
 attention, float32) on the same weights, in the same run, on the same threads.
 
     python export.py --import-gguf SmolLM2-135M-Instruct.Q4_1.gguf --out out/smollm2
-    python bench_generate.py --ckpt out/smollm2 --threads 2
+    python bench_generate.py --ckpt out/smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf --threads 2
     python bench_generate.py --ckpt out/smollm2 --threads 2 --profile     # where our time goes
 
-It measures, each in a fresh subprocess (so each peak memory is its own), alternating ours and theirs
-round by round so that the load of a shared machine falls on both alike:
+It measures, on the same weights and threads:
 
     decode   tokens/s of single-token steps with the KV cache, after a short prompt (greedy, --decode steps)
     prefill  tokens/s of a --prefill-token prompt into an empty cache, logits of the last position only
              (as generation needs them; transformers' generate() asks for logits_to_keep=1 too)
-    memory   peak RSS of the process (loading included), and the peak while generating alone (Linux:
-             VmHWM reset after loading); the import's peak (export.py --import-gguf in a subprocess)
+    memory   peak RSS of a process that loads one engine and generates (loading included), and the peak
+             while generating alone (Linux: VmHWM reset after loading); the import's peak
+             (export.py --import-gguf in a subprocess)
 
-The weights are the checkpoint's float32 arrays; transformers reads the same arrays through export.py's
-Hugging Face directory (written to a temporary folder). Both greedy decodes must give the same tokens.
-Numbers are the median of --rounds rounds (best beside it); /proc/loadavg is printed before and after.
+Speed is timed in one process that holds both models and alternates them measurement by measurement
+(ours, theirs, ours, theirs...), so that the load of a shared machine, which can change speeds 3x
+within a minute, falls on both alike; the table gives the best of --rounds (the least disturbed run, as
+bench_bpe.py does) and the median. Memory is measured in a fresh process per engine. The weights are the
+checkpoint's float32 arrays; transformers reads the same arrays through export.py's Hugging Face
+directory (written to a temporary folder). Both greedy decodes must give the same tokens.
 """
 
 import argparse
@@ -50,7 +53,7 @@ def reset_peak_rss():
         return False
 
 
-def peak_rss_mb():
+def peak_rss_mib():
     """VmHWM from /proc/self/status (follows reset_peak_rss), else ru_maxrss."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -59,6 +62,15 @@ def peak_rss_mb():
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def checkpoint_tokenizer(ckpt):
+    """The tokenizer of a checkpoint, from its metadata alone (without reading the weights)."""
+    from checkpoint import read_meta
+    from data import tokenizer_from_text
+    path = Path(ckpt) / "ckpt.safetensors" if Path(ckpt).is_dir() else Path(ckpt)
+    t = read_meta(path)["tokenizer"]
+    return tokenizer_from_text(t["kind"], t["text"])
 
 
 def prompt_ids(tok, n):
@@ -70,16 +82,14 @@ def prompt_ids(tok, n):
 
 
 # ----------------------------------------------------------------------------------------------------
-# the two engines, each run in its own subprocess
+# the two engines: each is (prefill() -> seconds, decode() -> (seconds, tokens)) on its own model
 
-def run_ours(a):
+def ours(a):
     import numpy as np
     import gpt_numpy as gn
     from checkpoint import load_model
     m = load_model(a.ckpt)
     params, cfg = m.params, m.cfg
-    loaded_mb = peak_rss_mb()
-    reset_peak_rss()
     long = prompt_ids(m.tokenizer, a.prefill)
     short = long[:a.prompt]
 
@@ -99,30 +109,17 @@ def run_ours(a):
             logits = gn.forward_cached(params, np.array([out[-1:]]), cfg, kv, pos)
         return time.perf_counter() - t, out
 
-    if a.profile:
-        return profile(prefill, decode, a)
-    prefill(), decode()                                     # warm-up
-    return {"prefill_s": prefill(), "decode_s": decode()[0], "tokens": decode()[1],
-            "load_peak_mb": loaded_mb, "gen_peak_mb": peak_rss_mb(), "threads": os.environ.get("OPENBLAS_NUM_THREADS")}
+    return prefill, decode
 
 
-def run_theirs(a):
-    import numpy as np
+def theirs(a):
     import torch
     import transformers
-    import export
-    from checkpoint import load_model
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(a.threads)
-    m = load_model(a.ckpt)
-    tok = m.tokenizer
-    with tempfile.TemporaryDirectory() as d:
-        export.export_hf(m.params, m.cfg, None, d)
-        del m
-        model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
-                                                                  attn_implementation="eager").eval()
-    loaded_mb = peak_rss_mb()
-    reset_peak_rss()
+    model = transformers.AutoModelForCausalLM.from_pretrained(a.hf_dir, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    tok = checkpoint_tokenizer(a.ckpt)
     long = prompt_ids(tok, a.prefill)
     short = long[:a.prompt]
 
@@ -143,10 +140,35 @@ def run_theirs(a):
                 res = model(torch.tensor([out[-1:]]), use_cache=True, **{kw: getattr(res, kw)})
             return time.perf_counter() - t, out
 
+    return prefill, decode
+
+
+def run_speed(a):
+    """Both engines in this process, alternating, --rounds times: their prefill and decode seconds."""
+    import torch
+    engines = {"ours": ours(a), "theirs": theirs(a)}
+    for prefill, decode in engines.values():                        # warm-up
+        prefill(), decode()
+    out = {name: {"prefill_s": [], "decode_s": [], "tokens": None} for name in engines}
+    for _ in range(a.rounds):
+        for what in ("prefill", "decode"):
+            for name, (prefill, decode) in engines.items():
+                if what == "prefill":
+                    out[name]["prefill_s"].append(prefill())
+                else:
+                    sec, out[name]["tokens"] = decode()
+                    out[name]["decode_s"].append(sec)
+    out["threads"] = {"blas": os.environ.get("OPENBLAS_NUM_THREADS"), "torch": torch.get_num_threads()}
+    return out
+
+
+def run_memory(a, engine):
+    """Peak RSS (MiB) of loading `engine` and generating with it once, and of the generating alone."""
+    prefill, decode = (ours if engine == "ours" else theirs)(a)
+    loaded = peak_rss_mib()
+    reset_peak_rss()
     prefill(), decode()
-    return {"prefill_s": prefill(), "decode_s": decode()[0], "tokens": decode()[1],
-            "load_peak_mb": loaded_mb, "gen_peak_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
-            "version": f"transformers {transformers.__version__}, torch {torch.__version__}"}
+    return {"load_peak_mib": loaded, "gen_peak_mib": peak_rss_mib(), "process_peak_mib": max(loaded, peak_rss_mib())}
 
 
 def profile(prefill, decode, a):
@@ -170,20 +192,18 @@ def profile(prefill, decode, a):
 # ----------------------------------------------------------------------------------------------------
 # the parent: rounds, the import's memory, the table
 
-def child(a, engine):
+def child(a, what):
     env = {**os.environ, **{v: str(a.threads) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
-    argv = [sys.executable, __file__, "--child", engine, "--ckpt", a.ckpt, "--threads", str(a.threads),
-            "--prompt", str(a.prompt), "--decode", str(a.decode), "--prefill", str(a.prefill)]
-    if a.profile:
-        argv.append("--profile")
+    argv = [sys.executable, __file__, "--child", what, "--ckpt", a.ckpt, "--hf-dir", a.hf_dir, "--threads", str(a.threads),
+            "--rounds", str(a.rounds), "--prompt", str(a.prompt), "--decode", str(a.decode), "--prefill", str(a.prefill)]
     r = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
     if r.returncode:
-        sys.exit(f"bench_generate.py: error: the {engine} run failed:\n{r.stderr[-3000:]}")
+        sys.exit(f"bench_generate.py: error: the {what} run failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def import_peak_mb(a):
-    """Peak RSS of export.py --import-gguf (a subprocess), or None without --gguf."""
+def import_peak_mib(a):
+    """Peak RSS (MiB) of export.py --import-gguf (a subprocess), or None without --gguf."""
     if not a.gguf:
         return None
     with tempfile.TemporaryDirectory() as d:
@@ -201,46 +221,56 @@ def main(argv=None):
     ap.add_argument("--ckpt", required=True, help="a checkpoint (export.py --import-gguf / --import-hf)")
     ap.add_argument("--gguf", help="also measure the peak memory of importing this GGUF file")
     ap.add_argument("--threads", type=int, default=2, help="BLAS / torch threads of both (default: 2)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds, ours then theirs in each (default: 3)")
+    ap.add_argument("--rounds", type=int, default=7, help="timed runs of each measurement (default: 7)")
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens before decoding (default: 16)")
     ap.add_argument("--decode", type=int, default=64, help="decode steps timed (default: 64)")
     ap.add_argument("--prefill", type=int, default=512, help="prefill prompt tokens (default: 512)")
     ap.add_argument("--profile", action="store_true", help="cProfile of our prefill and decode instead")
-    ap.add_argument("--child", choices=["ours", "theirs"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["speed", "mem-ours", "mem-theirs", "profile"], help=argparse.SUPPRESS)
+    ap.add_argument("--hf-dir", default="", help=argparse.SUPPRESS)     # the children's Hugging Face copy
     a = ap.parse_args(argv)
     if a.child:
         sys.path.insert(0, str(ROOT))
-        print(json.dumps((run_ours if a.child == "ours" else run_theirs)(a)))
+        out = (run_speed(a) if a.child == "speed" else profile(*ours(a), a) if a.child == "profile"
+               else run_memory(a, a.child[4:]))
+        print(json.dumps(out))
         return 0
     print(f"bench_generate.py  ckpt={a.ckpt}  threads={a.threads}  rounds={a.rounds}  load={' '.join(loadavg())}")
     if a.profile:
-        for name, text in child(a, "ours").items():
+        for name, text in child(a, "profile").items():
             print(f"\n--- ours, {name} ({a.prefill if name == 'prefill' else a.decode} tokens) ---\n{text}")
         return 0
-    imp = import_peak_mb(a)
-    res = {"ours": [], "theirs": []}
-    for _ in range(a.rounds):
-        for engine in ("ours", "theirs"):
-            res[engine].append(child(a, engine))
-    same = all(r["tokens"] == res["theirs"][0]["tokens"] for r in res["ours"] + res["theirs"])
+    imp = import_peak_mib(a)
+    import torch
+    import transformers
+    import export
+    from checkpoint import load_model
+    with tempfile.TemporaryDirectory() as hf_dir:                  # transformers' copy of the same weights
+        m = load_model(a.ckpt)
+        export.export_hf(m.params, m.cfg, None, hf_dir)
+        del m
+        a.hf_dir = hf_dir
+        mem = {engine: child(a, f"mem-{engine}") for engine in ("ours", "theirs")}
+        speed = child(a, "speed")
+    same = speed["ours"]["tokens"] == speed["theirs"]["tokens"]
+    print(f"load after: {' '.join(loadavg())}; transformers {transformers.__version__}, torch {torch.__version__}; "
+          f"threads {speed['threads']}; greedy tokens identical: {same}")
+    if imp is not None:
+        print(f"peak memory of export.py --import-gguf: {imp:.0f} MiB")
     med = lambda xs: sorted(xs)[len(xs) // 2]                  # noqa: E731
     rows = {}
-    for engine, runs in res.items():
-        dec = [a.decode / r["decode_s"] for r in runs]
-        pre = [a.prefill / r["prefill_s"] for r in runs]
-        rows[engine] = (med(dec), max(dec), med(pre), max(pre), max(r["load_peak_mb"] for r in runs),
-                        max(r["gen_peak_mb"] for r in runs))
-    print(f"load after: {' '.join(loadavg())}; {res['theirs'][0]['version']}; greedy tokens identical: {same}")
-    if imp is not None:
-        print(f"peak memory of export.py --import-gguf: {imp:.0f} MB")
-    print(f"\n| {'':<28} | decode tok/s (best) | prefill {a.prefill} tok/s (best) | peak MB: process | while generating |")
-    print(f"|{'-' * 30}|{'-' * 21}|{'-' * 27}|{'-' * 18}|{'-' * 18}|")
+    for engine in ("ours", "theirs"):
+        r = speed[engine]
+        dec, pre = [a.decode / s for s in r["decode_s"]], [a.prefill / s for s in r["prefill_s"]]
+        rows[engine] = (max(dec), med(dec), max(pre), med(pre), mem[engine]["process_peak_mib"], mem[engine]["gen_peak_mib"])
+    print(f"\n| {'':<28} | decode tok/s: best (median) | prefill {a.prefill} tok/s: best (median) | peak MiB: process | while generating |")
+    print(f"|{'-' * 30}|{'-' * 29}|{'-' * 35}|{'-' * 18}|{'-' * 18}|")
     names = {"ours": "gpt_numpy (NumPy, float32)", "theirs": "transformers eager float32"}
-    for engine, (d, db, p, pb, lm, gm) in rows.items():
-        print(f"| {names[engine]:<28} | {d:8.1f} ({db:6.1f}) | {p:12.1f} ({pb:7.1f})  | {lm:16.0f} | {gm:16.0f} |")
+    for engine, (db, dm, pb, pm, lm, gm) in rows.items():
+        print(f"| {names[engine]:<28} | {db:12.1f} ({dm:6.1f})       | {pb:16.1f} ({pm:7.1f})        | {lm:16.0f} | {gm:16.0f} |")
     o, t = rows["ours"], rows["theirs"]
-    print(f"| {'ratio ours / transformers':<28} | {o[0] / t[0]:8.2f}x           | {o[2] / t[2]:12.2f}x           |"
-          f" {o[4] / t[4]:15.2f}x | {o[5] / t[5]:15.2f}x |")
+    print(f"| {'ours / transformers':<28} | {o[0] / t[0]:11.2f}x ({o[1] / t[1]:5.2f}x)       |"
+          f" {o[2] / t[2]:15.2f}x ({o[3] / t[3]:6.2f}x)        | {o[4] / t[4]:15.2f}x | {o[5] / t[5]:15.2f}x |")
     return 0
 
 
