@@ -258,7 +258,7 @@ def score_continuations(gm, params, cfg, ctx, conts):
     dtype = params["tok_emb"].dtype
     kv = gm.kv_cache_init(ccfg, dtype, batch=1)
     if c > 1:
-        gm.forward_cached(params, np.asarray([ctx[:-1]]), ccfg, kv, 0)       # prefill; logits unused
+        gm.forward_cached(params, np.asarray([ctx[:-1]]), ccfg, kv, 0, last_only=True)   # prefill (logits unused)
     B = len(conts)
     kv = [(gm.xp.repeat(K, B, axis=0), gm.xp.repeat(V, B, axis=0)) for K, V in kv]   # the context, per choice
     ids = np.zeros((B, T), dtype=np.int64)                       # padding: id 0, never scored
