@@ -140,6 +140,45 @@ def process_alive(pid):
     return True
 
 
+def fetch_once(url, path, what, otherwise, log=print):
+    """The file at `path`, downloaded from `url` the first time (atomically: a failed download leaves
+    nothing). `what` names it in the messages; `otherwise` says what to do when the download fails."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    import urllib.request
+    try:
+        log(f"downloading {what} from {url} ...")
+        with urllib.request.urlopen(url, timeout=30) as r:
+            data = r.read()
+    except Exception as e:
+        raise UserError(f"could not download {what} ({e.__class__.__name__}: {e}); {otherwise}") from None
+    atomic_write(path, data)
+    return path
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file, as (line number, "path, line N" for messages, the parsed value),
+    blank lines skipped. UserError for a file that cannot be opened; FileFormatError for one that is not
+    UTF-8 or has a line that is not JSON. What a record must hold is the caller's to check."""
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    with f:
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except ValueError as e:
+                    raise FileFormatError(f"{path}, line {n}: not valid JSON ({e})") from None
+                yield n, f"{path}, line {n}", value
+        except UnicodeDecodeError as e:
+            raise FileFormatError(f"{path} is not UTF-8 text ({e})") from None
+
+
 # ----------------------------------------------------------------------------------------------------
 # The project's own folders: a marker that keeps them out of every corpus, and a lock per run folder
 
@@ -247,21 +286,10 @@ def is_text_file(path):
 
 def fetch_shakespeare(data_dir):
     """Tiny Shakespeare (1.1 MB), downloaded once into data/shakespeare/input.txt."""
-    path = Path(data_dir) / "shakespeare" / "input.txt"
-    if path.is_file():
-        return path
-    import urllib.request
-    try:
-        print(f"downloading Tiny Shakespeare from {SHAKESPEARE_URL} ...")
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=10) as r:
-            text = r.read()
-    except Exception as e:
-        local = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"     # this project's shared copy
-        example = os.path.relpath(local) if local.is_file() else "path/to/tinyshakespeare.txt"
-        raise UserError(f"could not download Tiny Shakespeare ({e.__class__.__name__}: {e}); point --data at "
-                        f"a local copy instead (any path), e.g. --data {example}") from None
-    atomic_write(path, text)
-    return path
+    local = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"     # this project's shared copy
+    example = os.path.relpath(local) if local.is_file() else "path/to/tinyshakespeare.txt"
+    return fetch_once(SHAKESPEARE_URL, Path(data_dir) / "shakespeare" / "input.txt", "Tiny Shakespeare",
+                      f"point --data at a local copy instead (any path), e.g. --data {example}")
 
 
 def safe_name(s):

@@ -1,13 +1,15 @@
 """
-errors.py: the two exceptions a user of the programs may see. Every program's main() catches UserError
-(FileFormatError is one) and prints `error: <message>`, one line, no traceback: exit status 2 when the
-command line itself is wrong (argparse, a bad value, flags that cannot go together), 1 for any later
-failure. Anything else is a bug and keeps its traceback.
+errors.py: the two exceptions a user of the programs may see, and run_main, the one place that turns them
+into exit statuses. Every program's main() catches UserError (FileFormatError is one) and prints
+`error: <message>`, one line, no traceback: exit status 2 when the command line itself is wrong
+(argparse, a bad value, flags that cannot go together), 1 for any later failure. Anything else is a bug
+and keeps its traceback.
 
 Both are ValueErrors, so library callers that catch ValueError (bpe.py's documented error) catch these.
 """
 
 import argparse
+import sys
 
 
 class UserError(ValueError):
@@ -25,3 +27,28 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(message)
+
+
+def run_main(parse, work, argv=None, prefix="error: "):
+    """A program's exit status, the same rules for every program: parse(argv) -> args, then work(args).
+    A UserError from parse: `error: <message>` on stderr, 2. A UserError or OSError (a missing file, a
+    full disk) from work: the same line, 1. Ctrl-C: 130. Output piped into a program that stops reading
+    (`| head`): 0, quietly. Anything else is a bug and keeps its traceback. work's return value, if an
+    int, is the status (0 otherwise)."""
+    try:
+        args = parse(argv)
+    except UserError as e:
+        print(f"{prefix}{e}", file=sys.stderr)
+        return 2
+    try:
+        status = work(args)
+    except BrokenPipeError:                             # e.g. piped into `head`
+        sys.stderr.close()
+        return 0
+    except (UserError, OSError) as e:
+        print(f"{prefix}{e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return status if isinstance(status, int) else 0

@@ -15,14 +15,13 @@ command line prints `error: <one line>` and exits 2, a failure (a missing or mal
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import scoring
 from checkpoint import load_model
 from data import token_byte_lengths
-from errors import ArgumentParser, UserError
+from errors import ArgumentParser, UserError, run_main
 
 EPILOG = """text (--text): the file's tokens are cut into windows of N + 1 tokens (N = --block-size, by default
   the model's context) that overlap by one token, so every token but the first is scored exactly once,
@@ -141,32 +140,22 @@ def eval_mc(m, args, path):
     return r
 
 
+def run(args):
+    path = args.mc
+    if args.download:
+        path = scoring.fetch_hellaswag(args.data_dir)
+        if not args.ckpt:
+            print(f"{path} is ready: score it with --ckpt RUN --mc {path}")
+            return
+    m = load_model(args.ckpt, args.backend)
+    r = eval_text(m, args) if args.text else eval_mc(m, args, path)
+    if args.json:
+        print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}))
+
+
 def main(argv=None):
     """Exit status 0; `error: <one line>` and 2 for a bad command line, 1 for a failure; 130 on Ctrl-C."""
-    try:
-        args = parse_args(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        path = args.mc
-        if args.download:
-            path = scoring.fetch_hellaswag(args.data_dir)
-            if not args.ckpt:
-                print(f"{path} is ready: score it with --ckpt RUN --mc {path}")
-                return 0
-        m = load_model(args.ckpt, args.backend)
-        r = eval_text(m, args) if args.text else eval_mc(m, args, path)
-        if args.json:
-            print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                              for k, v in r.items()}))
-    except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    return 0
+    return run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ import gpt_numpy as gn
 import interop
 from checkpoint import build_meta, load_checkpoint, load_model, open_lora_run, read_meta, save_checkpoint
 from data import file_mode, mark_output_folder, tokenizer_from_hf_json, write_folder
-from errors import ArgumentParser, FileFormatError, UserError
+from errors import ArgumentParser, FileFormatError, UserError, run_main
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,7 +121,6 @@ def to_hf_tensors(params, cfg):
     except ValueError as e:
         raise UserError(f"the parameters do not fit the config: {e}") from None
     host = {k: gn.to_host(v) for k, v in params.items()}
-    C = cfg.d_model
     out = {}
     for ours, theirs, transposed in name_pairs(cfg):
         w = host[ours].T if transposed else host[ours]
@@ -544,40 +543,34 @@ def replace_context(cfg, n):
         raise UserError(f"--max-seq-len: {e}") from None
 
 
+def run(args):
+    if args.peft_adapter:
+        export_lora_run(args.ckpt, args.out, args.peft_adapter)
+    elif args.ckpt:
+        m = load_model(args.ckpt)                   # gpt_numpy as the backend: arrays stay NumPy
+        write_folder(args.out, lambda d: export_hf(m.params, m.cfg, m.tokenizer, d), args.force)
+        print(f"wrote {args.out}: LlamaForCausalLM with {gn.num_params(m.params):,} parameters", file=sys.stderr)
+    elif args.import_hf:
+        params, cfg, tok = import_hf(args.import_hf, args.max_seq_len)
+        if tok is None:
+            raise FileFormatError(f"{args.import_hf} has no tokenizer.json, and a checkpoint carries its tokenizer")
+        path = write_import(args.out, params, cfg, tok, args.import_hf, args.force,
+                            interop.hf_chat_info(args.import_hf, tok))
+        print(f"wrote {path}: {gn.num_params(params):,} parameters, context {cfg.max_seq_len}", file=sys.stderr)
+    else:
+        imp = interop.read_gguf(args.import_gguf, progress=True)
+        cfg = imp.cfg if args.max_seq_len is None else replace_context(imp.cfg, args.max_seq_len)
+        path = write_import(args.out, imp.params, cfg, imp.tok, args.import_gguf, args.force, imp.chat)
+        print(f"wrote {path}: {gn.num_params(imp.params):,} parameters, {cfg.n_layer} layers, "
+              f"{cfg.n_head} query / {cfg.n_kv_head} key-value heads, context {cfg.max_seq_len}, "
+              f"vocabulary {imp.tok.vocab_size}" + (", chat template" if imp.chat.get("template") else ""),
+              file=sys.stderr)
+
+
 def main(argv=None):
     """Exit status 0; `export.py: error: <one line>` and 2 for a bad command line, 1 for a failure (a
-    file that is missing, corrupt or maps to no Llama)."""
-    try:
-        args = parse_args(argv)
-    except UserError as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        if args.peft_adapter:
-            export_lora_run(args.ckpt, args.out, args.peft_adapter)
-        elif args.ckpt:
-            m = load_model(args.ckpt)                   # gpt_numpy as the backend: arrays stay NumPy
-            write_folder(args.out, lambda d: export_hf(m.params, m.cfg, m.tokenizer, d), args.force)
-            print(f"wrote {args.out}: LlamaForCausalLM with {gn.num_params(m.params):,} parameters", file=sys.stderr)
-        elif args.import_hf:
-            params, cfg, tok = import_hf(args.import_hf, args.max_seq_len)
-            if tok is None:
-                raise FileFormatError(f"{args.import_hf} has no tokenizer.json, and a checkpoint carries its tokenizer")
-            path = write_import(args.out, params, cfg, tok, args.import_hf, args.force,
-                                interop.hf_chat_info(args.import_hf, tok))
-            print(f"wrote {path}: {gn.num_params(params):,} parameters, context {cfg.max_seq_len}", file=sys.stderr)
-        else:
-            imp = interop.read_gguf(args.import_gguf, progress=True)
-            cfg = imp.cfg if args.max_seq_len is None else replace_context(imp.cfg, args.max_seq_len)
-            path = write_import(args.out, imp.params, cfg, imp.tok, args.import_gguf, args.force, imp.chat)
-            print(f"wrote {path}: {gn.num_params(imp.params):,} parameters, {cfg.n_layer} layers, "
-                  f"{cfg.n_head} query / {cfg.n_kv_head} key-value heads, context {cfg.max_seq_len}, "
-                  f"vocabulary {imp.tok.vocab_size}" + (", chat template" if imp.chat.get("template") else ""),
-                  file=sys.stderr)
-    except (UserError, OSError) as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    file that is missing, corrupt or maps to no Llama); 130 on Ctrl-C."""
+    return run_main(parse_args, run, argv, prefix="export.py: error: ")
 
 
 if __name__ == "__main__":

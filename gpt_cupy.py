@@ -19,7 +19,6 @@ GPU-only options:
 """
 
 import importlib.util
-import os
 from pathlib import Path
 
 

@@ -12,11 +12,10 @@ Exit status 0; a bad command line prints `error: <one line>` and exits 2, a fail
 line, no matplotlib) exits 1.
 """
 
-import json
-import sys
 from pathlib import Path
 
-from errors import ArgumentParser, FileFormatError, UserError
+from data import read_jsonl
+from errors import ArgumentParser, FileFormatError, UserError, run_main
 
 
 def log_path(run):
@@ -31,20 +30,13 @@ def log_path(run):
 def read_log(path):
     """The records of a log.jsonl, as train.py writes it: {"train": [(step, loss)], "eval": [records]}."""
     out = {"train": [], "eval": []}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise FileFormatError(f"{path}, line {n}: not valid JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise FileFormatError(f"{path}, line {n}: expected a JSON object")
-            if rec.get("event") == "train" and rec.get("loss") is not None:
-                out["train"].append((rec["step"], rec["loss"]))
-            elif rec.get("event") == "eval":
-                out["eval"].append(rec)
+    for _, where, rec in read_jsonl(path):
+        if not isinstance(rec, dict):
+            raise FileFormatError(f"{where}: expected a JSON object")
+        if rec.get("event") == "train" and rec.get("loss") is not None:
+            out["train"].append((rec["step"], rec["loss"]))
+        elif rec.get("event") == "eval":
+            out["eval"].append(rec)
     if not out["train"] and not out["eval"]:
         raise FileFormatError(f"{path} holds no training or evaluation records")
     return out
@@ -116,21 +108,16 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def run(args):
+    paths = [log_path(r) for r in args.runs]
+    runs = [(run_name(p), read_log(p)) for p in paths]
+    out = args.out or (paths[0].parent / "plot.png" if len(paths) == 1 else "plot.png")
+    print(f"wrote {plot(runs, out, args.logy)}")
+
+
 def main(argv=None):
-    try:
-        args = parse_args(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        paths = [log_path(r) for r in args.runs]
-        runs = [(run_name(p), read_log(p)) for p in paths]
-        out = args.out or (paths[0].parent / "plot.png" if len(paths) == 1 else "plot.png")
-        print(f"wrote {plot(runs, out, args.logy)}")
-    except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    """Exit status 0; `error: <one line>` and 2 for a bad command line, 1 for a failure; 130 on Ctrl-C."""
+    return run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import chat_template as chat
 import memory
 from checkpoint import load_model
 from data import encode_prompt
-from errors import ArgumentParser, UserError
+from errors import ArgumentParser, UserError, run_main
 
 
 def stream(params, cfg, tok, gm, prompt, max_new_tokens, temperature, top_k, top_p, seed, out=None):
@@ -132,31 +132,20 @@ def parse_args(argv):
     return args
 
 
+def run(args):
+    m = load_model(args.ckpt, args.backend)
+    if args.chat:
+        chat_session(m, args)
+    else:
+        check_memory(m, len(encode_prompt(m.tokenizer, args.prompt)), args.max_new_tokens)
+        stream(m.params, m.cfg, m.tokenizer, m.gm, args.prompt, args.max_new_tokens, args.temperature,
+               args.top_k or None, args.top_p if args.top_p < 1.0 else None, args.seed)
+
+
 def main(argv=None):
     """Exit status 0; `error: <one line>` and 2 for a bad command line, 1 for a failure (a missing or
     corrupt checkpoint, a prompt the tokenizer cannot encode); 130 on Ctrl-C."""
-    try:
-        args = parse_args(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        m = load_model(args.ckpt, args.backend)
-        if args.chat:
-            chat_session(m, args)
-        else:
-            check_memory(m, len(encode_prompt(m.tokenizer, args.prompt)), args.max_new_tokens)
-            stream(m.params, m.cfg, m.tokenizer, m.gm, args.prompt, args.max_new_tokens, args.temperature,
-                   args.top_k or None, args.top_p if args.top_p < 1.0 else None, args.seed)
-    except BrokenPipeError:                               # e.g. piped into `head`
-        sys.stderr.close()
-    except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    return 0
+    return run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import atomic_write, encode_prompt, encode_text
+from data import encode_prompt, encode_text, fetch_once, read_jsonl
 from errors import FileFormatError, UserError
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -128,26 +128,11 @@ def parse_mc_line(doc, where):
 def read_mc(path, limit=None):
     """The items of a multiple-choice JSONL file (blank lines skipped), the first `limit` if given.
     Raises UserError for a missing file, FileFormatError naming the line for a bad one."""
-    path = Path(path)
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
     items = []
-    with f:
-        try:
-            for n, line in enumerate(f, 1):
-                if limit is not None and len(items) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)
-                except ValueError as e:
-                    raise FileFormatError(f"{path}, line {n}: not valid JSON ({e})") from None
-                items.append(MCItem(*parse_mc_line(doc, f"{path}, line {n}"), line=n, source=str(path)))
-        except UnicodeDecodeError as e:
-            raise FileFormatError(f"{path} is not UTF-8 text ({e})") from None
+    for n, where, doc in read_jsonl(path):
+        if limit is not None and len(items) >= limit:
+            break
+        items.append(MCItem(*parse_mc_line(doc, where), line=n, source=str(path)))
     if not items:
         raise FileFormatError(f"{path} holds no items")
     return items
@@ -157,18 +142,8 @@ def fetch_hellaswag(data_dir, log=print):
     """HellaSwag's official validation file (10042 items, 11 MB), downloaded once into
     <data_dir>/hellaswag/hellaswag_val.jsonl; later calls return the path without the network."""
     path = Path(data_dir) / "hellaswag" / "hellaswag_val.jsonl"
-    if path.is_file():
-        return path
-    import urllib.request
-    try:
-        log(f"downloading HellaSwag's validation set from {HELLASWAG_URL} ...")
-        with urllib.request.urlopen(HELLASWAG_URL, timeout=30) as r:
-            data = r.read()
-    except Exception as e:
-        raise UserError(f"could not download HellaSwag ({e.__class__.__name__}: {e}); download "
-                        f"{HELLASWAG_URL} by hand to {path}, or pass a local file with --mc") from None
-    atomic_write(path, data)
-    return path
+    return fetch_once(HELLASWAG_URL, path, "HellaSwag's validation set",
+                      f"download {HELLASWAG_URL} by hand to {path}, or pass a local file with --mc", log)
 
 
 # ----------------------------------------------------------------------------------------------------

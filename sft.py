@@ -2,7 +2,7 @@
 sft.py: instruction data for supervised fine-tuning (train.py --sft): JSONL records -> chats rendered
 with a chat template -> token ids whose loss is on the assistant's tokens only -> padded batches.
 
-    records = read_records("chat.jsonl")                   # [(line number, messages)], one-line errors
+    records = read_records("chat.jsonl")                   # [("chat.jsonl, line N", messages)], one-line errors
     chat = chat_template_for(meta, tok, path=None)          # the checkpoint's template, or DEFAULT_TEMPLATE
     x, y = encode_chat(messages, tok, chat)                 # inputs and targets, -1 off the assistant's tokens
     data = prepare_sft(path, tok, chat, block_size=256, val_fraction=0.1, seed=1337)
@@ -34,15 +34,14 @@ block size, keeps the wasted work small; the causal mask already keeps real toke
 """
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from chat_template import compile_template     # the template in jinja2's sandbox, as transformers compiles it
-from data import EOT, file_sha256, text_sha256
-from errors import FileFormatError, UserError
+from data import EOT, file_sha256, read_jsonl, text_sha256
+from errors import UserError
 
 ROLES = ("system", "user", "assistant")
 
@@ -128,7 +127,7 @@ def chat_template_for(meta, tok, path=None):
 # Records: JSONL lines -> chats
 
 def to_messages(obj, where):
-    """One parsed record -> its list of messages, or UserError naming `where` (e.g. "chat.jsonl:3").
+    """One parsed record -> its list of messages, or UserError naming `where` (e.g. "chat.jsonl, line 3").
 
     Example: {"instruction": "Add 2 and 3", "input": "", "output": "5"} ->
     [{"role": "user", "content": "Add 2 and 3"}, {"role": "assistant", "content": "5"}].
@@ -161,24 +160,12 @@ def to_messages(obj, where):
 
 
 def read_records(path):
-    """A JSONL file -> [(line number, messages)], blank lines skipped. A line that is not JSON, or not a
-    record of either kind, raises UserError naming the file and line."""
+    """A JSONL file -> [("file, line N", messages)], blank lines skipped. A line that is not JSON, or not
+    a record of either kind, raises UserError naming the file and line."""
     path = Path(path).expanduser()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"--sft {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--sft {path}: cannot read it as UTF-8 text ({e})") from None
-    records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        records.append((n, to_messages(obj, f"{path}:{n}")))
+    if not path.is_file():
+        raise UserError(f"--sft {path}: no such file")
+    records = [(where, to_messages(obj, where)) for _, where, obj in read_jsonl(path)]
     if not records:
         raise UserError(f"--sft {path}: no records (the file is empty)")
     return records
@@ -241,8 +228,7 @@ def prepare_sft(path, tok, chat, block_size, val_fraction, seed, train_on_prompt
     choice of round(val_fraction * n) records (at least one)."""
     records = read_records(path)
     examples, truncated, dropped = [], 0, 0
-    for n, messages in records:
-        where = f"{path}:{n}"
+    for where, messages in records:
         x, y = encode_chat(messages, tok, chat, train_on_prompt, where)
         if not (y >= 0).any():
             raise UserError(f"{where}: the record renders to zero assistant tokens (nothing to train on)")

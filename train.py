@@ -61,7 +61,6 @@ from pathlib import Path
 import numpy as np
 
 import gpt_numpy
-import gpt_numpy
 import memory
 import scoring
 import sft

@@ -3,7 +3,7 @@ forms, the tokenizer and token caches (reused, rebuilt when a source changes, ne
 the batch sampler, and the process-level helpers. data.py needs no train.py: its functions take any object
 with the config fields they read."""
 
-import json
+import io
 import platform
 from types import SimpleNamespace
 
@@ -234,3 +234,42 @@ def test_parallel_tokenizing_writes_the_serial_ids(tmp_path, kind):
     assert n1 == n2 > 1000
     assert (tmp_path / "serial.bin").read_bytes() == (tmp_path / "pool.bin").read_bytes()
     assert D.encode_workers(1 << 20) == 1                      # small corpora: no pool
+
+
+def test_read_jsonl_numbers_lines_and_names_bad_ones(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"a": 1}\n\n  \n[2]\n', encoding="utf-8")
+    assert list(D.read_jsonl(p)) == [(1, f"{p}, line 1", {"a": 1}), (4, f"{p}, line 4", [2])]
+    p.write_text('{"a": 1}\n{"a": \n', encoding="utf-8")
+    with pytest.raises(FileFormatError, match=r"r.jsonl, line 2: not valid JSON"):
+        list(D.read_jsonl(p))
+    p.write_bytes(b'{"a": "\xff"}\n')
+    with pytest.raises(FileFormatError, match="is not UTF-8 text"):
+        list(D.read_jsonl(p))
+    with pytest.raises(UserError, match="cannot read .*none.jsonl"):
+        list(D.read_jsonl(tmp_path / "none.jsonl"))
+
+
+def test_fetch_once_downloads_once_and_fails_in_one_line(tmp_path, monkeypatch):
+    import urllib.request
+    calls = []
+
+    class Response(io.BytesIO):
+        def __enter__(self):
+            return self
+
+    def fake(url, timeout=None):
+        calls.append(url)
+        return Response(b"the text")
+    monkeypatch.setattr(urllib.request, "urlopen", fake)
+    dest = tmp_path / "d" / "f.txt"
+    for _ in range(2):
+        assert D.fetch_once("http://x/f.txt", dest, "F", "do this instead", log=lambda s: None) == dest
+    assert calls == ["http://x/f.txt"] and dest.read_bytes() == b"the text"
+
+    def offline(url, timeout=None):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(UserError, match=r"could not download G \(OSError: network is unreachable\); do this instead"):
+        D.fetch_once("http://x/g.txt", tmp_path / "g.txt", "G", "do this instead", log=lambda s: None)
+    assert not (tmp_path / "g.txt").exists()

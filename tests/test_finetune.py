@@ -188,10 +188,10 @@ def test_bad_fine_tuning_flags_are_one_line_errors(base, capsys, monkeypatch, ex
 def test_bad_records_are_one_line_errors_with_line_numbers(base, capsys, tmp_path):
     d, chats = base
     good = chats.read_text().splitlines()
-    for bad, message in [('{"messages": [{"role": "user", "content": "x"}', "bad.jsonl:3: not valid JSON"),
-                         ('{"messages": [{"role": "wizard", "content": "x"}]}', "bad.jsonl:3: message 0 has unknown role 'wizard'"),
-                         ('{"messages": []}', "bad.jsonl:3: 'messages' must be a non-empty list"),
-                         ('{"messages": [{"role": "user", "content": "the fox"}]}', "bad.jsonl:3: the record renders to zero assistant tokens")]:
+    for bad, message in [('{"messages": [{"role": "user", "content": "x"}', "bad.jsonl, line 3: not valid JSON"),
+                         ('{"messages": [{"role": "wizard", "content": "x"}]}', "bad.jsonl, line 3: message 0 has unknown role 'wizard'"),
+                         ('{"messages": []}', "bad.jsonl, line 3: 'messages' must be a non-empty list"),
+                         ('{"messages": [{"role": "user", "content": "the fox"}]}', "bad.jsonl, line 3: the record renders to zero assistant tokens")]:
         (tmp_path / "bad.jsonl").write_text("\n".join(good[:2] + [bad] + good[2:]) + "\n")
         argv = lora_args(d, "bad", "--max-iters", 1) + ["--sft", str(tmp_path / "bad.jsonl")]
         got, err = main_error(train.main, argv, capsys)

@@ -26,7 +26,7 @@ import sample
 import train
 from checkpoint import load_checkpoint, save_checkpoint
 from conftest import ROOT, main_error, make_text, run_quiet, tiny_args
-from errors import FileFormatError, UserError
+from errors import FileFormatError
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -510,3 +510,33 @@ def test_non_utf8_text_under_the_char_tokenizer_warns(tmp_path):
                "--out-dir", str(tmp_path / "out"), "--max-iters", "2"], log=logs.append)
     warned = [line for line in logs if line.startswith("warning:")]
     assert len(warned) == 1 and "bad.txt" in warned[0] and "3 bytes" in warned[0], logs
+
+
+def test_run_main_turns_errors_into_statuses(capsys):
+    """errors.run_main, every program's exit rules: 2 for the command line, 1 for a failure, 130 on Ctrl-C."""
+    import errors
+
+    def parse(argv):
+        if argv == ["bad"]:
+            raise errors.UserError("no such flag")
+        return argv
+
+    def work(args):
+        if args == ["missing"]:
+            raise FileNotFoundError(2, "No such file or directory", "x.txt")
+        if args == ["corrupt"]:
+            raise FileFormatError("x.bin: truncated")
+        if args == ["interrupt"]:
+            raise KeyboardInterrupt
+        if args == ["bug"]:
+            raise ZeroDivisionError
+    assert errors.run_main(parse, work, ["bad"], prefix="p.py: error: ") == 2
+    assert capsys.readouterr().err == "p.py: error: no such flag\n"
+    assert errors.run_main(parse, work, ["missing"]) == 1
+    assert capsys.readouterr().err == "error: [Errno 2] No such file or directory: 'x.txt'\n"
+    assert errors.run_main(parse, work, ["corrupt"]) == 1
+    assert capsys.readouterr().err == "error: x.bin: truncated\n"
+    assert errors.run_main(parse, work, ["interrupt"]) == 130
+    assert errors.run_main(parse, work, []) == 0
+    with pytest.raises(ZeroDivisionError):                  # a bug keeps its traceback
+        errors.run_main(parse, work, ["bug"])

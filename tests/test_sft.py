@@ -115,14 +115,14 @@ GOOD = {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "as
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"messages": [', r"chat.jsonl:3: not valid JSON"),
-    ({"messages": []}, r"chat.jsonl:3: 'messages' must be a non-empty list"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, r"chat.jsonl:3: message 0 has unknown role 'robot'"),
-    ({"messages": [{"role": "user"}]}, r"chat.jsonl:3: message 0 must be an object with a string 'content'"),
-    ({"instruction": "x"}, r"chat.jsonl:3: an Alpaca record needs a string 'output'"),
-    ({"prompt": "x", "completion": "y"}, r"chat.jsonl:3: expected a chat record"),
-    ([1, 2], r"chat.jsonl:3: expected a JSON object"),
-    ({"messages": [{"role": "user", "content": "no answer"}]}, r"chat.jsonl:3: the record renders to zero assistant"),
+    ('{"messages": [', r"chat.jsonl, line 3: not valid JSON"),
+    ({"messages": []}, r"chat.jsonl, line 3: 'messages' must be a non-empty list"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, r"chat.jsonl, line 3: message 0 has unknown role 'robot'"),
+    ({"messages": [{"role": "user"}]}, r"chat.jsonl, line 3: message 0 must be an object with a string 'content'"),
+    ({"instruction": "x"}, r"chat.jsonl, line 3: an Alpaca record needs a string 'output'"),
+    ({"prompt": "x", "completion": "y"}, r"chat.jsonl, line 3: expected a chat record"),
+    ([1, 2], r"chat.jsonl, line 3: expected a JSON object"),
+    ({"messages": [{"role": "user", "content": "no answer"}]}, r"chat.jsonl, line 3: the record renders to zero assistant"),
 ])
 def test_bad_records_name_their_line(tmp_path, tok, line, message):
     path = write_jsonl(tmp_path / "chat.jsonl", [GOOD, "", line, GOOD])       # line 2 is blank
@@ -137,7 +137,7 @@ def test_empty_assistant_turn_without_end_token_is_zero_tokens(tmp_path):
     rec = {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": ""}]}
     good = {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]}
     path = write_jsonl(tmp_path / "c.jsonl", [good, rec])
-    with pytest.raises(UserError, match=r"c.jsonl:2: the record renders to zero assistant tokens"):
+    with pytest.raises(UserError, match=r"c.jsonl, line 2: the record renders to zero assistant tokens"):
         sft.prepare_sft(path, tok, sft.chat_template_for({}, tok), 64, 0.5, 0, log=lambda *a: None)
 
 
