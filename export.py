@@ -376,10 +376,12 @@ def read_json(path):
 # ----------------------------------------------------------------------------------------------------
 # The two directions.
 
-def export_hf(params, cfg, tok, out_dir):
+def export_hf(params, cfg, tok, out_dir, chat=None):
     """Write a Hugging Face LlamaForCausalLM directory: config.json, generation_config.json,
-    model.safetensors and, if tok is not None, tokenizer.json and tokenizer_config.json."""
-    bos, eos, _ = special_roles(tok)
+    model.safetensors and, if tok is not None, tokenizer.json and tokenizer_config.json. chat: the
+    checkpoint's chat metadata (chat_template.chat_info's dict) for an imported or fine-tuned chat model:
+    its template, BOS/EOS and stop ids go into the files transformers reads."""
+    bos, eos, _ = special_roles(tok, chat)
     config = hf_config(cfg, *(tok.special_tokens[t] if t else None for t in (bos, eos)))  # refuses LayerNorm
     tensors = to_hf_tensors(params, cfg)
     if tok is not None and tok.vocab_size > cfg.vocab_size:
@@ -391,9 +393,11 @@ def export_hf(params, cfg, tok, out_dir):
     os.chmod(out / "model.safetensors", file_mode())    # safetensors creates it 0600; the rest are 0644
     write_json(out / "config.json", config)
     gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}   # generate() stops at eos
+    if chat and len(chat.get("stop_ids") or []) > 1:
+        gen["eos_token_id"] = list(chat["stop_ids"])   # a chat model stops at its end of turn too
     write_json(out / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
     if tok is not None:
-        write_tokenizer_files(tok, cfg, out)
+        write_tokenizer_files(tok, cfg, out, chat)
     return out
 
 
@@ -424,20 +428,28 @@ EOS_NAMES = ("<|end_of_text|>", "</s>", "<|eos|>", "<|endoftext|>")
 UNK_NAMES = ("<unk>", "<|unk|>")
 
 
-def special_roles(tok):
-    """(bos, eos, unk) special-token strings of tok, None where it has none.
+def special_roles(tok, chat=None):
+    """(bos, eos, unk) special-token strings of tok, None where it has none: the ones the chat metadata
+    names (an imported model's own), else the first of the usual names that tok has.
     Example: special_tokens {'<|endoftext|>': 512} -> ('<|endoftext|>', '<|endoftext|>', None)."""
     sp = tok.special_tokens if tok is not None else {}
-    return tuple(next((n for n in names if n in sp), None) for names in (BOS_NAMES, EOS_NAMES, UNK_NAMES))
+    found = [next((n for n in names if n in sp), None) for names in (BOS_NAMES, EOS_NAMES, UNK_NAMES)]
+    for i, key in enumerate(("bos_token", "eos_token")):
+        if chat and chat.get(key) in sp:
+            found[i] = chat[key]
+    return tuple(found)
 
 
-def write_tokenizer_files(tok, cfg, out):
-    """tokenizer.json and tokenizer_config.json (AutoTokenizer -> PreTrainedTokenizerFast)."""
+def write_tokenizer_files(tok, cfg, out, chat=None):
+    """tokenizer.json and tokenizer_config.json (AutoTokenizer -> PreTrainedTokenizerFast), with the chat
+    template and add_bos_token of a chat model."""
     write_json(out / "tokenizer.json", tok.to_hf_json())
-    bos, eos, unk = special_roles(tok)
+    bos, eos, unk = special_roles(tok, chat)
     tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
           "clean_up_tokenization_spaces": False}     # True would rewrite " ." as "." when decoding
     tc.update({k: v for k, v in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk)) if v})
+    if chat and chat.get("template"):
+        tc.update(chat_template=chat["template"], add_bos_token=bool(chat.get("add_bos")))
     write_json(out / "tokenizer_config.json", tc)
 
 
@@ -518,16 +530,20 @@ def parse_args(argv):
     return args
 
 
-def export_lora_run(ckpt, out, adapter_dir):
-    """--ckpt RUN --out DIR --peft-adapter DIR2: the merged model to DIR, the PEFT adapter to DIR2."""
+def export_lora_run(ckpt, out, adapter_dir, force=False):
+    """--ckpt RUN --out DIR --peft-adapter DIR2: the merged model to DIR, the PEFT adapter to DIR2, each
+    written whole (data.write_folder: a non-empty folder is refused unless force)."""
     ck = load_checkpoint(ckpt)
     if "lora" not in ck.meta:
         raise UserError(f"--peft-adapter: {ck.path} is not a LoRA run's checkpoint (train one with train.py "
                         f"--init-from CKPT --lora-rank R)")
     base, adapters, lora, cfg = open_lora_run(ck, gn)
     base_meta = read_meta(ck.meta["lora"]["base"]["path"]) or {}
-    export_hf(gn.lora_merge({**base, **adapters}, lora), cfg, ck.tokenizer(), out)
-    export_peft_adapter(adapters, lora, cfg, adapter_dir, base_meta.get("imported_from"))
+    merged, tok = gn.lora_merge({**base, **adapters}, lora), ck.tokenizer()
+    chat = ck.meta.get("chat") or base_meta.get("chat")             # the run's template, else its base's
+    write_folder(out, lambda d: export_hf(merged, cfg, tok, d, chat), force)
+    write_folder(adapter_dir, lambda d: export_peft_adapter(adapters, lora, cfg, d, base_meta.get("imported_from")),
+                 force, what="--peft-adapter")
     n = sum(int(v.size) for v in adapters.values())
     print(f"wrote {out}: LlamaForCausalLM with the adapters merged, {gn.num_params(base):,} parameters; "
           f"{adapter_dir}: a PEFT LoRA adapter (rank {lora.rank}, {n:,} parameters of ours) for the base "
@@ -545,10 +561,10 @@ def replace_context(cfg, n):
 
 def run(args):
     if args.peft_adapter:
-        export_lora_run(args.ckpt, args.out, args.peft_adapter)
+        export_lora_run(args.ckpt, args.out, args.peft_adapter, args.force)
     elif args.ckpt:
         m = load_model(args.ckpt)                   # gpt_numpy as the backend: arrays stay NumPy
-        write_folder(args.out, lambda d: export_hf(m.params, m.cfg, m.tokenizer, d), args.force)
+        write_folder(args.out, lambda d: export_hf(m.params, m.cfg, m.tokenizer, d, m.meta.get("chat")), args.force)
         print(f"wrote {args.out}: LlamaForCausalLM with {gn.num_params(m.params):,} parameters", file=sys.stderr)
     elif args.import_hf:
         params, cfg, tok = import_hf(args.import_hf, args.max_seq_len)

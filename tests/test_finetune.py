@@ -261,6 +261,14 @@ def test_export_peft_adapter_of_a_run(base, tmp_path, capsys):
     assert cfgj["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     capsys.readouterr()
+    # a second export to the same folders is refused without --force, and replaces them whole with it
+    again = ["--ckpt", str(d / "lora5"), "--out", str(tmp_path / "merged"), "--peft-adapter", str(tmp_path / "adapter")]
+    code, err = main_error(export.main, again, capsys)
+    assert code == 1 and "is not empty" in err
+    (tmp_path / "adapter" / "stale.txt").write_text("from before")
+    assert export.main(again + ["--force"]) == 0
+    assert not (tmp_path / "adapter" / "stale.txt").exists() and (tmp_path / "adapter" / "adapter_config.json").is_file()
+    capsys.readouterr()
     code, err = main_error(export.main, ["--ckpt", str(d / "base"), "--out", str(tmp_path / "m2"),
                                          "--peft-adapter", str(tmp_path / "a2")], capsys)
     assert code == 1 and "is not a LoRA run's checkpoint" in err

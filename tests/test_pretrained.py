@@ -422,6 +422,18 @@ def test_cli_import_hf_keeps_the_chat_template(hf_tok, tmp_path, capsys):
     assert export.main(["--import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run2")]) == 0
     assert load_checkpoint(tmp_path / "run2").meta["chat"]["template"].startswith("{% for m in messages %}")
 
+    # and the export of the imported chat model writes them back: template, BOS/EOS by the model's own
+    # names, the end of turn in generation_config; transformers renders the template as we do
+    assert export.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "back")]) == 0
+    back = json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())
+    assert (back["chat_template"], back["bos_token"], back["eos_token"]) == (SMOLLM_TEMPLATE, "<|im_start|>", "<|im_end|>")
+    gen = json.loads((tmp_path / "back" / "generation_config.json").read_text())
+    assert 2 in np.atleast_1d(gen["eos_token_id"])
+    transformers = pytest.importorskip("transformers")
+    ht = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]
+    assert ht.apply_chat_template(msgs, tokenize=False) == chat.render(info, msgs, add_generation_prompt=False)
+
 
 def bad_gguf(kind, tmp_path, fields, tok):
     params, cfg = tiny_model(tok.vocab_size)
