@@ -23,6 +23,7 @@ import functools
 import json
 from datetime import datetime
 
+from data import encode_prompt
 from errors import FileFormatError, UserError
 
 PROBE = "PROBE_0f1e2d3c"                # an assistant message no template changes, to find what follows it
@@ -103,6 +104,17 @@ def prompt_ids(info, tok, messages):
     """The ids of the rendered conversation, special tokens written by the template as their ids (as
     apply_chat_template(tokenize=True) does; it adds no BOS: a template that wants one writes it)."""
     return tok.encode(render(info, messages), allowed_special="all")
+
+
+def plain_prompt_ids(info, tok, prompt):
+    """The ids of a plain (non-chat) prompt: data.encode_prompt's, after the model's BOS when its
+    metadata says plain prompts start with one (add_bos: Llama 3, and llama.cpp's rule for GGUF files),
+    as llama.cpp and transformers' tokenizer(prompt) do."""
+    ids = encode_prompt(tok, prompt)
+    bos = (info or {}).get("bos_id")
+    if (info or {}).get("add_bos") and bos is not None and ids[:1] != [bos]:
+        ids = [bos] + ids
+    return ids
 
 
 def chat_info(template, tok, bos_id=None, eos_id=None, add_bos=False):

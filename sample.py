@@ -30,12 +30,14 @@ from data import encode_prompt
 from errors import ArgumentParser, UserError, run_main
 
 
-def stream(params, cfg, tok, gm, prompt, max_new_tokens, temperature, top_k, top_p, seed, out=None):
-    """Write the prompt, then each new token's text as soon as it is complete UTF-8. Returns the new ids."""
+def stream(params, cfg, tok, gm, prompt, max_new_tokens, temperature, top_k, top_p, seed, out=None, info=None):
+    """Write the prompt, then each new token's text as soon as it is complete UTF-8. Returns the new ids.
+    info: the checkpoint's chat metadata, whose add_bos puts BOS before the prompt (not written out)."""
     out = out or sys.stdout
-    ids = encode_prompt(tok, prompt)
+    ids = chat.plain_prompt_ids(info, tok, prompt)
+    shown = ids[len(ids) - len(encode_prompt(tok, prompt)):]          # the prompt, without an added BOS
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    out.write(dec.decode(tok.decode_bytes(ids)))
+    out.write(dec.decode(tok.decode_bytes(shown)))
     out.flush()
     new = []
     for i in gm.generate_stream(params, ids, cfg, max_new_tokens, temperature=temperature, top_k=top_k,
@@ -137,9 +139,10 @@ def run(args):
     if args.chat:
         chat_session(m, args)
     else:
-        check_memory(m, len(encode_prompt(m.tokenizer, args.prompt)), args.max_new_tokens)
+        info = m.meta.get("chat")
+        check_memory(m, len(chat.plain_prompt_ids(info, m.tokenizer, args.prompt)), args.max_new_tokens)
         stream(m.params, m.cfg, m.tokenizer, m.gm, args.prompt, args.max_new_tokens, args.temperature,
-               args.top_k or None, args.top_p if args.top_p < 1.0 else None, args.seed)
+               args.top_k or None, args.top_p if args.top_p < 1.0 else None, args.seed, info=info)
 
 
 def main(argv=None):

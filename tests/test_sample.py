@@ -40,6 +40,25 @@ def test_sample_decodes_utf8_split_across_tokens():
     assert "é" in writes and "😀" in writes                                  # each printed whole
 
 
+def test_plain_prompt_starts_with_bos_when_the_model_says_so():
+    """add_bos in the chat metadata (Llama 3; llama.cpp's rule for GGUF files): the model reads BOS first,
+    the output shows the prompt without it; without add_bos the ids are encode_prompt's."""
+    bpe = pytest.importorskip("bpe")
+    tok = bpe.Tokenizer("gpt4", [], {"<|begin_of_text|>": 256})
+    seen = []
+
+    def generate_stream(params, ids, *a, **k):
+        seen.append(list(ids))
+        return iter([])
+    fake = SimpleNamespace(generate_stream=generate_stream)
+    writes = []
+    out = SimpleNamespace(write=writes.append, flush=lambda: None)
+    info = {"bos_id": 256, "add_bos": True}
+    sample.stream(None, None, tok, fake, "hi", 4, 1.0, None, None, 0, out=out, info=info)
+    sample.stream(None, None, tok, fake, "hi", 4, 1.0, None, None, 0, out=out, info={**info, "add_bos": False})
+    assert seen == [[256, 104, 105], [104, 105]] and "".join(writes) == "hi\nhi\n"
+
+
 @pytest.mark.parametrize("flags", [["--temperature", "-1"], ["--temperature", "inf"], ["--top-p", "0"],
                                    ["--top-k", "-2"], ["--max-new-tokens", "-1"], ["--seed", "-3"],
                                    ["--backend", "tpu"], ["--no-such-flag"]])
