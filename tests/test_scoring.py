@@ -286,3 +286,15 @@ def test_score_text_equals_a_plain_forward_per_window():
         scoring.score_text(gpt_numpy, params, cfg, x[:1])
     with pytest.raises(UserError, match="exceeds the model's context"):
         scoring.score_text(gpt_numpy, params, cfg, x, block_size=9)
+
+
+def test_an_empty_context_starts_with_the_models_bos():
+    """The harness's prefix token for an empty context: the model's BOS, else its EOS (the metadata of an
+    imported model names them), else <|endoftext|>; a continuation that starts with it gives it up."""
+    import bpe
+    tok = bpe.Tokenizer("gpt4", [], {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258})
+    chat = {"template": "x", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+    assert scoring.start_ids(tok, {"chat": chat}) == [257]
+    assert scoring.start_ids(tok, {"chat": {**chat, "bos_token": None}}) == [258]
+    assert scoring.start_ids(tok, {}) == scoring.start_ids(tok, None) == [256]
+    assert scoring.encode_pair(tok, "", " a", [257]) == ([257], [32, 97])
