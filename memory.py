@@ -114,6 +114,22 @@ def machine_memory(gm=None):
     return total, "memory"
 
 
+def available_memory(gm=None):
+    """Bytes free right now: the GPU's free memory for gpt_cupy, else the kernel's MemAvailable (what
+    can be had without swapping: free memory plus reclaimable caches); None where unknown."""
+    cupy = getattr(gm, "cupy", None)
+    if cupy is not None:
+        return int(cupy.cuda.Device().mem_info[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def fmt_bytes(n):
     """1536 -> '1.5 KB', 3.2e15 -> '3.2 PB' (powers of 1000, one decimal)."""
     for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
@@ -124,11 +140,19 @@ def fmt_bytes(n):
 
 def check_fits(need, what, gm=None, hint=""):
     """Raise errors.UserError, one line naming the estimate, its parts and the machine's memory, if the
-    parts of `need` (a dict of bytes) add up to more than the machine has."""
+    parts of `need` (a dict of bytes) add up to more than the machine has. If it fits the machine but not
+    what is free right now (other programs hold the rest), warn on stderr and go on: they may finish,
+    and the kernel may swap."""
+    import sys
     from errors import UserError
     total = sum(need.values())
     have, where = machine_memory(gm)
+    parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in need.items())
     if total > have:
-        parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in need.items())
         raise UserError(f"{what} needs about {fmt_bytes(total)} of memory ({parts}), but this machine has "
                         f"{fmt_bytes(have)} of {where}" + (f"; {hint}" if hint else ""))
+    free = available_memory(gm)
+    if free is not None and total > free:
+        print(f"warning: {what} needs about {fmt_bytes(total)} of memory ({parts}), more than the "
+              f"{fmt_bytes(free)} free now (of {fmt_bytes(have)}): it may swap or be stopped by the system"
+              + (f"; {hint}" if hint else ""), file=sys.stderr)

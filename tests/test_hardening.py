@@ -254,6 +254,16 @@ def test_sampling_that_cannot_fit_is_refused(tiny_run, capsys, monkeypatch):
     assert code == 1 and "needs about" in err and "KV cache" in err and "10.0 KB" in err
 
 
+def test_more_than_is_free_now_warns_and_goes_on(tiny_run, capsys, monkeypatch):
+    import memory
+    monkeypatch.setattr(memory, "machine_memory", lambda gm=None: (64 * 10 ** 9, "memory"))
+    monkeypatch.setattr(memory, "available_memory", lambda gm=None: 10_000)
+    assert sample.main(["--ckpt", str(tiny_run), "--max-new-tokens", "5", "--seed", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: sampling from" in err and "more than the 10.0 KB free now (of 64.0 GB)" in err
+    assert memory.available_memory() is None or memory.available_memory() > 0      # this machine's own
+
+
 def test_memory_estimates_follow_the_measured_peak():
     import tracemalloc
     import memory
