@@ -243,12 +243,10 @@ def main(argv=None):
     imp = import_peak_mib(a)
     import torch
     import transformers
-    import export
-    from checkpoint import load_model
-    with tempfile.TemporaryDirectory() as hf_dir:                  # transformers' copy of the same weights
-        m = load_model(a.ckpt)
-        export.export_hf(m.params, m.cfg, None, hf_dir)
-        del m
+    with tempfile.TemporaryDirectory() as tmp:                     # transformers' copy of the same weights
+        hf_dir = os.path.join(tmp, "hf")
+        subprocess.run([sys.executable, str(ROOT / "export.py"), "--ckpt", a.ckpt, "--out", hf_dir], check=True,
+                       stdout=subprocess.DEVNULL)
         a.hf_dir = hf_dir
         mem = {engine: child(a, f"mem-{engine}") for engine in ("ours", "theirs")}
         speed = child(a, "speed")
