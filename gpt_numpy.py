@@ -588,16 +588,15 @@ def rope_forward(u, cos, sin):
     return u * cos + rotate_half(u) * sin                               # (B, nh, T, hs)
 
 
-def rope_backward(dout, cos, sin, out=None):
+def rope_backward(dout, cos, sin):
     # Takes the tables rather than a cache: they are all the forward would have cached.
     # forward: u' = u * cos + R(u) * sin, R = rotate_half, a linear map: R(u) = P u with the matrix
     # P = [[0, -I], [I, 0]]. So du = dout * cos + P^T (dout * sin), and P^T = [[0, I], [-I, 0]] = -P:
     # du = dout * cos - R(dout * sin) = dout * cos - R(dout) * sin, since sin is the same in both
     # halves. That is rope with -sin: the rotation by the opposite angle, as the transpose of a
     # rotation is its inverse.
-    # `out`, if given, receives du (the caller's gradient buffer: no copy afterwards).
-    du = xp.multiply(dout, cos, out=out)                                # (B, nh, T, hs)
-    du -= rotate_half(dout) * sin
+    du = dout * cos                                                     # (B, nh, T, hs)
+    du -= rotate_half(dout) * sin                                       # (in place: one temporary fewer)
     return du
 
 
@@ -675,7 +674,8 @@ def qkv_forward(x, Wqkv, cos, sin, n_head, kv=None, pos=0):
     heads = split_heads(qkv, n_head + 2 * n_kv)
     # rotate q and k by position: their heads sit side by side, so one call rotates both.
     # subtle: a contiguous copy first: rope's element-wise passes then run along whole (T, hs) planes
-    # instead of hs-long rows of the strided view, ~1.5x faster at hs = 32, and q, k come out contiguous.
+    # instead of hs-long rows of the strided view, ~1.5x faster at hs = 32, and each head of q and k
+    # comes out as one contiguous (T, hs) plane.
     qk = rope_forward(xp.ascontiguousarray(heads[:, :n_head + n_kv]), cos, sin)   # (B, nh+nkv, T, hs)
     q, k, v = qk[:, :n_head], qk[:, n_head:], heads[:, n_head + n_kv:]   # (B, nh, T, hs), 2 x (B, nkv, T, hs)
     # v is still a view into qkv, whose q and k columns are not needed any more: a copy of v lets the
@@ -710,7 +710,7 @@ def attention_forward(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv
     q, k, v, c_qkv = qkv_forward(x, Wqkv, cos, sin, n_head, kv, pos)   # (B, nh, T, hs), 2 x (B, nkv, Tk, hs)
     n_kv, Tk = k.shape[1], k.shape[2]
     g = n_head // n_kv                                               # query heads per key/value head
-    # group the query heads: head h = j*g + r is row block r of key/value head j (a view when g = 1)
+    # group the query heads: head h = j*g + r is row block r of key/value head j (a view)
     qg = q.reshape(B, n_kv, g * T, hs)                               # (B, nkv, g*T, hs)
     # scores: each query against each key, scaled so their variance does not grow with hs
     att = qg @ k.transpose(0, 1, 3, 2) / math.sqrt(hs)               # (B, nkv, g*T, hs) @ (B, nkv, hs, Tk) -> (B, nkv, g*T, Tk)
