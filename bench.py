@@ -315,15 +315,7 @@ def run_dist(a, name, ranks, zero=0, memory_only=False):
     cmd = [mpiexec, "-n", str(ranks), sys.executable, os.path.abspath(__file__), "--child", name, "--child-dist",
            "--zero", str(zero), "--bucket-mb", str(a.bucket_mb), "--steps", str(a.steps), "--warmup",
            str(a.warmup), "--trials", str(a.trials)] + (["--memory-only"] if memory_only else [])
-    env = dict(os.environ)
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(a.threads)
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    sys.stderr.write(p.stdout + p.stderr)
-    raise SystemExit(f"bench.py: the {ranks}-rank run of {name} failed (exit {p.returncode})")
+    return run_result(cmd, a.threads, f"the {ranks}-rank run of {name}")
 
 
 def dist_main(a, names):
@@ -494,15 +486,21 @@ def run_child(a, name, ckpt, activations=False):
     cmd += ["--activations"] if activations else []
     cmd += ["--no-malloc-tuning"] if a.no_malloc_tuning else []
     cmd += ["--accum", str(a.accum)] if a.accum > 1 else []
+    return run_result(cmd, a.threads, f"bench child for {name}")
+
+
+def run_result(cmd, threads, what):
+    """Run a child (`threads` BLAS threads) and return the dict of its `RESULT {json}` line; on failure,
+    its output and a one-line exit."""
     env = dict(os.environ)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(a.threads)
+        env[var] = str(threads)
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     sys.stderr.write(p.stdout + p.stderr)
-    raise SystemExit(f"bench child for {name} failed (exit {p.returncode})")
+    raise SystemExit(f"bench.py: {what} failed (exit {p.returncode})")
 
 
 def fmt_bytes(n):

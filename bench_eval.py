@@ -93,6 +93,14 @@ def make_items(text_path, n, seed=0, cloze=False):
     return items
 
 
+def run_export(*args):
+    """export.py as a program (its own error line, if any, goes to stderr); UserError if it fails."""
+    from errors import UserError
+    args = [str(x) for x in args]
+    if subprocess.run([sys.executable, str(ROOT / "export.py"), *args]).returncode != 0:
+        raise UserError(f"export.py {' '.join(args)} failed")
+
+
 def prepare(a):
     """Our checkpoint, its export and the items file in a.workdir (reused when already there)."""
     import gpt_numpy
@@ -105,7 +113,7 @@ def prepare(a):
         params = gpt_numpy.init_params(cfg, seed=0)
         save_checkpoint(ckpt, params, {}, {}, build_meta(cfg, tok, bench="random weights, SmolLM2-135M's shape, MHA"))
     if not (hf / "model.safetensors").is_file():
-        subprocess.run([sys.executable, str(ROOT / "export.py"), "--ckpt", str(ckpt), "--out", str(hf)], check=True)
+        run_export("--ckpt", ckpt, "--out", hf)
     if not mc.is_file():
         mc.write_text("".join(json.dumps(d) + "\n" for d in make_items(a.text, a.items)))
     return ckpt, hf, mc
@@ -116,8 +124,7 @@ def prepare_gguf(a):
     work = Path(a.workdir)
     ckpt, mc = work / (Path(a.gguf).stem + ".safetensors"), work / f"cloze{a.items}.jsonl"
     if not ckpt.is_file():
-        subprocess.run([sys.executable, str(ROOT / "export.py"), "--import-gguf", str(a.gguf), "--out", str(ckpt)],
-                       check=True)
+        run_export("--import-gguf", a.gguf, "--out", ckpt)
     if not mc.is_file():
         mc.write_text("".join(json.dumps(d) + "\n" for d in make_items(a.text, a.items, cloze=True)))
     return ckpt, mc
@@ -238,17 +245,8 @@ def parse_args(argv):
 
 def main(argv=None):
     """Exit status 0; `error: <one line>` and 2 for a bad command line, 1 for a failure."""
-    from errors import UserError
-    try:
-        a = parse_args(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return bench(a)
-    except (ValueError, OSError, subprocess.CalledProcessError) as e:    # UserError and bpe.py's errors
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    from errors import run_main
+    return run_main(parse_args, bench, argv)
 
 
 def bench(a):
