@@ -23,7 +23,7 @@ head, hs head size (C // nh), F d_ff, V vocab, L layers, r LoRA rank.
 Convention: weights multiply from the right, y = x @ W with W shaped (in, out).
 """
 
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass, asdict, field, replace
 import functools
 import math
 from typing import NamedTuple
@@ -1314,10 +1314,41 @@ def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
     return int(rng.choice(probs.size, p=probs))
 
 
+@dataclass
+class KVSession:
+    """A KV cache kept from one generate_stream call to the next, with the ids whose keys and values it
+    holds (positions 0 .. len(ids) - 1). A chat's next prompt starts with everything said so far, so
+    only the tokens after the longest common prefix go through the model again."""
+    kv: list = None
+    ids: list = field(default_factory=list)
+
+
+def session_cache(session, ctx, length, cfg, dtype):
+    """(kv, n): a cache of at least `length` positions whose first n already hold ctx[:n] (n = 0 without
+    a session). n stops one short of the whole prompt: its last token must go through to give logits.
+    A cache too short for this call grows (at least doubling), keeping its first n positions."""
+    if session is None:
+        return kv_cache_init(cfg, dtype, length=length), 0
+    n = 0
+    for a, b in zip(session.ids, ctx[:-1]):
+        if a != b:
+            break
+        n += 1
+    old = session.kv
+    if old is None or old[0][0].shape[2] < length:
+        grown = max(length, min(cfg.max_seq_len, 2 * old[0][0].shape[2])) if old is not None else length
+        session.kv = kv_cache_init(cfg, dtype, length=grown)
+        for (K, V), (K0, V0) in zip(session.kv, old or []):
+            K[:, :, :n], V[:, :, :n] = K0[:, :, :n], V0[:, :, :n]
+    session.ids = list(ctx[:n])
+    return session.kv, n
+
+
 def generate_stream(params, ids, cfg, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                    seed=None, stop_ids=(), lora=None):
+                    seed=None, stop_ids=(), lora=None, session=None):
     """Yield new token ids one at a time after the prompt `ids` (a 1-D sequence of ints). lora: the
-    LoraConfig of adapters in params (unmerged), or None.
+    LoraConfig of adapters in params (unmerged), or None. session: a KVSession to reuse and keep the
+    cache in (a chat), or None.
 
     The context is cropped to its last max_seq_len tokens; once it is full, the cache is rebuilt from
     the cropped context each step (RoPE positions restart at 0, as a fresh forward would see them).
@@ -1337,10 +1368,14 @@ def generate_stream(params, ids, cfg, max_new_tokens, temperature=1.0, top_k=Non
     if max_new_tokens <= 0:
         return
     ctx = ids[-cfg.max_seq_len:]
-    # the cache holds the prompt and the new tokens (the last one is never fed back), capped at the context
-    kv = kv_cache_init(cfg, params["tok_emb"].dtype, length=min(cfg.max_seq_len, len(ctx) + max_new_tokens - 1))
-    logits = forward_cached(params, np.asarray([ctx]), cfg, kv, 0, last_only=True, lora=lora)   # prefill
+    # the cache holds the prompt and the new tokens (the last one is never fed back), capped at the context;
+    # with a session, its first `done` positions may hold the prompt's beginning already
+    length = min(cfg.max_seq_len, len(ctx) + max_new_tokens - 1)
+    kv, done = session_cache(session, ctx, length, cfg, params["tok_emb"].dtype)
+    logits = forward_cached(params, np.asarray([ctx[done:]]), cfg, kv, done, last_only=True, lora=lora)  # prefill
     pos = len(ctx)
+    held = session.ids if session is not None else []                   # the ids the cache holds, kept current
+    held[len(held):] = ctx[done:]
     for n in range(max_new_tokens):
         nxt = sample_next(to_host(logits[0, -1]), rng, temperature, top_k, top_p)
         yield nxt
@@ -1350,18 +1385,20 @@ def generate_stream(params, ids, cfg, max_new_tokens, temperature=1.0, top_k=Non
         if pos < kv[0][0].shape[2]:                                     # room left: one new position
             logits = forward_cached(params, np.asarray([[nxt]]), cfg, kv, pos, lora=lora)
             pos += 1
+            held.append(nxt)
         else:                                                           # full: crop and re-prefill
             ctx = ctx[-cfg.max_seq_len:]
             logits = forward_cached(params, np.asarray([ctx]), cfg, kv, 0, last_only=True, lora=lora)
+            held[:] = ctx
 
 
 def generate(params, ids, cfg, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
-             stop_ids=(), lora=None):
+             stop_ids=(), lora=None, session=None):
     """The prompt followed by up to max_new_tokens sampled ids, as a list of ints (stops early after a
     stop id). temperature=0 is greedy decoding; a seed makes sampling reproducible."""
     prompt = [int(i) for i in np.asarray(to_host(ids) if hasattr(ids, "shape") else ids).ravel()]
     return prompt + list(generate_stream(params, prompt, cfg, max_new_tokens, temperature, top_k, top_p,
-                                         seed, stop_ids, lora))
+                                         seed, stop_ids, lora, session))
 
 
 # ----------------------------------------------------------------------------------------------------

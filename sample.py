@@ -58,9 +58,10 @@ def check_memory(m, prompt_len, new_tokens):
                       hint="a shorter --prompt or fewer --max-new-tokens")
 
 
-def reply(m, info, messages, args, out=None):
+def reply(m, info, messages, args, out=None, session=None):
     """Stream the model's answer to `messages` (rendered with its chat template) to `out`; returns its
-    text, without the end-of-turn token that stopped it."""
+    text, without the end-of-turn token that stopped it. session: the conversation's KVSession, so that
+    a turn feeds the model only what is new since the last one."""
     out = out or sys.stdout
     ids = chat.prompt_ids(info, m.tokenizer, messages)
     stop = set(info["stop_ids"])
@@ -68,7 +69,7 @@ def reply(m, info, messages, args, out=None):
     new = []
     for i in m.gm.generate_stream(m.params, ids, m.cfg, args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1.0 else None,
-                                  seed=args.seed, stop_ids=stop):
+                                  seed=args.seed, stop_ids=stop, session=session):
         if i in stop:
             break
         new.append(i)
@@ -81,12 +82,14 @@ def reply(m, info, messages, args, out=None):
 
 def chat_session(m, args):
     """--chat: one answer to --prompt, or turns read from the terminal until end of input. The whole
-    conversation goes back to the model each turn (its history)."""
+    conversation is the model's prompt each turn (its history), but only what is new since the last turn
+    goes through the model: the rest is in the KV cache kept between turns."""
     info = chat.from_meta(m.meta)
     if info is None:
         raise UserError(f"{m.path} has no chat template: --chat needs a chat model imported with export.py "
                         f"--import-gguf or --import-hf (e.g. SmolLM2-135M-Instruct)")
     messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+    session = m.gm.KVSession()
     while True:
         if args.prompt is not None:
             text = args.prompt
@@ -99,7 +102,7 @@ def chat_session(m, args):
             if not sys.stdin.isatty():                  # piped in: show the message, as a terminal would
                 print(text)
         messages.append({"role": "user", "content": text})
-        messages.append({"role": "assistant", "content": reply(m, info, messages, args)})
+        messages.append({"role": "assistant", "content": reply(m, info, messages, args, session=session)})
         if args.prompt is not None:
             return
 

@@ -725,6 +725,37 @@ def test_greedy_generation_matches_full_forward_and_crops_context(backend):
     assert gm.generate(params, long_prompt, cfg, 3, temperature=0) == naive_greedy(gm, params, long_prompt, cfg, 3)
 
 
+def test_a_kv_session_feeds_only_the_new_tokens_and_changes_nothing(backend, monkeypatch):
+    """A chat: each turn's prompt is the last turn's prompt and reply plus a new message. With a KVSession
+    the model reads only the tokens after the common prefix, and the replies are the same as without it:
+    also when the next prompt differs from the cache before its end (a reply re-tokenized differently)
+    and when the cache has to grow."""
+    gm = backend
+    cfg = tiny_cfg(max_seq_len=40)
+    params = trained_ish_params(gm, cfg, seed=5)
+    fed = []
+    real = gm.forward_cached
+    monkeypatch.setattr(gm, "forward_cached", lambda p, ids, *a, **k: fed.append(ids.shape[1]) or real(p, ids, *a, **k))
+    session = gm.KVSession()
+    prompt, lengths = [1, 7, 3], []
+    for turn, new in enumerate([[4, 2], [9], [5, 5, 6]]):
+        fed.clear()
+        with_session = gm.generate(params, prompt, cfg, 4, temperature=0, session=session)
+        n_fed = list(fed)
+        assert with_session == gm.generate(params, prompt, cfg, 4, temperature=0)     # no session: all of it
+        assert session.ids == with_session[:-1]                      # what the cache holds: all but the last
+        if turn > 0:
+            assert n_fed[0] == 1 + len(new_prev)                     # prefill: the previous reply's last token + the message
+        prompt, new_prev = with_session + new, new
+        lengths.append(session.kv[0][0].shape[2])
+    assert lengths[0] == 3 + 4 - 1 and lengths[-1] > lengths[0]       # sized for the first turn, then grown
+    # a prompt that leaves the cached ids at position 2: the rest is recomputed, the result the same
+    fed.clear()
+    other = session.ids[:2] + [8, 8, 8]
+    assert gm.generate(params, other, cfg, 3, temperature=0, session=session) == gm.generate(params, other, cfg, 3, temperature=0)
+    assert fed[0] == len(other) - 2                                  # ids 2.. of the prompt
+
+
 def test_sampling_is_reproducible_and_respects_stop_and_top_k(backend):
     gm = backend
     cfg = tiny_cfg(max_seq_len=8)
