@@ -311,7 +311,7 @@ def run_dist(a, name, ranks, zero=0, memory_only=False):
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")         # the mpich wheel's
     mpiexec = beside if os.path.isfile(beside) else shutil.which("mpiexec")
     if mpiexec is None:
-        raise SystemExit("bench.py: --ranks needs mpiexec (pip install mpi4py mpich)")
+        raise SystemExit("bench.py: error: --ranks needs mpiexec (pip install mpi4py mpich)")
     cmd = [mpiexec, "-n", str(ranks), sys.executable, os.path.abspath(__file__), "--child", name, "--child-dist",
            "--zero", str(zero), "--bucket-mb", str(a.bucket_mb), "--steps", str(a.steps), "--warmup",
            str(a.warmup), "--trials", str(a.trials)] + (["--memory-only"] if memory_only else [])
@@ -500,7 +500,7 @@ def run_result(cmd, threads, what):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     sys.stderr.write(p.stdout + p.stderr)
-    raise SystemExit(f"bench.py: {what} failed (exit {p.returncode})")
+    raise SystemExit(f"bench.py: error: {what} failed (exit {p.returncode})")
 
 
 def fmt_bytes(n):
@@ -571,11 +571,11 @@ def main():
         try:
             import gpt_cupy  # noqa: F401
         except RuntimeError as e:
-            raise SystemExit(f"bench.py: {e}")
+            raise SystemExit(f"bench.py: error: {e}")
     names = [MEMORY_CONFIG] if a.memory else [n.strip() for n in a.configs.split(",") if n.strip()]
     for n in names:
         if n not in CONFIGS:
-            raise SystemExit(f"unknown config {n!r}: choose from {', '.join(CONFIGS)}")
+            ap.error(f"unknown config {n!r}: choose from {', '.join(CONFIGS)}")      # usage, exit 2
     if a.ranks:
         return dist_main(a, names)
     if a.optimizer_memory:

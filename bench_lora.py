@@ -119,7 +119,7 @@ def run_child(a, kind, work):
         if line.startswith("RESULT "):
             return {**json.loads(line[7:]), "load_before": before, "load_after": loadavg()}
     sys.stderr.write(p.stdout + p.stderr)
-    raise SystemExit(f"bench_lora: the {kind} child failed (exit {p.returncode})")
+    raise SystemExit(f"bench_lora.py: error: the {kind} child failed (exit {p.returncode})")
 
 
 def report(a, mem, speed, n_params):
