@@ -283,12 +283,12 @@ def in_turn(comm, fn):
 # ----------------------------------------------------------------------------------------------------
 # The backward pass that says when each gradient is final
 
-def loss_and_grads_hooked(gm, params, ids, targets, cfg, seed, ready):
+def loss_and_grads_hooked(gm, params, ids, targets, cfg, seed, ready, lora=None):
     """gm.loss_and_grads whose backward pass calls ready(grads, names) as soon as the gradients `names`
     are final (gpt_numpy.model_backward's hook), so that they can be sent while the earlier layers'
     gradients are still being computed. (tests/test_dist.py checks it against gm.loss_and_grads, bit for
     bit, and that each gradient is reported once.)"""
-    return gm.loss_and_grads(params, ids, targets, cfg, seed=seed, ready=ready)
+    return gm.loss_and_grads(params, ids, targets, cfg, seed=seed, ready=ready, lora=lora)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -359,10 +359,13 @@ class DataParallel:
     Without ZeRO every rank holds the summed gradient (grads: views into the flat buffer, in the
     params' order) and takes the whole AdamW step. With ZeRO (zero=1) it holds the sum of its shard only,
     updates its shard of the weights and all-gathers them; the weights live in a flat buffer too (params
-    become views of it) and the AdamW state holds this rank's pieces of the moments."""
+    become views of it) and the AdamW state holds this rank's pieces of the moments.
 
-    def __init__(self, comm, gm, params, zero=0, bucket_mb=4.0):
-        self.comm, self.gm, self.zero = comm, gm, zero
+    params: the weights that train. In a LoRA run (lora: its gpt_numpy.LoraConfig) those are the adapters
+    alone: only their gradients travel and only their moments are sharded; the frozen base never moves."""
+
+    def __init__(self, comm, gm, params, zero=0, bucket_mb=4.0, lora=None):
+        self.comm, self.gm, self.zero, self.lora = comm, gm, zero, lora
         self.rank, self.world = comm.rank, comm.size
         dtype = next(iter(params.values())).dtype
         self.layout = L = Layout({k: tuple(p.shape) for k, p in params.items()}, self.world,
@@ -443,7 +446,7 @@ class DataParallel:
                     self._send(b)
             self.comm.progress(self.handles)
 
-        loss, _ = loss_and_grads_hooked(self.gm, params, ids, targets, cfg, seed, ready)
+        loss, _ = loss_and_grads_hooked(self.gm, params, ids, targets, cfg, seed, ready, self.lora)
         return loss
 
     def accumulate(self, grads, first):

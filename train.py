@@ -371,14 +371,15 @@ class State:
     last_eval: dict | None = None   # the latest evaluation: step, train and val loss, val bits per byte
     saved_step: int | None = None   # the step of this run's checkpoint in out_dir (None: none written yet)
     t_start: float = field(default_factory=time.time)    # when this process started training
+    trained_keys: list = None       # the names of the weights the optimizer updates (set with opt)
 
     def elapsed_now(self):
         return round(self.elapsed + time.time() - self.t_start, 3)
 
     def trained(self):
-        """The parameters the optimizer updates, the keys of its state: every weight, or a LoRA run's
-        adapters (the base weights in params stay frozen)."""
-        return {k: self.params[k] for k in self.opt["m"]}
+        """The parameters the optimizer updates: every weight, or a LoRA run's adapters (the base weights
+        in params stay frozen)."""
+        return {k: self.params[k] for k in self.trained_keys}
 
 
 def train(cfg, data, tok, gm, resume=None, log=print, init=None, comm=None):
@@ -453,7 +454,8 @@ def fresh_state(run, init):
         params.update(trained)
     if run.rank == 0:
         run.log_path.write_text("")                                   # a fresh run starts a fresh log
-    return State(params, gm.adamw_init(trained), gm.loss_scaler_init(), np.random.default_rng(cfg.seed))
+    return State(params, gm.adamw_init(trained), gm.loss_scaler_init(), np.random.default_rng(cfg.seed),
+                 trained_keys=list(trained))
 
 
 def resumed_state(run, ck):
@@ -477,7 +479,7 @@ def resumed_state(run, ck):
     p = meta["progress"]
     state = State(params, opt, dict(meta.get("loss_scaler") or gm.loss_scaler_init()), rng, step=int(meta["step"]),
                   elapsed=p["elapsed_s"], tokens_seen=p["tokens_seen"], best_val=p["best_val_loss"],
-                  last_eval=p.get("last_eval"), saved_step=int(meta["step"]))
+                  last_eval=p.get("last_eval"), saved_step=int(meta["step"]), trained_keys=list(trained))
     run.log(f"resumed from {ck.path} at step {state.step}")
     if run.rank != 0:
         return state
@@ -490,11 +492,14 @@ def resumed_state(run, ck):
 
 
 def start_data_parallel(run, state):
-    """Under mpiexec: the gradient averaging of dist.py over this run's weights; with --zero 1 the ranks
-    then keep their shards of AdamW's moments only."""
+    """Under mpiexec: the gradient averaging of dist.py over the weights this run trains (a LoRA run's
+    adapters); with --zero 1 the ranks then keep their shards of AdamW's moments only."""
     import dist
-    run.dp = dist.DataParallel(run.comm, run.gm, state.params, zero=run.cfg.zero, bucket_mb=run.cfg.bucket_mb)
-    state.params, state.opt = run.dp.adopt(state.params, state.opt)
+    trained = state.trained()
+    run.dp = dist.DataParallel(run.comm, run.gm, trained, zero=run.cfg.zero, bucket_mb=run.cfg.bucket_mb,
+                               lora=run.lora)
+    views, state.opt = run.dp.adopt(trained, state.opt)
+    state.params = {**state.params, **views}
 
 
 def log_start(run, state):
@@ -513,13 +518,13 @@ def log_start(run, state):
         run.log(f"LoRA: rank {run.lora.rank}, alpha {run.lora.alpha:g} on {','.join(run.lora.targets)}: {n:,} "
                 f"trainable parameters ({100 * n / n_model:.2f}% of the model's, whose weights stay frozen); "
                 f"AdamW state {8 * n / 2**20:.2f} MiB")
-    if cfg.sft:
-        run.log(f"training: {cfg.max_iters} steps of {cfg.batch_size} x {cfg.grad_accum} examples (rows padded "
-                f"to the longest drawn, at most {cfg.block_size} tokens); out dir {run.out_dir}")
-        return
     ranks = f" x {run.world} ranks" if run.world > 1 else ""
-    run.log(f"training: {cfg.max_iters} steps of {run.tokens_per_step:,} tokens (batch {cfg.batch_size} x "
-            f"grad_accum {cfg.grad_accum}{ranks} x {cfg.block_size}); out dir {run.out_dir}")
+    if cfg.sft:
+        run.log(f"training: {cfg.max_iters} steps of {cfg.batch_size} x {cfg.grad_accum}{ranks} examples (rows "
+                f"padded to the longest drawn, at most {cfg.block_size} tokens); out dir {run.out_dir}")
+    else:
+        run.log(f"training: {cfg.max_iters} steps of {run.tokens_per_step:,} tokens (batch {cfg.batch_size} x "
+                f"grad_accum {cfg.grad_accum}{ranks} x {cfg.block_size}); out dir {run.out_dir}")
     if run.dp is not None:
         dp = run.dp
         run.log(f"data parallel: {run.world} ranks, gradients in {len(dp.layout.buckets)} bucket(s), "
@@ -667,7 +672,7 @@ def save(run, state):
     if run.dp is None:
         tensors = host(state.trained()), host(state.opt["m"]), host(state.opt["v"])
     else:                                               # the whole state on rank 0 (ZeRO: gathered)
-        tensors = run.dp.gather_state(state.params, state.opt)
+        tensors = run.dp.gather_state(state.trained(), state.opt)
     if run.rank == 0:
         save_checkpoint(run.ckpt_path, *tensors, meta, before_replace=hook)
     state.saved_step = state.step
@@ -723,7 +728,7 @@ def optimizer_step(run, state):
     elif not (math.isfinite(loss) and math.isfinite(norm)):
         skip_nonfinite(run, state, loss, norm)
     elif dp is not None:
-        dp.adamw_step(state.params, state.opt, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
+        dp.adamw_step(state.trained(), state.opt, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
     else:
         gm.adamw_step(state.trained(), grads, state.opt, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
     state.step += 1
@@ -893,9 +898,6 @@ def parse_args(argv):
         raise UserError("--sft FILE is the training data; --data names a text corpus: pass one of them")
     if resume is None and cfg.lora_merge and not cfg.lora_rank:
         raise UserError("--lora-merge merges a LoRA run's adapters: it needs --lora-rank R")
-    if mpi_world_size() > 1 and (cfg.lora_rank or cfg.sft):
-        raise UserError(f"{'--lora-rank' if cfg.lora_rank else '--sft'} runs in one process for now: start it "
-                        f"without mpiexec")
     return cfg, explicit, flags, resume
 
 

@@ -199,6 +199,40 @@ def test_two_ranks_equal_one_process_with_accumulation_bit_for_bit(ref, zero):
 
 
 @needs_mpi
+@pytest.mark.parametrize("zero", [0, 1])
+def test_lora_two_ranks_equal_one_process_bit_for_bit(ref, zero):
+    """LoRA under mpiexec: only the adapters' gradients go through the buckets (and, with ZeRO, only their
+    moments are sharded); the base stays frozen on every rank. 2 ranks equal 1 process with grad_accum 2."""
+    lora = ["--init-from", ref / "one-accum2", "--lora-rank", 2, "--lora-dropout", 0.1, "--max-iters", 12,
+            "--lr-decay-iters", 12, "--lr", "3e-3"]
+    if not (ref / "lora-one").is_dir():
+        ok(run1(args(ref, "lora-one", "--grad-accum", 2, *lora)))
+    p = ok(run_mpi(2, args(ref, f"lora-two-zero{zero}", "--zero", zero, "--bucket-mb", 0, *lora)))
+    assert_same_state(ref / "lora-one", ref / f"lora-two-zero{zero}")
+    ck = load_checkpoint(ref / f"lora-two-zero{zero}")
+    assert ck.meta["lora"]["config"]["rank"] == 2 and all(".lora_" in k for k in ck.params)   # adapters only
+    assert "data parallel: 2 ranks" in p.stdout and "LoRA: rank 2" in p.stdout
+
+
+@needs_mpi
+def test_sft_with_lora_two_ranks_equal_one_process(tmp_path):
+    """--sft under mpiexec: every rank draws every micro-batch of chat examples (the sampler stays in
+    step) and trains on its own; 2 ranks equal 1 process with grad_accum 2, bit for bit."""
+    from test_finetune import write_chats
+    make_text(tmp_path / "text.txt")
+    common = ["--data-dir", tmp_path / "data", "--sample-tokens", 0, "--eval-interval", 100, "--block-size", 48]
+    ok(run1([*map(str, ["--preset", "tiny", "--data", tmp_path / "text.txt", "--tokenizer", "bpe", "--vocab-size",
+                        300, "--max-iters", 20, "--out-dir", tmp_path / "base", *common])]))
+    write_chats(tmp_path / "chats.jsonl")
+    sft = ["--init-from", tmp_path / "base", "--sft", tmp_path / "chats.jsonl", "--lora-rank", 2, "--batch-size", 2,
+           "--max-iters", 8, "--lr", "1e-2", *common]
+    ok(run1([*map(str, sft), "--grad-accum", "2", "--out-dir", str(tmp_path / "one")]))
+    p = ok(run_mpi(2, [*map(str, sft), "--zero", "1", "--out-dir", str(tmp_path / "two")]))
+    assert_same_state(tmp_path / "one", tmp_path / "two")
+    assert "data parallel: 2 ranks" in p.stdout
+
+
+@needs_mpi
 def test_mixed_precision_two_ranks_equal_one_process(ref):
     """--mixed-precision takes the other path of DataParallel: whole float16 backward passes, then the
     ranks agree that none overflowed before any gradient is sent. Still bit-identical to one process."""
