@@ -150,9 +150,15 @@ def end_of_turn(info, tok):
     return max(found, key=len) if found else None
 
 
-def from_meta(meta):
-    """A checkpoint's chat_info, or None when it has none (a model trained here)."""
+def from_meta(meta, tok):
+    """A checkpoint's chat_info, or None when it has none (a model trained here). A fine-tuning run's
+    metadata (train.py --sft: the template and its bos_token/eos_token strings) gets the ids chat_info
+    derives from them: the stop ids, BOS."""
     info = meta.get("chat") if isinstance(meta, dict) else None
     if not isinstance(info, dict) or not isinstance(info.get("template"), str):
         return None
+    if "stop_ids" not in info:
+        sp = tok.special_tokens if getattr(tok, "special_tokens", None) else {}
+        derived = chat_info(info["template"], tok, bos_id=sp.get(info.get("bos_token")), eos_id=sp.get(info.get("eos_token")))
+        info = {**derived, **{k: v for k, v in info.items() if v}}
     return info

@@ -84,7 +84,7 @@ def chat_session(m, args):
     """--chat: one answer to --prompt, or turns read from the terminal until end of input. The whole
     conversation is the model's prompt each turn (its history), but only what is new since the last turn
     goes through the model: the rest is in the KV cache kept between turns."""
-    info = chat.from_meta(m.meta)
+    info = chat.from_meta(m.meta, m.tokenizer)
     if info is None:
         raise UserError(f"{m.path} has no chat template: --chat needs a chat model imported with export.py "
                         f"--import-gguf or --import-hf (e.g. SmolLM2-135M-Instruct)")

@@ -166,6 +166,22 @@ def test_full_sft_and_train_on_prompt(base):
     assert "lora" not in ck.meta and set(ck.params) == set(load_checkpoint(d / "base").params)
 
 
+def test_sample_chat_talks_to_an_sft_run(base, capsys):
+    """sample.py --chat on a model fine-tuned here: the run's template, its end of turn from the
+    metadata's eos_token (an --sft run records the template's strings; the ids are derived on load)."""
+    d, _ = base
+    run_quiet(lora_args(d, "chat-run", "--lora-rank", 2, "--max-iters", 20, "--sample-tokens", 0))
+    capsys.readouterr()
+    assert sample.main(["--ckpt", str(d / "chat-run"), "--chat", "--prompt", "what does the fox do?",
+                        "--temperature", "0", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    import chat_template
+    ck = load_checkpoint(d / "chat-run")
+    tok = ck.tokenizer()
+    info = chat_template.from_meta(ck.meta, tok)
+    assert info["stop_ids"] == [tok.special_tokens["<|endoftext|>"]] and info["template"] == ck.meta["chat"]["template"]
+
+
 @pytest.mark.parametrize("extra, code, message", [
     (["--lora-rank", 4, "--init-from", ""], 2, "--lora-rank fine-tunes a model: pass --init-from"),
     (["--init-from", "", "--lora-rank", 0], 2, "--sft fine-tunes a model: pass --init-from"),
