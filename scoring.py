@@ -161,14 +161,11 @@ def start_ids(tok, meta=None):
     its EOS (an imported model's metadata names them: SmolLM2's BOS is <|im_start|>); for a model
     without that metadata, encode_prompt(tok, ""): <|endoftext|>, which export.py writes as its BOS."""
     chat = (meta or {}).get("chat") if isinstance((meta or {}).get("chat"), dict) else {}
+    special = getattr(tok, "special_tokens", None) or {}
     for key in ("bos_token", "eos_token"):
-        if chat.get(key) in tok_specials(tok):
-            return [tok_specials(tok)[chat[key]]]
+        if chat.get(key) in special:
+            return [special[chat[key]]]
     return encode_prompt(tok, "")
-
-
-def tok_specials(tok):
-    return getattr(tok, "special_tokens", None) or {}
 
 
 def encode_pair(tok, context, continuation, start=None):
