@@ -89,9 +89,9 @@ def prepare(a, work):
     export.py (a Hugging Face Llama and a PEFT adapter) for the torch child, and the batch."""
     import gpt_numpy as gn
     from checkpoint import build_meta, lora_base_ref, load_checkpoint, save_checkpoint
-    from data import CharTokenizer
+    import bpe
     cfg, lora, params, adapters = weights(a)
-    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz ")         # the exports need a tokenizer; none is used
+    tok = bpe.Tokenizer("gpt4", [])         # the exports need a tokenizer (256 byte ids); none is used
     save_checkpoint(work / "base" / "ckpt.safetensors", params, {}, {}, build_meta(cfg, tok))
     base_ref = lora_base_ref(load_checkpoint(work / "base"), work / "lora")
     save_checkpoint(work / "lora" / "ckpt.safetensors", adapters, {}, {},
