@@ -556,7 +556,7 @@ def training_loop(run, state, bar, stop):
     """Evaluate, checkpoint and step until max_iters or Ctrl-C: returns "done" or "interrupted"."""
     cfg, start_step = run.cfg, state.step
     state.t_start = time.time()
-    t_steps, step_log, loss_log = 0.0, state.step, []                  # since the last log line
+    t_steps, step_log, loss_log, tok_log = 0.0, state.step, [], 0      # since the last log line
     while True:
         if state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters:
             if not (run.resumed and state.step == start_step):         # done before the checkpoint was saved
@@ -583,17 +583,18 @@ def training_loop(run, state, bar, stop):
         if state.step >= cfg.max_iters:
             return "done"
 
-        t0 = time.time()
+        t0, tokens0 = time.time(), state.tokens_seen
         loss, norm, lr, overflow = optimizer_step(run, state)
-        dt = time.time() - t0
+        dt, tokens = max(time.time() - t0, 1e-9), state.tokens_seen - tokens0
         t_steps += dt                                                  # step time only, not evals or saves
+        tok_log += tokens
         if math.isfinite(loss) and not overflow:                       # a skipped step's loss is partial
             loss_log.append(loss)
-        bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {run.tokens_per_step / dt:,.0f} tok/s", refresh=False)
+        bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {tokens / dt:,.0f} tok/s", refresh=False)
         bar.update(1)
         if run.rank == 0 and (state.step % cfg.log_interval == 0 or state.step == cfg.max_iters):
-            log_line(run, state, loss_log, lr, norm, t_steps / max(1, state.step - step_log))
-            t_steps, step_log, loss_log = 0.0, state.step, []
+            log_line(run, state, loss_log, lr, norm, t_steps / max(1, state.step - step_log), tok_log / t_steps)
+            t_steps, step_log, loss_log, tok_log = 0.0, state.step, [], 0
 
 
 def stop_requested(run, stop):
@@ -706,7 +707,7 @@ def optimizer_step(run, state):
     overflow, or a non-finite loss with --skip-nonfinite). Returns (loss, grad norm, lr, overflow)."""
     cfg, gm, dp = run.cfg, run.gm, run.dp
     lr = get_lr(state.step, cfg)
-    loss, grads, overflow = accumulate_grads(run, state)
+    loss, grads, overflow, tokens = accumulate_grads(run, state)
     norm = math.nan
     if not overflow and dp is not None:                                # the mean over all ranks' micro-batches
         dp.scale_grads(1.0 / (cfg.grad_accum * run.world))
@@ -732,14 +733,15 @@ def optimizer_step(run, state):
     else:
         gm.adamw_step(state.trained(), grads, state.opt, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
     state.step += 1
-    state.tokens_seen += run.tokens_per_step
+    state.tokens_seen += tokens
     return loss, norm, lr, overflow
 
 
 def accumulate_grads(run, state):
     """The step's global batch, grad_accum x world micro-batches drawn from the sampler in order, of which
     this rank takes grad_accum in a row (rank r: r * grad_accum ...; one process: all): (mean loss over the
-    global batch, summed gradients, overflow?). Every rank draws every micro-batch's windows, so the
+    global batch, summed gradients, overflow?, the global batch's positions: --sft's padded rows are as
+    long as the longest example drawn, not block_size). Every rank draws every micro-batch's windows, so the
     samplers stay equal, and reads only its own; dropout is keyed by the global micro-batch index, so a
     run sees the same sequences and masks at any world size. Under mpiexec the sum runs over all ranks
     (dist.DataParallel; its grads are returned). After a float16 overflow (mixed precision) the step does
@@ -749,9 +751,12 @@ def accumulate_grads(run, state):
     n = cfg.grad_accum * run.world                                     # micro-batches in the global batch
     mine = range(run.rank * cfg.grad_accum, (run.rank + 1) * cfg.grad_accum)
     grads, loss, overflow = None, 0.0, False
+    tokens = 0 if cfg.sft else run.tokens_per_step
     for micro in range(n):
         batch = (sft.get_batch(run.data["train"], cfg.batch_size, state.rng) if cfg.sft
                  else get_batch(run.data["train"], cfg.batch_size, cfg.block_size, state.rng, read=micro in mine))
+        if cfg.sft:
+            tokens += batch[0].size                                    # every rank draws every batch
         if micro not in mine or overflow:
             continue
         x, y = batch
@@ -778,7 +783,7 @@ def accumulate_grads(run, state):
     if dp is not None:                                                 # summed over the ranks
         loss, overflow = dp.finish(loss, overflow)
         grads = dp.grads
-    return loss, grads, overflow
+    return loss, grads, overflow, tokens
 
 
 def skip_nonfinite(run, state, loss, norm):
@@ -795,10 +800,10 @@ def skip_nonfinite(run, state, loss, norm):
         append_jsonl(run.log_path, {"event": "skip", "step": state.step, "loss": loss, "grad_norm": norm})
 
 
-def log_line(run, state, loss_log, lr, norm, dt_avg):
+def log_line(run, state, loss_log, lr, norm, dt_avg, tokens_per_s):
     rec = {"event": "train", "step": state.step, "loss": float(np.mean(loss_log)) if loss_log else math.nan,
            "lr": lr, "grad_norm": norm, "ms_per_step": 1000 * dt_avg,
-           "tokens_per_s": run.tokens_per_step / dt_avg, "time_s": state.elapsed_now()}
+           "tokens_per_s": tokens_per_s, "time_s": state.elapsed_now()}
     run.write(f"step {state.step}/{run.cfg.max_iters}: loss {rec['loss']:.4f}, lr {lr:.2e}, "
               f"{rec['ms_per_step']:.0f} ms/step, {rec['tokens_per_s']:,.0f} tok/s, {rec['time_s']:.0f} s")
     append_jsonl(run.log_path, rec)

@@ -59,6 +59,11 @@ def test_lora_sft_run_trains_adapters_only(base):
     d, _ = base
     res = run_quiet(lora_args(d, "lora", "--lora-rank", 4, "--lora-targets", "qkv,down", "--max-iters", 20))
     assert res["status"] == "done" and res["step"] == 20
+    # tokens counted as the padded rows' real length (the longest example drawn), not block_size
+    assert 20 * 4 * 8 < res["tokens_seen"] < 20 * 4 * 48
+    rates = [json.loads(x)["tokens_per_s"] for x in (d / "lora" / "log.jsonl").read_text().splitlines()
+             if json.loads(x)["event"] == "train"]
+    assert rates and all(r > 0 for r in rates)
     b = load_checkpoint(d / "base")
     ck = load_checkpoint(d / "lora")
     cfg = ck.model_config()
