@@ -14,9 +14,11 @@ The checkpoint carries its tokenizer, so nothing else is needed. Each token's by
 incremental UTF-8 decoder before printing, so a character split over two tokens (an emoji, "é" in a
 byte-level BPE) prints whole once its last byte arrives.
 
---chat talks to a chat model imported with export.py (--import-gguf, --import-hf): each turn renders the
-whole conversation with the model's own chat template (chat_template.py), generates the reply token by token and
-stops at the template's end-of-turn token. Interactive: type a message, Enter; Ctrl-D or Ctrl-C ends.
+--chat talks to a chat model (imported with export.py --import-gguf / --import-hf, or fine-tuned here with
+train.py --sft): each turn renders the whole conversation with the model's own chat template
+(chat_template.py), feeds the model what is new since the last turn (the rest stays in the KV cache,
+gpt_numpy.KVSession), generates the reply token by token and stops at the template's end-of-turn token.
+Interactive: type a message, Enter; Ctrl-D or Ctrl-C ends.
 """
 
 import codecs
