@@ -23,7 +23,6 @@ import functools
 import json
 from datetime import datetime
 
-from data import encode_prompt
 from errors import FileFormatError, UserError
 
 PROBE = "PROBE_0f1e2d3c"                # an assistant message no template changes, to find what follows it
@@ -106,14 +105,13 @@ def prompt_ids(info, tok, messages):
     return tok.encode(render(info, messages), allowed_special="all")
 
 
-def plain_prompt_ids(info, tok, prompt):
-    """The ids of a plain (non-chat) prompt: data.encode_prompt's, after the model's BOS when its
-    metadata says plain prompts start with one (add_bos: Llama 3, and llama.cpp's rule for GGUF files),
-    as llama.cpp and transformers' tokenizer(prompt) do."""
-    ids = encode_prompt(tok, prompt)
+def with_bos(info, ids):
+    """The ids of a plain (non-chat) prompt as the model reads them: after its BOS when its metadata says
+    plain prompts start with one (add_bos: Llama 3, and llama.cpp's rule for GGUF files), as llama.cpp and
+    transformers' tokenizer(prompt) do; unchanged otherwise."""
     bos = (info or {}).get("bos_id")
     if (info or {}).get("add_bos") and bos is not None and ids[:1] != [bos]:
-        ids = [bos] + ids
+        return [bos] + ids
     return ids
 
 

@@ -1375,7 +1375,7 @@ def generate_stream(params, ids, cfg, max_new_tokens, temperature=1.0, top_k=Non
     logits = forward_cached(params, np.asarray([ctx[done:]]), cfg, kv, done, last_only=True, lora=lora)  # prefill
     pos = len(ctx)
     held = session.ids if session is not None else []                   # the ids the cache holds, kept current
-    held[len(held):] = ctx[done:]
+    held.extend(ctx[done:])
     for n in range(max_new_tokens):
         nxt = sample_next(to_host(logits[0, -1]), rng, temperature, top_k, top_p)
         yield nxt

@@ -36,8 +36,8 @@ def stream(params, cfg, tok, gm, prompt, max_new_tokens, temperature, top_k, top
     """Write the prompt, then each new token's text as soon as it is complete UTF-8. Returns the new ids.
     info: the checkpoint's chat metadata, whose add_bos puts BOS before the prompt (not written out)."""
     out = out or sys.stdout
-    ids = chat.plain_prompt_ids(info, tok, prompt)
-    shown = ids[len(ids) - len(encode_prompt(tok, prompt)):]          # the prompt, without an added BOS
+    shown = encode_prompt(tok, prompt)                                  # the prompt, written out
+    ids = chat.with_bos(info, shown)                                    # what the model reads
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out.write(dec.decode(tok.decode_bytes(shown)))
     out.flush()
@@ -145,7 +145,7 @@ def run(args):
         chat_session(m, args)
     else:
         info = m.meta.get("chat")
-        check_memory(m, len(chat.plain_prompt_ids(info, m.tokenizer, args.prompt)), args.max_new_tokens)
+        check_memory(m, len(chat.with_bos(info, encode_prompt(m.tokenizer, args.prompt))), args.max_new_tokens)
         stream(m.params, m.cfg, m.tokenizer, m.gm, args.prompt, args.max_new_tokens, args.temperature,
                args.top_k or None, args.top_p if args.top_p < 1.0 else None, args.seed, info=info)
 
