@@ -138,7 +138,7 @@ def child(a):
         xp = np
         sync = lambda: None
         if not a.no_malloc_tuning:
-            from data import keep_freed_memory
+            from lib.backend import keep_freed_memory
             out_malloc = keep_freed_memory()        # as a CPU training program does (data.load_backend)
     c = CONFIGS[a.child]
     cfg = gm.GPTConfig(vocab_size=c["V"], n_layer=c["L"], n_head=c["H"], d_model=c["C"], d_ff=c["F"],
@@ -242,9 +242,9 @@ def child(a):
 
 def child_dist(a):
     import numpy as np
-    import dist
+    from lib import dist
     import gpt_numpy as gm
-    from data import keep_freed_memory
+    from lib.backend import keep_freed_memory
     keep_freed_memory()
     comm = dist.MPIComm()
     N = comm.size

@@ -137,7 +137,7 @@ def prepare_speed(rows, corpus, tok, workers, trials):
     import hashlib
     import resource
     import tempfile
-    import data
+    from lib import data
 
     def cpu():
         return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF,

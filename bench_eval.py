@@ -104,7 +104,7 @@ def run_export(*args):
 def prepare(a):
     """Our checkpoint, its export and the items file in a.workdir (reused when already there)."""
     import gpt_numpy
-    from checkpoint import build_meta, save_checkpoint
+    from lib.checkpoint import build_meta, save_checkpoint
     work = Path(a.workdir)
     ckpt, hf, mc = work / "ckpt.safetensors", work / "hf", work / f"items{a.items}.jsonl"
     cfg = smollm2_shape()
@@ -132,7 +132,7 @@ def prepare_gguf(a):
 
 def ours(m, items):
     """eval.py --mc's work after loading: encode, score. Returns (seconds, results)."""
-    import scoring
+    from lib import scoring
     t0 = time.perf_counter()
     reqs = scoring.encode_items(m.tokenizer, items, m.cfg.max_seq_len, start=scoring.start_ids(m.tokenizer, m.meta))
     res = scoring.score_requests(m.gm, m.params, m.cfg, reqs)
@@ -198,7 +198,7 @@ def text_loss_theirs(torch, model, ids, N):
 def compare_text(a, torch, model, tok, m):
     """--gguf: the text's perplexity with both, on the same windows; the tokenizations compared too."""
     import numpy as np
-    import scoring
+    from lib import scoring
     text = Path(a.ppl_text).read_text(encoding="utf-8")[:a.ppl_chars]
     ids = m.tokenizer.encode_ordinary(text)
     ids_hf = tok.encode(text, add_special_tokens=False)
@@ -257,8 +257,8 @@ def bench(a):
     import numpy as np
     import torch
     import transformers
-    import scoring
-    from checkpoint import load_model
+    from lib import scoring
+    from lib.checkpoint import load_model
     torch.set_num_threads(a.threads)
     transformers.logging.set_verbosity_error()
 

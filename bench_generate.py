@@ -66,8 +66,8 @@ def peak_rss_mib():
 
 def checkpoint_tokenizer(ckpt):
     """The tokenizer of a checkpoint, from its metadata alone (without reading the weights)."""
-    from checkpoint import read_meta
-    from data import tokenizer_from_text
+    from lib.checkpoint import read_meta
+    from lib.tokenizer import tokenizer_from_text
     path = Path(ckpt) / "ckpt.safetensors" if Path(ckpt).is_dir() else Path(ckpt)
     t = read_meta(path)["tokenizer"]
     return tokenizer_from_text(t["kind"], t["text"])
@@ -87,7 +87,7 @@ def prompt_ids(tok, n):
 def ours(a):
     import numpy as np
     import gpt_numpy as gn
-    from checkpoint import load_model
+    from lib.checkpoint import load_model
     m = load_model(a.ckpt)
     params, cfg = m.params, m.cfg
     long = prompt_ids(m.tokenizer, a.prefill)

@@ -75,8 +75,9 @@ def weights(a, checkpoint=False):
     """The model's config, its weights and the adapters: the same numbers in every process."""
     import gpt_numpy as gn
     cfg = gn.GPTConfig(**MODELS[a.model], max_seq_len=a.block, checkpoint=checkpoint)
-    lora = gn.LoraConfig(rank=a.rank, alpha=a.alpha)
-    adapters = gn.lora_init(cfg, lora, seed=0)
+    from lib import lora as lora_lib
+    lora = lora_lib.LoraConfig(rank=a.rank, alpha=a.alpha)
+    adapters = lora_lib.init(gn, cfg, lora, seed=0)
     r = np.random.default_rng(1)
     for k in adapters:
         if k.endswith("lora_B"):
@@ -88,7 +89,7 @@ def prepare(a, work):
     """The weights as our checkpoints (the base, and a LoRA run's adapters naming it) exported with
     export.py (a Hugging Face Llama and a PEFT adapter) for the torch child, and the batch."""
     import gpt_numpy as gn
-    from checkpoint import build_meta, lora_base_ref, load_checkpoint, save_checkpoint
+    from lib.checkpoint import build_meta, lora_base_ref, load_checkpoint, save_checkpoint
     import bpe
     cfg, lora, params, adapters = weights(a)
     tok = bpe.Tokenizer("gpt4", [])         # the exports need a tokenizer (256 byte ids); none is used
@@ -195,7 +196,7 @@ def numpy_step(a, kind, work, ids, targets):
     checkpoint the parent wrote (the same numbers): reading a file holds it in memory a while, and the peak
     RSS is to be the training step's."""
     import gpt_numpy as gn
-    from data import keep_freed_memory
+    from lib.backend import keep_freed_memory
     keep_freed_memory()                                 # as train.py does (data.load_backend)
     cfg, lora, params, adapters = weights(a, a.checkpoint_activations)
     trained = params

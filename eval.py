@@ -18,10 +18,10 @@ import math
 import time
 from pathlib import Path
 
-import scoring
-from checkpoint import load_model
-from data import token_byte_lengths
 from errors import ArgumentParser, UserError, run_main
+from lib import scoring
+from lib.checkpoint import load_model
+from lib.tokenizer import token_byte_lengths
 
 EPILOG = """text (--text): the file's tokens are cut into windows of N + 1 tokens (N = --block-size, by default
   the model's context) that overlap by one token, so every token but the first is scored exactly once,

@@ -77,10 +77,12 @@ from safetensors import SafetensorError, deserialize, safe_open
 from safetensors.numpy import load_file, save_file
 
 import gpt_numpy as gn
-import interop
-from checkpoint import build_meta, load_checkpoint, load_model, open_lora_run, read_meta, save_checkpoint
-from data import file_mode, mark_output_folder, tokenizer_from_hf_json, write_folder
 from errors import ArgumentParser, FileFormatError, UserError, run_main
+from lib import gguf_model, lora as lora_lib
+from lib.checkpoint import (build_meta, check_param_shapes, load_checkpoint, load_model, open_lora_run, read_meta,
+                            save_checkpoint)
+from lib.files import file_mode, mark_output_folder, write_folder
+from lib.tokenizer import tokenizer_from_hf_json
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,7 +119,7 @@ def to_hf_tensors(params, cfg):
     With grouped-query attention k_proj and v_proj are (nkv hs, C).
     """
     try:
-        gn.check_param_shapes(params, cfg)
+        check_param_shapes(params, cfg)
     except ValueError as e:
         raise UserError(f"the parameters do not fit the config: {e}") from None
     host = {k: gn.to_host(v) for k, v in params.items()}
@@ -166,7 +168,7 @@ def from_hf_tensors(tensors, cfg):
                                   f"do not stack into one qkv matrix")
         params[f"blocks.{i}.attn.qkv"] = np.concatenate([q.T, k.T, v.T], axis=1).astype(np.float32)  # (C, (nh+2nkv)hs)
     try:
-        gn.check_param_shapes(params, cfg)
+        check_param_shapes(params, cfg)
     except ValueError as e:
         raise FileFormatError(f"the weights do not fit config.json: {e}") from None
     return {k: params[k] for k in gn.param_shapes(cfg)}        # our canonical order
@@ -539,7 +541,7 @@ def export_lora_run(ckpt, out, adapter_dir, force=False):
                         f"--init-from CKPT --lora-rank R)")
     base, adapters, lora, cfg = open_lora_run(ck, gn)
     base_meta = read_meta(ck.meta["lora"]["base"]["path"]) or {}
-    merged, tok = gn.lora_merge({**base, **adapters}, lora), ck.tokenizer()
+    merged, tok = lora_lib.merge({**base, **adapters}, lora), ck.tokenizer()
     chat = ck.meta.get("chat") or base_meta.get("chat")             # the run's template, else its base's
     write_folder(out, lambda d: export_hf(merged, cfg, tok, d, chat), force)
     write_folder(adapter_dir, lambda d: export_peft_adapter(adapters, lora, cfg, d, base_meta.get("imported_from")),
@@ -571,10 +573,10 @@ def run(args):
         if tok is None:
             raise FileFormatError(f"{args.import_hf} has no tokenizer.json, and a checkpoint carries its tokenizer")
         path = write_import(args.out, params, cfg, tok, args.import_hf, args.force,
-                            interop.hf_chat_info(args.import_hf, tok))
+                            gguf_model.hf_chat_info(args.import_hf, tok))
         print(f"wrote {path}: {gn.num_params(params):,} parameters, context {cfg.max_seq_len}", file=sys.stderr)
     else:
-        imp = interop.read_gguf(args.import_gguf, progress=True)
+        imp = gguf_model.read_gguf(args.import_gguf, progress=True)
         cfg = imp.cfg if args.max_seq_len is None else replace_context(imp.cfg, args.max_seq_len)
         path = write_import(args.out, imp.params, cfg, imp.tok, args.import_gguf, args.force, imp.chat)
         print(f"wrote {path}: {gn.num_params(imp.params):,} parameters, {cfg.n_layer} layers, "

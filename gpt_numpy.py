@@ -23,7 +23,7 @@ head, hs head size (C // nh), F d_ff, V vocab, L layers, r LoRA rank.
 Convention: weights multiply from the right, y = x @ W with W shaped (in, out).
 """
 
-from dataclasses import dataclass, asdict, field, replace
+from dataclasses import dataclass, asdict, replace
 import functools
 import math
 from typing import NamedTuple
@@ -151,38 +151,6 @@ LORA_TARGETS = {"qkv": ("attn.qkv", 3), "proj": ("attn.proj", 4), "gate": ("ffn.
                 "up": ("ffn.w_up", 6), "down": ("ffn.w_down", 7)}
 
 
-@dataclass
-class LoraConfig:
-    rank: int = 8                 # r: rank of each adapter, e.g. 4 .. 64
-    alpha: float = 16.0           # the update (x @ A) @ B is scaled by alpha / r, e.g. 2r
-    targets: tuple = tuple(LORA_TARGETS)   # weights of every block with an adapter: any of qkv, proj,
-                                  # gate, up, down (e.g. ("qkv",) as in Hu et al.'s attention-only runs)
-    dropout: float = 0.0          # dropout on each adapter's input in training, e.g. 0.0 .. 0.1
-
-    def __post_init__(self):
-        if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
-        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0 and math.isfinite(self.alpha)):
-            raise ValueError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
-        targets = (self.targets.split(",") if isinstance(self.targets, str) else list(self.targets))
-        targets = [t.strip() for t in targets if t.strip()]
-        unknown = [t for t in targets if t not in LORA_TARGETS]
-        if unknown or not targets:
-            raise ValueError(f"LoRA targets must be a non-empty subset of {', '.join(LORA_TARGETS)}; got "
-                             f"{', '.join(map(repr, unknown or targets)) or 'none'}")
-        self.targets = tuple(t for t in LORA_TARGETS if t in targets)     # canonical order, no repeats
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        self.alpha = float(self.alpha)
-
-    @property
-    def scale(self):
-        return self.alpha / self.rank
-
-    def to_dict(self):
-        return {**asdict(self), "targets": list(self.targets)}
-
-
 # ----------------------------------------------------------------------------------------------------
 # Parameters
 
@@ -212,24 +180,6 @@ def param_shapes(cfg):
     return shapes
 
 
-def check_param_shapes(params, cfg):
-    """Raise ValueError unless params has exactly the keys and shapes of param_shapes(cfg); the message
-    names the first wrong, missing or extra key. Every loader of saved weights calls it.
-
-    Example: params["blocks.0.attn.proj"] of shape (32, 8) for d_model 32 ->
-    "parameter blocks.0.attn.proj has shape (32, 8), expected (32, 32)".
-    """
-    shapes = param_shapes(cfg)
-    for k, shape in shapes.items():
-        if k not in params:
-            raise ValueError(f"parameter {k} is missing (expected shape {shape})")
-        if tuple(params[k].shape) != shape:
-            raise ValueError(f"parameter {k} has shape {tuple(params[k].shape)}, expected {shape}")
-    for k in params:
-        if k not in shapes:
-            raise ValueError(f"unexpected parameter {k} (shape {tuple(params[k].shape)}): not in this config")
-
-
 def init_params(cfg, seed=0, dtype=np.float32):
     """Fresh weights: normal(0, 0.02) matrices, residual outputs scaled by 1/sqrt(2L), norms 1 and 0.
 
@@ -253,56 +203,6 @@ def init_params(cfg, seed=0, dtype=np.float32):
 
 def num_params(params):
     return sum(int(p.size) for p in params.values())
-
-
-def lora_shapes(cfg, lora):
-    """The adapters of a LoRA run, {name: shape}, block by block in LORA_TARGETS order: for a weight W
-    (in, out), "<W's name>.lora_A" (in, r) and "<W's name>.lora_B" (r, out).
-
-    Example: rank 8, targets ("qkv",), d_model 64 -> {"blocks.0.attn.qkv.lora_A": (64, 8),
-    "blocks.0.attn.qkv.lora_B": (8, 192), "blocks.1.attn.qkv.lora_A": ...}.
-    """
-    base = param_shapes(cfg)
-    shapes = {}
-    for i in range(cfg.n_layer):
-        for t in lora.targets:
-            name = f"blocks.{i}.{LORA_TARGETS[t][0]}"
-            n_in, n_out = base[name]
-            shapes[name + ".lora_A"] = (n_in, lora.rank)
-            shapes[name + ".lora_B"] = (lora.rank, n_out)
-    return shapes
-
-
-def lora_init(cfg, lora, seed=0, dtype=np.float32):
-    """Fresh adapters: A ~ normal(0, 1/r) (PEFT's init_lora_weights="gaussian"), B = 0, so that
-    (x @ A) @ B = 0 and the adapted model starts as the base model, exactly. Host RNG, as init_params."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in lora_shapes(cfg, lora).items():
-        w = rng.normal(0.0, 1.0 / lora.rank, shape) if name.endswith(".lora_A") else np.zeros(shape)
-        out[name] = to_device(w.astype(dtype))
-    return out
-
-
-def lora_merge(params, lora):
-    """A plain model's weights from a LoRA run's params (base weights and adapters in one dict):
-    W + (alpha / r) A @ B for every weight with an adapter, the other weights as they are (the same
-    arrays), no adapter keys. forward(merged) equals forward(params, lora=lora) to rounding."""
-    merged = {k: v for k, v in params.items() if not k.endswith((".lora_A", ".lora_B"))}
-    for k in merged:
-        if k + ".lora_A" in params:
-            merged[k] = merged[k] + lora.scale * (params[k + ".lora_A"] @ params[k + ".lora_B"])   # (in, out)
-    return merged
-
-
-def lora_unmerge(merged, adapters, lora):
-    """The inverse of lora_merge: W' - (alpha / r) A @ B for each adapter in `adapters`, the base
-    weights back (to rounding: W + s A B - s A B is W up to the last bits of float32)."""
-    base = dict(merged)
-    for k in merged:
-        if k + ".lora_A" in adapters:
-            base[k] = merged[k] - lora.scale * (adapters[k + ".lora_A"] @ adapters[k + ".lora_B"])
-    return base
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1192,60 +1092,6 @@ def lr_schedule(step, max_lr, min_lr, warmup, total):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Mixed precision (Micikevicius et al. 2018): the optimizer keeps and updates float32 weights, the
-# "master" copy; each step runs the forward and backward on a float16 copy of them (half the memory
-# traffic, and tensor cores on a GPU). float16 keeps 11 significant bits and spans about 6e-8 (the
-# smallest subnormal) to 65504, so small gradients flush to zero. Dynamic loss scaling moves them up:
-# the backward starts from S * loss, every gradient comes out S times larger, and dividing by S after
-# the cast to float32 gives back the true gradient. Too large an S overflows to inf or nan: that step
-# is skipped and S halved; after growth_interval good steps in a row S doubles, so S stays near the
-# largest value that does not overflow. The scaler state is a plain dict, checkpointed like AdamW's.
-# Kept in float32 in the half-precision path: the cross-entropy and its softmax (here), the attention
-# softmax and the norms' statistics (upcast in the layers). Dropout draws the masks of the float32 run.
-
-def loss_scaler_init(scale=2.0 ** 16):
-    """The scaler's state: the scale S and the number of finite steps since S last changed."""
-    return {"scale": float(scale), "good_steps": 0}
-
-
-def loss_scaler_update(scaler, finite, growth_interval=2000):
-    """After each step: halve the scale if a gradient overflowed (the step was skipped), double it
-    after growth_interval finite steps in a row."""
-    if not finite:
-        scaler["scale"] /= 2.0
-        scaler["good_steps"] = 0
-        return
-    scaler["good_steps"] += 1
-    if scaler["good_steps"] >= growth_interval:
-        scaler["scale"] *= 2.0
-        scaler["good_steps"] = 0
-
-
-def loss_and_grads_mixed(params, ids, targets, cfg, scale, seed=0, dtype=np.float16, lora=None):
-    """loss_and_grads in half precision (`dtype`) from the master weights `params`, the backward run
-    on scale * loss. Returns (loss, grads), grads unscaled and in the master weights' dtype, or
-    (loss, None) when a gradient overflowed: then skip the optimizer step. Either way, pass
-    `grads is not None` to loss_scaler_update. Dropout masks are those of loss_and_grads with `seed`.
-    lora: as in loss_and_grads (the frozen weights are cast too; the adapters alone get gradients)."""
-    check_ids(ids, cfg)
-    check_targets(targets, ids, cfg)
-    # overflow is expected here and handled below: silence NumPy's warnings (CuPy gives none)
-    with np.errstate(over="ignore", invalid="ignore"):
-        half = {k: p.astype(dtype) for k, p in params.items()}          # the compute copy
-        logits, cache = model_forward(half, ids, cfg, train=True, seed=seed, lora=lora)
-        loss, c_ce = cross_entropy_forward(upcast(logits), to_device(targets), overwrite=True)   # float32 softmax
-        del logits
-        dlogits = cross_entropy_backward(scale, c_ce).astype(dtype)             # d(S * loss), (N, V)
-        grads = model_backward(dlogits, cache, half, cfg)
-        for k, g in grads.items():
-            grads[k] = g.astype(params[k].dtype, copy=False)                    # up to float32
-            grads[k] *= 1.0 / scale                                             # unscale
-        # inf and nan survive a sum: one host sync checks every gradient
-        finite = bool(xp.isfinite(xp.stack([g.sum() for g in grads.values()])).all())
-    return loss, (grads if finite else None)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Generation with a KV cache: each layer keeps the keys and the values of every position so far, so a
 # new token costs one position's work instead of a full forward of the whole context.
 # The cached keys are rope(k), unscaled (the 1/sqrt(hs) is applied to the scores), as in Hugging
@@ -1288,119 +1134,6 @@ def forward_cached(params, ids, cfg, kv, pos, last_only=False, lora=None):
     return matmul(xf, lm_head(params, cfg))                             # (B, T, V)
 
 
-def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
-    """Pick a token id from host logits (V,): greedy when temperature == 0, else a sample from
-    softmax(logits / temperature) restricted to the top_k ids and the top_p probability mass."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if temperature == 0:
-        return int(np.argmax(logits))
-    # subtle: shift by the max before dividing. With a tiny temperature (1e-310) logits / t overflows to
-    # inf, and inf - inf is nan; shifted, the best logit stays 0 and the others can only go to -inf.
-    with np.errstate(over="ignore"):
-        logits = (logits - logits.max()) / temperature
-    if top_k is not None and 0 < top_k < logits.size:
-        kth = np.partition(logits, -top_k)[-top_k]
-        logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    if top_p is not None and top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cum = np.cumsum(probs[order])
-        cut = int(np.searchsorted(cum, top_p)) + 1      # smallest prefix whose mass reaches top_p
-        mask = np.zeros_like(probs)
-        mask[order[:cut]] = 1.0
-        probs = probs * mask
-        probs /= probs.sum()
-    return int(rng.choice(probs.size, p=probs))
-
-
-@dataclass
-class KVSession:
-    """A KV cache kept from one generate_stream call to the next, with the ids whose keys and values it
-    holds (positions 0 .. len(ids) - 1). A chat's next prompt starts with everything said so far, so
-    only the tokens after the longest common prefix go through the model again."""
-    kv: list = None
-    ids: list = field(default_factory=list)
-
-
-def session_cache(session, ctx, length, cfg, dtype):
-    """(kv, n): a cache of at least `length` positions whose first n already hold ctx[:n] (n = 0 without
-    a session). n stops one short of the whole prompt: its last token must go through to give logits.
-    A cache too short for this call grows (at least doubling), keeping its first n positions."""
-    if session is None:
-        return kv_cache_init(cfg, dtype, length=length), 0
-    n = 0
-    for a, b in zip(session.ids, ctx[:-1]):
-        if a != b:
-            break
-        n += 1
-    old = session.kv
-    if old is None or old[0][0].shape[2] < length:
-        grown = max(length, min(cfg.max_seq_len, 2 * old[0][0].shape[2])) if old is not None else length
-        session.kv = kv_cache_init(cfg, dtype, length=grown)
-        for (K, V), (K0, V0) in zip(session.kv, old or []):
-            K[:, :, :n], V[:, :, :n] = K0[:, :, :n], V0[:, :, :n]
-    session.ids = list(ctx[:n])
-    return session.kv, n
-
-
-def generate_stream(params, ids, cfg, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                    seed=None, stop_ids=(), lora=None, session=None):
-    """Yield new token ids one at a time after the prompt `ids` (a 1-D sequence of ints). lora: the
-    LoraConfig of adapters in params (unmerged), or None. session: a KVSession to reuse and keep the
-    cache in (a chat), or None.
-
-    The context is cropped to its last max_seq_len tokens; once it is full, the cache is rebuilt from
-    the cropped context each step (RoPE positions restart at 0, as a fresh forward would see them).
-    """
-    ids = [int(i) for i in np.asarray(to_host(ids) if hasattr(ids, "shape") else ids).ravel()]
-    if not ids:
-        raise ValueError("generate needs a prompt of at least one token id")
-    check_ids(np.asarray([ids[-cfg.max_seq_len:]]), cfg, "prompt")
-    if not 0 <= temperature < math.inf:                                 # also refuses nan
-        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    rng = np.random.default_rng(seed)
-    stop = set(int(s) for s in (stop_ids or ()))
-    if max_new_tokens <= 0:
-        return
-    ctx = ids[-cfg.max_seq_len:]
-    # the cache holds the prompt and the new tokens (the last one is never fed back), capped at the context;
-    # with a session, its first `done` positions may hold the prompt's beginning already
-    length = min(cfg.max_seq_len, len(ctx) + max_new_tokens - 1)
-    kv, done = session_cache(session, ctx, length, cfg, params["tok_emb"].dtype)
-    logits = forward_cached(params, np.asarray([ctx[done:]]), cfg, kv, done, last_only=True, lora=lora)  # prefill
-    pos = len(ctx)
-    held = session.ids if session is not None else []                   # the ids the cache holds, kept current
-    held.extend(ctx[done:])
-    for n in range(max_new_tokens):
-        nxt = sample_next(to_host(logits[0, -1]), rng, temperature, top_k, top_p)
-        yield nxt
-        if nxt in stop or n == max_new_tokens - 1:                      # done: no forward for a token unused
-            return
-        ctx.append(nxt)
-        if pos < kv[0][0].shape[2]:                                     # room left: one new position
-            logits = forward_cached(params, np.asarray([[nxt]]), cfg, kv, pos, lora=lora)
-            pos += 1
-            held.append(nxt)
-        else:                                                           # full: crop and re-prefill
-            ctx = ctx[-cfg.max_seq_len:]
-            logits = forward_cached(params, np.asarray([ctx]), cfg, kv, 0, last_only=True, lora=lora)
-            held[:] = ctx
-
-
-def generate(params, ids, cfg, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
-             stop_ids=(), lora=None, session=None):
-    """The prompt followed by up to max_new_tokens sampled ids, as a list of ints (stops early after a
-    stop id). temperature=0 is greedy decoding; a seed makes sampling reproducible."""
-    prompt = [int(i) for i in np.asarray(to_host(ids) if hasattr(ids, "shape") else ids).ravel()]
-    return prompt + list(generate_stream(params, prompt, cfg, max_new_tokens, temperature, top_k, top_p,
-                                         seed, stop_ids, lora, session))
-
-
 # ----------------------------------------------------------------------------------------------------
 # A small demo: overfit one batch of random tokens, then generate from it.
 
@@ -1416,5 +1149,12 @@ if __name__ == "__main__":
         adamw_step(params, grads, state, lr_schedule(step, 1e-2, 1e-3, 10, 200), weight_decay=0.0)
         if step % 40 == 0 or step == 199:
             print(f"step {step:3d}  loss {loss:.4f}")
-    print("memorised:", generate(params, ids[0, :4], cfg, 12, temperature=0))
+    # greedy decoding with the KV cache: the 4-token prompt once, then one new token per forward
+    out = ids[0, :4].tolist()
+    kv = kv_cache_init(cfg, np.float32)
+    logits = forward_cached(params, np.asarray([out]), cfg, kv, pos=0)
+    while len(out) < cfg.max_seq_len:
+        out.append(int(logits[0, -1].argmax()))
+        logits = forward_cached(params, np.asarray([out[-1:]]), cfg, kv, pos=len(out) - 1)
+    print("memorised:", out)
     print("target:   ", data[0, :16].tolist())

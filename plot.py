@@ -14,8 +14,8 @@ line, no matplotlib) exits 1.
 
 from pathlib import Path
 
-from data import read_jsonl
 from errors import ArgumentParser, FileFormatError, UserError, run_main
+from lib.files import read_jsonl
 
 
 def log_path(run):

@@ -1,6 +1,6 @@
 """
 sample.py: stream text from a checkpoint written by train.py, token by token, with the KV cache
-(gpt_numpy.generate_stream).
+(lib/generation.py).
 
     python sample.py                                            # the default job's checkpoint, prompt "\\n"
     python sample.py --ckpt out/stdlib-bpe2048 --prompt "def " --max-new-tokens 300
@@ -17,7 +17,7 @@ byte-level BPE) prints whole once its last byte arrives.
 --chat talks to a chat model (imported with export.py --import-gguf / --import-hf, or fine-tuned here with
 train.py --sft): each turn renders the whole conversation with the model's own chat template
 (chat_template.py), feeds the model what is new since the last turn (the rest stays in the KV cache,
-gpt_numpy.KVSession), generates the reply token by token and stops at the template's end-of-turn token.
+generation.KVSession), generates the reply token by token and stops at the template's end-of-turn token.
 Interactive: type a message, Enter; Ctrl-D or Ctrl-C ends.
 """
 
@@ -25,10 +25,9 @@ import codecs
 import math
 import sys
 
-import chat_template as chat
-import memory
-from checkpoint import load_model
-from data import encode_prompt
+from lib import chat_template as chat, generation, memory
+from lib.checkpoint import load_model
+from lib.tokenizer import encode_prompt
 from errors import ArgumentParser, UserError, run_main
 
 
@@ -42,7 +41,7 @@ def stream(params, cfg, tok, gm, prompt, max_new_tokens, temperature, top_k, top
     out.write(dec.decode(tok.decode_bytes(shown)))
     out.flush()
     new = []
-    for i in gm.generate_stream(params, ids, cfg, max_new_tokens, temperature=temperature, top_k=top_k,
+    for i in generation.generate_stream(gm, params, ids, cfg, max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed):
         new.append(i)
         out.write(dec.decode(tok.decode_bytes([i])))      # "" while a character is still incomplete
@@ -69,7 +68,7 @@ def reply(m, info, messages, args, out=None, session=None):
     stop = set(info["stop_ids"])
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
     new = []
-    for i in m.gm.generate_stream(m.params, ids, m.cfg, args.max_new_tokens, temperature=args.temperature,
+    for i in generation.generate_stream(m.gm, m.params, ids, m.cfg, args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1.0 else None,
                                   seed=args.seed, stop_ids=stop, session=session):
         if i in stop:
@@ -91,7 +90,7 @@ def chat_session(m, args):
         raise UserError(f"{m.path} has no chat template: --chat needs a chat model imported with export.py "
                         f"--import-gguf or --import-hf (e.g. SmolLM2-135M-Instruct)")
     messages = [{"role": "system", "content": args.system}] if args.system is not None else []
-    session = m.gm.KVSession()
+    session = generation.KVSession()
     while True:
         if args.prompt is not None:
             text = args.prompt

@@ -61,15 +61,14 @@ from pathlib import Path
 import numpy as np
 
 import gpt_numpy
-import memory
-import scoring
-import sft
-from checkpoint import (build_meta, check_tokenizer_fits, load_adapters, load_checkpoint, load_lora_base, load_params,
+from lib import generation, lora as lora_lib, memory, mixed_precision, scoring, sft
+from lib.checkpoint import (build_meta, check_tokenizer_fits, load_adapters, load_checkpoint, load_lora_base, load_params,
                         lora_base_ref, read_meta, save_checkpoint)
-from data import (data_key, data_name, digest_sources, encode_prompt, find_sources, get_batch, get_tokenizer,
-                  load_backend, load_tokenizer_file, locked_folder, mark_output_folder, naming_errors, prepare_data,
-                  safe_name, tokenizer_tag, write_text_atomic)
 from errors import ArgumentParser, FileFormatError, UserError
+from lib.backend import load_backend
+from lib.data import data_key, data_name, digest_sources, find_sources, get_batch, get_tokenizer, prepare_data, safe_name, tokenizer_tag
+from lib.files import locked_folder, mark_output_folder, naming_errors, write_text_atomic
+from lib.tokenizer import encode_prompt, load_tokenizer_file
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,7 +253,7 @@ def step_seed(seed, step, micro):
 def sample_text(gm, params, mcfg, tok, prompt, n, seed, temperature=0.8, top_k=200, lora=None):
     """The prompt and n sampled tokens, as text (KV-cache generation)."""
     ids = encode_prompt(tok, prompt)
-    new = list(gm.generate_stream(params, ids, mcfg, n, temperature=temperature, top_k=top_k, seed=seed, lora=lora))
+    new = list(generation.generate_stream(gm, params, ids, mcfg, n, temperature=temperature, top_k=top_k, seed=seed, lora=lora))
     return tok.decode_bytes(ids + new).decode("utf-8", "replace")
 
 
@@ -263,16 +262,16 @@ def sample_answer(gm, params, mcfg, tok, chat, question, n, lora=None):
     most n tokens, up to the template's end of turn."""
     ids = sft.chat_prompt_ids(tok, chat, question)
     stop = sft.stop_ids(tok, chat)
-    new = list(gm.generate_stream(params, ids, mcfg, n, temperature=0, stop_ids=stop, lora=lora))
+    new = list(generation.generate_stream(gm, params, ids, mcfg, n, temperature=0, stop_ids=stop, lora=lora))
     return tok.decode_bytes([i for i in new if i not in stop]).decode("utf-8", "replace")
 
 
 def lora_config(cfg):
-    """The run's gpt_numpy.LoraConfig, or None for full training (--lora-rank 0)."""
+    """The run's lib.lora.LoraConfig, or None for full training (--lora-rank 0)."""
     if not cfg.lora_rank:
         return None
     try:
-        return gpt_numpy.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+        return lora_lib.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
                                     dropout=cfg.lora_dropout)
     except ValueError as e:
         raise UserError(f"bad LoRA setting: {e}") from None
@@ -343,7 +342,7 @@ class Run:
     write: object = print
     comm: object = None         # under mpiexec: dist.py's communicator (rank, size); None: one process
     dp: object = None           # under mpiexec: dist.DataParallel, which averages the gradients
-    lora: object = None         # gpt_numpy.LoraConfig of a LoRA run, else None
+    lora: object = None         # lib.lora.LoraConfig of a LoRA run, else None
     lora_base: dict = None      # a LoRA run's base checkpoint: checkpoint.lora_base_ref's path and hash
     chat: object = None         # --sft: the sft.Chat the records are rendered with
     mc: list | None = None      # --eval-mc's items, encoded once (scoring.MCRequest)
@@ -450,11 +449,11 @@ def fresh_state(run, init):
     trained = params
     if run.lora is not None:                            # LoRA: those weights stay frozen; fresh adapters train
         run.lora_base = lora_base_ref(init, run.out_dir)
-        trained = gm.lora_init(run.mcfg, run.lora, seed=cfg.seed)
+        trained = lora_lib.init(gm, run.mcfg, run.lora, seed=cfg.seed)
         params.update(trained)
     if run.rank == 0:
         run.log_path.write_text("")                                   # a fresh run starts a fresh log
-    return State(params, gm.adamw_init(trained), gm.loss_scaler_init(), np.random.default_rng(cfg.seed),
+    return State(params, gm.adamw_init(trained), mixed_precision.loss_scaler_init(), np.random.default_rng(cfg.seed),
                  trained_keys=list(trained))
 
 
@@ -477,7 +476,7 @@ def resumed_state(run, ck):
     rng = np.random.default_rng(run.cfg.seed)
     rng.bit_generator.state = meta["rng"]["batch"]
     p = meta["progress"]
-    state = State(params, opt, dict(meta.get("loss_scaler") or gm.loss_scaler_init()), rng, step=int(meta["step"]),
+    state = State(params, opt, dict(meta.get("loss_scaler") or mixed_precision.loss_scaler_init()), rng, step=int(meta["step"]),
                   elapsed=p["elapsed_s"], tokens_seen=p["tokens_seen"], best_val=p["best_val_loss"],
                   last_eval=p.get("last_eval"), saved_step=int(meta["step"]), trained_keys=list(trained))
     run.log(f"resumed from {ck.path} at step {state.step}")
@@ -494,7 +493,7 @@ def resumed_state(run, ck):
 def start_data_parallel(run, state):
     """Under mpiexec: the gradient averaging of dist.py over the weights this run trains (a LoRA run's
     adapters); with --zero 1 the ranks then keep their shards of AdamW's moments only."""
-    import dist
+    from lib import dist
     trained = state.trained()
     run.dp = dist.DataParallel(run.comm, run.gm, trained, zero=run.cfg.zero, bucket_mb=run.cfg.bucket_mb,
                                lora=run.lora)
@@ -624,7 +623,7 @@ def evaluate(run, state):
     losses = (estimate_sft_loss if cfg.sft else estimate_loss)(run.gm, state.params, run.data, cfg, run.mcfg, run.lora)
     mc = {}
     if run.mc:                                          # the same numbers as eval.py --mc on this checkpoint
-        weights = state.params if run.lora is None else run.gm.lora_merge(state.params, run.lora)
+        weights = state.params if run.lora is None else lora_lib.merge(state.params, run.lora)
         r = scoring.mc_metrics(scoring.score_requests(run.gm, weights, run.mcfg, run.mc))
         mc = {f"mc_{k}": r[k] for k in ("acc", "acc_norm", "acc_token_norm", "items")}
     bpb = losses["val"] / run.data["meta"]["val_bytes_per_token"] / math.log(2)
@@ -693,7 +692,7 @@ def write_merged(run, state):
     """--lora-merge: out_dir/merged.safetensors, the base weights plus (alpha/r) A @ B, a weights-only
     checkpoint with the model config, tokenizer and chat template (no optimizer state)."""
     gm, path = run.gm, run.out_dir / "merged.safetensors"
-    merged = {k: gm.to_host(v) for k, v in gm.lora_merge(state.params, run.lora).items()}
+    merged = {k: gm.to_host(v) for k, v in lora_lib.merge(state.params, run.lora).items()}
     meta = build_meta(run.mcfg, run.tok, step=state.step,
                       merged_from={"adapters": str(run.ckpt_path), "base": run.lora_base["path"]},
                       **({"chat": run.chat.to_meta()} if run.chat is not None else {}))
@@ -718,7 +717,7 @@ def optimizer_step(run, state):
                 g *= 1.0 / cfg.grad_accum
         norm = gm.clip_grad_norm(grads, cfg.grad_clip)
     if cfg.mixed_precision:
-        gm.loss_scaler_update(state.scaler, not overflow)
+        mixed_precision.loss_scaler_update(state.scaler, not overflow)
     if overflow and math.isfinite(loss):
         # the loss scale was too large for float16: the step is skipped and the scale halved
         if run.rank == 0:
@@ -762,7 +761,7 @@ def accumulate_grads(run, state):
         x, y = batch
         seed = step_seed(cfg.seed, state.step, micro)
         if cfg.mixed_precision:                                        # grads None: float16 overflowed
-            l, g = gm.loss_and_grads_mixed(state.params, x, y, run.mcfg, state.scaler["scale"], seed=seed,
+            l, g = mixed_precision.loss_and_grads_mixed(gm, state.params, x, y, run.mcfg, state.scaler["scale"], seed=seed,
                                            lora=run.lora)
             overflow = g is None
         elif dp is not None:                                           # into dp's buffer; the last one sends
@@ -1051,7 +1050,7 @@ def prepare_and_train(cfg, explicit, flags, resume, log=print, comm=None):
         if comm is None:
             tok, data = load(cfg, ck, init, tok, log)
         else:                                           # rank 0 prepares it, the others then read it
-            import dist
+            from lib import dist
             tok, data = dist.in_turn(comm, lambda: load(cfg, ck, init, tok, log))
         if ck is None and (Path(cfg.out_dir) / "ckpt.safetensors").is_file():
             old = read_meta(Path(cfg.out_dir) / "ckpt.safetensors")
@@ -1181,7 +1180,7 @@ def main(argv=None):
     comm = None
     try:
         if world > 1:                                   # under mpiexec: dist.py, and MPI, only now
-            import dist
+            from lib import dist
             comm = dist.start(args[0].backend, args[0].dist_timeout)
         prepare_and_train(*args, comm=comm)
     except (UserError, OSError) as e:                   # OSError: disk full, permissions, a path that is not a folder

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import gpt_numpy as gn
-from checkpoint import Checkpoint, Model, build_meta, load_checkpoint, load_model, load_params, read_meta, save_checkpoint
-from data import CharTokenizer
+from lib.checkpoint import Checkpoint, Model, build_meta, load_checkpoint, load_model, load_params, read_meta, save_checkpoint
+from lib.tokenizer import CharTokenizer
 from errors import FileFormatError, UserError
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import bpe
-import data as D
+from lib import backend, data as D, files, tokenizer
 import gpt_numpy as gn
 from conftest import SHARED_DATA, make_text
 from errors import FileFormatError, UserError
@@ -108,7 +108,7 @@ def test_stdlib_sources_leave_out_tests():
 def test_pieces_cut_safely_for_bpe(tmp_path):
     bpe = pytest.importorskip("bpe")
     path = make_text(tmp_path / "text.txt", 300)
-    tok = bpe.Tokenizer.train([path.read_text()], 300, special_tokens=[D.EOT], progress=False)
+    tok = bpe.Tokenizer.train([path.read_text()], 300, special_tokens=[tokenizer.EOT], progress=False)
     whole = tok.encode_ordinary(path.read_text())
     pieces = list(bpe.read_text_blocks(path, 500, cut=tok.cut, errors=tok.file_errors))   # as tokenize_files
     assert len(pieces) > 5 and sum(n for _, n in pieces) == path.stat().st_size
@@ -119,18 +119,18 @@ def test_reader_hashes_while_it_reads(tmp_path):
     import hashlib
     path = make_text(tmp_path / "text.txt", 100)
     h = hashlib.sha256()
-    pieces = list(bpe.read_text_blocks(path, 300, cut=D.CharTokenizer.cut, errors="replace", hasher=h))
+    pieces = list(bpe.read_text_blocks(path, 300, cut=tokenizer.CharTokenizer.cut, errors="replace", hasher=h))
     assert "".join(t for t, _ in pieces) == path.read_text() and len(pieces) > 5
     assert h.hexdigest() == D.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_atomic_write_replaces_or_keeps(tmp_path):
     path = tmp_path / "sub" / "f.txt"
-    D.write_text_atomic(path, "one")
+    files.write_text_atomic(path, "one")
     def crash(tmp):
         raise OSError("disk full")
     with pytest.raises(OSError):
-        D.atomic_write(path, b"two", before_replace=crash)
+        files.atomic_write(path, b"two", before_replace=crash)
     assert path.read_text() == "one" and not list(path.parent.glob(".*tmp*"))
 
 
@@ -140,48 +140,48 @@ def test_atomic_write_replaces_or_keeps(tmp_path):
 
 @pytest.mark.parametrize("text", ["", "a", "hello world\n", "naïve café 日本語 😀"])
 def test_char_tokenizer_round_trips_and_keeps_its_forms(text):
-    tok = D.CharTokenizer("hello world\n" + "naïve café 日本語 😀a")
+    tok = tokenizer.CharTokenizer("hello world\n" + "naïve café 日本語 😀a")
     ids = tok.encode_ordinary(text)
     assert tok.decode(ids) == text and tok.decode_bytes(ids) == text.encode()
     assert tok.kind == "char" and tok.dtype == np.uint16
-    again = D.tokenizer_from_text("char", tok.to_text())
+    again = tokenizer.tokenizer_from_text("char", tok.to_text())
     assert again.chars == tok.chars
-    assert D.tokenizer_from_hf_json(tok.to_hf_json()).chars == tok.chars
+    assert tokenizer.tokenizer_from_hf_json(tok.to_hf_json()).chars == tok.chars
     with pytest.raises(UserError, match="not in the char vocabulary"):
         tok.encode_ordinary("Z")
 
 
 def test_hello_example():
-    tok = D.CharTokenizer("hello")
+    tok = tokenizer.CharTokenizer("hello")
     assert tok.chars == "ehlo" and tok.encode_ordinary("hello").tolist() == [1, 0, 2, 2, 3]
 
 
 def test_tokenizer_text_forms_and_files(tmp_path):
     bpe_tok = bpe.Tokenizer.train(["the quick brown fox jumps over the lazy dog " * 20], 270,
-                                  special_tokens=[D.EOT], progress=False)
-    again = D.tokenizer_from_text("bpe", bpe_tok.to_text())
+                                  special_tokens=[tokenizer.EOT], progress=False)
+    again = tokenizer.tokenizer_from_text("bpe", bpe_tok.to_text())
     assert (again.merges, again.special_tokens) == (bpe_tok.merges, bpe_tok.special_tokens)
-    assert D.eot_id(again) == 269 and D.eot_id(D.CharTokenizer("ab")) is None
+    assert tokenizer.eot_id(again) == 269 and tokenizer.eot_id(tokenizer.CharTokenizer("ab")) is None
     bpe_tok.save(tmp_path / "t.bpe")
-    (tmp_path / "t.char").write_text(D.CharTokenizer("ab").to_text())
-    assert D.load_tokenizer_file(str(tmp_path / "t.bpe")).merges == bpe_tok.merges
-    assert D.load_tokenizer_file(str(tmp_path / "t.char")).chars == "ab"
+    (tmp_path / "t.char").write_text(tokenizer.CharTokenizer("ab").to_text())
+    assert tokenizer.load_tokenizer_file(str(tmp_path / "t.bpe")).merges == bpe_tok.merges
+    assert tokenizer.load_tokenizer_file(str(tmp_path / "t.char")).chars == "ab"
     (tmp_path / "bad.bpe").write_text("not a tokenizer\n")
     with pytest.raises(FileFormatError, match="could not load the tokenizer"):
-        D.load_tokenizer_file(str(tmp_path / "bad.bpe"))
+        tokenizer.load_tokenizer_file(str(tmp_path / "bad.bpe"))
     with pytest.raises(UserError, match="expected 'char', 'bpe' or a saved tokenizer file"):
-        D.load_tokenizer_file(str(tmp_path / "missing"))
+        tokenizer.load_tokenizer_file(str(tmp_path / "missing"))
     for kind, text in [("char", "{not json"), ("bpe", "junk"), ("wordpiece", "")]:
         with pytest.raises(FileFormatError):
-            D.tokenizer_from_text(kind, text)
+            tokenizer.tokenizer_from_text(kind, text)
 
 
 def test_encode_prompt_falls_back():
-    tok = D.CharTokenizer("ab\n")
-    assert D.encode_prompt(tok, "ab") == [1, 2] and D.encode_prompt(tok, "") == [0]
-    assert D.encode_prompt(D.CharTokenizer("ab"), "\n") == [0]          # no newline in the vocabulary
+    tok = tokenizer.CharTokenizer("ab\n")
+    assert tokenizer.encode_prompt(tok, "ab") == [1, 2] and tokenizer.encode_prompt(tok, "") == [0]
+    assert tokenizer.encode_prompt(tokenizer.CharTokenizer("ab"), "\n") == [0]          # no newline in the vocabulary
     with pytest.raises(UserError):
-        D.encode_prompt(tok, "z")
+        tokenizer.encode_prompt(tok, "z")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_get_batch_example():
 
 def test_keep_freed_memory_is_harmless():
     # it works on glibc (returns True), says False elsewhere, and training still gives finite losses
-    ok = D.keep_freed_memory()
+    ok = backend.keep_freed_memory()
     assert ok is (platform.libc_ver()[0] == "glibc")
     cfg = gn.GPTConfig(vocab_size=16, n_layer=1, n_head=2, d_model=8, d_ff=16, max_seq_len=8)
     params = gn.init_params(cfg)
@@ -205,9 +205,9 @@ def test_keep_freed_memory_is_harmless():
 
 
 def test_load_backend():
-    assert D.load_backend("numpy") is gn
+    assert backend.load_backend("numpy") is gn
     with pytest.raises(UserError, match="unknown backend"):
-        D.load_backend("tpu")
+        backend.load_backend("tpu")
 
 
 def test_get_batch_read_false_moves_the_sampler_alike():
@@ -227,8 +227,8 @@ def test_parallel_tokenizing_writes_the_serial_ids(tmp_path, kind):
     files = [make_text(tmp_path / f"{i}.txt", n_lines=150, seed=i) for i in range(3)]
     sources = D.digest_sources(tmp_path, files, tmp_path / "sources.json")
     text = "".join(f.read_text() for f in files)
-    tok = (D.CharTokenizer(text) if kind == "char" else
-           bpe.Tokenizer.train([text], 300, pattern="gpt4", special_tokens=[D.EOT]))
+    tok = (tokenizer.CharTokenizer(text) if kind == "char" else
+           bpe.Tokenizer.train([text], 300, pattern="gpt4", special_tokens=[tokenizer.EOT]))
     n1 = D.tokenize_files(files, sources, tok, tmp_path / "serial.bin", "t", workers=1, block_bytes=700)
     n2 = D.tokenize_files(files, sources, tok, tmp_path / "pool.bin", "t", workers=2, block_bytes=700)
     assert n1 == n2 > 1000
@@ -239,15 +239,15 @@ def test_parallel_tokenizing_writes_the_serial_ids(tmp_path, kind):
 def test_read_jsonl_numbers_lines_and_names_bad_ones(tmp_path):
     p = tmp_path / "r.jsonl"
     p.write_text('{"a": 1}\n\n  \n[2]\n', encoding="utf-8")
-    assert list(D.read_jsonl(p)) == [(1, f"{p}, line 1", {"a": 1}), (4, f"{p}, line 4", [2])]
+    assert list(files.read_jsonl(p)) == [(1, f"{p}, line 1", {"a": 1}), (4, f"{p}, line 4", [2])]
     p.write_text('{"a": 1}\n{"a": \n', encoding="utf-8")
     with pytest.raises(FileFormatError, match=r"r.jsonl, line 2: not valid JSON"):
-        list(D.read_jsonl(p))
+        list(files.read_jsonl(p))
     p.write_bytes(b'{"a": "\xff"}\n')
     with pytest.raises(FileFormatError, match="is not UTF-8 text"):
-        list(D.read_jsonl(p))
+        list(files.read_jsonl(p))
     with pytest.raises(UserError, match="cannot read .*none.jsonl"):
-        list(D.read_jsonl(tmp_path / "none.jsonl"))
+        list(files.read_jsonl(tmp_path / "none.jsonl"))
 
 
 def test_fetch_once_downloads_once_and_fails_in_one_line(tmp_path, monkeypatch):
@@ -264,12 +264,12 @@ def test_fetch_once_downloads_once_and_fails_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", fake)
     dest = tmp_path / "d" / "f.txt"
     for _ in range(2):
-        assert D.fetch_once("http://x/f.txt", dest, "F", "do this instead", log=lambda s: None) == dest
+        assert files.fetch_once("http://x/f.txt", dest, "F", "do this instead", log=lambda s: None) == dest
     assert calls == ["http://x/f.txt"] and dest.read_bytes() == b"the text"
 
     def offline(url, timeout=None):
         raise OSError("network is unreachable")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(UserError, match=r"could not download G \(OSError: network is unreachable\); do this instead"):
-        D.fetch_once("http://x/g.txt", tmp_path / "g.txt", "G", "do this instead", log=lambda s: None)
+        files.fetch_once("http://x/g.txt", tmp_path / "g.txt", "G", "do this instead", log=lambda s: None)
     assert not (tmp_path / "g.txt").exists()

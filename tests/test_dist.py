@@ -16,10 +16,10 @@ import time
 import numpy as np
 import pytest
 
-import dist
+from lib import dist
 import gpt_numpy
 import train
-from checkpoint import load_checkpoint, read_meta
+from lib.checkpoint import load_checkpoint, read_meta
 from conftest import ROOT, make_text, rel_err, tiny_cfg
 from errors import UserError
 
@@ -317,7 +317,7 @@ def test_a_nan_on_one_rank_is_seen_by_every_rank():
     """Rank 1 alone gets a nan loss and gradient: after the reduction every rank has the nan loss and a nan
     gradient norm, so all of them stop (or skip the step) together; with and without ZeRO."""
     code = ("import sys; sys.path.insert(0, %r)\n"
-            "import numpy as np, dist, gpt_numpy as gm\n"
+            "import numpy as np, gpt_numpy as gm\nfrom lib import dist\n"
             "c = dist.MPIComm()\n"
             "cfg = gm.GPTConfig(vocab_size=11, n_layer=2, n_head=2, d_model=8, d_ff=12, max_seq_len=7)\n"
             "for zero in (0, 1):\n"
@@ -341,7 +341,7 @@ def test_a_nan_on_one_rank_is_seen_by_every_rank():
 @needs_mpi
 def test_data_is_prepared_by_rank_0_first(tmp_path):
     """dist.in_turn: rank 0 runs alone; then the others (3 ranks on one machine: all in the last turn)."""
-    code = ("import sys, time; sys.path.insert(0, %r); import dist\n"
+    code = ("import sys, time; sys.path.insert(0, %r); from lib import dist\n"
             "c = dist.MPIComm()\n"
             "def fn():\n"
             "    t0 = time.time(); time.sleep(0.3 if c.rank == 0 else 0.05)\n"
@@ -368,7 +368,8 @@ def gpu_count():
 
 NCCL_SCRIPT = """
 import sys; sys.path.insert(0, %r)
-import numpy as np, dist
+import numpy as np
+from lib import dist
 comm = dist.start("cupy")                     # NCCLComm: picks this rank's GPU before CuPy works
 import gpt_cupy as gm
 cfg = gm.GPTConfig(vocab_size=11, n_layer=3, n_head=2, d_model=8, d_ff=12, max_seq_len=7, dropout=0.1)

@@ -21,9 +21,9 @@ import eval as eval_py
 import export
 import gpt_numpy as gn
 import plot
-import scoring
+from lib import scoring
 import train
-from checkpoint import build_meta, save_checkpoint
+from lib.checkpoint import build_meta, save_checkpoint
 from conftest import ROOT, SHARED_DATA, WORDS, main_error, make_text, run_quiet, smollm2_file, tiny_args
 from test_scoring import HELLASWAG_DOCS, harness_hellaswag, write_jsonl
 
@@ -361,7 +361,7 @@ def test_plot_errors(tmp_path, monkeypatch, capsys):
 
 def test_bench_eval_baseline_equals_our_scoring(exported, hf):
     import bench_eval
-    from checkpoint import load_model
+    from lib.checkpoint import load_model
     torch, transformers = hf
     run, hf_dir, cfg = exported
     items = [scoring.MCItem(d["context"], d["choices"], d["label"], k) for k, d in enumerate(GENERIC) if d["context"]]

@@ -20,10 +20,11 @@ from safetensors.numpy import load_file, save_file
 import bpe
 import export
 import gpt_numpy as gn
-from checkpoint import build_meta, load_checkpoint, save_checkpoint
+from lib.checkpoint import build_meta, load_checkpoint, save_checkpoint
 from conftest import ROOT
-from data import CharTokenizer, tokenizer_from_hf_json
+from lib.tokenizer import CharTokenizer, tokenizer_from_hf_json
 from errors import FileFormatError, UserError
+from lib import generation
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -354,7 +355,7 @@ def test_transformers_logits_and_greedy_generation(exported, hf):
     n = cfg.max_seq_len - len(prompt)                      # stay inside the context (ours crops beyond)
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, pad_token_id=eot)
-    assert out[0].tolist() == gn.generate(params, prompt, cfg, n, temperature=0, stop_ids=[eot])
+    assert out[0].tolist() == generation.generate(gn, params, prompt, cfg, n, temperature=0, stop_ids=[eot])
 
 
 def test_auto_tokenizer_gives_the_same_ids(exported, hf):
@@ -499,7 +500,7 @@ def test_gqa_llama_from_transformers(tmp_path, hf, tie, rope_type, monkeypatch):
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40, pad_token_id=0,
                              eos_token_id=None)
-    assert out[0].tolist() == gn.generate(params, prompt, cfg, 40, temperature=0)
+    assert out[0].tolist() == generation.generate(gn, params, prompt, cfg, 40, temperature=0)
     # and back: our export of it is a Llama transformers reads with the same logits
     export.export_hf(params, cfg, None, tmp_path / "back")
     back = load_float32(transformers, torch, tmp_path / "back")

@@ -11,9 +11,10 @@ import export
 import gpt_numpy as gn
 import sample
 import train
-from checkpoint import load_checkpoint, load_model
+from lib.checkpoint import load_checkpoint, load_model
 from conftest import main_error, make_text, run_quiet, tiny_args
 from errors import UserError
+from lib import lora as lora_lib
 
 QUESTIONS = ["the fox", "a dog", "seven wizards", "the lazy programmer", "quick code", "every jovial dog",
              "numpy hex", "a brown fox", "lazy wizards", "the quick dog", "who writes", "over a dog"]
@@ -67,13 +68,13 @@ def test_lora_sft_run_trains_adapters_only(base):
     b = load_checkpoint(d / "base")
     ck = load_checkpoint(d / "lora")
     cfg = ck.model_config()
-    lora = gn.LoraConfig(rank=4, targets="qkv,down")
+    lora = lora_lib.LoraConfig(rank=4, targets="qkv,down")
     # the checkpoint holds the adapters and their AdamW moments, not a second copy of the base ...
-    assert set(ck.params) == set(gn.lora_shapes(cfg, lora)) and set(ck.adam_m) == set(ck.params)
+    assert set(ck.params) == set(lora_lib.shapes(cfg, lora)) and set(ck.adam_m) == set(ck.params)
     assert ck.meta["lora"]["config"] == lora.to_dict()
     base_ref = ck.meta["lora"]["base"]
     assert base_ref["path"] == str((d / "base" / "ckpt.safetensors").resolve())
-    from checkpoint import tensors_sha256
+    from lib.checkpoint import tensors_sha256
     assert base_ref["params_sha256"] == tensors_sha256(b.params)
     # ... whose weights stayed bit-identical through training, while the adapters moved
     for k, v in b.params.items():
@@ -119,7 +120,7 @@ def test_sample_and_export_load_base_plus_adapters(base, tmp_path, capsys):
     for k, v in merged.params.items():
         np.testing.assert_array_equal(m.params[k], v)
     ck = load_checkpoint(d / "lora2")
-    lora = gn.LoraConfig(**ck.meta["lora"]["config"])
+    lora = lora_lib.LoraConfig(**ck.meta["lora"]["config"])
     ids = np.random.default_rng(0).integers(0, m.cfg.vocab_size, (2, 16))
     want = gn.forward({**load_checkpoint(d / "base").params, **ck.params}, ids, m.cfg, lora=lora)
     assert np.abs(gn.forward(m.params, ids, m.cfg) - want).max() <= 1e-6 * np.abs(want).max()
@@ -153,7 +154,7 @@ def test_moved_or_changed_base_is_found_or_refused(base, tmp_path, capsys):
         # a base whose weights changed is refused
         ck = load_checkpoint(d / "base" / "away.safetensors")
         ck.params["norm_f.weight"][0] += 1.0
-        from checkpoint import save_checkpoint
+        from lib.checkpoint import save_checkpoint
         (tmp_path / "base").mkdir()
         save_checkpoint(tmp_path / "base" / "ckpt.safetensors", ck.params, ck.adam_m, ck.adam_v, ck.meta)
         code, err = main_error(sample.main, ["--ckpt", str(tmp_path / "lora3")], capsys)
@@ -180,7 +181,7 @@ def test_sample_chat_talks_to_an_sft_run(base, capsys):
     assert sample.main(["--ckpt", str(d / "chat-run"), "--chat", "--prompt", "what does the fox do?",
                         "--temperature", "0", "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out.endswith("\n")
-    import chat_template
+    from lib import chat_template
     ck = load_checkpoint(d / "chat-run")
     tok = ck.tokenizer()
     info = chat_template.from_meta(ck.meta, tok)
@@ -239,9 +240,9 @@ def test_peft_adapter_gives_our_logits(tmp_path, n_kv, tie):
     torch.set_num_threads(1)
     cfg = gn.GPTConfig(vocab_size=61, n_layer=2, n_head=4, n_kv_head=n_kv, d_model=32, d_ff=48, max_seq_len=16,
                        tie_embeddings=tie)
-    lora = gn.LoraConfig(rank=4, alpha=6.0)
+    lora = lora_lib.LoraConfig(rank=4, alpha=6.0)
     base = gn.init_params(cfg, seed=1)
-    adapters = gn.lora_init(cfg, lora, seed=2)
+    adapters = lora_lib.init(gn, cfg, lora, seed=2)
     r = np.random.default_rng(3)
     for k in adapters:
         if k.endswith("lora_B"):
@@ -267,7 +268,7 @@ def test_peft_adapter_gives_our_logits(tmp_path, n_kv, tie):
     merged = model.merge_and_unload()
     with torch.no_grad():
         theirs_merged = merged(torch.as_tensor(ids)).logits.numpy()
-    ours_merged = gn.forward(gn.lora_merge({**base, **adapters}, lora), ids, cfg)
+    ours_merged = gn.forward(lora_lib.merge({**base, **adapters}, lora), ids, cfg)
     assert np.abs(theirs_merged - ours_merged).max() <= 1e-5 * scale
 
 

@@ -12,6 +12,7 @@ import pytest
 
 import gpt_numpy as gn
 from conftest import gpu_available, rel_err, small_cfg
+from lib import generation
 
 HAS_GPU = gpu_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs CuPy and an NVIDIA GPU")
@@ -122,4 +123,4 @@ def test_greedy_generation_matches_numpy(gm):
         if p.ndim == 2:
             p *= 20.0
     p_gpu = {k: gm.to_device(v) for k, v in p_np.items()}
-    assert gm.generate(p_gpu, [1, 2, 3], cfg, 20, temperature=0) == gn.generate(p_np, [1, 2, 3], cfg, 20, temperature=0)
+    assert generation.generate(gm, p_gpu, [1, 2, 3], cfg, 20, temperature=0) == generation.generate(gn, p_np, [1, 2, 3], cfg, 20, temperature=0)

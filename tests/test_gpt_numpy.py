@@ -9,6 +9,7 @@ import pytest
 
 import gpt_numpy as gn
 from conftest import numeric_grad, rel_err, small_cfg, tiny_cfg
+from lib import generation, mixed_precision
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -509,7 +510,7 @@ def test_gqa_kv_cache_holds_nkv_heads_and_equals_full_forward(backend, n_kv):
         step = gm.forward_cached(params, seq[None, pos:pos + 1], cfg, kv, pos)
         full = gm.forward(params, seq[None, :pos + 1], cfg)[:, -1:]
         np.testing.assert_allclose(gm.to_host(step), gm.to_host(full), rtol=1e-10, atol=1e-12)
-    assert gm.generate(params, [1, 5], cfg, 10, temperature=0) == naive_greedy(gm, params, [1, 5], cfg, 10)
+    assert generation.generate(gm, params, [1, 5], cfg, 10, temperature=0) == naive_greedy(gm, params, [1, 5], cfg, 10)
 
 
 def test_gqa_config():
@@ -597,12 +598,12 @@ def test_blocked_attention_in_half_precision(backend, monkeypatch):
     cfg = small_cfg(n_kv_head=2)
     params = gm.init_params(cfg, seed=0)
     ids, targets = batch(cfg, B=2, T=16)
-    _, plain = gm.loss_and_grads_mixed(params, ids, targets, cfg, 1024.0, seed=1)
+    _, plain = mixed_precision.loss_and_grads_mixed(gm, params, ids, targets, cfg, 1024.0, seed=1)
     monkeypatch.setattr(gm, "ATT_BLOCK", 4)
     _, cache = gm.model_forward({k: v.astype(np.float16) for k, v in params.items()}, ids, cfg, train=True)
     atts = cache[1][0][1][7]
     assert isinstance(atts, list) and all(a.dtype == np.float32 for a in atts)
-    _, grads = gm.loss_and_grads_mixed(params, ids, targets, cfg, 1024.0, seed=1)
+    _, grads = mixed_precision.loss_and_grads_mixed(gm, params, ids, targets, cfg, 1024.0, seed=1)
     for k in params:
         assert rel_err(grads[k], plain[k]) < 1e-2, k
 
@@ -717,12 +718,12 @@ def test_greedy_generation_matches_full_forward_and_crops_context(backend):
     cfg = tiny_cfg(max_seq_len=6)
     params = trained_ish_params(gm, cfg, seed=2)
     prompt = [1, 5, 2]
-    out = gm.generate(params, prompt, cfg, max_new_tokens=9, temperature=0)   # runs past max_seq_len
+    out = generation.generate(gm, params, prompt, cfg, max_new_tokens=9, temperature=0)   # runs past max_seq_len
     assert out == naive_greedy(gm, params, prompt, cfg, 9)
-    assert out == gm.generate(params, prompt, cfg, max_new_tokens=9, temperature=0)
+    assert out == generation.generate(gm, params, prompt, cfg, max_new_tokens=9, temperature=0)
     # a prompt longer than max_seq_len is cropped to its end
     long_prompt = list(range(10))
-    assert gm.generate(params, long_prompt, cfg, 3, temperature=0) == naive_greedy(gm, params, long_prompt, cfg, 3)
+    assert generation.generate(gm, params, long_prompt, cfg, 3, temperature=0) == naive_greedy(gm, params, long_prompt, cfg, 3)
 
 
 def test_a_kv_session_feeds_only_the_new_tokens_and_changes_nothing(backend, monkeypatch):
@@ -736,13 +737,13 @@ def test_a_kv_session_feeds_only_the_new_tokens_and_changes_nothing(backend, mon
     fed = []
     real = gm.forward_cached
     monkeypatch.setattr(gm, "forward_cached", lambda p, ids, *a, **k: fed.append(ids.shape[1]) or real(p, ids, *a, **k))
-    session = gm.KVSession()
+    session = generation.KVSession()
     prompt, lengths = [1, 7, 3], []
     for turn, new in enumerate([[4, 2], [9], [5, 5, 6]]):
         fed.clear()
-        with_session = gm.generate(params, prompt, cfg, 4, temperature=0, session=session)
+        with_session = generation.generate(gm, params, prompt, cfg, 4, temperature=0, session=session)
         n_fed = list(fed)
-        assert with_session == gm.generate(params, prompt, cfg, 4, temperature=0)     # no session: all of it
+        assert with_session == generation.generate(gm, params, prompt, cfg, 4, temperature=0)     # no session: all of it
         assert session.ids == with_session[:-1]                      # what the cache holds: all but the last
         if turn > 0:
             assert n_fed[0] == 1 + len(new_prev)                     # prefill: the previous reply's last token + the message
@@ -752,7 +753,7 @@ def test_a_kv_session_feeds_only_the_new_tokens_and_changes_nothing(backend, mon
     # a prompt that leaves the cached ids at position 2: the rest is recomputed, the result the same
     fed.clear()
     other = session.ids[:2] + [8, 8, 8]
-    assert gm.generate(params, other, cfg, 3, temperature=0, session=session) == gm.generate(params, other, cfg, 3, temperature=0)
+    assert generation.generate(gm, params, other, cfg, 3, temperature=0, session=session) == generation.generate(gm, params, other, cfg, 3, temperature=0)
     assert fed[0] == len(other) - 2                                  # ids 2.. of the prompt
 
 
@@ -760,23 +761,23 @@ def test_sampling_is_reproducible_and_respects_stop_and_top_k(backend):
     gm = backend
     cfg = tiny_cfg(max_seq_len=8)
     params = trained_ish_params(gm, cfg, seed=4)
-    a = gm.generate(params, [3], cfg, 12, temperature=1.0, top_k=5, top_p=0.9, seed=7)
-    b = gm.generate(params, [3], cfg, 12, temperature=1.0, top_k=5, top_p=0.9, seed=7)
+    a = generation.generate(gm, params, [3], cfg, 12, temperature=1.0, top_k=5, top_p=0.9, seed=7)
+    b = generation.generate(gm, params, [3], cfg, 12, temperature=1.0, top_k=5, top_p=0.9, seed=7)
     assert a == b and len(a) == 13
-    outs = {tuple(gm.generate(params, [3], cfg, 12, temperature=2.0, seed=s)) for s in range(5)}
+    outs = {tuple(generation.generate(gm, params, [3], cfg, 12, temperature=2.0, seed=s)) for s in range(5)}
     assert len(outs) > 1
     stop = a[4]
-    c = gm.generate(params, [3], cfg, 12, temperature=1.0, top_k=5, top_p=0.9, seed=7, stop_ids=[stop])
+    c = generation.generate(gm, params, [3], cfg, 12, temperature=1.0, top_k=5, top_p=0.9, seed=7, stop_ids=[stop])
     assert c[-1] == stop and len(c) == a.index(stop, 1) + 1
     # top_k=1 is greedy whatever the temperature
-    assert gm.generate(params, [3], cfg, 6, temperature=1.5, top_k=1, seed=1) == \
-        gm.generate(params, [3], cfg, 6, temperature=0)
+    assert generation.generate(gm, params, [3], cfg, 6, temperature=1.5, top_k=1, seed=1) == \
+        generation.generate(gm, params, [3], cfg, 6, temperature=0)
 
 
 def test_sample_next_top_p():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     r = np.random.default_rng(0)
-    picks = {gn.sample_next(logits, r, 1.0, top_p=0.7) for _ in range(200)}
+    picks = {generation.sample_next(logits, r, 1.0, top_p=0.7) for _ in range(200)}
     assert picks == {0, 1}                             # 0.5 + 0.3 reaches 0.7: only the top two
 
 
@@ -917,14 +918,14 @@ def test_bad_generate_args():
     cfg = tiny_cfg()
     params = gn.init_params(cfg)
     with pytest.raises(ValueError, match="prompt"):
-        gn.generate(params, [], cfg, 3)
+        generation.generate(gn, params, [], cfg, 3)
     with pytest.raises(ValueError, match=r"token id 99 out of range"):
-        gn.generate(params, [99], cfg, 3)
+        generation.generate(gn, params, [99], cfg, 3)
     for t in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match=r"temperature must be finite and >= 0"):
-            gn.generate(params, [1], cfg, 3, temperature=t)
+            generation.generate(gn, params, [1], cfg, 3, temperature=t)
     with pytest.raises(ValueError, match="top_p"):
-        gn.generate(params, [1], cfg, 3, top_p=1.5)
+        generation.generate(gn, params, [1], cfg, 3, top_p=1.5)
 
 
 def test_zz_report_largest_errors():
@@ -946,7 +947,7 @@ def test_generation_sizes_the_kv_cache_to_prompt_plus_new_tokens(monkeypatch):
     monkeypatch.setattr(gn, "kv_cache_init", lambda *a, **k: lengths.append(k.get("length")) or real(*a, **k))
     tracemalloc.start()
     try:
-        out = gn.generate(params, [1, 2, 3], cfg, 5, temperature=0)
+        out = generation.generate(gn, params, [1, 2, 3], cfg, 5, temperature=0)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -954,7 +955,7 @@ def test_generation_sizes_the_kv_cache_to_prompt_plus_new_tokens(monkeypatch):
     assert peak < 1 << 20, f"{peak / 1e6:.1f} MB"
     # capped at the context: a small model runs past it and crops (test_greedy_generation_... above)
     small = tiny_cfg(max_seq_len=6)
-    gn.generate(gn.init_params(small), [1, 2, 3], small, 9, temperature=0)
+    generation.generate(gn, gn.init_params(small), [1, 2, 3], small, 9, temperature=0)
     assert lengths[-1] == 6
 
 

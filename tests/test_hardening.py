@@ -24,9 +24,10 @@ import export
 import gpt_numpy
 import sample
 import train
-from checkpoint import load_checkpoint, save_checkpoint
+from lib.checkpoint import load_checkpoint, save_checkpoint
 from conftest import ROOT, main_error, make_text, run_quiet, tiny_args
 from errors import FileFormatError
+from lib import generation
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -96,7 +97,7 @@ def test_metadata_damage_is_refused(tiny_run, tmp_path, old, new, capsys):
 
 def test_version_1_checkpoint_still_loads_with_a_note(tiny_run, tmp_path, capsys):
     from safetensors.numpy import save_file
-    from checkpoint import tensors_sha256
+    from lib.checkpoint import tensors_sha256
     ck = load_checkpoint(tiny_run)
     tensors = {**{"params." + k: a for k, a in ck.params.items()}, **{"adam.m." + k: a for k, a in ck.adam_m.items()},
                **{"adam.v." + k: a for k, a in ck.adam_v.items()}}
@@ -239,7 +240,7 @@ def test_export_into_another_models_folder_needs_force_and_replaces_it_whole(tin
 @pytest.mark.parametrize("flags", [["--n-layer", "100000", "--d-model", "4096"], ["--batch-size", "100000000"],
                                    ["--block-size", "100000"]])
 def test_sizes_that_cannot_fit_are_refused(tmp_path, capsys, monkeypatch, flags):
-    import memory
+    from lib import memory
     monkeypatch.setattr(memory, "machine_memory", lambda gm=None: (64 * 10 ** 9, "memory"))
     text = make_text(tmp_path / "text.txt")
     code, err = main_error(train.main, tiny_args(tmp_path, text, *flags), capsys)
@@ -248,14 +249,14 @@ def test_sizes_that_cannot_fit_are_refused(tmp_path, capsys, monkeypatch, flags)
 
 
 def test_sampling_that_cannot_fit_is_refused(tiny_run, capsys, monkeypatch):
-    import memory
+    from lib import memory
     monkeypatch.setattr(memory, "machine_memory", lambda gm=None: (10_000, "memory"))
     code, err = main_error(sample.main, ["--ckpt", str(tiny_run), "--max-new-tokens", "5"], capsys)
     assert code == 1 and "needs about" in err and "KV cache" in err and "10.0 KB" in err
 
 
 def test_more_than_is_free_now_warns_and_goes_on(tiny_run, capsys, monkeypatch):
-    import memory
+    from lib import memory
     monkeypatch.setattr(memory, "machine_memory", lambda gm=None: (64 * 10 ** 9, "memory"))
     monkeypatch.setattr(memory, "available_memory", lambda gm=None: 10_000)
     assert sample.main(["--ckpt", str(tiny_run), "--max-new-tokens", "5", "--seed", "0"]) == 0
@@ -266,7 +267,7 @@ def test_more_than_is_free_now_warns_and_goes_on(tiny_run, capsys, monkeypatch):
 
 def test_memory_estimates_follow_the_measured_peak():
     import tracemalloc
-    import memory
+    from lib import memory
     for cfg, B, T in [(gpt_numpy.GPTConfig(vocab_size=65, n_layer=2, n_head=4, d_model=64, d_ff=172, max_seq_len=64), 8, 64),
                       (gpt_numpy.GPTConfig(vocab_size=500, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=128,
                                            dropout=0.1), 4, 128)]:
@@ -335,7 +336,7 @@ def test_non_float32_tensors_are_refused(tiny_run, tmp_path, capsys):
     params = {**ck.params, "norm_f.weight": ck.params["norm_f.weight"].astype(np.int32)}
     bad = tmp_path / "bad.safetensors"
     from safetensors.numpy import save_file
-    import checkpoint                                      # written as save_checkpoint would, without its cast
+    from lib import checkpoint                                      # written as save_checkpoint would, without its cast
     tensors = {"params." + k: a for k, a in params.items()}
     text = json.dumps(ck.meta)
     if checkpoint.VERSION == "1":                          # (the code before the fix)
@@ -350,7 +351,7 @@ def test_non_float32_tensors_are_refused(tiny_run, tmp_path, capsys):
 
 
 def test_a_char_tokenizer_smaller_than_the_model_is_refused(tiny_run, tmp_path, capsys):
-    from data import CharTokenizer
+    from lib.tokenizer import CharTokenizer
     ck = load_checkpoint(tiny_run)
     small = CharTokenizer(ck.tokenizer().chars[:5])
     tok = {"kind": "char", "text": small.to_text()}
@@ -381,8 +382,8 @@ def test_a_tiny_temperature_is_greedy_without_warnings(tiny_run, capsys):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for t in (1e-310, 5e-324, 1e-300):
-            assert gpt_numpy.sample_next(logits, np.random.default_rng(0), temperature=t) == 1
-            assert gpt_numpy.sample_next(logits, np.random.default_rng(0), temperature=t, top_k=2, top_p=0.5) == 1
+            assert generation.sample_next(logits, np.random.default_rng(0), temperature=t) == 1
+            assert generation.sample_next(logits, np.random.default_rng(0), temperature=t, top_k=2, top_p=0.5) == 1
         assert sample.main(["--ckpt", str(tiny_run), "--temperature", "1e-310", "--max-new-tokens", "10"]) == 0
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
     greedy = capsys.readouterr().out

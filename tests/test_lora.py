@@ -11,6 +11,7 @@ import pytest
 import gpt_numpy as gn
 from conftest import numeric_grad, rel_err, tiny_cfg
 from test_mixed_precision import GRAD_RTOL, LOSS_RTOL, SCALE as GRAD_SCALE, norm_error
+from lib import generation, lora as lora_lib, mixed_precision
 
 TOL = 1e-6          # largest relative error a float64 gradient check may show
 
@@ -38,7 +39,7 @@ def lora_params(gm, cfg, lora, seed=1, mult=10.0, dtype=np.float64, b_scale=0.3)
             p *= mult
         else:
             p += 0.3 * r.standard_normal(p.shape)
-    adapters = gn.lora_init(cfg, lora, seed=seed, dtype=dtype)
+    adapters = lora_lib.init(gn, cfg, lora, seed=seed, dtype=dtype)
     for k, p in adapters.items():
         p += (b_scale if k.endswith("lora_B") else 0.0) * r.standard_normal(p.shape)
     return {k: gm.to_device(v) for k, v in {**base, **adapters}.items()}
@@ -90,12 +91,12 @@ TARGET_SETS = [("qkv",), ("proj",), ("gate", "up"), ("down",), ("qkv", "proj", "
 def test_lora_model_gradients_every_entry(targets, n_kv, dropout, lora_dropout, checkpoint):
     cfg = tiny_cfg(n_head=2, d_model=8, n_kv_head=n_kv, dropout=dropout, checkpoint=checkpoint,
                    tie_embeddings=n_kv == 2)
-    lora = gn.LoraConfig(rank=2, alpha=3.0, targets=targets, dropout=lora_dropout)
+    lora = lora_lib.LoraConfig(rank=2, alpha=3.0, targets=targets, dropout=lora_dropout)
     params = lora_params(gn, cfg, lora)
     ids, targets_ = batch(cfg)
     loss, grads = gn.loss_and_grads(params, ids, targets_, cfg, seed=42, lora=lora)
     # gradients for the adapters alone: no frozen weight has one
-    assert list(grads) == list(gn.lora_shapes(cfg, lora))
+    assert list(grads) == list(lora_lib.shapes(cfg, lora))
 
     def train_loss():
         logits, _ = gn.model_forward(params, ids, cfg, train=True, seed=42, lora=lora)
@@ -111,7 +112,7 @@ def test_lora_grads_sampled_on_backend(backend):
     # the same check, sampled, on either backend (CuPy where there is a GPU)
     gm = backend
     cfg = tiny_cfg(n_head=4, d_model=16, n_kv_head=2, dropout=0.1, n_layer=2)
-    lora = gn.LoraConfig(rank=3, alpha=6.0, dropout=0.2)
+    lora = lora_lib.LoraConfig(rank=3, alpha=6.0, dropout=0.2)
     params = lora_params(gm, cfg, lora, mult=5.0)
     ids, targets = batch(cfg, B=3, T=7)
     _, grads = gm.loss_and_grads(params, ids, targets, cfg, seed=9, lora=lora)
@@ -129,7 +130,7 @@ def test_lora_checkpointing_is_bit_identical(backend, dtype):
     gm = backend
     cfg = tiny_cfg(dropout=0.2, n_layer=3, n_head=2, n_kv_head=1)
     ckpt = tiny_cfg(dropout=0.2, n_layer=3, n_head=2, n_kv_head=1, checkpoint=True)
-    lora = gn.LoraConfig(rank=2, dropout=0.3)
+    lora = lora_lib.LoraConfig(rank=2, dropout=0.3)
     params = lora_params(gm, cfg, lora, mult=1.0, dtype=dtype)
     ids, targets = batch(cfg)
     loss1, g1 = gm.loss_and_grads(params, ids, targets, cfg, seed=17, lora=lora)
@@ -146,7 +147,7 @@ def test_no_gradient_is_computed_for_frozen_weights(monkeypatch):
     # not computed and dropped: never computed. The embedding backward and the norms' weight sums
     # (column_dot) are the frozen weights' own work; a LoRA step must not call them.
     cfg = tiny_cfg(norm="layernorm", tie_embeddings=False)
-    lora = gn.LoraConfig(rank=2, targets="qkv,down")
+    lora = lora_lib.LoraConfig(rank=2, targets="qkv,down")
     params = lora_params(gn, cfg, lora)
     ids, targets = batch(cfg)
 
@@ -156,7 +157,7 @@ def test_no_gradient_is_computed_for_frozen_weights(monkeypatch):
     monkeypatch.setattr(gn, "embedding_backward", fail)
     monkeypatch.setattr(gn, "column_dot", fail)
     _, grads = gn.loss_and_grads(params, ids, targets, cfg, lora=lora)
-    assert set(grads) == set(gn.lora_shapes(cfg, lora))
+    assert set(grads) == set(lora_lib.shapes(cfg, lora))
     assert {k.rsplit(".", 1)[0] for k in grads} == {f"blocks.{i}.{n}" for i in range(2)
                                                     for n in ("attn.qkv", "ffn.w_down")}
 
@@ -167,9 +168,9 @@ def test_no_gradient_is_computed_for_frozen_weights(monkeypatch):
 def test_fresh_adapters_leave_the_model_unchanged(backend):
     gm = backend
     cfg = tiny_cfg(n_head=2, n_kv_head=1)
-    lora = gn.LoraConfig(rank=4)
+    lora = lora_lib.LoraConfig(rank=4)
     base = gm.init_params(cfg, seed=3)
-    adapters = gm.lora_init(cfg, lora, seed=3)
+    adapters = lora_lib.init(gm, cfg, lora, seed=3)
     assert all(float(abs(v).max()) == 0 for k, v in adapters.items() if k.endswith("lora_B"))
     A = gm.to_host(adapters["blocks.0.attn.qkv.lora_A"])
     assert A.shape == (8, 4) and A.std() == pytest.approx(1 / 4, rel=0.35)     # normal(0, 1/r)
@@ -182,11 +183,11 @@ def test_fresh_adapters_leave_the_model_unchanged(backend):
 def test_merged_forward_equals_lora_forward_float32(backend, n_kv):
     gm = backend
     cfg = tiny_cfg(n_head=2, d_model=16, n_kv_head=n_kv, d_ff=24)
-    lora = gn.LoraConfig(rank=4, alpha=8.0)
+    lora = lora_lib.LoraConfig(rank=4, alpha=8.0)
     # an update s A @ B of entries ~0.02, the size of the 0.02-init weights: a strong fine-tune
     params = lora_params(gm, cfg, lora, mult=1.0, dtype=np.float32, b_scale=0.005)
     ids, _ = batch(cfg, T=7)
-    merged = gm.lora_merge(params, lora)
+    merged = lora_lib.merge(params, lora)
     assert set(merged) == set(gn.param_shapes(cfg))
     want = gm.forward(params, ids, cfg, lora=lora)
     got = gm.forward(merged, ids, cfg)
@@ -194,20 +195,20 @@ def test_merged_forward_equals_lora_forward_float32(backend, n_kv):
     assert rel_err(got, want) < 1e-6
     # the adapters change the model (so the comparison means something), and unmerge gives W back
     assert rel_err(gm.forward({k: params[k] for k in merged}, ids, cfg), want) > 1e-3
-    base = gm.lora_unmerge(merged, params, lora)
+    base = lora_lib.unmerge(merged, params, lora)
     for k in base:
         np.testing.assert_allclose(gm.to_host(base[k]), gm.to_host(params[k]), rtol=0, atol=1e-6)
 
 
 def test_lora_config_checks():
-    assert gn.LoraConfig(targets="down, qkv").targets == ("qkv", "down")      # canonical order
-    assert gn.LoraConfig(rank=4, alpha=2).scale == 0.5
+    assert lora_lib.LoraConfig(targets="down, qkv").targets == ("qkv", "down")      # canonical order
+    assert lora_lib.LoraConfig(rank=4, alpha=2).scale == 0.5
     for kw, msg in ((dict(rank=0), "rank"), (dict(alpha=0), "alpha"), (dict(targets="qkv,lm_head"), "lm_head"),
                     (dict(targets=""), "non-empty"), (dict(dropout=1.0), "dropout")):
         with pytest.raises(ValueError, match=msg):
-            gn.LoraConfig(**kw)
+            lora_lib.LoraConfig(**kw)
     cfg = tiny_cfg(n_head=2, n_kv_head=1, d_model=8, d_ff=12)
-    shapes = gn.lora_shapes(cfg, gn.LoraConfig(rank=3, targets="qkv,down"))
+    shapes = lora_lib.shapes(cfg, lora_lib.LoraConfig(rank=3, targets="qkv,down"))
     assert shapes == {"blocks.0.attn.qkv.lora_A": (8, 3), "blocks.0.attn.qkv.lora_B": (3, 16),
                       "blocks.0.ffn.w_down.lora_A": (12, 3), "blocks.0.ffn.w_down.lora_B": (3, 8),
                       "blocks.1.attn.qkv.lora_A": (8, 3), "blocks.1.attn.qkv.lora_B": (3, 16),
@@ -221,7 +222,7 @@ def test_lora_config_checks():
 def test_kv_cache_with_adapters_equals_full_forward(backend, n_kv):
     gm = backend
     cfg = tiny_cfg(n_head=2, d_model=16, n_kv_head=n_kv, max_seq_len=9)
-    lora = gn.LoraConfig(rank=2, dropout=0.5)          # dropout is off outside training
+    lora = lora_lib.LoraConfig(rank=2, dropout=0.5)          # dropout is off outside training
     params = lora_params(gm, cfg, lora, mult=1.0)
     seq = np.random.default_rng(3).integers(0, cfg.vocab_size, 9)
     kv = gm.kv_cache_init(cfg, np.float64)
@@ -232,20 +233,20 @@ def test_kv_cache_with_adapters_equals_full_forward(backend, n_kv):
         step = gm.forward_cached(params, seq[None, pos:pos + 1], cfg, kv, pos, lora=lora)
         full = gm.forward(params, seq[None, :pos + 1], cfg, lora=lora)[:, -1:]
         np.testing.assert_allclose(gm.to_host(step), gm.to_host(full), rtol=1e-10, atol=1e-12)
-    merged = gm.lora_merge(params, lora)
-    assert gm.generate(params, [1, 5], cfg, 7, temperature=0, lora=lora) == gm.generate(merged, [1, 5], cfg, 7,
+    merged = lora_lib.merge(params, lora)
+    assert generation.generate(gm, params, [1, 5], cfg, 7, temperature=0, lora=lora) == generation.generate(gm, merged, [1, 5], cfg, 7,
                                                                                        temperature=0)
 
 
 def test_mixed_precision_with_adapters_matches_float32():
     # the tolerances of test_mixed_precision.py: each tensor's ||g16 - g32|| / ||g32||, the loss relative
     cfg = gn.GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=16, n_kv_head=1)
-    lora = gn.LoraConfig(rank=4, targets="qkv,up,down")
+    lora = lora_lib.LoraConfig(rank=4, targets="qkv,up,down")
     params = lora_params(gn, cfg, lora, mult=1.0, dtype=np.float32, b_scale=0.02)
     ids, targets = batch(cfg, B=4, T=16)
     loss32, g32 = gn.loss_and_grads(params, ids, targets, cfg, lora=lora)
-    loss16, g16 = gn.loss_and_grads_mixed(params, ids, targets, cfg, GRAD_SCALE, lora=lora)
-    assert list(g16) == list(g32) == list(gn.lora_shapes(cfg, lora))
+    loss16, g16 = mixed_precision.loss_and_grads_mixed(gn, params, ids, targets, cfg, GRAD_SCALE, lora=lora)
+    assert list(g16) == list(g32) == list(lora_lib.shapes(cfg, lora))
     assert abs(loss16 - loss32) / loss32 < LOSS_RTOL
     for k in g32:
         assert g16[k].dtype == np.float32 and norm_error(g16[k], g32[k]) < GRAD_RTOL, k
@@ -253,13 +254,13 @@ def test_mixed_precision_with_adapters_matches_float32():
 
 def test_frozen_weights_stay_bit_identical_through_training():
     cfg = tiny_cfg(n_head=2, d_model=16, n_kv_head=1, dropout=0.1)
-    lora = gn.LoraConfig(rank=2, targets="qkv,proj,gate", dropout=0.1)
+    lora = lora_lib.LoraConfig(rank=2, targets="qkv,proj,gate", dropout=0.1)
     base = gn.init_params(cfg, seed=0)
     for p in base.values():
         if p.ndim == 2:
             p *= 10.0                                  # a base model with something to say
     before = {k: v.copy() for k, v in base.items()}
-    adapters = gn.lora_init(cfg, lora, seed=0)
+    adapters = lora_lib.init(gn, cfg, lora, seed=0)
     params = {**base, **adapters}
     state = gn.adamw_init(adapters)                    # optimizer state for the adapters alone
     ids, targets = batch(cfg, B=4, T=7)
@@ -282,7 +283,7 @@ def test_every_target_subset_names_its_grads():
     ids, targets = batch(cfg)
     for n in range(1, 6):
         for subset in itertools.combinations(gn.LORA_TARGETS, n):
-            lora = gn.LoraConfig(rank=1, targets=subset)
-            params = {**gn.init_params(cfg), **gn.lora_init(cfg, lora)}
+            lora = lora_lib.LoraConfig(rank=1, targets=subset)
+            params = {**gn.init_params(cfg), **lora_lib.init(gn, cfg, lora)}
             _, grads = gn.loss_and_grads(params, ids, targets, cfg, lora=lora)
-            assert list(grads) == list(gn.lora_shapes(cfg, lora))
+            assert list(grads) == list(lora_lib.shapes(cfg, lora))

@@ -8,6 +8,7 @@ import pytest
 
 import gpt_numpy as gn
 from test_gpt_numpy import cache_arrays          # every array reachable from a cache
+from lib import mixed_precision
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -68,7 +69,7 @@ def test_mixed_loss_and_grads_match_float32(backend, kw, mult):
     params = {k: gm.to_device(p) for k, p in params.items()}
     ids, targets = batch(cfg)
     loss32, g32 = gm.loss_and_grads(params, ids, targets, cfg, seed=3)
-    loss16, g16 = gm.loss_and_grads_mixed(params, ids, targets, cfg, SCALE, seed=3)
+    loss16, g16 = mixed_precision.loss_and_grads_mixed(gm, params, ids, targets, cfg, SCALE, seed=3)
     assert abs(loss16 - loss32) / loss32 < LOSS_RTOL, (loss16, loss32)
     assert set(g16) == set(params)
     assert all(g16[k].dtype == np.float32 and g16[k].shape == p.shape for k, p in params.items())
@@ -88,7 +89,7 @@ def test_loss_scaling_keeps_small_gradients():
     params = gn.init_params(cfg, seed=1)
     ids, targets = batch(cfg, B=16)
     _, g32 = gn.loss_and_grads(params, ids, targets, cfg, seed=3)
-    err = {s: worst_grad_error(gn.loss_and_grads_mixed(params, ids, targets, cfg, s, seed=3)[1], g32)[0]
+    err = {s: worst_grad_error(mixed_precision.loss_and_grads_mixed(gn, params, ids, targets, cfg, s, seed=3)[1], g32)[0]
            for s in (2.0 ** -8, 1.0, SCALE)}
     assert err[SCALE] < GRAD_RTOL
     assert err[1.0] > 3 * err[SCALE]
@@ -102,17 +103,17 @@ def test_overflow_skips_the_step_and_halves_the_scale():
     cfg = cfg_tiny()
     params = gn.init_params(cfg, seed=1)
     ids, targets = batch(cfg)
-    scaler = gn.loss_scaler_init(2.0 ** 40)             # dlogits * 2^40 is far past float16's 65504
+    scaler = mixed_precision.loss_scaler_init(2.0 ** 40)             # dlogits * 2^40 is far past float16's 65504
     scaler["good_steps"] = 7
-    loss, grads = gn.loss_and_grads_mixed(params, ids, targets, cfg, scaler["scale"])
+    loss, grads = mixed_precision.loss_and_grads_mixed(gn, params, ids, targets, cfg, scaler["scale"])
     assert grads is None and np.isfinite(loss)          # the forward was fine: only the backward overflowed
-    gn.loss_scaler_update(scaler, grads is not None)
+    mixed_precision.loss_scaler_update(scaler, grads is not None)
     assert scaler == {"scale": 2.0 ** 39, "good_steps": 0}
     # halving until the gradients fit: then they are the float32 ones
     _, g32 = gn.loss_and_grads(params, ids, targets, cfg)
     while grads is None:
-        _, grads = gn.loss_and_grads_mixed(params, ids, targets, cfg, scaler["scale"])
-        gn.loss_scaler_update(scaler, grads is not None)
+        _, grads = mixed_precision.loss_and_grads_mixed(gn, params, ids, targets, cfg, scaler["scale"])
+        mixed_precision.loss_scaler_update(scaler, grads is not None)
     assert 1.0 <= scaler["scale"] < 2.0 ** 39 and scaler["good_steps"] == 1
     assert worst_grad_error(grads, g32)[0] < GRAD_RTOL      # (21 halvings, to 2^19, measured)
 
@@ -123,23 +124,23 @@ def test_weights_beyond_float16_skip_the_step():
     params = gn.init_params(cfg, seed=1)
     params["blocks.0.norm1.weight"][:] = 1e5
     ids, targets = batch(cfg)
-    loss, grads = gn.loss_and_grads_mixed(params, ids, targets, cfg, SCALE)
+    loss, grads = mixed_precision.loss_and_grads_mixed(gn, params, ids, targets, cfg, SCALE)
     assert grads is None and not np.isfinite(loss)
 
 
 def test_scale_doubles_after_growth_interval_good_steps():
-    scaler = gn.loss_scaler_init()
+    scaler = mixed_precision.loss_scaler_init()
     assert scaler == {"scale": 2.0 ** 16, "good_steps": 0}
     for _ in range(4):
-        gn.loss_scaler_update(scaler, True, growth_interval=5)
+        mixed_precision.loss_scaler_update(scaler, True, growth_interval=5)
     assert scaler == {"scale": 2.0 ** 16, "good_steps": 4}
-    gn.loss_scaler_update(scaler, False, growth_interval=5)   # an overflow resets the count
+    mixed_precision.loss_scaler_update(scaler, False, growth_interval=5)   # an overflow resets the count
     assert scaler == {"scale": 2.0 ** 15, "good_steps": 0}
     for _ in range(5):
-        gn.loss_scaler_update(scaler, True, growth_interval=5)
+        mixed_precision.loss_scaler_update(scaler, True, growth_interval=5)
     assert scaler == {"scale": 2.0 ** 16, "good_steps": 0}
     for _ in range(2000):                              # the default interval
-        gn.loss_scaler_update(scaler, True)
+        mixed_precision.loss_scaler_update(scaler, True)
     assert scaler == {"scale": 2.0 ** 17, "good_steps": 0}
 
 
@@ -181,7 +182,7 @@ def test_large_activations_train_in_mixed_precision(backend, norm):
     params["tok_emb"] *= 5000.0
     ids, targets = batch(cfg, B=16)
     loss32, g32 = gm.loss_and_grads(params, ids, targets, cfg, seed=3)     # the backend's dropout masks
-    loss16, g16 = gm.loss_and_grads_mixed(params, ids, targets, cfg, SCALE, seed=3)
+    loss16, g16 = mixed_precision.loss_and_grads_mixed(gm, params, ids, targets, cfg, SCALE, seed=3)
     assert g16 is not None and abs(loss16 - loss32) / loss32 < LOSS_RTOL
     g32, g16 = ({k: gm.to_host(v) for k, v in g.items()} for g in (g32, g16))
     assert all(g16[k].dtype == np.float32 for k in g16)
@@ -211,13 +212,13 @@ def test_mixed_precision_overfits_one_batch():
     cfg = gn.GPTConfig(vocab_size=16, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=16)
     params = gn.init_params(cfg, seed=0)
     state = gn.adamw_init(params)
-    scaler = gn.loss_scaler_init()
+    scaler = mixed_precision.loss_scaler_init()
     data = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 17))
     first, skipped = None, 0
     for step in range(100):                             # float16 is slow in NumPy: 100 steps, not 150
-        loss, grads = gn.loss_and_grads_mixed(params, data[:, :-1], data[:, 1:], cfg, scaler["scale"],
+        loss, grads = mixed_precision.loss_and_grads_mixed(gn, params, data[:, :-1], data[:, 1:], cfg, scaler["scale"],
                                               seed=step)
-        gn.loss_scaler_update(scaler, grads is not None, growth_interval=50)
+        mixed_precision.loss_scaler_update(scaler, grads is not None, growth_interval=50)
         first = loss if first is None else first
         if grads is None:
             skipped += 1

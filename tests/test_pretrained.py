@@ -20,14 +20,15 @@ import numpy as np
 import pytest
 
 import bpe
-import chat_template as chat
+from lib import chat_template as chat
 import export
 import gpt_numpy as gn
-import interop
+from lib import gguf_model as interop
 import sample
-from checkpoint import load_checkpoint, load_model
+from lib.checkpoint import load_checkpoint, load_model
 from conftest import ROOT, SHARED_DATA, main_error, run_quiet, smollm2_file, tiny_args
 from errors import FileFormatError, UserError
+from lib import generation
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -568,7 +569,7 @@ def chat_run(gguf_case, tmp_path):
 def reply_tokens(imp, messages, n, stop_ids):
     """What sample.py --chat should answer, greedy: the rendered prompt's continuation up to a stop id."""
     ids = chat.prompt_ids(imp.chat, imp.tok, messages)
-    out = gn.generate(imp.params, ids, imp.cfg, n, temperature=0, stop_ids=stop_ids)[len(ids):]
+    out = generation.generate(gn, imp.params, ids, imp.cfg, n, temperature=0, stop_ids=stop_ids)[len(ids):]
     return out[:-1] if out and out[-1] in stop_ids else out
 
 
@@ -587,7 +588,7 @@ def test_chat_stops_at_the_end_of_turn(chat_run, capsys, monkeypatch):
     # the sampler picks two ordinary tokens, then <|im_end|>: the reply is the two, and nothing after
     run, imp = chat_run
     picks = iter([40, 41, 2, 42, 43])
-    monkeypatch.setattr(gn, "sample_next", lambda *a, **k: next(picks))
+    monkeypatch.setattr(generation, "sample_next", lambda *a, **k: next(picks))
     assert sample.main(["--ckpt", str(run), "--chat", "--prompt", "hi", "--max-new-tokens", "30"]) == 0
     assert capsys.readouterr().out == imp.tok.decode([40, 41]) + "\n" and next(picks) == 42
 
@@ -664,7 +665,7 @@ def test_smollm2_logits_and_greedy_text_equal_transformers(smollm2):
             theirs = hf(torch.tensor([ids])).logits.numpy()
         err = rel_error(gn.forward(m.params, np.array([ids]), m.cfg), theirs)
         worst = max(worst, err)
-        ours_ids = gn.generate(m.params, ids, m.cfg, 40, temperature=0)
+        ours_ids = generation.generate(gn, m.params, ids, m.cfg, 40, temperature=0)
         their_ids = hf_greedy(torch, hf, ids, 40)
         print(f"\n{prompt!r}: max rel logit diff {err:.2e}\n  ours:         {m.tokenizer.decode(ours_ids[len(ids):])!r}"
               f"\n  transformers: {m.tokenizer.decode(their_ids[len(ids):])!r}")

@@ -26,31 +26,32 @@ def test_sample_streams_from_a_tiny_checkpoint(tiny_run, capsys):
     assert code == 1 and "not in the char vocabulary" in err
 
 
-def test_sample_decodes_utf8_split_across_tokens():
+def test_sample_decodes_utf8_split_across_tokens(monkeypatch):
     """A byte-level tokenizer splits "é" and an emoji into several tokens: the stream must print each
     character whole, once its last byte arrives, never U+FFFD."""
     bpe = pytest.importorskip("bpe")
     tok = bpe.Tokenizer("gpt4", [])                                           # bytes only
     new = list("é😀".encode())                                               # 2 + 4 byte tokens
-    fake = SimpleNamespace(generate_stream=lambda *a, **k: iter(new))
+    monkeypatch.setattr(sample.generation, "generate_stream", lambda *a, **k: iter(new))
     writes = []
     out = SimpleNamespace(write=writes.append, flush=lambda: None)
-    sample.stream(None, None, tok, fake, "a", 6, 1.0, None, None, 0, out=out)
+    sample.stream(None, None, tok, None, "a", 6, 1.0, None, None, 0, out=out)
     assert "".join(writes) == "aé😀\n"
     assert "é" in writes and "😀" in writes                                  # each printed whole
 
 
-def test_plain_prompt_starts_with_bos_when_the_model_says_so():
+def test_plain_prompt_starts_with_bos_when_the_model_says_so(monkeypatch):
     """add_bos in the chat metadata (Llama 3; llama.cpp's rule for GGUF files): the model reads BOS first,
     the output shows the prompt without it; without add_bos the ids are encode_prompt's."""
     bpe = pytest.importorskip("bpe")
     tok = bpe.Tokenizer("gpt4", [], {"<|begin_of_text|>": 256})
     seen = []
 
-    def generate_stream(params, ids, *a, **k):
+    def generate_stream(gm, params, ids, *a, **k):
         seen.append(list(ids))
         return iter([])
-    fake = SimpleNamespace(generate_stream=generate_stream)
+    monkeypatch.setattr(sample.generation, "generate_stream", generate_stream)
+    fake = None
     writes = []
     out = SimpleNamespace(write=writes.append, flush=lambda: None)
     info = {"bos_id": 256, "add_bos": True}

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import gpt_numpy
-import scoring
+from lib import scoring
 from conftest import rel_err, small_cfg
-from data import CharTokenizer
+from lib.tokenizer import CharTokenizer
 from errors import FileFormatError, UserError
 
 

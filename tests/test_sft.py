@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import bpe
-import sft
-from data import EOT, CharTokenizer
+from lib import sft
+from lib.tokenizer import EOT, CharTokenizer
 from errors import UserError
 
 # SmolLM2-Instruct's template (ChatML with a default system message), as its GGUF file carries it

@@ -12,13 +12,14 @@ import sys
 import numpy as np
 import pytest
 
-import data
+from lib import data
 import gpt_numpy
 import sample
 import train
-from checkpoint import load_checkpoint, save_checkpoint
+from lib.checkpoint import load_checkpoint, save_checkpoint
 from conftest import ROOT, main_error, make_text, run_quiet, tiny_args
 from errors import UserError
+from lib import mixed_precision
 
 # ----------------------------------------------------------------------------------------------------
 # helpers (the shared ones are in conftest.py)
@@ -130,7 +131,7 @@ def test_resume_in_process_and_longer_run(tmp_path):
 
 def test_mixed_precision_run_skips_overflows_and_resumes_bit_exactly(tmp_path, monkeypatch):
     # start from a loss scale far too large for float16, so the first steps overflow and are skipped
-    monkeypatch.setattr(gpt_numpy, "loss_scaler_init", lambda scale=2.0 ** 40: {"scale": scale, "good_steps": 0})
+    monkeypatch.setattr(mixed_precision, "loss_scaler_init", lambda scale=2.0 ** 40: {"scale": scale, "good_steps": 0})
     data = make_text(tmp_path / "text.txt")
     common = ["--mixed-precision", "--lr-decay-iters", 40, "--sample-tokens", 0, "--eval-interval", 20]
     res = run_quiet(tiny_args(tmp_path, data, *common, "--max-iters", 40, "--out-dir", tmp_path / "a"))

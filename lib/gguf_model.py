@@ -43,9 +43,9 @@ import numpy as np
 from tqdm import tqdm
 
 import bpe
-import chat_template as chat
 import gpt_numpy as gn
 from errors import FileFormatError, UserError
+from lib import chat_template as chat
 
 BLOCK_NAMES = {                                 # GGUF's names in block i -> ours, and transposed?
     "attn_norm.weight": ("norm1.weight", False),

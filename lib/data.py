@@ -1,5 +1,5 @@
 """
-data.py: everything between a corpus on disk and the batches of a training step, shared by the programs.
+lib/data.py: everything between a corpus on disk and the batches of a training step, shared by the programs.
 
     root, files = find_sources("shakespeare", "data")         # --data: stdlib, shakespeare, a file, folder, glob
     sources = digest_sources(root, files, "data/x/sources.json")   # sha256 of each file and of the corpus
@@ -7,11 +7,10 @@ data.py: everything between a corpus on disk and the batches of a training step,
     d = prepare_data(cfg, "x", root, files, sources, tok)      # {"train": memmap, "val": memmap, "meta": {...}}
     x, y = get_batch(d["train"], batch_size, block_size, rng)  # (B, T) inputs, (B, T) targets
 
-Sections, in data-flow order: files (atomic writes, streamed hashing), the corpus (finding its files),
-tokenizers (the character tokenizer here, BPE in bpe.py, both rebuilt from their text form and cached),
-the token cache (memory-mapped .bin files), the batch sampler, and two process-level helpers for the
-programs (the backend switch, malloc tuning). Every file is read through bpe.read_text_blocks, in bounded
-pieces, so memory does not grow with the corpus.
+Sections, in data-flow order: the corpus (finding its files), the tokenizer cache (a character vocabulary
+or a BPE trained by bpe.py, built from the corpus once), the token cache (memory-mapped .bin files) and the
+batch sampler. Every file is read through bpe.read_text_blocks, in bounded pieces, so memory does not grow
+with the corpus. The tokenizers themselves are in lib/tokenizer.py, the safe writes in lib/files.py.
 """
 
 import codecs
@@ -23,239 +22,18 @@ import re
 import sys
 import sysconfig
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 import bpe
-import gpt_numpy
-from errors import FileFormatError, UserError
+from errors import UserError
+from lib.files import (OUTPUT_MARK, fetch_once, file_sha256, fsync_dir, naming_errors, remove_stale_temp_files,
+                       text_sha256, write_text_atomic)
+from lib.tokenizer import EOT, CharTokenizer, eot_id, load_tokenizer_file, token_byte_lengths, tokenizer_from_text
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]              # the repository root
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-EOT = "<|endoftext|>"                   # the BPE special token written between documents (files)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Files: atomic writes and streamed hashing
-
-def atomic_write(path, data, before_replace=None):
-    """Write bytes (or a list of bytes-like chunks) to `path` so that a crash leaves either the old file
-    or the complete new one.
-
-    tmp file in the same folder -> write, flush, fsync -> os.replace -> fsync the folder. (A rename is
-    atomic only within one file system, hence the same folder.) `before_replace` is a hook for tests.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with naming_errors(path), open(tmp, "wb") as f:
-            for chunk in (data if isinstance(data, list) else [data]):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-@contextmanager
-def naming_errors(path):
-    """Inside: an OSError that names no file (a full disk, [Errno 28]; a file size limit, [Errno 27]) gets
-    `path`, so its one-line message says which file could not be written."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None:
-            e.filename = str(path)
-        raise
-
-
-def file_mode():
-    """The mode open() gives a new file: 0o666 less the umask (0o644 with the usual umask 022)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_folder(dest, write, force=False, what="--out"):
-    """Write a folder whole: write(tmp) fills a new folder beside dest, which then takes dest's place, so
-    that dest never holds a mix of old and new files. dest must be missing or empty (this project's marker
-    and lock aside) unless force; with force its old content goes, all of it. A folder that holds folders,
-    or the current folder or one above it, is never replaced. Returns dest (a Path)."""
-    import shutil
-    dest = Path(dest).expanduser()
-    if dest.exists() and not dest.is_dir():
-        raise UserError(f"{what} {dest} is a file; expected a folder")
-    old = sorted(p.name for p in dest.iterdir() if p.name not in (OUTPUT_MARK, LOCK_NAME)) if dest.is_dir() else []
-    if old and not force:
-        raise UserError(f"{what} {dest} is not empty (it holds {', '.join(old[:3])}{' ...' if len(old) > 3 else ''}); "
-                        f"pass --force to replace it whole, or choose a new folder")
-    if old and (any((dest / n).is_dir() for n in old) or dest.resolve() in (Path.cwd(), *Path.cwd().parents)):
-        raise UserError(f"{what} {dest} holds folders (or is the current folder): --force replaces only a folder "
-                        f"of files; remove it yourself if it should go")
-    tmp, trash = (dest.with_name(f".{dest.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        if dest.exists():
-            with locked_folder(dest, what):             # not while a train.py writes it
-                os.replace(dest, trash)
-            os.replace(tmp, dest)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-        fsync_dir(dest.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
-
-
-def remove_stale_temp_files(folder, pattern):
-    """Delete the temporary files (`pattern`, named ...tmp-<pid>) that a killed process left in folder:
-    this process's own, or those whose process is gone. Another live process's file is its work in
-    progress and stays. Example: ".train.bin.tmp-18682" stays while process 18682 runs."""
-    for tmp in Path(folder).glob(pattern):
-        pid = tmp.name.rpartition("-")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid)):
-            continue
-        tmp.unlink(missing_ok=True)
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)                                 # signal 0: only asks whether it exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:                             # it exists, under another user
-        return True
-    return True
-
-
-def fetch_once(url, path, what, otherwise, log=print):
-    """The file at `path`, downloaded from `url` the first time (atomically: a failed download leaves
-    nothing). `what` names it in the messages; `otherwise` says what to do when the download fails."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    import urllib.request
-    try:
-        log(f"downloading {what} from {url} ...")
-        with urllib.request.urlopen(url, timeout=30) as r:
-            data = r.read()
-    except Exception as e:
-        raise UserError(f"could not download {what} ({e.__class__.__name__}: {e}); {otherwise}") from None
-    atomic_write(path, data)
-    return path
-
-
-def read_jsonl(path):
-    """The records of a JSON-lines file, as (line number, "path, line N" for messages, the parsed value),
-    blank lines skipped. UserError for a file that cannot be opened; FileFormatError for one that is not
-    UTF-8 or has a line that is not JSON. What a record must hold is the caller's to check."""
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
-    with f:
-        try:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except ValueError as e:
-                    raise FileFormatError(f"{path}, line {n}: not valid JSON ({e})") from None
-                yield n, f"{path}, line {n}", value
-        except UnicodeDecodeError as e:
-            raise FileFormatError(f"{path} is not UTF-8 text ({e})") from None
-
-
-# ----------------------------------------------------------------------------------------------------
-# The project's own folders: a marker that keeps them out of every corpus, and a lock per run folder
-
-OUTPUT_MARK = ".gpt-numpy-output"       # in data/ and in every run's out dir: never read as a corpus
-LOCK_NAME = ".lock"                     # in a run's out dir while a process writes it
-
-
-def mark_output_folder(folder):
-    """Mark a folder this project writes (the data caches, a run's out dir), so that find_sources leaves it
-    out of a corpus (`--data .` would otherwise train on its own checkpoints' logs and caches)."""
-    mark = Path(folder) / OUTPUT_MARK
-    if not mark.exists():
-        with naming_errors(mark):
-            mark.write_text("written by train.py / export.py of gpt-numpy: data.find_sources leaves this folder "
-                            "out of every corpus\n")
-
-
-@contextmanager
-def locked_folder(folder, what="--out-dir"):
-    """Hold an exclusive advisory lock (flock) on folder/.lock while inside, or raise UserError at once if
-    another process holds it. The kernel drops the lock when its process ends, killed or not, so a
-    crashed run never leaves its folder locked. (No-op where fcntl is missing.)"""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    path = Path(folder) / LOCK_NAME
-    with naming_errors(path):
-        f = open(path, "a+")
-    try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            owner = f.read().strip() or "?"
-            raise UserError(f"{what} {folder} is in use by another process (pid {owner}); wait for it to finish, "
-                            f"or choose another {what}") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield
-    finally:
-        f.close()                                       # releases the lock
-
-
-def fsync_dir(folder):
-    """Make a rename in `folder` durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path, text):
-    atomic_write(path, text.encode("utf-8"))
-
-
-def file_sha256(path):
-    """sha256 of a file's bytes, read 1 MB at a time. (tokenize_files hashes while it reads, through
-    bpe.read_text_blocks, so a corpus is read once when its ids are written.)"""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
-
-
-def text_sha256(text):
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -394,159 +172,6 @@ def digest_sources(root, files, cache_path):
     if not known or [known.get(e["path"]) for e in entries] != entries:
         write_text_atomic(cache_path, json.dumps(info))
     return info
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizers: characters (nanoGPT's shakespeare_char, here) or byte-level BPE (bpe.Tokenizer). Both have
-# vocab_size, dtype, encode_ordinary(text) -> ids, decode(ids) -> str, decode_bytes(ids) -> bytes,
-# special_tokens, a `kind`, a text form (to_text / from_text) that the data cache hashes and every
-# checkpoint embeds, a Hugging Face tokenizer.json form (to_hf_json / from_hf_json), and cut /
-# file_errors, which say how read_text_blocks may feed them a file.
-
-ANY_CHAR = r"[\s\S]"             # the split regex of a character tokenizer.json: every code point alone
-
-
-class CharTokenizer:
-    """One id per character of the corpus, in code point order: "hello" -> vocab "ehlo", ids [1, 0, 2, 2, 3]."""
-
-    kind = "char"
-    special_tokens = {}
-    file_errors = "replace"                     # invalid UTF-8 in a file becomes U+FFFD
-
-    def __init__(self, chars):
-        self.chars = "".join(sorted(set(chars)))
-        self.vocab_size = len(self.chars)
-        self.codepoints = np.array([ord(c) for c in self.chars], dtype=np.int64)   # sorted
-
-    @property
-    def dtype(self):
-        return bpe.id_dtype(self.vocab_size)
-
-    @staticmethod
-    def cut(text, start=0):
-        """Characters encode one by one: a text may be cut anywhere."""
-        return len(text)
-
-    def encode_ordinary(self, text):
-        cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
-        ids = np.searchsorted(self.codepoints, cp)                   # binary search per character
-        bad = (ids >= self.vocab_size) | (self.codepoints[np.minimum(ids, self.vocab_size - 1)] != cp)
-        if bad.any():
-            missing = sorted(set(chr(c) for c in cp[bad]))[:10]
-            raise UserError(f"characters not in the char vocabulary: {''.join(missing)!r}")
-        return ids
-
-    def decode(self, ids):
-        return "".join(self.chars[i] for i in ids)
-
-    def decode_bytes(self, ids):
-        return self.decode(ids).encode("utf-8", "surrogatepass")
-
-    def to_text(self):
-        return json.dumps({"type": "char", "version": 1, "chars": self.chars}, ensure_ascii=False) + "\n"
-
-    @classmethod
-    def from_text(cls, text):
-        try:
-            return cls(json.loads(text)["chars"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise FileFormatError(f"unreadable char tokenizer ({e})") from None
-
-    def to_hf_json(self):
-        """tokenizer.json (a dict): a WordLevel model over single characters in code point order. An
-        unknown character fails to encode in both libraries (unk_token names no token in the vocab), and
-        Fuse joins the pieces back without spaces."""
-        return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-                "pre_tokenizer": {"type": "Split", "pattern": {"Regex": ANY_CHAR}, "behavior": "Isolated",
-                                  "invert": False},
-                "post_processor": None, "decoder": {"type": "Fuse"},
-                "model": {"type": "WordLevel", "vocab": {c: i for i, c in enumerate(self.chars)},
-                          "unk_token": "<unk>"}}
-
-    @classmethod
-    def from_hf_json(cls, obj):
-        """The inverse of to_hf_json; any other WordLevel tokenizer.json is refused."""
-        vocab = obj["model"].get("vocab", {})
-        chars = "".join(sorted(vocab, key=vocab.get))
-        pre = obj.get("pre_tokenizer") or {}
-        if (pre.get("type") != "Split" or (pre.get("pattern") or {}).get("Regex") != ANY_CHAR or obj.get("added_tokens")
-                or not all(len(c) == 1 for c in vocab) or sorted(vocab.values()) != list(range(len(vocab)))
-                or chars != "".join(sorted(chars))):
-            raise FileFormatError("tokenizer.json: model.type = 'WordLevel' is only understood as the character "
-                                  "tokenizer export.py writes (one id per character, in code point order)")
-        return cls(chars)
-
-
-def tokenizer_from_text(kind, text):
-    """Rebuild a tokenizer from its kind and text form (as the data cache and the checkpoints keep it)."""
-    if kind == "char":
-        return CharTokenizer.from_text(text)
-    if kind == "bpe":
-        return bpe.Tokenizer.from_text(text, "the bpe tokenizer")
-    raise FileFormatError(f"unknown tokenizer kind {kind!r}")
-
-
-def tokenizer_from_hf_json(obj):
-    """tokenizer.json (a dict) -> a bpe.Tokenizer (byte-level BPE) or a CharTokenizer (WordLevel)."""
-    if (obj.get("model") or {}).get("type") == "WordLevel":
-        return CharTokenizer.from_hf_json(obj)
-    return bpe.Tokenizer.from_hf_json(obj)
-
-
-def load_tokenizer_file(name):
-    """A saved tokenizer: bpe.py's file, or a character vocabulary (CharTokenizer.to_text's JSON, as a
-    fine-tuning run writes it to its out dir)."""
-    path = Path(name).expanduser()
-    if not path.is_file():
-        raise UserError(f"--tokenizer {name!r}: expected 'char', 'bpe' or a saved tokenizer file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"could not load the tokenizer {path}: {e}") from None
-    try:
-        kind = "char" if text.startswith("{") else "bpe"      # JSON; bpe.py's files start with their format line
-        return tokenizer_from_text(kind, text)
-    except UserError as e:
-        raise FileFormatError(f"could not load the tokenizer {path}: {e}") from None
-
-
-def eot_id(tok):
-    return tok.special_tokens.get(EOT) if tok.special_tokens else None
-
-
-def encode_text(tok, text):
-    """Plain text -> ids (special-token strings in the text are treated as ordinary text)."""
-    return np.asarray(tok.encode_ordinary(text), dtype=np.int64)
-
-
-def encode_prompt(tok, prompt):
-    """Prompt text -> ids; an empty prompt starts from <|endoftext|> (BPE) or a newline (or id 0 when a
-    char vocabulary has no newline). The default prompt "\\n" falls back the same way; any other prompt
-    that the tokenizer cannot encode is an error (UserError)."""
-    if prompt:
-        try:
-            ids = encode_text(tok, prompt)
-        except UserError:
-            if prompt != "\n":
-                raise
-            ids = []
-        if len(ids):
-            return [int(i) for i in ids]
-    eot = eot_id(tok)
-    if eot is not None:
-        return [eot]
-    try:
-        return [int(i) for i in encode_text(tok, "\n")]
-    except UserError:
-        return [0]
-
-
-def token_byte_lengths(tok):
-    """UTF-8 byte length of every token id, special tokens 0."""
-    lengths = np.array([len(tok.decode_bytes([i])) for i in range(tok.vocab_size)], dtype=np.int64)
-    for i in (tok.special_tokens or {}).values():
-        lengths[i] = 0
-    return lengths
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -858,36 +483,3 @@ def get_batch(data, batch_size, block_size, rng, read=True):
 
 # ----------------------------------------------------------------------------------------------------
 # Process-level helpers for the programs
-
-def keep_freed_memory():
-    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS. Call it once
-    at the start of a CPU training program; returns False (and does nothing) off glibc.
-
-    Every step allocates and frees the same activations again. By default glibc unmaps big freed
-    blocks and trims the top of its heap, so the next step page-faults the memory back in and the
-    kernel zeroes each page (on a 2-core machine: 63 -> 47 ms per cpu-small step, 2 threads). Raising
-    the mmap and trim thresholds keeps the blocks in the heap, where the next step reuses them; the
-    process then holds on to its peak memory. Process-wide; host memory only (no effect on CuPy).
-    """
-    import ctypes
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                   # from glibc's malloc.h
-    mmap_ok = mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    return bool(mmap_ok and mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
-def load_backend(name):
-    """The model module for a backend: gpt_numpy, or gpt_cupy (the same functions on the GPU)."""
-    if name == "numpy":
-        keep_freed_memory()                             # reuse the activations' memory step after step
-        return gpt_numpy
-    if name == "cupy":
-        try:
-            import gpt_cupy
-        except RuntimeError as e:                       # no CuPy or no GPU: gpt_cupy says which
-            raise UserError(str(e)) from None
-        return gpt_cupy
-    raise UserError(f"unknown backend {name!r}: choose numpy or cupy")

@@ -47,8 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data import encode_prompt, encode_text, fetch_once, read_jsonl
 from errors import FileFormatError, UserError
+from lib.files import fetch_once, read_jsonl
+from lib.tokenizer import encode_prompt, encode_text
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 

@@ -39,9 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from chat_template import compile_template     # the template in jinja2's sandbox, as transformers compiles it
-from data import EOT, file_sha256, read_jsonl, text_sha256
 from errors import UserError
+from lib.chat_template import compile_template   # the template in jinja2's sandbox, as transformers compiles it
+from lib.files import file_sha256, read_jsonl, text_sha256
+from lib.tokenizer import EOT
 
 ROLES = ("system", "user", "assistant")
 

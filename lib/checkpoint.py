@@ -51,9 +51,12 @@ from pathlib import Path
 import numpy as np
 
 import gpt_numpy
-import memory
-from data import atomic_write, load_backend, text_sha256, tokenizer_from_text
 from errors import FileFormatError
+from lib import memory
+from lib.backend import load_backend
+from lib.files import atomic_write, text_sha256
+from lib.lora import LoraConfig, merge as lora_merge, shapes as lora_shapes
+from lib.tokenizer import tokenizer_from_text
 
 FORMAT = "gpt-numpy-checkpoint"
 VERSION = "2"                   # written; "1" is still read (its metadata unverified)
@@ -376,11 +379,29 @@ def check_tokenizer_fits(tok, cfg, path):
                               f"{cfg.vocab_size}; it cannot be sampled or trained")
 
 
+def check_param_shapes(params, cfg):
+    """Raise ValueError unless params has exactly the keys and shapes of gpt_numpy.param_shapes(cfg); the
+    message names the first wrong, missing or extra key. Every loader of saved weights calls it.
+
+    Example: params["blocks.0.attn.proj"] of shape (32, 8) for d_model 32 ->
+    "parameter blocks.0.attn.proj has shape (32, 8), expected (32, 32)".
+    """
+    shapes = gpt_numpy.param_shapes(cfg)
+    for k, shape in shapes.items():
+        if k not in params:
+            raise ValueError(f"parameter {k} is missing (expected shape {shape})")
+        if tuple(params[k].shape) != shape:
+            raise ValueError(f"parameter {k} has shape {tuple(params[k].shape)}, expected {shape}")
+    for k in params:
+        if k not in shapes:
+            raise ValueError(f"unexpected parameter {k} (shape {tuple(params[k].shape)}): not in this config")
+
+
 def load_params(gm, host_params, cfg, path="the checkpoint"):
     """A checkpoint's weights -> gm's device arrays, checked against cfg's shapes (FileFormatError naming
     the first wrong, missing or extra key)."""
     try:
-        gm.check_param_shapes(host_params, cfg)
+        check_param_shapes(host_params, cfg)
     except ValueError as e:
         raise FileFormatError(f"{path} does not fit its model config: {e}") from None
     # subtle: keep gpt_numpy's key order; clip_grad_norm sums the squares in dict order, so another
@@ -408,7 +429,7 @@ def load_model(path, backend="numpy"):
     ck = load_checkpoint(path)
     if lora_config_of(ck) is not None:
         base, adapters, lora, cfg = open_lora_run(ck, gm)
-        return Model(ck.path, gm.lora_merge({**base, **adapters}, lora), cfg, ck.tokenizer(), ck.meta, gm)
+        return Model(ck.path, lora_merge({**base, **adapters}, lora), cfg, ck.tokenizer(), ck.meta, gm)
     cfg = ck.model_config(dropout=0.0, checkpoint=False)
     tok = ck.tokenizer()
     check_tokenizer_fits(tok, cfg, ck.path)
@@ -437,7 +458,7 @@ def lora_config_of(ck):
     if "lora" not in ck.meta:
         return None
     try:
-        return gpt_numpy.LoraConfig(**ck.meta["lora"]["config"])
+        return LoraConfig(**ck.meta["lora"]["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise FileFormatError(f"{ck.path}: unusable LoRA config in the checkpoint ({e})") from None
 
@@ -461,7 +482,7 @@ def load_lora_base(ck):
 
 def load_adapters(gm, host_adapters, cfg, lora, path="the checkpoint"):
     """A LoRA checkpoint's adapters -> gm's device arrays in lora_shapes order, checked against it."""
-    shapes = gm.lora_shapes(cfg, lora)
+    shapes = lora_shapes(cfg, lora)
     for k, shape in shapes.items():
         if k not in host_adapters or tuple(host_adapters[k].shape) != shape:
             got = tuple(host_adapters[k].shape) if k in host_adapters else "missing"
