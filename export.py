@@ -82,7 +82,7 @@ from lib import gguf_model, lora as lora_lib
 from lib.checkpoint import (build_meta, check_param_shapes, load_checkpoint, load_model, open_lora_run, read_meta,
                             save_checkpoint)
 from lib.files import file_mode, mark_output_folder, write_folder
-from lib.tokenizer import tokenizer_from_hf_json
+from lib.tokenizer_files import from_hf_json, to_hf_json
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -411,7 +411,7 @@ def import_hf(hf_dir, max_seq_len=None):
         raise UserError(f"{d} is not a directory")
     cfg = config_from_hf(read_json(d / "config.json"), max_seq_len)
     params = from_hf_tensors(read_hf_weights(d), cfg)
-    tok = tokenizer_from_hf_json(read_json(d / "tokenizer.json")) if (d / "tokenizer.json").exists() else None
+    tok = from_hf_json(read_json(d / "tokenizer.json")) if (d / "tokenizer.json").exists() else None
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise FileFormatError(f"tokenizer.json has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
     return params, cfg, tok
@@ -422,8 +422,8 @@ def write_json(path, obj):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tokenizers: each writes and reads its own tokenizer.json (bpe.Tokenizer and data.CharTokenizer's
-# to_hf_json / from_hf_json); here only the tokenizer_config.json that AutoTokenizer reads beside it.
+# Tokenizers: tokenizer.json is lib/tokenizer_files.py's (to_hf_json / from_hf_json); here only the
+# tokenizer_config.json that AutoTokenizer reads beside it.
 
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<|bos|>", "<|startoftext|>", "<|endoftext|>")
 EOS_NAMES = ("<|end_of_text|>", "</s>", "<|eos|>", "<|endoftext|>")
@@ -445,7 +445,7 @@ def special_roles(tok, chat=None):
 def write_tokenizer_files(tok, cfg, out, chat=None):
     """tokenizer.json and tokenizer_config.json (AutoTokenizer -> PreTrainedTokenizerFast), with the chat
     template and add_bos_token of a chat model."""
-    write_json(out / "tokenizer.json", tok.to_hf_json())
+    write_json(out / "tokenizer.json", to_hf_json(tok))
     bos, eos, unk = special_roles(tok, chat)
     tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
           "clean_up_tokenization_spaces": False}     # True would rewrite " ." as "." when decoding

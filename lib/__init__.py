@@ -6,6 +6,7 @@ everything here sits between them and the programs, and no module here imports a
     files              atomic writes, whole folders replaced at once, locks, download-once, JSON lines
     backend            the model module to run: gpt_numpy, or gpt_cupy on a GPU
     tokenizer          character and BPE tokenizers by kind, their text form, prompts
+    tokenizer_files    the tokenizer files of other tools: GPT-2's, tiktoken's, tokenizer.json, GGUF's
     data               corpora, the tokenizer and token caches, the batch sampler
     checkpoint         the checkpoint file; load_model for every program
     memory             what a run or a generation needs, refused up front when it cannot fit

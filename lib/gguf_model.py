@@ -22,7 +22,7 @@ read with the `gguf` package, the reader that lives in llama.cpp's own tree; onl
       ffn_down.weight
     output_norm.weight                      norm_f.weight
     output.weight          (V, C)           lm_head = .T; absent: tied embeddings
-    tokenizer.ggml.*                        bpe.Tokenizer.from_gguf_fields (byte-level BPE)
+    tokenizer.ggml.*                        tokenizer_files.from_gguf_fields (byte-level BPE)
     tokenizer.chat_template, bos/eos ids    chat.chat_info, for sample.py --chat
 
 A GGUF tensor's shape lists the fastest-varying axis first, so a matrix of shape [in, out] there is the
@@ -46,6 +46,7 @@ import bpe
 import gpt_numpy as gn
 from errors import FileFormatError, UserError
 from lib import chat_template as chat
+from lib.tokenizer_files import from_gguf_fields
 
 BLOCK_NAMES = {                                 # GGUF's names in block i -> ours, and transposed?
     "attn_norm.weight": ("norm1.weight", False),
@@ -202,7 +203,7 @@ def _read_gguf(path, bar):
     if len(tensors) != len(reader.tensors):
         raise FileFormatError(f"{path}: a tensor name appears twice")
     cfg = config_from_gguf(meta, tensors, path)
-    tok = bpe.Tokenizer.from_gguf_fields(meta)
+    tok = from_gguf_fields(meta)
     if tok.vocab_size > cfg.vocab_size:
         raise FileFormatError(f"{path}: the tokenizer has {tok.vocab_size} tokens, the model only {cfg.vocab_size}")
     expected = gn.param_shapes(cfg)

@@ -22,9 +22,9 @@ import export
 import gpt_numpy as gn
 from lib.checkpoint import build_meta, load_checkpoint, save_checkpoint
 from conftest import ROOT
-from lib.tokenizer import CharTokenizer, tokenizer_from_hf_json
+from lib.tokenizer import CharTokenizer
 from errors import FileFormatError, UserError
-from lib import generation
+from lib import generation, tokenizer_files
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -120,7 +120,7 @@ def test_round_trip_is_bit_exact(exported):
         assert params2[k].dtype == np.float32 and np.array_equal(params2[k], params[k]), k
     assert (tok2.pattern, tok2.merges, tok2.byte_ids, tok2.special_tokens) == \
         (tok.pattern, tok.merges, tok.byte_ids, tok.special_tokens)
-    assert tok2.mergeable_ranks() == tok.mergeable_ranks()
+    assert tokenizer_files.mergeable_ranks(tok2) == tokenizer_files.mergeable_ranks(tok)
     for s in SAMPLES:
         assert encode(tok2, s) == encode(tok, s)
 
@@ -323,7 +323,7 @@ def test_cli_help_and_bad_file_without_traceback(tmp_path):
 
 def test_tiktoken_gives_the_same_ids(tok):
     tiktoken = pytest.importorskip("tiktoken")
-    enc = tiktoken.Encoding("ours", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks(),
+    enc = tiktoken.Encoding("ours", pat_str=tok.pattern, mergeable_ranks=tokenizer_files.mergeable_ranks(tok),
                             special_tokens=tok.special_tokens)
     for s in SAMPLES:
         assert enc.encode(s, allowed_special="all") == encode(tok, s)
@@ -420,7 +420,7 @@ def test_gpt2_tokenizer_json_from_hugging_face_imports(tmp_path, hf):
     ht.decoder = decoders.ByteLevel()
     ht.add_special_tokens(["<|endoftext|>"])
     ht.save(str(tmp_path / "tokenizer.json"))
-    tok = tokenizer_from_hf_json(json.loads((tmp_path / "tokenizer.json").read_text()))
+    tok = tokenizer_files.from_hf_json(json.loads((tmp_path / "tokenizer.json").read_text()))
     assert tok.vocab_size == 50257 and tok.special_tokens == {"<|endoftext|>": 50256}
     for s in SAMPLES:
         assert ht.encode(s).ids == encode(tok, s), s

@@ -1,5 +1,6 @@
 """Tests for real pretrained models: tokenizers laid out as other libraries lay them out (tokenizer.json,
-GGUF), GGUF import (interop.py, export.py --import-gguf), chat templates (chat.py, sample.py --chat).
+GGUF: lib/tokenizer_files.py), GGUF import (interop.py, export.py --import-gguf), chat templates (chat.py,
+sample.py --chat).
 
 The fast tests write their own tiny files: a byte-level BPE trained by Hugging Face tokenizers (special
 tokens first, bytes it never saw missing, as SmolLM2's), a tiny grouped-query Llama written with
@@ -23,7 +24,7 @@ import bpe
 from lib import chat_template as chat
 import export
 import gpt_numpy as gn
-from lib import gguf_model as interop
+from lib import gguf_model as interop, tokenizer_files
 import sample
 from lib.checkpoint import load_checkpoint, load_model
 from conftest import ROOT, SHARED_DATA, main_error, run_quiet, smollm2_file, tiny_args
@@ -114,11 +115,17 @@ def test_split_patterns_equal_hugging_face_pre_tokenizers(pre):
     hf = hf_pre_tokenizers()
     if pre not in hf:
         pytest.skip("needs transformers for this pre-tokenizer's regex")
-    u2b = {c: b for b, c in bpe.bytes_to_unicode().items()}
-    pattern = bpe.regex.compile(bpe.PRE_PATTERNS[pre][0])
+    u2b = {c: b for b, c in tokenizer_files.bytes_to_unicode().items()}
+    pattern = bpe.regex.compile(tokenizer_files.PRE_PATTERNS[pre][0])
     for text in texts():
         theirs = [bytes(u2b[c] for c in piece).decode("utf-8") for piece, _ in hf[pre].pre_tokenize_str(text)]
         assert pattern.findall(text) == theirs, repr(text)
+
+
+def test_pre_tokenizer_patterns_are_safe_in_bpe():
+    """Every pattern a GGUF pre-tokenizer name maps to is one bpe.py runs without the time checks (they
+    live in two files now: the names here, the regexes in bpe.py)."""
+    assert all(p in bpe.SAFE_PATTERNS for p, _ in tokenizer_files.PRE_PATTERNS.values())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,7 +133,7 @@ def test_split_patterns_equal_hugging_face_pre_tokenizers(pre):
 
 def test_tokenizer_json_with_specials_first_and_missing_bytes(hf_tok, tmp_path):
     t, tj = hf_tok
-    tok = bpe.Tokenizer.from_hf_json(tj)
+    tok = tokenizer_files.from_hf_json(tj)
     assert tok.pattern == bpe.SMOLLM_PATTERN and not tok.ignore_merges
     assert tok.special_tokens == {s: i for i, s in enumerate(SPECIALS)} and tok.vocab_size == t.get_vocab_size()
     assert tok.byte_ids[4] is None and not tok.standard_layout          # a byte the text never had
@@ -141,14 +148,14 @@ def test_tokenizer_json_with_specials_first_and_missing_bytes(hf_tok, tmp_path):
     assert back.to_text() == text and back.encode(TEXT) == tok.encode(TEXT)
     # to_hf_json writes a tokenizer.json Hugging Face reads back with the same ids
     from tokenizers import Tokenizer
-    again = Tokenizer.from_str(json.dumps(tok.to_hf_json()))
+    again = Tokenizer.from_str(json.dumps(tokenizer_files.to_hf_json(tok)))
     for s in SAMPLES:
         assert again.encode(s).ids == t.encode(s).ids, repr(s)
 
 
 def test_gguf_tokenizer_equals_tokenizer_json(hf_tok):
     _, tj = hf_tok
-    a, b = bpe.Tokenizer.from_hf_json(tj), bpe.Tokenizer.from_gguf_fields(gguf_tokenizer_fields(tj))
+    a, b = tokenizer_files.from_hf_json(tj), tokenizer_files.from_gguf_fields(gguf_tokenizer_fields(tj))
     assert a.to_text() == b.to_text()
     for s in SAMPLES:
         assert a.encode(s, allowed_special="all") == b.encode(s, allowed_special="all")
@@ -162,7 +169,7 @@ def test_merge_rule_is_a_pair_of_tokens():
           "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
           "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
           "added_tokens": []}
-    tok = bpe.Tokenizer.from_hf_json(tj)
+    tok = tokenizer_files.from_hf_json(tj)
     assert tok.encode("abc") == [0, 3] and tok.encode("ab") == [4]
     tokenizers = pytest.importorskip("tokenizers")
     tj["model"].update(dropout=None, unk_token=None, continuing_subword_prefix=None, end_of_word_suffix=None,
@@ -182,11 +189,11 @@ def test_bad_gguf_tokenizer_fields(hf_tok, edit, match):
     fields = gguf_tokenizer_fields(hf_tok[1])
     edit(fields)
     with pytest.raises(FileFormatError, match="GGUF " + match):
-        bpe.Tokenizer.from_gguf_fields(fields)
+        tokenizer_files.from_gguf_fields(fields)
 
 
 def test_bad_tokenizer_text_v2(hf_tok):
-    text = bpe.Tokenizer.from_hf_json(hf_tok[1]).to_text()
+    text = tokenizer_files.from_hf_json(hf_tok[1]).to_text()
     lines = text.splitlines()
     for bad, match in [(lines[:3], "ends at line 3"), (lines[:3] + ["ignore_merges maybe"] + lines[4:], "true or false"),
                        (lines + ["junk"], "end of the file"), (lines[:-1] + ["1 2"], "merge lines")]:
@@ -298,7 +305,7 @@ def gguf_case(hf_tok):
     pytest.importorskip("gguf")
     _, tj = hf_tok
     fields = gguf_tokenizer_fields(tj)
-    return fields, bpe.Tokenizer.from_hf_json(tj)
+    return fields, tokenizer_files.from_hf_json(tj)
 
 
 @pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0"])
@@ -407,7 +414,7 @@ def test_cli_import_gguf_then_sample_and_fine_tune_checkpoint(gguf_case, tmp_pat
 def test_cli_import_hf_keeps_the_chat_template(hf_tok, tmp_path, capsys):
     """--import-hf reads the template and special tokens from tokenizer_config.json (or chat_template.jinja)."""
     _, tj = hf_tok
-    tok = bpe.Tokenizer.from_hf_json(tj)
+    tok = tokenizer_files.from_hf_json(tj)
     params, cfg = tiny_model(tok.vocab_size)
     export.export_hf(params, cfg, tok, tmp_path / "hf")
     conf = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
@@ -515,7 +522,7 @@ CONVERSATIONS = [
 def test_render_equals_transformers_apply_chat_template(hf_tok, template):
     transformers = pytest.importorskip("transformers")
     t, tj = hf_tok
-    tok = bpe.Tokenizer.from_hf_json(tj)
+    tok = tokenizer_files.from_hf_json(tj)
     ht = transformers.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|im_start|>", eos_token="<|im_end|>")
     info = chat.chat_info(template, tok, bos_id=1, eos_id=2)
     assert info["stop_ids"] == [2] and (info["bos_token"], info["eos_token"]) == ("<|im_start|>", "<|im_end|>")
@@ -528,7 +535,7 @@ def test_render_equals_transformers_apply_chat_template(hf_tok, template):
 
 
 def test_end_of_turn_token(hf_tok):
-    tok = bpe.Tokenizer.from_hf_json(hf_tok[1])
+    tok = tokenizer_files.from_hf_json(hf_tok[1])
     assert chat.chat_info(SMOLLM_TEMPLATE, tok, eos_id=0)["stop_ids"] == [0, 2]     # <|endoftext|> and <|im_end|>
     plain = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     assert chat.chat_info(plain, tok, eos_id=0)["stop_ids"] == [0]                     # no end-of-turn token
@@ -541,14 +548,14 @@ def test_end_of_turn_token(hf_tok):
     ("{{ raise_exception('no system messages') }}", "refused this conversation: no system messages"),
 ])
 def test_template_runs_in_a_sandbox(hf_tok, template, match):
-    tok = bpe.Tokenizer.from_hf_json(hf_tok[1])
+    tok = tokenizer_files.from_hf_json(hf_tok[1])
     info = {"template": template, "stop_ids": [2]}
     with pytest.raises(UserError, match=match):
         chat.render(info, CONVERSATIONS[0])
 
 
 def test_template_that_does_not_parse(hf_tok):
-    tok = bpe.Tokenizer.from_hf_json(hf_tok[1])
+    tok = tokenizer_files.from_hf_json(hf_tok[1])
     with pytest.raises(FileFormatError, match="the chat template does not parse"):
         chat.chat_info("{% for m in messages %}", tok)
 
