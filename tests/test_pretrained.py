@@ -1,6 +1,6 @@
 """Tests for real pretrained models: tokenizers laid out as other libraries lay them out (tokenizer.json,
-GGUF: lib/tokenizer_files.py), GGUF import (interop.py, export.py --import-gguf), chat templates (chat.py,
-sample.py --chat).
+GGUF: lib/tokenizer_files.py), GGUF import (lib/gguf_model.py, export.py --import-gguf), chat templates
+(lib/chat_template.py, sample.py --chat).
 
 The fast tests write their own tiny files: a byte-level BPE trained by Hugging Face tokenizers (special
 tokens first, bytes it never saw missing, as SmolLM2's), a tiny grouped-query Llama written with
@@ -24,12 +24,13 @@ import bpe
 from lib import chat_template as chat
 import export
 import gpt_numpy as gn
-from lib import gguf_model as interop, tokenizer_files
+from lib import gguf_model, tokenizer_files
 import sample
-from lib.checkpoint import load_checkpoint, load_model
+from lib.checkpoint import load_checkpoint, load_model, save_imported
 from conftest import ROOT, SHARED_DATA, main_error, run_quiet, smollm2_file, tiny_args
 from errors import FileFormatError, UserError
 from lib import generation
+from lib.hf import export_hf, import_hf
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -314,7 +315,7 @@ def test_gguf_imports_to_the_same_logits(gguf_case, tmp_path, qtype, tie):
     fields, tok = gguf_case
     params, cfg = tiny_model(tok.vocab_size, tie=tie)
     path = write_gguf(tmp_path / "m.gguf", params, cfg, fields, qtype)
-    imp = interop.read_gguf(path)
+    imp = gguf_model.read_gguf(path)
     assert imp.cfg == cfg and list(imp.params) == list(params) and imp.tok.to_text() == tok.to_text()
     # the weights are the file's exactly: ours where the file holds float32, the rounded ones elsewhere
     expect = roundtrip(params, qtype)
@@ -339,7 +340,7 @@ def test_gguf_against_transformers_gguf_loader(gguf_case, tmp_path):
     params, cfg = tiny_model(tok.vocab_size, tie=False)
     write_gguf(tmp_path / "m.gguf", params, cfg, fields, "F32")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
-    imp = interop.read_gguf(tmp_path / "m.gguf")
+    imp = gguf_model.read_gguf(tmp_path / "m.gguf")
     ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 50))
     with torch.no_grad():
         theirs = model(torch.tensor(ids)).logits.numpy()
@@ -352,7 +353,7 @@ def test_gguf_rope_scaling(gguf_case, tmp_path):
     fields, tok = gguf_case
     lin = {"type": "linear", "factor": 4.0}
     params, cfg = tiny_model(tok.vocab_size, scaling=lin)
-    assert interop.read_gguf(write_gguf(tmp_path / "lin.gguf", params, cfg, fields)).cfg.rope_scaling == lin
+    assert gguf_model.read_gguf(write_gguf(tmp_path / "lin.gguf", params, cfg, fields)).cfg.rope_scaling == lin
     l3 = {"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 8192}
     params, cfg = tiny_model(tok.vocab_size, scaling=l3)
@@ -361,20 +362,20 @@ def test_gguf_rope_scaling(gguf_case, tmp_path):
     assert len(set(np.round(divisors, 3))) > 2                          # unchanged, blended and divided ones
     path = write_gguf(tmp_path / "l3.gguf", params, gn.GPTConfig(**{**cfg.to_dict(), "rope_scaling": None}),
                       fields, rope_freqs=divisors)
-    imp = interop.read_gguf(path)
+    imp = gguf_model.read_gguf(path)
     assert imp.cfg == cfg
     ids = np.arange(50)[None] % cfg.vocab_size
     np.testing.assert_allclose(gn.forward(imp.params, ids, imp.cfg), gn.forward(params, ids, cfg), rtol=1e-6, atol=1e-6)
     bad = write_gguf(tmp_path / "bad.gguf", params, gn.GPTConfig(**{**cfg.to_dict(), "rope_scaling": None}),
                      fields, rope_freqs=divisors * 1.1)
     with pytest.raises(FileFormatError, match="rope_freqs.weight is not Llama 3's RoPE scaling"):
-        interop.read_gguf(bad)
+        gguf_model.read_gguf(bad)
 
 
 def test_unpermute_rows_inverts_llama_cpp():
     w = np.arange(6 * 8 * 3).reshape(6 * 8, 3)
     for heads in (1, 2, 6):
-        np.testing.assert_array_equal(interop.unpermute_rows(llama_cpp_permute(w, heads), heads), w)
+        np.testing.assert_array_equal(gguf_model.unpermute_rows(llama_cpp_permute(w, heads), heads), w)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -397,7 +398,7 @@ def test_cli_import_gguf_then_sample_and_fine_tune_checkpoint(gguf_case, tmp_pat
                         "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("Before we")
     assert export.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
-    params2, cfg2, _ = export.import_hf(tmp_path / "hf")
+    params2, cfg2, _ = import_hf(tmp_path / "hf")
     assert cfg2.n_kv_head == 2 and all(np.array_equal(params2[k], params[k]) for k in params)
     # --max-seq-len shortens the context
     assert export.main(["--import-gguf", str(path), "--out", str(tmp_path / "short"), "--max-seq-len", "16"]) == 0
@@ -416,7 +417,7 @@ def test_cli_import_hf_keeps_the_chat_template(hf_tok, tmp_path, capsys):
     _, tj = hf_tok
     tok = tokenizer_files.from_hf_json(tj)
     params, cfg = tiny_model(tok.vocab_size)
-    export.export_hf(params, cfg, tok, tmp_path / "hf")
+    export_hf(params, cfg, tok, tmp_path / "hf")
     conf = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     conf.update(chat_template=SMOLLM_TEMPLATE, bos_token="<|im_start|>",
                 eos_token={"content": "<|im_end|>", "special": True})
@@ -568,8 +569,8 @@ def chat_run(gguf_case, tmp_path):
     fields, tok = gguf_case
     params, cfg = tiny_model(tok.vocab_size)
     path = write_gguf(tmp_path / "m.gguf", params, cfg, fields, template=SMOLLM_TEMPLATE)
-    imp = interop.read_gguf(path)
-    export.write_checkpoint(tmp_path / "run", imp.params, imp.cfg, imp.tok, path, imp.chat)
+    imp = gguf_model.read_gguf(path)
+    save_imported(tmp_path / "run", imp.params, imp.cfg, imp.tok, path, imp.chat)
     return tmp_path / "run", imp
 
 
@@ -699,7 +700,7 @@ def test_smollm2_tokenizer_equals_hugging_face(smollm2):
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     path, run = smollm2
     tok = load_checkpoint(run).tokenizer()
-    fields = interop.gguf_fields(interop.open_gguf(path))
+    fields = gguf_model.gguf_fields(gguf_model.open_gguf(path))
     tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
     merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"]]
     ht = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
