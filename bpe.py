@@ -77,7 +77,7 @@ import numpy as np
 import regex
 from tqdm import tqdm
 
-from errors import ArgumentParser, FileFormatError, UserError
+from errors import ArgumentParser, FileFormatError, UserError, run_main
 
 # GPT-2's split pattern as tiktoken writes it (r50k_base). GPT-2's own encoder.py has
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
@@ -955,9 +955,8 @@ def _load_for_cli(args):
     return Tokenizer.load(args.tokenizer)
 
 
-def main(argv=None):
-    """Exit status 0; `bpe.py: error: <one line>` and 2 for a bad command line, `bpe.py <command>: error:
-    <one line>` and 1 for a failure (a missing or malformed file, a special token not allowed)."""
+def parse_args(argv):
+    """The command line -> args; a bad one raises UserError `bpe.py: error: ...` (exit status 2)."""
     parser = ArgumentParser(
         prog="bpe.py",
         description="Byte-level BPE tokenizer (GPT-2/GPT-4 style): train one on text files, "
@@ -999,10 +998,13 @@ def main(argv=None):
         else:
             p.add_argument("--input", required=True, metavar="FILE.bin", help="ids written by encode --out")
     try:
-        args = parser.parse_args(argv)
+        return parser.parse_args(argv)
     except UserError as e:
-        print(f"bpe.py: error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(f"bpe.py: error: {e}") from None
+
+
+def run(args):
+    """Train, encode or decode; a failure raises UserError `bpe.py <command>: error: ...` (exit status 1)."""
     try:
         if args.command == "train":
             inputs = [Path(f) for f in args.input]
@@ -1041,15 +1043,20 @@ def main(argv=None):
             except OSError as e:
                 raise ValueError(f"cannot read {args.input!r}: {e.strerror or e}") from None
             sys.stdout.buffer.write(tok.decode_bytes(ids))  # the exact bytes, whatever stdout's encoding
-    except (ValueError, OSError) as e:
+    except BrokenPipeError:
+        raise                                   # output piped into `head`: run_main ends quietly
+    except (ValueError, OSError) as e:          # this file's errors (UserError is a ValueError), a full disk
         msg = str(e)
         if args.command == "encode" and "allowed_special=" in msg:
             msg += "; on the command line: --allow-special"
-        print(f"bpe.py {args.command}: error: {msg}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+        raise UserError(f"bpe.py {args.command}: error: {msg}") from None
+
+
+def main(argv=None):
+    """Exit status 0; `bpe.py: error: <one line>` and 2 for a bad command line, `bpe.py <command>: error:
+    <one line>` and 1 for a failure (a missing or malformed file, a special token not allowed); 130 on
+    Ctrl-C. errors.run_main's rules; each message carries its own prefix, hence prefix=""."""
+    return run_main(parse_args, run, argv, prefix="")
 
 
 if __name__ == "__main__":
