@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import bpe
+from lib import tokenizer_files
 
 SHARED = Path(__file__).resolve().parents[1] / "shared" / "data"
 
@@ -85,7 +86,7 @@ def main():
             rows.append((f"encode {name}: tiktoken", "not installed", ""))
             return
         t = fresh()
-        enc = tiktoken.Encoding(name, pat_str=t.pattern, mergeable_ranks=t.mergeable_ranks(),
+        enc = tiktoken.Encoding(name, pat_str=t.pattern, mergeable_ranks=tokenizer_files.mergeable_ranks(t),
                                 special_tokens=t.special_tokens)
         ref, best, med = timed(lambda: enc.encode_ordinary(text), args.trials)
         rows.append((f"encode {name}: tiktoken (MB/s)", mb / best, mb / med))
@@ -94,7 +95,7 @@ def main():
     encode_speed("trained", tok.pattern, tok.merges)
     gpt2 = Path(args.gpt2_dir)
     if (gpt2 / "encoder.json").is_file():
-        g = bpe.Tokenizer.from_gpt2_files(gpt2 / "encoder.json", gpt2 / "vocab.bpe")
+        g = tokenizer_files.from_gpt2_files(gpt2 / "encoder.json", gpt2 / "vocab.bpe")
         encode_speed("gpt2", g.pattern, g.merges, g.special_tokens, g.byte_ids)
     else:
         rows.append(("encode gpt2", f"no files in {gpt2}", ""))
@@ -109,7 +110,7 @@ def main():
             def hf_train():
                 hf = tokenizers.Tokenizer(models.BPE())
                 hf.pre_tokenizer = pre_tokenizers.Sequence([
-                    pre_tokenizers.Split(tokenizers.Regex(tok.to_hf_json()["pre_tokenizer"]["pretokenizers"][0]
+                    pre_tokenizers.Split(tokenizers.Regex(tokenizer_files.to_hf_json(tok)["pre_tokenizer"]["pretokenizers"][0]
                                                           ["pattern"]["Regex"]), "isolated"),
                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
                 trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, show_progress=False,

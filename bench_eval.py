@@ -63,7 +63,8 @@ def smollm2_shape():
 def gpt2_cut_tokenizer(gpt2_dir, vocab_size):
     """GPT-2's BPE with only its first vocab_size - 257 merges, plus <|endoftext|> as the last id."""
     import bpe
-    full = bpe.Tokenizer.from_gpt2_files(Path(gpt2_dir) / "encoder.json", Path(gpt2_dir) / "vocab.bpe")
+    from lib.tokenizer_files import from_gpt2_files
+    full = from_gpt2_files(Path(gpt2_dir) / "encoder.json", Path(gpt2_dir) / "vocab.bpe")
     n = vocab_size - 256 - 1
     return bpe.Tokenizer(full.pattern, full.merges[:n], {"<|endoftext|>": vocab_size - 1}, full.byte_ids)
 

@@ -9,15 +9,16 @@ bpe.py: a byte-level BPE tokenizer in the style of GPT-2 and GPT-4, in pure Pyth
   32768-token vocabulary on 8 MB of English (bench_bpe.py), where recounting all pairs costs ~0.3 s a merge.
 - Encoding merges, inside each chunk, the adjacent pair whose concatenation has the lowest rank (rank =
   token id), exactly as tiktoken does, with a cache for repeated chunks.
-- Formats, each in both directions where it has two: this file's own (save/load, to_text/from_text), GPT-2's
-  encoder.json + vocab.bpe (read), tiktoken's mergeable ranks (export), Hugging Face's tokenizer.json
-  (to_hf_json/from_hf_json): each gives the same ids as this file.
+- One file format, this file's own (save/load, to_text/from_text; below). The formats of other tools
+  (GPT-2's encoder.json + vocab.bpe, tiktoken's mergeable ranks, Hugging Face's tokenizer.json, GGUF
+  vocabularies) are functions in lib/tokenizer_files.py that return or take a Tokenizer, with the same ids.
 
     tok = Tokenizer.train(["input.txt"], vocab_size=4096, special_tokens=["<|endoftext|>"])
     ids = tok.encode("hello world<|endoftext|>", allowed_special="all")
     tok.decode(ids)                  # -> "hello world<|endoftext|>"
     tok.save("tok.bpe"); tok = Tokenizer.load("tok.bpe")
-    gpt2 = Tokenizer.from_gpt2_files("encoder.json", "vocab.bpe")
+    from lib.tokenizer_files import from_gpt2_files
+    gpt2 = from_gpt2_files("encoder.json", "vocab.bpe")
     gpt2.encode("Hello world")       # -> [15496, 995]
 
 Command line: `python bpe.py --help` (train, encode, decode).
@@ -76,7 +77,7 @@ import numpy as np
 import regex
 from tqdm import tqdm
 
-from errors import ArgumentParser, FileFormatError, UserError
+from errors import ArgumentParser, FileFormatError, UserError, run_main
 
 # GPT-2's split pattern as tiktoken writes it (r50k_base). GPT-2's own encoder.py has
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
@@ -86,7 +87,8 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 # take one leading non-letter, numbers in groups of at most 3 digits, punctuation keeps its newlines.
 GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
-# Real models' split patterns, as one regex each. SmolLM2's (StarCoder's) tokenizer.json splits off every
+# Real models' split patterns, as one regex each (lib/tokenizer_files.py maps the pre-tokenizers of
+# tokenizer.json and GGUF files to them). SmolLM2's (StarCoder's) tokenizer.json splits off every
 # digit first (Digits(individual_digits=true)), then runs ByteLevel's GPT-2 regex on the pieces between.
 # As one regex: a digit alone first, GPT-2's alternatives without digits, and GPT-2's "whitespace not
 # followed by a non-space" \s+(?!\S) also taking a digit as the end of its piece: \s+(?![^\s\p{N}]).
@@ -97,16 +99,8 @@ LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N
                   r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-# A GGUF file names its pre-tokenizer (tokenizer.ggml.pre) instead of storing its regex: llama.cpp's names
-# -> (split pattern, ignore_merges), as llama.cpp's llama-vocab.cpp sets them (ignore_merges only for
-# Llama 3). tests/test_pretrained.py checks each against the pre-tokenizer of Hugging Face tokenizers.
-PRE_PATTERNS = {
-    "gpt-2": (GPT2_PATTERN, False),
-    **{name: (SMOLLM_PATTERN, False) for name in ("smollm", "starcoder", "refact", "codeshell")},
-    **{name: (LLAMA3_PATTERN, True) for name in ("llama-bpe", "llama3", "llama-v3")},
-    "qwen2": (QWEN2_PATTERN, False),
-}
-SAFE_PATTERNS = frozenset([*PATTERNS.values(), *(p for p, _ in PRE_PATTERNS.values())])  # cover every text, in linear time: used without the checks below
+# the patterns that cover every text, in linear time by construction: used without the checks below
+SAFE_PATTERNS = frozenset([*PATTERNS.values(), SMOLLM_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN])
 PATTERN_MIN_SECONDS = 10.0  # the time limit of any other pattern on one text: this much ...
 PATTERN_SECONDS_PER_CHAR = 5e-6  # ... plus this per character (~20x what GPT-4's pattern needs)
 PATTERN_PROBE_SECONDS = 1.0  # a new tokenizer's pattern must split each probe text in less than this
@@ -125,26 +119,6 @@ MAX_CACHE = 1 << 20  # chunks remembered by the encoder before its cache is clea
 
 # -----------------------------------------------------------------------------
 # helpers
-
-
-def bytes_to_unicode():
-    """GPT-2's map from each byte to a printable character, the alphabet of encoder.json, vocab.bpe and
-    Hugging Face's byte-level vocabularies: printable Latin-1 bytes map to themselves, the other 68
-    (controls, space, ...) to chr(256), chr(257), ... in byte order.
-
-    >>> b2u = bytes_to_unicode()
-    >>> b2u[ord("A")], b2u[ord(" ")], b2u[ord("\\n")], len(set(b2u.values()))
-    ('A', 'Ġ', 'Ċ', 256)
-    """
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
-    out, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + n)
-            n += 1
-    return out
 
 
 def to_bytes(text):
@@ -246,7 +220,7 @@ def text_blocks(text, block_size=1 << 22, cut=True):
     yield text[start:]
 
 
-def _read_text(path):
+def read_text(path):
     """A whole (small) file as str, strict UTF-8; UserError / FileFormatError naming the path if it
     cannot be read."""
     try:
@@ -559,10 +533,11 @@ class Tokenizer:
     """A byte-level BPE tokenizer: a split pattern, byte tokens, merges, and special tokens.
 
     Token ids: byte_ids[b] for byte b (b itself when trained here), 256 + i for merge i, then the special
-    tokens. Build one with train, load or from_gpt2_files; the constructor only checks that no two tokens
-    have the same bytes and that the special tokens take the ids after the merges.
+    tokens. Build one with train or load (or lib/tokenizer_files.py's readers of other tools' files); the
+    constructor only checks that no two tokens have the same bytes and that the special tokens take the
+    ids after the merges.
 
-    Vocabularies made elsewhere (tokenizer.json, GGUF: from_hf_json, from_gguf_fields) may lay their ids
+    Vocabularies made elsewhere (tokenizer.json, GGUF: lib/tokenizer_files.py) may lay their ids
     out otherwise: merge_ids[i] is the id merge i makes, special tokens may come first (SmolLM2's ids
     0..16), and a byte may have no token at all (byte_ids[b] None; SmolLM2 lacks 21 bytes that never occur
     in UTF-8 text): such a byte is dropped when encoding, as Hugging Face tokenizers and llama.cpp drop it.
@@ -800,9 +775,18 @@ class Tokenizer:
         become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    def token_bytes(self):
+        """Every token's bytes, by id (a special token's: its text in UTF-8), as a new list: what the
+        formats of other tools spell out (lib/tokenizer_files.py).
+
+        >>> Tokenizer("gpt4", [(104, 105)], {"<|eot|>": 257}).token_bytes()[255:]
+        [b'\\xff', b'hi', b'<|eot|>']
+        """
+        return list(self._decoder)
+
     # -- files ---------------------------------------------------------------------------------------
 
-    kind = "bpe"  # the "kind" of a checkpoint's tokenizer entry (data.CharTokenizer's is "char")
+    kind = "bpe"  # the "kind" of a checkpoint's tokenizer entry (lib/tokenizer.CharTokenizer's is "char")
 
     def to_text(self):
         """The tokenizer file's content (format in the module docstring), as a str: what save writes and
@@ -834,7 +818,7 @@ class Tokenizer:
     def load(cls, path):
         """Read a tokenizer file written by save; a malformed one raises FileFormatError (a ValueError)
         naming the line."""
-        return cls.from_text(_read_text(path), path)
+        return cls.from_text(read_text(path), path)
 
     @classmethod
     def from_text(cls, text, path="<text>"):
@@ -945,224 +929,6 @@ class Tokenizer:
         except ValueError as e:
             raise FileFormatError(f"{path}: {e}") from None
 
-    @classmethod
-    def from_gpt2_files(cls, encoder_json, vocab_bpe):
-        """GPT-2's original tokenizer from encoder.json (token string -> id) and vocab.bpe (merges in rank
-        order), both spelled in bytes_to_unicode's alphabet. Its byte ids are not byte-ordered ("!" is 0,
-        " " is 220), so they come from encoder.json; merge i must make id 256 + i, as in GPT-2's files;
-        ids after the merges (<|endoftext|> = 50256) are special tokens. Pattern: GPT-2's."""
-        try:
-            encoder = json.loads(_read_text(encoder_json))
-            b2u = bytes_to_unicode()
-            byte_ids = [encoder[b2u[b]] for b in range(256)]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{encoder_json}: not a GPT-2 encoder.json ({e})") from None
-        if sorted(byte_ids) != list(range(256)):
-            raise ValueError(f"{encoder_json}: the 256 single bytes must have the ids 0..255")
-        merges = []
-        for n, line in enumerate(_read_text(vocab_bpe).splitlines(), 1):
-            if line.startswith("#version") or not line:
-                continue
-            a, _, b = line.partition(" ")
-            if encoder.get(a + b) != 256 + len(merges) or a not in encoder or b not in encoder:
-                raise ValueError(
-                    f"{vocab_bpe}, line {n}: expected a merge of two tokens of {encoder_json} whose result"
-                    f" has id {256 + len(merges)}, got {line[:100]!r}"
-                )
-            merges.append((encoder[a], encoder[b]))
-        specials = {s: i for s, i in encoder.items() if i >= 256 + len(merges)}
-        return cls(GPT2_PATTERN, merges, specials, byte_ids)
-
-    # -- export --------------------------------------------------------------------------------------
-
-    def mergeable_ranks(self):
-        """tiktoken's mergeable_ranks: every non-special token's bytes -> its id (= its rank). So
-        tiktoken.Encoding(name, pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks(),
-        special_tokens=tok.special_tokens) encodes exactly as this tokenizer does."""
-        return dict(self._ranks)
-
-    def to_hf_json(self):
-        """A Hugging Face tokenizers tokenizer.json (as a dict) that encodes exactly as this tokenizer:
-        a BPE model over byte-level strings (bytes_to_unicode), split by the same regex ("Isolated": each
-        match is a piece), then ByteLevel without its own regex; special tokens are added tokens.
-        ignore_merges=True makes a chunk that is a whole token map to it directly, as tiktoken and
-        _encode_chunk do (for a tokenizer trained here the merges reach it anyway)."""
-        b2u = bytes_to_unicode()
-        spell = lambda t: "".join(b2u[b] for b in t)  # noqa: E731
-        special_ids = set(self.special_tokens.values())
-        pattern = hf_split_regex(self.pattern)
-        return {
-            "version": "1.0",
-            "truncation": None,
-            "padding": None,
-            "added_tokens": [
-                {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                 "normalized": False, "special": True}
-                for s, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1])
-            ],
-            "normalizer": None,
-            "pre_tokenizer": {
-                "type": "Sequence",
-                "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
-                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-                ],
-            },
-            "post_processor": None,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-            "model": {
-                "type": "BPE",
-                "dropout": None,
-                "unk_token": None,
-                "continuing_subword_prefix": None,
-                "end_of_word_suffix": None,
-                "fuse_unk": False,
-                "byte_fallback": False,
-                "ignore_merges": self.ignore_merges,
-                # the special tokens too, under their own text: Hugging Face keeps an added token's id only
-                # if its model's vocabulary has it (else it appends the token after the vocabulary)
-                "vocab": {t.decode() if i in special_ids else spell(t): i for i, t in enumerate(self._decoder)},
-                # "left right": byte-level spellings never hold a real space (" " is spelled "Ġ")
-                "merges": [f"{spell(self._decoder[a])} {spell(self._decoder[b])}" for a, b in self.merges],
-            },
-        }
-
-    def save_hf_tokenizer_json(self, path):
-        """Write to_hf_json() to path, for tokenizers.Tokenizer.from_file(path)."""
-        Path(path).write_text(json.dumps(self.to_hf_json(), ensure_ascii=False), encoding="utf-8")
-
-    @classmethod
-    def from_hf_json(cls, obj):
-        """A byte-level BPE tokenizer.json (a dict) -> Tokenizer, the inverse of to_hf_json; GPT-2's as
-        Hugging Face tokenizers writes it, and those of real models (SmolLM2, Llama 3) read too, with the
-        same ids as Hugging Face gives on any text. Every vocabulary entry must be a byte or made by a
-        merge; special tokens may have any ids. Anything else raises FileFormatError naming the field.
-        Example: vocab {'Ġthe': 262}, merges ['Ġt he'] -> token 262 = b' the'."""
-        model = obj.get("model") or {}
-
-        def need(field, ok, why):
-            if not ok:
-                raise FileFormatError(f"tokenizer.json: {field} is not supported: {why}")
-
-        need(f"model.type = {model.get('type')!r}", model.get("type") == "BPE", "only byte-level BPE tokenizers import")
-        need("normalizer", obj.get("normalizer") is None, "byte-level BPE works on the raw text (no normalizer)")
-        need("decoder", (obj.get("decoder") or {}).get("type") == "ByteLevel", "byte-level BPE decodes with ByteLevel")
-        for f in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
-            need(f"model.{f}", not model.get(f), "not a plain byte-level BPE")
-        need("model.byte_fallback", not model.get("byte_fallback"), "a SentencePiece-style BPE, not byte-level")
-        pattern = _pattern_from_hf(obj.get("pre_tokenizer"))
-        specials = {t["content"]: t["id"] for t in obj.get("added_tokens", []) if t.get("special")}
-        ordinary = {t["content"] for t in obj.get("added_tokens", []) if not t.get("special")}
-        # special tokens may be listed in the vocab as well, as GPT-2's <|endoftext|> is; they are not byte strings
-        vocab = {s: i for s, i in model.get("vocab", {}).items() if i not in specials.values()}
-        need("added_tokens", ordinary <= vocab.keys(), f"non-special added tokens {sorted(ordinary - vocab.keys())[:3]}")
-        merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]  # "a b" or ["a", "b"]
-        tok = cls._from_byte_level(vocab, merges, specials, pattern, bool(model.get("ignore_merges", False)), need,
-                                   ("model.vocab", "model.merges"))
-        # an unknown token only stands in for a byte the vocabulary lacks: refuse one that would be used
-        need("model.unk_token", not model.get("unk_token") or tok._all_bytes,
-             "an unknown token with bytes missing from the vocabulary (Hugging Face would emit it where we drop the byte)")
-        return tok
-
-    @classmethod
-    def from_gguf_fields(cls, fields):
-        """llama.cpp's tokenizer metadata -> Tokenizer: `fields` maps GGUF keys (tokenizer.ggml.model, .pre,
-        .tokens, .token_type, .merges) to plain values (interop.py reads them from the file). Byte-level BPE
-        only (model "gpt2"); the pre-tokenizer's name picks the split pattern (PRE_PATTERNS). Control and
-        user-defined tokens (types 3, 4) become special tokens, found whole in the text as llama.cpp and
-        Hugging Face find them. Anything else raises FileFormatError naming the key."""
-        def need(key, ok, why):
-            if not ok:
-                raise FileFormatError(f"GGUF {key} = {fields.get(key)!r:.60} is not supported: {why}")
-
-        need("tokenizer.ggml.model", fields.get("tokenizer.ggml.model") == "gpt2",
-             "only byte-level BPE (llama.cpp's 'gpt2' tokenizer) imports, not SentencePiece ('llama') and others")
-        pre = fields.get("tokenizer.ggml.pre", "default")
-        need("tokenizer.ggml.pre", pre in PRE_PATTERNS,
-             f"its split pattern is not known here (known: {', '.join(sorted(PRE_PATTERNS))})")
-        pattern, ignore_merges = PRE_PATTERNS[pre]
-        tokens = list(fields.get("tokenizer.ggml.tokens") or [])
-        types = list(fields.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-        need("tokenizer.ggml.token_type", len(types) == len(tokens), f"{len(types)} types for {len(tokens)} tokens")
-        need("tokenizer.ggml.merges", "tokenizer.ggml.merges" in fields, "a byte-level BPE needs its merges")
-        specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}   # CONTROL, USER_DEFINED
-        vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty not in (3, 4)}
-        need("tokenizer.ggml.tokens", len(specials) + len(vocab) == len(tokens), "the same token twice")
-        merges = [m.split(" ") for m in fields["tokenizer.ggml.merges"]]
-        return cls._from_byte_level(vocab, merges, specials, pattern, ignore_merges, need,
-                                    ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
-
-    @classmethod
-    def _from_byte_level(cls, vocab, merges, specials, pattern, ignore_merges, need, fields):
-        """A Tokenizer from a byte-level vocabulary {spelling: id} and merges [[left, right]] spelled in
-        GPT-2's printable alphabet (bytes_to_unicode), as tokenizer.json and GGUF store them. need(field,
-        ok, why) raises the caller's FileFormatError; fields: the caller's names of the vocabulary and the
-        merges, for the messages."""
-        vocab_field, merges_field = fields
-        b2u = bytes_to_unicode()
-        alphabet = set(b2u.values())
-        bad = next((s for s in vocab if not s or any(c not in alphabet for c in s)), None)
-        need(vocab_field, bad is None,
-             f"token {bad!r} is not in the byte-level alphabet")
-        byte_ids = [vocab.get(b2u[b]) for b in range(256)]          # None: a byte with no token
-        made = {i for i in byte_ids if i is not None}
-        pairs, merge_ids = [], []
-        for n, m in enumerate(merges):
-            a, b = m if len(m) == 2 else (None, None)
-            i = vocab.get(a + b) if a is not None else None
-            need(merges_field, a in vocab and b in vocab and i is not None and vocab[a] in made and vocab[b] in made
-                 and i not in made, f"merge {n} {m!r} must join two tokens made before it into a new vocabulary token")
-            pairs.append((vocab[a], vocab[b]))
-            merge_ids.append(i)
-            made.add(i)
-        need(vocab_field, len(made) == len(vocab), f"{len(vocab) - len(made)} tokens that no byte or merge makes")
-        try:
-            return cls(pattern, pairs, specials, byte_ids, merge_ids, ignore_merges)
-        except (ValueError, regex.error) as e:
-            raise FileFormatError(f"tokenizer: {e}") from None
-
-
-def hf_split_regex(pattern):
-    """A split pattern as Hugging Face's tokenizer.json must spell it for the same chunks.
-    subtle: Oniguruma, HF's regex engine, reads GPT-4's "\\p{N}{1,3}+" as "(\\p{N}{1,3})+", any run of
-    digits, not as possessive; at the end of an alternative, as there, "{1,3}" matches the same.
-
-    >>> hf_split_regex(r"\\p{N}{1,3}+|a++")
-    '\\\\p{N}{1,3}|a++'
-    """
-    return regex.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", pattern)
-
-
-def _pattern_from_hf(pre):
-    """The split regex of a byte-level pre_tokenizer: ByteLevel(use_regex=true) alone is GPT-2's;
-    Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)] is the Split's (to_hf_json's, Llama 3's);
-    Sequence[Digits(individual_digits=true), ByteLevel(use_regex=true)] is SmolLM2's (SMOLLM_PATTERN)."""
-    def bad(why):
-        raise FileFormatError(f"tokenizer.json: pre_tokenizer is not supported: {why}")
-
-    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]
-    last = steps[-1] if steps else None
-    if not last or last.get("type") != "ByteLevel":
-        bad("not byte-level BPE (the last pre-tokenizer must be ByteLevel)")
-    if last.get("add_prefix_space", False):
-        bad("add_prefix_space is true (our tokenizer does not insert a leading space)")
-    if len(steps) == 1:
-        if not last.get("use_regex", True):
-            bad("ByteLevel with use_regex false and no Split before it")
-        return GPT2_PATTERN  # the possessive form of ByteLevel's regex: the same chunks
-    split = steps[0]
-    if (len(steps) == 2 and split.get("type") == "Digits" and split.get("individual_digits")
-            and last.get("use_regex", True)):
-        return SMOLLM_PATTERN
-    if (len(steps) != 2 or split.get("type") != "Split" or "Regex" not in (split.get("pattern") or {})
-            or split.get("behavior") != "Isolated" or split.get("invert", False) or last.get("use_regex", True)):
-        bad("only Split(Regex, Isolated) then ByteLevel(use_regex=false) is understood")
-    # to_hf_json rewrites GPT-4's possessive "\\p{N}{1,3}+" for Oniguruma: map the rewritten spellings
-    # back, so that an export round trip gives the same tok.pattern
-    hf = split["pattern"]["Regex"]
-    known = [*PATTERNS.values(), SMOLLM_PATTERN]
-    return next((p for p in known if hf_split_regex(p) == hf), hf)
-
 
 # -----------------------------------------------------------------------------
 # command line
@@ -1182,13 +948,15 @@ else uint32 (np.fromfile(path, dtype=np.uint16)); nothing else, like nanoGPT's t
 def _load_for_cli(args):
     """The tokenizer named by --tokenizer or --gpt2-dir."""
     if args.gpt2_dir:
-        return Tokenizer.from_gpt2_files(Path(args.gpt2_dir) / "encoder.json", Path(args.gpt2_dir) / "vocab.bpe")
+        # imported here, not at the top: the library (lib/) builds on this file, never the other way round,
+        # and only this command line reads another tool's files
+        from lib.tokenizer_files import from_gpt2_files
+        return from_gpt2_files(Path(args.gpt2_dir) / "encoder.json", Path(args.gpt2_dir) / "vocab.bpe")
     return Tokenizer.load(args.tokenizer)
 
 
-def main(argv=None):
-    """Exit status 0; `bpe.py: error: <one line>` and 2 for a bad command line, `bpe.py <command>: error:
-    <one line>` and 1 for a failure (a missing or malformed file, a special token not allowed)."""
+def parse_args(argv):
+    """The command line -> args; a bad one raises UserError `bpe.py: error: ...` (exit status 2)."""
     parser = ArgumentParser(
         prog="bpe.py",
         description="Byte-level BPE tokenizer (GPT-2/GPT-4 style): train one on text files, "
@@ -1230,10 +998,13 @@ def main(argv=None):
         else:
             p.add_argument("--input", required=True, metavar="FILE.bin", help="ids written by encode --out")
     try:
-        args = parser.parse_args(argv)
+        return parser.parse_args(argv)
     except UserError as e:
-        print(f"bpe.py: error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(f"bpe.py: error: {e}") from None
+
+
+def run(args):
+    """Train, encode or decode; a failure raises UserError `bpe.py <command>: error: ...` (exit status 1)."""
     try:
         if args.command == "train":
             inputs = [Path(f) for f in args.input]
@@ -1272,15 +1043,20 @@ def main(argv=None):
             except OSError as e:
                 raise ValueError(f"cannot read {args.input!r}: {e.strerror or e}") from None
             sys.stdout.buffer.write(tok.decode_bytes(ids))  # the exact bytes, whatever stdout's encoding
-    except (ValueError, OSError) as e:
+    except BrokenPipeError:
+        raise                                   # output piped into `head`: run_main ends quietly
+    except (ValueError, OSError) as e:          # this file's errors (UserError is a ValueError), a full disk
         msg = str(e)
         if args.command == "encode" and "allowed_special=" in msg:
             msg += "; on the command line: --allow-special"
-        print(f"bpe.py {args.command}: error: {msg}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+        raise UserError(f"bpe.py {args.command}: error: {msg}") from None
+
+
+def main(argv=None):
+    """Exit status 0; `bpe.py: error: <one line>` and 2 for a bad command line, `bpe.py <command>: error:
+    <one line>` and 1 for a failure (a missing or malformed file, a special token not allowed); 130 on
+    Ctrl-C. errors.run_main's rules; each message carries its own prefix, hence prefix=""."""
+    return run_main(parse_args, run, argv, prefix="")
 
 
 if __name__ == "__main__":

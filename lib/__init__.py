@@ -6,11 +6,12 @@ everything here sits between them and the programs, and no module here imports a
     files              atomic writes, whole folders replaced at once, locks, download-once, JSON lines
     backend            the model module to run: gpt_numpy, or gpt_cupy on a GPU
     tokenizer          character and BPE tokenizers by kind, their text form, prompts
+    tokenizer_files    the tokenizer files of other tools: GPT-2's, tiktoken's, tokenizer.json, GGUF's
     data               corpora, the tokenizer and token caches, the batch sampler
     checkpoint         the checkpoint file; load_model for every program
     memory             what a run or a generation needs, refused up front when it cannot fit
     generation         sampling, generate_stream, the KV session of a chat
     lora, mixed_precision   the bookkeeping of LoRA runs; float16 steps with loss scaling
     chat_template, sft, scoring, dist   chat templates; instruction data; evaluation; MPI data parallel
-    gguf_model         llama.cpp's GGUF files as our models
+    hf, peft_adapter, gguf_model   Hugging Face Llama folders both ways; PEFT LoRA adapters; GGUF files in
 """

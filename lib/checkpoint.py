@@ -4,6 +4,7 @@ one way every program builds, reads and loads it:
 
     meta = build_meta(model_cfg, tok, step=..., **training_state)    # the metadata, train.py and export.py
     save_checkpoint(path, params, adam_m, adam_v, meta)
+    save_imported(path, params, cfg, tok, source, chat)   # a weights-only file of an imported model
     ck = load_checkpoint(path)        # Checkpoint(path, params, adam_m, adam_v, meta): host arrays, verified
     ck.model_config(), ck.tokenizer() # the metadata read back, with one-line errors
     model = load_model(path, "numpy") # Model(path, params on the device, cfg, tokenizer, meta, gm): sampling,
@@ -297,7 +298,7 @@ def read_meta(path):
 def build_meta(model_cfg, tok, step=0, adam_t=0, **more):
     """A checkpoint's "meta": the step, AdamW's step count, the model config and the tokenizer (its kind,
     text form and that text's sha256), plus `more`: train.py's training state (train_config, rng,
-    loss_scaler, sampler, data, progress) or export.py's imported_from.
+    loss_scaler, sampler, data, progress) or save_imported's imported_from.
 
     Example: build_meta(GPTConfig(...), CharTokenizer("ab")) -> {"step": 0, "adam_t": 0, "model_config":
     {...}, "tokenizer": {"kind": "char", "sha256": "...", "text": '{"type": "char", ...}'}}.
@@ -305,6 +306,19 @@ def build_meta(model_cfg, tok, step=0, adam_t=0, **more):
     text = tok.to_text()
     return {"step": step, "adam_t": adam_t, "model_config": model_cfg.to_dict(),
             "tokenizer": {"kind": tok.kind, "sha256": text_sha256(text), "text": text}, **more}
+
+
+def save_imported(path, params, cfg, tok, source, chat=None):
+    """An imported model (a Hugging Face folder, a GGUF file) as a checkpoint for sample.py and fine-tuning:
+    the weights alone (no AdamW moments: a fine-tuning run starts its optimizer afresh, and zero moments
+    would triple the file), step 0, the model config, the tokenizer, imported_from=source and, for a chat
+    model, chat_template.chat_info's dict. path: a .safetensors file, or a folder for ckpt.safetensors."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / "ckpt.safetensors"
+    more = {"chat": chat} if chat and chat.get("template") else {}
+    save_checkpoint(path, params, {}, {}, build_meta(cfg, tok, imported_from=str(source), **more))
+    return path
 
 
 @dataclass

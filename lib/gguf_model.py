@@ -1,5 +1,6 @@
 """
-interop.py: a model stored by llama.cpp (a GGUF file) as our parameters, config, tokenizer and chat template.
+lib/gguf_model.py: a model stored by llama.cpp (a GGUF file) as our parameters, config, tokenizer and chat
+template.
 
     imp = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")     # Imported(params, cfg, tok, chat)
     logits = gpt_numpy.forward(imp.params, ids, imp.cfg)
@@ -22,11 +23,11 @@ read with the `gguf` package, the reader that lives in llama.cpp's own tree; onl
       ffn_down.weight
     output_norm.weight                      norm_f.weight
     output.weight          (V, C)           lm_head = .T; absent: tied embeddings
-    tokenizer.ggml.*                        bpe.Tokenizer.from_gguf_fields (byte-level BPE)
+    tokenizer.ggml.*                        tokenizer_files.from_gguf_fields (byte-level BPE)
     tokenizer.chat_template, bos/eos ids    chat.chat_info, for sample.py --chat
 
 A GGUF tensor's shape lists the fastest-varying axis first, so a matrix of shape [in, out] there is the
-NumPy array (out, in): torch's Linear layout, transposed to ours as Hugging Face's are (export.py).
+NumPy array (out, in): torch's Linear layout, transposed to ours as Hugging Face's are (lib/hf.py).
 Quantized tensors (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, ... and F16, BF16) are widened to float32 with
 gguf.quants.dequantize, one tensor at a time, so memory stays near the float32 model's size.
 
@@ -46,6 +47,7 @@ import bpe
 import gpt_numpy as gn
 from errors import FileFormatError, UserError
 from lib import chat_template as chat
+from lib.tokenizer_files import from_gguf_fields
 
 BLOCK_NAMES = {                                 # GGUF's names in block i -> ours, and transposed?
     "attn_norm.weight": ("norm1.weight", False),
@@ -202,7 +204,7 @@ def _read_gguf(path, bar):
     if len(tensors) != len(reader.tensors):
         raise FileFormatError(f"{path}: a tensor name appears twice")
     cfg = config_from_gguf(meta, tensors, path)
-    tok = bpe.Tokenizer.from_gguf_fields(meta)
+    tok = from_gguf_fields(meta)
     if tok.vocab_size > cfg.vocab_size:
         raise FileFormatError(f"{path}: the tokenizer has {tok.vocab_size} tokens, the model only {cfg.vocab_size}")
     expected = gn.param_shapes(cfg)
@@ -267,29 +269,3 @@ def gguf_chat_info(meta, tok, path):
         add_bos = meta.get("tokenizer.ggml.pre") in ("llama-bpe", "llama3", "llama-v3")
     return chat.chat_info(meta.get("tokenizer.chat_template"), tok, bos_id=token("bos"), eos_id=token("eos"),
                           add_bos=bool(add_bos))
-
-
-def hf_chat_info(hf_dir, tok):
-    """chat.chat_info for a Hugging Face directory: tokenizer_config.json's chat_template (or the newer
-    chat_template.jinja beside it) and its bos/eos tokens; template None where there is none."""
-    import json
-    d = Path(hf_dir)
-    conf = {}
-    if (d / "tokenizer_config.json").is_file():
-        try:
-            conf = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise FileFormatError(f"{d / 'tokenizer_config.json'}: unreadable ({e})") from None
-    template = conf.get("chat_template")
-    if isinstance(template, list):                  # named templates: [{"name": "default", "template": ...}]
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    if (d / "chat_template.jinja").is_file():
-        template = (d / "chat_template.jinja").read_text(encoding="utf-8")
-
-    def token(key):
-        t = conf.get(key)
-        t = t.get("content") if isinstance(t, dict) else t
-        return tok.special_tokens.get(t) if t else None
-
-    return chat.chat_info(template, tok, bos_id=token("bos_token"), eos_id=token("eos_token"),
-                          add_bos=bool(conf.get("add_bos_token", False)))

@@ -21,10 +21,8 @@ EOT = "<|endoftext|>"                   # the BPE special token written between 
 # Tokenizers: characters (nanoGPT's shakespeare_char, here) or byte-level BPE (bpe.Tokenizer). Both have
 # vocab_size, dtype, encode_ordinary(text) -> ids, decode(ids) -> str, decode_bytes(ids) -> bytes,
 # special_tokens, a `kind`, a text form (to_text / from_text) that the data cache hashes and every
-# checkpoint embeds, a Hugging Face tokenizer.json form (to_hf_json / from_hf_json), and cut /
-# file_errors, which say how read_text_blocks may feed them a file.
-
-ANY_CHAR = r"[\s\S]"             # the split regex of a character tokenizer.json: every code point alone
+# checkpoint embeds, and cut / file_errors, which say how read_text_blocks may feed them a file. Their
+# Hugging Face tokenizer.json forms are in lib/tokenizer_files.py.
 
 
 class CharTokenizer:
@@ -73,30 +71,6 @@ class CharTokenizer:
         except (ValueError, KeyError, TypeError) as e:
             raise FileFormatError(f"unreadable char tokenizer ({e})") from None
 
-    def to_hf_json(self):
-        """tokenizer.json (a dict): a WordLevel model over single characters in code point order. An
-        unknown character fails to encode in both libraries (unk_token names no token in the vocab), and
-        Fuse joins the pieces back without spaces."""
-        return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-                "pre_tokenizer": {"type": "Split", "pattern": {"Regex": ANY_CHAR}, "behavior": "Isolated",
-                                  "invert": False},
-                "post_processor": None, "decoder": {"type": "Fuse"},
-                "model": {"type": "WordLevel", "vocab": {c: i for i, c in enumerate(self.chars)},
-                          "unk_token": "<unk>"}}
-
-    @classmethod
-    def from_hf_json(cls, obj):
-        """The inverse of to_hf_json; any other WordLevel tokenizer.json is refused."""
-        vocab = obj["model"].get("vocab", {})
-        chars = "".join(sorted(vocab, key=vocab.get))
-        pre = obj.get("pre_tokenizer") or {}
-        if (pre.get("type") != "Split" or (pre.get("pattern") or {}).get("Regex") != ANY_CHAR or obj.get("added_tokens")
-                or not all(len(c) == 1 for c in vocab) or sorted(vocab.values()) != list(range(len(vocab)))
-                or chars != "".join(sorted(chars))):
-            raise FileFormatError("tokenizer.json: model.type = 'WordLevel' is only understood as the character "
-                                  "tokenizer export.py writes (one id per character, in code point order)")
-        return cls(chars)
-
 
 def tokenizer_from_text(kind, text):
     """Rebuild a tokenizer from its kind and text form (as the data cache and the checkpoints keep it)."""
@@ -105,13 +79,6 @@ def tokenizer_from_text(kind, text):
     if kind == "bpe":
         return bpe.Tokenizer.from_text(text, "the bpe tokenizer")
     raise FileFormatError(f"unknown tokenizer kind {kind!r}")
-
-
-def tokenizer_from_hf_json(obj):
-    """tokenizer.json (a dict) -> a bpe.Tokenizer (byte-level BPE) or a CharTokenizer (WordLevel)."""
-    if (obj.get("model") or {}).get("type") == "WordLevel":
-        return CharTokenizer.from_hf_json(obj)
-    return bpe.Tokenizer.from_hf_json(obj)
 
 
 def load_tokenizer_file(name):

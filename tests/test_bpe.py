@@ -1,4 +1,5 @@
-"""Tests for bpe.py. Run: python -m pytest -q tests/test_bpe.py
+"""Tests for bpe.py, and the formats of other tools (lib/tokenizer_files.py). Run:
+python -m pytest -q tests/test_bpe.py
 
 tiktoken and tokenizers (Hugging Face) are optional: their equivalence tests skip without them. The GPT-2
 tests need ../shared/data/gpt2 (encoder.json, vocab.bpe) next to the repository and skip without it.
@@ -18,6 +19,7 @@ import regex
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bpe  # noqa: E402
+from lib import tokenizer_files  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GPT2_DIR = SHARED / "gpt2"
@@ -110,7 +112,7 @@ def bytes_tok():
 def gpt2():
     if not (GPT2_DIR / "encoder.json").is_file():
         pytest.skip(f"GPT-2 files not found in {GPT2_DIR}")
-    return bpe.Tokenizer.from_gpt2_files(GPT2_DIR / "encoder.json", GPT2_DIR / "vocab.bpe")
+    return tokenizer_files.from_gpt2_files(GPT2_DIR / "encoder.json", GPT2_DIR / "vocab.bpe")
 
 
 TOKENIZERS = ["tok", "tok_gpt2_pattern", "bytes_tok", "gpt2"]
@@ -384,7 +386,7 @@ def test_not_utf8_file_trains_and_encodes(tmp_path):
     f = tmp_path / "latin1.txt"
     f.write_bytes(data)
     tok = bpe.Tokenizer.train([f], 256 + 20, progress=False)
-    assert b"\xff\xfe" in tok.mergeable_ranks()  # invalid bytes are learned like any other
+    assert b"\xff\xfe" in tokenizer_files.mergeable_ranks(tok)  # invalid bytes are learned like any other
     assert tok.decode_bytes(tok.encode_file(f, progress=False)) == data
 
 
@@ -430,7 +432,7 @@ def test_decode_bad_id(tok):
 def write_gpt2_files(folder, merges):
     """A tiny GPT-2-format encoder.json + vocab.bpe: bytes in GPT-2's order (printable ones first), then
     the merges, then <|endoftext|>."""
-    b2u = bpe.bytes_to_unicode()
+    b2u = tokenizer_files.bytes_to_unicode()
     order = sorted(range(256), key=lambda b: ord(b2u[b]))  # "!" (33) gets id 0, as in GPT-2
     encoder = {b2u[b]: i for i, b in enumerate(order)}
     for a, b in merges:
@@ -442,7 +444,7 @@ def write_gpt2_files(folder, merges):
 
 def test_gpt2_format_files(tmp_path):
     write_gpt2_files(tmp_path, [("Ġ", "t"), ("h", "e"), ("Ġt", "he")])
-    t = bpe.Tokenizer.from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
+    t = tokenizer_files.from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
     assert t.byte_ids[ord("!")] == 0 and t.special_tokens == {"<|endoftext|>": 259}
     assert t.decode_bytes([258]) == b" the" and t.encode(" the the") == [258, 258]
     assert t.encode("<|endoftext|>", allowed_special="all") == [259]
@@ -453,10 +455,10 @@ def test_gpt2_files_malformed(tmp_path):
     with open(tmp_path / "vocab.bpe", "a") as f:
         f.write("e h\n")  # "eh" is not in encoder.json
     with pytest.raises(ValueError, match="vocab.bpe, line 4"):
-        bpe.Tokenizer.from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
+        tokenizer_files.from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
     (tmp_path / "encoder.json").write_text(json.dumps({"a": 0}))
     with pytest.raises(ValueError, match="encoder.json"):
-        bpe.Tokenizer.from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
+        tokenizer_files.from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
 
 
 # -----------------------------------------------------------------------------
@@ -505,7 +507,7 @@ def equivalence_texts():
 def test_tiktoken_equivalence(request, name):
     tiktoken = pytest.importorskip("tiktoken")
     t = request.getfixturevalue(name)
-    enc = tiktoken.Encoding(name, pat_str=t.pattern, mergeable_ranks=t.mergeable_ranks(),
+    enc = tiktoken.Encoding(name, pat_str=t.pattern, mergeable_ranks=tokenizer_files.mergeable_ranks(t),
                             special_tokens=t.special_tokens)
     for text in equivalence_texts():
         assert t.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
@@ -515,14 +517,14 @@ def test_tiktoken_equivalence(request, name):
 def test_tiktoken_gpt2_ranks(gpt2):
     tiktoken_load = pytest.importorskip("tiktoken.load")
     ranks = tiktoken_load.data_gym_to_mergeable_bpe_ranks(str(GPT2_DIR / "vocab.bpe"), str(GPT2_DIR / "encoder.json"))
-    assert gpt2.mergeable_ranks() == ranks
+    assert tokenizer_files.mergeable_ranks(gpt2) == ranks
 
 
 @pytest.mark.parametrize("name", ["tok", "tok_gpt2_pattern", "gpt2"])
 def test_hf_equivalence(request, name, tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     t = request.getfixturevalue(name)
-    t.save_hf_tokenizer_json(tmp_path / "tokenizer.json")
+    tokenizer_files.save_hf_tokenizer_json(t, tmp_path / "tokenizer.json")
     hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert hf.get_vocab_size() == t.vocab_size
     for text in equivalence_texts():
@@ -595,3 +597,4 @@ def test_cli_process_exit_code_and_help():
 
 def test_docstring_examples():
     assert doctest.testmod(bpe).failed == 0
+    assert doctest.testmod(tokenizer_files).failed == 0

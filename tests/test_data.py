@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import bpe
-from lib import backend, data as D, files, tokenizer
+from lib import backend, data as D, files, tokenizer, tokenizer_files
 import gpt_numpy as gn
 from conftest import SHARED_DATA, make_text
 from errors import FileFormatError, UserError
@@ -146,7 +146,7 @@ def test_char_tokenizer_round_trips_and_keeps_its_forms(text):
     assert tok.kind == "char" and tok.dtype == np.uint16
     again = tokenizer.tokenizer_from_text("char", tok.to_text())
     assert again.chars == tok.chars
-    assert tokenizer.tokenizer_from_hf_json(tok.to_hf_json()).chars == tok.chars
+    assert tokenizer_files.from_hf_json(tokenizer_files.to_hf_json(tok)).chars == tok.chars
     with pytest.raises(UserError, match="not in the char vocabulary"):
         tok.encode_ordinary("Z")
 

@@ -1,4 +1,4 @@
-"""Tests for export.py: our model and tokenizer to a Hugging Face Llama directory and back.
+"""Tests for lib/hf.py and export.py: our model and tokenizer to a Hugging Face Llama directory and back.
 
 Without transformers/torch (as in CI): the round trip is bit-exact (params, config, tokenizer), the
 files have Hugging Face's names, layouts and fields, bfloat16/float16/sharded weights import, and every
@@ -22,9 +22,10 @@ import export
 import gpt_numpy as gn
 from lib.checkpoint import build_meta, load_checkpoint, save_checkpoint
 from conftest import ROOT
-from lib.tokenizer import CharTokenizer, tokenizer_from_hf_json
+from lib.tokenizer import CharTokenizer
 from errors import FileFormatError, UserError
-from lib import generation
+from lib import generation, tokenizer_files
+from lib.hf import bf16_to_f32, export_hf, import_hf, to_hf_tensors
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -69,7 +70,7 @@ def exported(request, tok, tmp_path_factory):
     cfg = config(tie=request.param, vocab_size=tok.vocab_size)
     params = random_params(cfg)
     d = tmp_path_factory.mktemp("hf")
-    export.export_hf(params, cfg, tok, d)
+    export_hf(params, cfg, tok, d)
     return params, cfg, tok, d
 
 
@@ -113,14 +114,14 @@ def to_bf16(a):
 
 def test_round_trip_is_bit_exact(exported):
     params, cfg, tok, d = exported
-    params2, cfg2, tok2 = export.import_hf(d)
+    params2, cfg2, tok2 = import_hf(d)
     assert cfg2 == cfg
     assert list(params2) == list(params)                  # gpt_numpy's key order
     for k in params:
         assert params2[k].dtype == np.float32 and np.array_equal(params2[k], params[k]), k
     assert (tok2.pattern, tok2.merges, tok2.byte_ids, tok2.special_tokens) == \
         (tok.pattern, tok.merges, tok.byte_ids, tok.special_tokens)
-    assert tok2.mergeable_ranks() == tok.mergeable_ranks()
+    assert tokenizer_files.mergeable_ranks(tok2) == tokenizer_files.mergeable_ranks(tok)
     for s in SAMPLES:
         assert encode(tok2, s) == encode(tok, s)
 
@@ -159,7 +160,7 @@ def test_files_have_hugging_face_names_and_layout(exported):
 def test_layernorm_model_is_refused(tmp_path, tok):
     cfg = config(norm="layernorm", vocab_size=tok.vocab_size)
     with pytest.raises(UserError, match="only RMSNorm models map to Hugging Face's Llama.*layernorm"):
-        export.export_hf(random_params(cfg), cfg, tok, tmp_path / "out")
+        export_hf(random_params(cfg), cfg, tok, tmp_path / "out")
     assert not (tmp_path / "out").exists()                 # refused before anything is written
 
 
@@ -168,10 +169,10 @@ def test_export_checks_params_against_config(tmp_path, tok):
     params = random_params(cfg)
     params["blocks.0.attn.proj"] = params["blocks.0.attn.proj"][:, :8]
     with pytest.raises(UserError, match=r"blocks.0.attn.proj has shape \(32, 8\), expected \(32, 32\)"):
-        export.export_hf(params, cfg, tok, tmp_path)
+        export_hf(params, cfg, tok, tmp_path)
     with pytest.raises(UserError, match="tokenizer has 300 ids but the model only 200"):
         cfg = config(vocab_size=200)
-        export.export_hf(random_params(cfg), cfg, tok, tmp_path)
+        export_hf(random_params(cfg), cfg, tok, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -192,21 +193,21 @@ def test_export_checks_params_against_config(tmp_path, tok):
 def test_import_refuses_unsupported_config(exported, tmp_path, changes, match):
     d = fake_hf_dir(exported[3], tmp_path / "hf", changes)
     with pytest.raises(FileFormatError, match="config.json: " + match):
-        export.import_hf(d)
+        import_hf(d)
 
 
 def test_import_refuses_wrong_weights(exported, tmp_path):
     src = exported[3]
     bias = {"model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}
     with pytest.raises(FileFormatError, match="unexpected weights .*q_proj.bias"):
-        export.import_hf(fake_hf_dir(src, tmp_path / "a", add=bias))
+        import_hf(fake_hf_dir(src, tmp_path / "a", add=bias))
     with pytest.raises(FileFormatError, match="weights missing .*model.norm.weight"):
-        export.import_hf(fake_hf_dir(src, tmp_path / "b", drop=["model.norm.weight"]))
+        import_hf(fake_hf_dir(src, tmp_path / "b", drop=["model.norm.weight"]))
     (tmp_path / "b" / "model.safetensors").unlink()
     with pytest.raises(FileFormatError, match="no model.safetensors"):
-        export.import_hf(tmp_path / "b")
+        import_hf(tmp_path / "b")
     with pytest.raises(UserError, match="is not a directory"):
-        export.import_hf(tmp_path / "nowhere")
+        import_hf(tmp_path / "nowhere")
 
 
 def test_import_bf16_fp16_and_shards(exported, tmp_path):
@@ -229,9 +230,9 @@ def test_import_bf16_fp16_and_shards(exported, tmp_path):
     index = {"metadata": {}, "weight_map": {k: f"model-0000{1 + (i >= half)}-of-00002.safetensors"
                                             for i, k in enumerate(names)}}
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
-    params2, cfg2, _ = export.import_hf(d)
+    params2, cfg2, _ = import_hf(d)
     assert cfg2 == cfg
-    back = export.to_hf_tensors(params2, cfg2)
+    back = to_hf_tensors(params2, cfg2)
     for k in names:
         assert back[k].dtype == np.float32 and np.array_equal(back[k], expect[k]), k
     assert 0 < rel_error(back[names[0]], w[names[0]]) < 1e-2   # really rounded to bf16
@@ -239,8 +240,8 @@ def test_import_bf16_fp16_and_shards(exported, tmp_path):
 
 def test_bf16_conversion_is_exact():
     raw, f = to_bf16(np.array([1.0, -2.5, 3.140625, 1e-30, np.inf], np.float32))
-    np.testing.assert_array_equal(export.bf16_to_f32(raw, (5,)), f)
-    assert export.bf16_to_f32(b"\x80\x3f", (1,))[0] == 1.0
+    np.testing.assert_array_equal(bf16_to_f32(raw, (5,)), f)
+    assert bf16_to_f32(b"\x80\x3f", (1,))[0] == 1.0
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -257,15 +258,15 @@ def test_import_refuses_other_tokenizers(exported, tmp_path, edit, match):
     edit(t)
     (d / "tokenizer.json").write_text(json.dumps(t))
     with pytest.raises(FileFormatError, match="tokenizer.json: .*" + match):
-        export.import_hf(d)
+        import_hf(d)
 
 
 def test_char_tokenizer_round_trip(tmp_path):
     """data.py's character tokenizer exports as a WordLevel tokenizer.json and comes back."""
     tok = CharTokenizer(TRAIN_TEXT)
     cfg = config(vocab_size=tok.vocab_size)
-    export.export_hf(random_params(cfg), cfg, tok, tmp_path)
-    _, _, tok2 = export.import_hf(tmp_path)
+    export_hf(random_params(cfg), cfg, tok, tmp_path)
+    _, _, tok2 = import_hf(tmp_path)
     assert isinstance(tok2, CharTokenizer) and tok2.chars == tok.chars
 
 
@@ -302,7 +303,7 @@ def test_cli_export_then_import(tmp_path, tok, capsys):
 ])
 def test_cli_errors_are_one_line(argv, match, status, tmp_path, capsys):
     cfg = config()
-    export.export_hf(random_params(cfg), cfg, None, tmp_path)          # a model without a tokenizer
+    export_hf(random_params(cfg), cfg, None, tmp_path)          # a model without a tokenizer
     assert export.main([a.format(hf=tmp_path) for a in argv]) == status       # 2: the command line is wrong
     err = capsys.readouterr().err
     assert err.startswith("export.py: error: ") and match in err and err.count("\n") == 1
@@ -323,7 +324,7 @@ def test_cli_help_and_bad_file_without_traceback(tmp_path):
 
 def test_tiktoken_gives_the_same_ids(tok):
     tiktoken = pytest.importorskip("tiktoken")
-    enc = tiktoken.Encoding("ours", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks(),
+    enc = tiktoken.Encoding("ours", pat_str=tok.pattern, mergeable_ranks=tokenizer_files.mergeable_ranks(tok),
                             special_tokens=tok.special_tokens)
     for s in SAMPLES:
         assert enc.encode(s, allowed_special="all") == encode(tok, s)
@@ -373,7 +374,7 @@ def test_auto_tokenizer_char_level(tmp_path, hf):
     _, transformers = hf
     tok = CharTokenizer(TRAIN_TEXT)
     cfg = config(vocab_size=tok.vocab_size)
-    export.export_hf(random_params(cfg), cfg, tok, tmp_path)
+    export_hf(random_params(cfg), cfg, tok, tmp_path)
     ht = transformers.AutoTokenizer.from_pretrained(tmp_path)
     ids = tok.encode_ordinary(TRAIN_TEXT).tolist()
     assert ht(TRAIN_TEXT)["input_ids"] == ids and ht.decode(ids) == TRAIN_TEXT
@@ -394,7 +395,7 @@ def test_llama_saved_by_transformers_imports(tmp_path, hf, tie, dtype):
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    params, cfg, tok = export.import_hf(tmp_path)
+    params, cfg, tok = import_hf(tmp_path)
     assert tok is None and cfg.tie_embeddings == tie and (cfg.rope_theta, cfg.max_seq_len) == (300.0, 40)
     ids = np.random.default_rng(2).integers(0, 96, (2, 40))
     # subtle: not model.float(): .to(bfloat16) also rounded RoPE's inv_freq buffer, which .float() keeps;
@@ -420,7 +421,7 @@ def test_gpt2_tokenizer_json_from_hugging_face_imports(tmp_path, hf):
     ht.decoder = decoders.ByteLevel()
     ht.add_special_tokens(["<|endoftext|>"])
     ht.save(str(tmp_path / "tokenizer.json"))
-    tok = tokenizer_from_hf_json(json.loads((tmp_path / "tokenizer.json").read_text()))
+    tok = tokenizer_files.from_hf_json(json.loads((tmp_path / "tokenizer.json").read_text()))
     assert tok.vocab_size == 50257 and tok.special_tokens == {"<|endoftext|>": 50256}
     for s in SAMPLES:
         assert ht.encode(s).ids == encode(tok, s), s
@@ -478,7 +479,7 @@ def test_gqa_llama_from_transformers(tmp_path, hf, tie, rope_type, monkeypatch):
     torch, transformers = hf
     model = random_gqa_llama(transformers, torch, tie, rope_type)
     model.save_pretrained(tmp_path / "hf")
-    params, cfg, _ = export.import_hf(tmp_path / "hf")
+    params, cfg, _ = import_hf(tmp_path / "hf")
     assert (cfg.n_head, cfg.n_kv_head, cfg.tie_embeddings) == (6, 2, tie)
     assert params["blocks.0.attn.qkv"].shape == (48, (6 + 2 * 2) * 8)
     assert cfg.rope_scaling == (None if rope_type == "default" else
@@ -502,7 +503,7 @@ def test_gqa_llama_from_transformers(tmp_path, hf, tie, rope_type, monkeypatch):
                              eos_token_id=None)
     assert out[0].tolist() == generation.generate(gn, params, prompt, cfg, 40, temperature=0)
     # and back: our export of it is a Llama transformers reads with the same logits
-    export.export_hf(params, cfg, None, tmp_path / "back")
+    export_hf(params, cfg, None, tmp_path / "back")
     back = load_float32(transformers, torch, tmp_path / "back")
     with torch.no_grad():
         assert rel_error(back(torch.tensor(ids)).logits.numpy(), theirs32) < 1e-5   # sdpa there, eager here

@@ -15,6 +15,8 @@ from lib.checkpoint import load_checkpoint, load_model
 from conftest import main_error, make_text, run_quiet, tiny_args
 from errors import UserError
 from lib import lora as lora_lib
+from lib.hf import export_hf
+from lib.peft_adapter import export_peft_adapter, to_peft_tensors
 
 QUESTIONS = ["the fox", "a dog", "seven wizards", "the lazy programmer", "quick code", "every jovial dog",
              "numpy hex", "a brown fox", "lazy wizards", "the quick dog", "who writes", "over a dog"]
@@ -247,9 +249,9 @@ def test_peft_adapter_gives_our_logits(tmp_path, n_kv, tie):
     for k in adapters:
         if k.endswith("lora_B"):
             adapters[k] += r.normal(0, 0.05, adapters[k].shape).astype(np.float32)   # a trained adapter
-    export.export_hf(base, cfg, None, tmp_path / "base")
-    export.export_peft_adapter(adapters, lora, cfg, tmp_path / "adapter")
-    shapes = {k: v.shape for k, v in export.to_peft_tensors(adapters, lora, cfg).items()}
+    export_hf(base, cfg, None, tmp_path / "base")
+    export_peft_adapter(adapters, lora, cfg, tmp_path / "adapter")
+    shapes = {k: v.shape for k, v in to_peft_tensors(adapters, lora, cfg).items()}
     kv = n_kv * 8
     assert shapes["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"] == (kv, 4)
     assert shapes["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] == (4, 32)

@@ -1,5 +1,6 @@
 """Tests for real pretrained models: tokenizers laid out as other libraries lay them out (tokenizer.json,
-GGUF), GGUF import (interop.py, export.py --import-gguf), chat templates (chat.py, sample.py --chat).
+GGUF: lib/tokenizer_files.py), GGUF import (lib/gguf_model.py, export.py --import-gguf), chat templates
+(lib/chat_template.py, sample.py --chat).
 
 The fast tests write their own tiny files: a byte-level BPE trained by Hugging Face tokenizers (special
 tokens first, bytes it never saw missing, as SmolLM2's), a tiny grouped-query Llama written with
@@ -23,12 +24,13 @@ import bpe
 from lib import chat_template as chat
 import export
 import gpt_numpy as gn
-from lib import gguf_model as interop
+from lib import gguf_model, tokenizer_files
 import sample
-from lib.checkpoint import load_checkpoint, load_model
+from lib.checkpoint import load_checkpoint, load_model, save_imported
 from conftest import ROOT, SHARED_DATA, main_error, run_quiet, smollm2_file, tiny_args
 from errors import FileFormatError, UserError
 from lib import generation
+from lib.hf import export_hf, import_hf
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -114,11 +116,17 @@ def test_split_patterns_equal_hugging_face_pre_tokenizers(pre):
     hf = hf_pre_tokenizers()
     if pre not in hf:
         pytest.skip("needs transformers for this pre-tokenizer's regex")
-    u2b = {c: b for b, c in bpe.bytes_to_unicode().items()}
-    pattern = bpe.regex.compile(bpe.PRE_PATTERNS[pre][0])
+    u2b = {c: b for b, c in tokenizer_files.bytes_to_unicode().items()}
+    pattern = bpe.regex.compile(tokenizer_files.PRE_PATTERNS[pre][0])
     for text in texts():
         theirs = [bytes(u2b[c] for c in piece).decode("utf-8") for piece, _ in hf[pre].pre_tokenize_str(text)]
         assert pattern.findall(text) == theirs, repr(text)
+
+
+def test_pre_tokenizer_patterns_are_safe_in_bpe():
+    """Every pattern a GGUF pre-tokenizer name maps to is one bpe.py runs without the time checks (they
+    live in two files now: the names here, the regexes in bpe.py)."""
+    assert all(p in bpe.SAFE_PATTERNS for p, _ in tokenizer_files.PRE_PATTERNS.values())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,7 +134,7 @@ def test_split_patterns_equal_hugging_face_pre_tokenizers(pre):
 
 def test_tokenizer_json_with_specials_first_and_missing_bytes(hf_tok, tmp_path):
     t, tj = hf_tok
-    tok = bpe.Tokenizer.from_hf_json(tj)
+    tok = tokenizer_files.from_hf_json(tj)
     assert tok.pattern == bpe.SMOLLM_PATTERN and not tok.ignore_merges
     assert tok.special_tokens == {s: i for i, s in enumerate(SPECIALS)} and tok.vocab_size == t.get_vocab_size()
     assert tok.byte_ids[4] is None and not tok.standard_layout          # a byte the text never had
@@ -141,14 +149,14 @@ def test_tokenizer_json_with_specials_first_and_missing_bytes(hf_tok, tmp_path):
     assert back.to_text() == text and back.encode(TEXT) == tok.encode(TEXT)
     # to_hf_json writes a tokenizer.json Hugging Face reads back with the same ids
     from tokenizers import Tokenizer
-    again = Tokenizer.from_str(json.dumps(tok.to_hf_json()))
+    again = Tokenizer.from_str(json.dumps(tokenizer_files.to_hf_json(tok)))
     for s in SAMPLES:
         assert again.encode(s).ids == t.encode(s).ids, repr(s)
 
 
 def test_gguf_tokenizer_equals_tokenizer_json(hf_tok):
     _, tj = hf_tok
-    a, b = bpe.Tokenizer.from_hf_json(tj), bpe.Tokenizer.from_gguf_fields(gguf_tokenizer_fields(tj))
+    a, b = tokenizer_files.from_hf_json(tj), tokenizer_files.from_gguf_fields(gguf_tokenizer_fields(tj))
     assert a.to_text() == b.to_text()
     for s in SAMPLES:
         assert a.encode(s, allowed_special="all") == b.encode(s, allowed_special="all")
@@ -162,7 +170,7 @@ def test_merge_rule_is_a_pair_of_tokens():
           "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
           "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
           "added_tokens": []}
-    tok = bpe.Tokenizer.from_hf_json(tj)
+    tok = tokenizer_files.from_hf_json(tj)
     assert tok.encode("abc") == [0, 3] and tok.encode("ab") == [4]
     tokenizers = pytest.importorskip("tokenizers")
     tj["model"].update(dropout=None, unk_token=None, continuing_subword_prefix=None, end_of_word_suffix=None,
@@ -182,11 +190,11 @@ def test_bad_gguf_tokenizer_fields(hf_tok, edit, match):
     fields = gguf_tokenizer_fields(hf_tok[1])
     edit(fields)
     with pytest.raises(FileFormatError, match="GGUF " + match):
-        bpe.Tokenizer.from_gguf_fields(fields)
+        tokenizer_files.from_gguf_fields(fields)
 
 
 def test_bad_tokenizer_text_v2(hf_tok):
-    text = bpe.Tokenizer.from_hf_json(hf_tok[1]).to_text()
+    text = tokenizer_files.from_hf_json(hf_tok[1]).to_text()
     lines = text.splitlines()
     for bad, match in [(lines[:3], "ends at line 3"), (lines[:3] + ["ignore_merges maybe"] + lines[4:], "true or false"),
                        (lines + ["junk"], "end of the file"), (lines[:-1] + ["1 2"], "merge lines")]:
@@ -298,7 +306,7 @@ def gguf_case(hf_tok):
     pytest.importorskip("gguf")
     _, tj = hf_tok
     fields = gguf_tokenizer_fields(tj)
-    return fields, bpe.Tokenizer.from_hf_json(tj)
+    return fields, tokenizer_files.from_hf_json(tj)
 
 
 @pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0"])
@@ -307,7 +315,7 @@ def test_gguf_imports_to_the_same_logits(gguf_case, tmp_path, qtype, tie):
     fields, tok = gguf_case
     params, cfg = tiny_model(tok.vocab_size, tie=tie)
     path = write_gguf(tmp_path / "m.gguf", params, cfg, fields, qtype)
-    imp = interop.read_gguf(path)
+    imp = gguf_model.read_gguf(path)
     assert imp.cfg == cfg and list(imp.params) == list(params) and imp.tok.to_text() == tok.to_text()
     # the weights are the file's exactly: ours where the file holds float32, the rounded ones elsewhere
     expect = roundtrip(params, qtype)
@@ -332,7 +340,7 @@ def test_gguf_against_transformers_gguf_loader(gguf_case, tmp_path):
     params, cfg = tiny_model(tok.vocab_size, tie=False)
     write_gguf(tmp_path / "m.gguf", params, cfg, fields, "F32")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
-    imp = interop.read_gguf(tmp_path / "m.gguf")
+    imp = gguf_model.read_gguf(tmp_path / "m.gguf")
     ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 50))
     with torch.no_grad():
         theirs = model(torch.tensor(ids)).logits.numpy()
@@ -345,7 +353,7 @@ def test_gguf_rope_scaling(gguf_case, tmp_path):
     fields, tok = gguf_case
     lin = {"type": "linear", "factor": 4.0}
     params, cfg = tiny_model(tok.vocab_size, scaling=lin)
-    assert interop.read_gguf(write_gguf(tmp_path / "lin.gguf", params, cfg, fields)).cfg.rope_scaling == lin
+    assert gguf_model.read_gguf(write_gguf(tmp_path / "lin.gguf", params, cfg, fields)).cfg.rope_scaling == lin
     l3 = {"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 8192}
     params, cfg = tiny_model(tok.vocab_size, scaling=l3)
@@ -354,20 +362,20 @@ def test_gguf_rope_scaling(gguf_case, tmp_path):
     assert len(set(np.round(divisors, 3))) > 2                          # unchanged, blended and divided ones
     path = write_gguf(tmp_path / "l3.gguf", params, gn.GPTConfig(**{**cfg.to_dict(), "rope_scaling": None}),
                       fields, rope_freqs=divisors)
-    imp = interop.read_gguf(path)
+    imp = gguf_model.read_gguf(path)
     assert imp.cfg == cfg
     ids = np.arange(50)[None] % cfg.vocab_size
     np.testing.assert_allclose(gn.forward(imp.params, ids, imp.cfg), gn.forward(params, ids, cfg), rtol=1e-6, atol=1e-6)
     bad = write_gguf(tmp_path / "bad.gguf", params, gn.GPTConfig(**{**cfg.to_dict(), "rope_scaling": None}),
                      fields, rope_freqs=divisors * 1.1)
     with pytest.raises(FileFormatError, match="rope_freqs.weight is not Llama 3's RoPE scaling"):
-        interop.read_gguf(bad)
+        gguf_model.read_gguf(bad)
 
 
 def test_unpermute_rows_inverts_llama_cpp():
     w = np.arange(6 * 8 * 3).reshape(6 * 8, 3)
     for heads in (1, 2, 6):
-        np.testing.assert_array_equal(interop.unpermute_rows(llama_cpp_permute(w, heads), heads), w)
+        np.testing.assert_array_equal(gguf_model.unpermute_rows(llama_cpp_permute(w, heads), heads), w)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -390,7 +398,7 @@ def test_cli_import_gguf_then_sample_and_fine_tune_checkpoint(gguf_case, tmp_pat
                         "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("Before we")
     assert export.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
-    params2, cfg2, _ = export.import_hf(tmp_path / "hf")
+    params2, cfg2, _ = import_hf(tmp_path / "hf")
     assert cfg2.n_kv_head == 2 and all(np.array_equal(params2[k], params[k]) for k in params)
     # --max-seq-len shortens the context
     assert export.main(["--import-gguf", str(path), "--out", str(tmp_path / "short"), "--max-seq-len", "16"]) == 0
@@ -407,9 +415,9 @@ def test_cli_import_gguf_then_sample_and_fine_tune_checkpoint(gguf_case, tmp_pat
 def test_cli_import_hf_keeps_the_chat_template(hf_tok, tmp_path, capsys):
     """--import-hf reads the template and special tokens from tokenizer_config.json (or chat_template.jinja)."""
     _, tj = hf_tok
-    tok = bpe.Tokenizer.from_hf_json(tj)
+    tok = tokenizer_files.from_hf_json(tj)
     params, cfg = tiny_model(tok.vocab_size)
-    export.export_hf(params, cfg, tok, tmp_path / "hf")
+    export_hf(params, cfg, tok, tmp_path / "hf")
     conf = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     conf.update(chat_template=SMOLLM_TEMPLATE, bos_token="<|im_start|>",
                 eos_token={"content": "<|im_end|>", "special": True})
@@ -515,7 +523,7 @@ CONVERSATIONS = [
 def test_render_equals_transformers_apply_chat_template(hf_tok, template):
     transformers = pytest.importorskip("transformers")
     t, tj = hf_tok
-    tok = bpe.Tokenizer.from_hf_json(tj)
+    tok = tokenizer_files.from_hf_json(tj)
     ht = transformers.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|im_start|>", eos_token="<|im_end|>")
     info = chat.chat_info(template, tok, bos_id=1, eos_id=2)
     assert info["stop_ids"] == [2] and (info["bos_token"], info["eos_token"]) == ("<|im_start|>", "<|im_end|>")
@@ -528,7 +536,7 @@ def test_render_equals_transformers_apply_chat_template(hf_tok, template):
 
 
 def test_end_of_turn_token(hf_tok):
-    tok = bpe.Tokenizer.from_hf_json(hf_tok[1])
+    tok = tokenizer_files.from_hf_json(hf_tok[1])
     assert chat.chat_info(SMOLLM_TEMPLATE, tok, eos_id=0)["stop_ids"] == [0, 2]     # <|endoftext|> and <|im_end|>
     plain = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     assert chat.chat_info(plain, tok, eos_id=0)["stop_ids"] == [0]                     # no end-of-turn token
@@ -541,14 +549,14 @@ def test_end_of_turn_token(hf_tok):
     ("{{ raise_exception('no system messages') }}", "refused this conversation: no system messages"),
 ])
 def test_template_runs_in_a_sandbox(hf_tok, template, match):
-    tok = bpe.Tokenizer.from_hf_json(hf_tok[1])
+    tok = tokenizer_files.from_hf_json(hf_tok[1])
     info = {"template": template, "stop_ids": [2]}
     with pytest.raises(UserError, match=match):
         chat.render(info, CONVERSATIONS[0])
 
 
 def test_template_that_does_not_parse(hf_tok):
-    tok = bpe.Tokenizer.from_hf_json(hf_tok[1])
+    tok = tokenizer_files.from_hf_json(hf_tok[1])
     with pytest.raises(FileFormatError, match="the chat template does not parse"):
         chat.chat_info("{% for m in messages %}", tok)
 
@@ -561,8 +569,8 @@ def chat_run(gguf_case, tmp_path):
     fields, tok = gguf_case
     params, cfg = tiny_model(tok.vocab_size)
     path = write_gguf(tmp_path / "m.gguf", params, cfg, fields, template=SMOLLM_TEMPLATE)
-    imp = interop.read_gguf(path)
-    export.write_checkpoint(tmp_path / "run", imp.params, imp.cfg, imp.tok, path, imp.chat)
+    imp = gguf_model.read_gguf(path)
+    save_imported(tmp_path / "run", imp.params, imp.cfg, imp.tok, path, imp.chat)
     return tmp_path / "run", imp
 
 
@@ -692,7 +700,7 @@ def test_smollm2_tokenizer_equals_hugging_face(smollm2):
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     path, run = smollm2
     tok = load_checkpoint(run).tokenizer()
-    fields = interop.gguf_fields(interop.open_gguf(path))
+    fields = gguf_model.gguf_fields(gguf_model.open_gguf(path))
     tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
     merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"]]
     ht = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))

@@ -19,7 +19,7 @@ import train
 from lib.checkpoint import load_checkpoint, save_checkpoint
 from conftest import ROOT, main_error, make_text, run_quiet, tiny_args
 from errors import UserError
-from lib import mixed_precision
+from lib import mixed_precision, tokenizer_files
 
 # ----------------------------------------------------------------------------------------------------
 # helpers (the shared ones are in conftest.py)
@@ -428,7 +428,7 @@ def test_init_from_a_hugging_face_llama(tmp_path):
     torch.manual_seed(0)
     hf_dir = tmp_path / "hf"
     transformers.LlamaForCausalLM(hcfg).save_pretrained(hf_dir)
-    tok.save_hf_tokenizer_json(hf_dir / "tokenizer.json")
+    tokenizer_files.save_hf_tokenizer_json(tok, hf_dir / "tokenizer.json")
     assert export.main(["--import-hf", str(hf_dir), "--out", str(tmp_path / "imported")]) == 0
     argv = tiny_args(tmp_path, corpus, "--init-from", tmp_path / "imported", "--max-iters", 16, "--eval-interval", 8,
                      "--sample-tokens", 0)
