@@ -72,6 +72,16 @@ def session_cache(gm, session, ctx, length, cfg, dtype):
     return session.kv, n
 
 
+def cache_positions(cfg, prompt_len, max_new_tokens):
+    """The positions of the KV cache generate_stream allocates for a prompt of prompt_len ids: the prompt
+    (cropped to its last max_seq_len) and the new tokens but the last, which is never fed back, capped at
+    max_seq_len; 0 when nothing is generated. A model with a long context (8192, 131072) does not
+    allocate all of it for a short answer. (memory.py's estimate reads the same rule.)"""
+    if max_new_tokens <= 0:
+        return 0
+    return min(cfg.max_seq_len, min(prompt_len, cfg.max_seq_len) + max_new_tokens - 1)
+
+
 def generate_stream(gm, params, ids, cfg, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                     seed=None, stop_ids=(), lora=None, session=None):
     """Yield new token ids one at a time after the prompt `ids` (a 1-D sequence of ints). lora: the
@@ -98,7 +108,7 @@ def generate_stream(gm, params, ids, cfg, max_new_tokens, temperature=1.0, top_k
     ctx = ids[-cfg.max_seq_len:]
     # the cache holds the prompt and the new tokens (the last one is never fed back), capped at the context;
     # with a session, its first `done` positions may hold the prompt's beginning already
-    length = min(cfg.max_seq_len, len(ctx) + max_new_tokens - 1)
+    length = cache_positions(cfg, len(ctx), max_new_tokens)
     kv, done = session_cache(gm, session, ctx, length, cfg, params["tok_emb"].dtype)
     logits = gm.forward_cached(params, np.asarray([ctx[done:]]), cfg, kv, done, last_only=True, lora=lora)  # prefill
     pos = len(ctx)

@@ -1,22 +1,35 @@
 """
-memory.py: how much memory a model needs, and how much the machine has, so that a size that cannot fit
+lib/memory.py: how much memory a model needs, and how much the machine has, so that a size that cannot fit
 is refused up front with one line instead of growing into an out-of-memory kill or a hang.
 
     need = training_bytes(mcfg, batch_size=16, block_size=128)  # {"weights and gradients": .., "AdamW state": ..,
                                                                 #  "activations": ..}: bytes
     check_fits(need, "this run", gm, hint="use a smaller --batch-size")   # UserError if it cannot fit
-    generation_bytes(cfg, prompt_len=10, new_tokens=300, cache_positions=1024)   # weights, KV cache, prefill
+    generation_bytes(cfg, prompt_len=10, new_tokens=300, cache_positions=kv_cache_positions(cfg, 10, 300))
 
-The counts follow gpt_numpy.py's arrays (its parameter table, the activations each layer keeps for the
-backward, the KV cache) and are estimates: between 0.8 and 1.5 times the peak that tracemalloc measures
-for small models (tests/test_hardening.py checks two). They are used only to refuse what cannot fit;
-nothing here allocates.
+The counts are read off the model's own rules rather than copied from them: the parameter table
+(gpt_numpy.param_shapes), the width of the attention's q, k and v (cfg.qkv_size: grouped-query attention
+keeps nkv key/value heads), the blocked attention's blocks (gpt_numpy.attention_blocks: from T = 2 *
+ATT_BLOCK on, each query block keeps the scores of the keys it sees only), and the KV cache generation
+allocates (generation.cache_positions, kv_cache_init's shape). What they give, measured by
+tests/test_memory.py on small models (multi-head, grouped-query and blocked attention, dropout,
+checkpointing, float16):
+  activation_bytes   what a training forward keeps for the backward: the bytes of model_forward's cache,
+                     exactly (the test allows 3%)
+  training_bytes     1.03 to 1.18 times the peak of a whole step that tracemalloc measures, weights
+                     included (the test allows 0.95 to 1.3): it counts the gradients and the kept
+                     activations as if alive at once, while the backward frees the activations as the
+                     gradients appear
+  generation_bytes   KV cache and activations 0.94 to 0.98 times generate_stream's peak (allowed: 0.85 to
+                     1.25); the weights exist before
+They are used only to refuse what cannot fit; nothing here allocates.
 """
 
 import os
 from dataclasses import replace
 
 import gpt_numpy
+from lib import generation
 
 LONGEST_CONTEXT = 1 << 24   # max_seq_len above this (16.8M positions) is refused as absurd metadata
 
@@ -39,56 +52,117 @@ def _prod(shape):
     return n
 
 
+# ----------------------------------------------------------------------------------------------------
+# Generation: the KV cache
+
 def kv_heads(cfg):
     """Heads of the keys and values (grouped-query attention has fewer than n_head)."""
-    return getattr(cfg, "n_kv_head", None) or cfg.n_head
+    return cfg.n_kv_head
 
 
 def kv_cache_bytes(cfg, positions, itemsize=4, batch=1):
-    """The KV cache of generation: per layer a K and a V of (batch, kv heads, positions, head size)."""
+    """The KV cache of generation: per layer a K and a V of kv_cache_init's shape (batch, nkv, positions, hs)."""
     return 2 * cfg.n_layer * batch * kv_heads(cfg) * positions * cfg.head_size * itemsize
 
 
 def kv_cache_positions(cfg, prompt_len, new_tokens):
-    """The positions of the KV cache gpt_numpy.generate_stream allocates: kv_cache_init sizes it to the whole
-    context, max_seq_len. (Where generation sizes it to the prompt + new tokens instead, capped at
-    max_seq_len, this is min(prompt_len + new_tokens, cfg.max_seq_len).)"""
-    return cfg.max_seq_len
+    """The positions of the KV cache generation.generate_stream allocates (its own rule,
+    generation.cache_positions): the prompt and the new tokens, capped at max_seq_len."""
+    return generation.cache_positions(cfg, prompt_len, new_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Activations: what the forward pass keeps for the backward, one block and the whole model
+
+def attention_scores(cfg, T, pos=0):
+    """Attention scores one query head keeps for T queries after pos cached positions: T * (pos + T), or,
+    from T = 2 * ATT_BLOCK on (where block_forward takes attention_forward_blocked), each block's rows
+    times the keys it sees, gpt_numpy.attention_blocks."""
+    if T >= 2 * gpt_numpy.ATT_BLOCK:
+        return sum((i1 - i0) * n for i0, i1, n in gpt_numpy.attention_blocks(T, pos))
+    return T * (pos + T)
+
+
+def block_activation_bytes(cfg, batch_size, block_size, itemsize=4, pos=0, dropout=0.0):
+    """Bytes of one block's cache (block_forward) for B x T tokens after pos cached positions, the
+    activations at `itemsize` (4: float32, 2: float16), by what each layer keeps, per token:
+
+        norm1          x_hat (C) and 1 / rms (1); its output h (C), the qkv matmul's input
+        attention      q and k after RoPE (nh + nkv heads), v (nkv heads): cfg.qkv_size numbers; the
+                       merged heads y (C), the projection's input
+        norm2          x_hat (C), 1 / rms (1), its output (C), the input of gate and up
+        SwiGLU         a = silu(a) (F), b (F), sigmoid(a) (F), their product h (F), down's input
+                       = 5 C + qkv_size + 4 F + 2 numbers
+
+    and per query head the attention probabilities (attention_scores of them, softmaxed in float32), a
+    copy at `itemsize` after dropout or in half precision; with dropout the masks (bools): the scores'
+    (over all T x (pos + T), also in the blocked form) and two (B, T, C) on the residual branches."""
+    B, T, C, F = batch_size, block_size, cfg.d_model, cfg.d_ff
+    N, heads = B * T, B * cfg.n_head
+    numbers = N * (5 * C + cfg.qkv_size + 4 * F + 2)
+    scores = heads * attention_scores(cfg, T, pos)
+    att = scores * max(itemsize, 4)                          # gpt_numpy.upcast: float32 or wider
+    if dropout > 0 or itemsize < 4:
+        att += scores * itemsize                             # att_d, the dropped-out / cast-down copy
+    if dropout > 0:
+        att += heads * T * (pos + T) + 2 * N * C             # the keep masks, one byte each
+    return numbers * itemsize + att
+
+
+def activation_bytes(cfg, batch_size, block_size, itemsize=4):
+    """Bytes of the cache model_forward(..., train=True) returns (parameters excluded): every block's
+    cache, or with cfg.checkpoint only every block's input (B, T, C); and the model's own: the final
+    norm's x_hat, 1 / rms and output (2 C + 1 per token), RoPE's cos and sin (T, hs) and the batch of ids
+    (int64)."""
+    B, T, C = batch_size, block_size, cfg.d_model
+    N = B * T
+    blocks = cfg.n_layer * (N * C * itemsize if cfg.checkpoint else
+                            block_activation_bytes(cfg, B, T, itemsize, dropout=cfg.dropout))
+    return blocks + N * (2 * C + 1) * itemsize + 2 * T * cfg.head_size * itemsize + B * (T + 1) * 8
 
 
 def training_bytes(cfg, batch_size, block_size, mixed_precision=False):
     """Estimated peak bytes of one training step of a GPTConfig (float32 weights), by part:
-    parameters, gradients and AdamW's two moments (4 copies of the weights; mixed precision adds a
-    float16 copy), and the activations one micro-batch keeps for the backward pass:
 
-        per layer      B*T*(10 C + 4 F) numbers + the (B, nh, T, T) attention probabilities (float32)
-                       (+ a float32 copy and byte masks with dropout)
-        once           B*T*V logits and their softmax, the batch itself (int64), and the backward's
-                       temporaries of one layer (another attention-sized pair, 4 B*T*F)
+        weights and gradients   float32 weights and their gradients (8 bytes a number); mixed precision
+                                adds their float16 copies (12)
+        AdamW state             the two moments, float32 (8)
+        activations             what the forward keeps for the backward (activation_bytes), and what is
+                                alive besides while the backward runs: the (B*T, V) logits, turned in
+                                place into their softmax and then into their gradient (in float32, plus
+                                the float16 logits and gradient with mixed precision), and one block's
+                                cache again for the backward's temporaries (with cfg.checkpoint twice:
+                                the block's recomputed cache, and the temporaries); with tied embeddings
+                                the LM head's (V, C) gradient, kept beside the embedding's until the two
+                                add up at the end of the backward
 
-    With cfg.checkpoint (gradient checkpointing) only each layer's input B*T*C is kept, plus one
-    layer's activations while it is recomputed."""
-    B, T, C, F, V, L = batch_size, block_size, cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layer
+    Gradients and kept activations are counted as if alive at once; the backward frees each block's
+    activations as it makes that block's gradients, so this errs on the side of more."""
+    B, T, V = batch_size, block_size, cfg.vocab_size
     s = 2 if mixed_precision else 4                       # the itemsize of the activations
-    N, A = B * T, B * cfg.n_head * T * T
     P = count_params(cfg)[0]
-    layer = N * (10 * C + 4 * F) * s + A * 4              # attention probabilities are softmaxed in float32
-    if cfg.dropout > 0:
-        layer += A * (s + 1) + 2 * N * C                  # the dropped-out copy, the keep masks (bool)
-    kept = (L * N * C * s + layer) if cfg.checkpoint else L * layer
-    once = N * V * (4 + 4 + s) + N * 8 * 3 + 2 * A * 4 + 4 * N * F * s
-    return {"weights and gradients": (12 if mixed_precision else 8) * P,   # + float16 copies when mixed
-            "AdamW state": 8 * P, "activations": kept + once}
+    logits = B * T * V * (4 + (s if mixed_precision else 0))
+    block = block_activation_bytes(cfg, B, T, s, dropout=cfg.dropout)
+    temporaries = logits + block * (2 if cfg.checkpoint else 1)
+    if cfg.tie_embeddings:
+        temporaries += 4 * _prod(gpt_numpy.param_shapes(replace(cfg, n_layer=1))["tok_emb"])   # dW of the head
+    return {"weights and gradients": (12 if mixed_precision else 8) * P,
+            "AdamW state": 8 * P, "activations": activation_bytes(cfg, B, T, s) + temporaries}
 
 
 def generation_bytes(cfg, prompt_len, new_tokens, cache_positions):
     """Estimated peak bytes of sampling new_tokens after a prompt of prompt_len tokens from a GPTConfig
-    whose KV cache holds cache_positions positions: the weights, the cache, and the largest forward, the
-    prefill of the prompt (or of the whole context, which generation re-reads once it is full): its
-    activations, attention scores and logits."""
-    ctx = cfg.max_seq_len
-    T = ctx if prompt_len + new_tokens > ctx else min(prompt_len, ctx)
-    forward = T * (10 * cfg.d_model + 4 * cfg.d_ff) * 4 + cfg.n_head * T * T * 4 * 3 + T * cfg.vocab_size * 4
+    whose KV cache holds cache_positions positions (kv_cache_positions: what generation allocates): the
+    weights, the cache, and the largest forward, the prefill of the prompt (cropped to max_seq_len; or of
+    the whole context, which generation reads again once the cache is full). Its activations: two blocks'
+    caches (forward_cached drops a block's cache only when the next block returns), the residual stream
+    and the logits of the last position alone (last_only)."""
+    forward = 0                                           # nothing generated, nothing runs
+    if new_tokens > 0:
+        T = min(prompt_len, cfg.max_seq_len)              # generate_stream crops the prompt to the context
+        if T + new_tokens - 1 > cache_positions:          # more positions are fed than the cache holds: it
+            T = cfg.max_seq_len                           # fills, and the whole context is read again
+        forward = 2 * block_activation_bytes(cfg, 1, T) + 2 * T * cfg.d_model * 4 + cfg.vocab_size * 4
     return {"weights": 4 * count_params(cfg)[0], "KV cache": kv_cache_bytes(cfg, cache_positions),
             "activations": forward}
 

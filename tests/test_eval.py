@@ -357,10 +357,10 @@ def test_plot_errors(tmp_path, monkeypatch, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------
-# bench_eval.py's baseline computes what eval.py computes
+# bench/evaluation.py's baseline computes what eval.py computes
 
 def test_bench_eval_baseline_equals_our_scoring(exported, hf):
-    import bench_eval
+    from bench import evaluation as bench_eval
     from lib.checkpoint import load_model
     torch, transformers = hf
     run, hf_dir, cfg = exported
@@ -374,7 +374,7 @@ def test_bench_eval_baseline_equals_our_scoring(exported, hf):
 
 
 def test_bench_eval_tokenizer_and_items():
-    import bench_eval
+    from bench import evaluation as bench_eval
     from conftest import SHARED_DATA
     if not (SHARED_DATA / "gpt2" / "encoder.json").is_file() or not (SHARED_DATA / "tinyshakespeare.txt").is_file():
         pytest.skip("needs ../shared/data (gpt2/, tinyshakespeare.txt)")

@@ -1,10 +1,13 @@
 """
-bench_lora.py: what LoRA saves. Full fine-tuning against LoRA (rank 8 on every projection) on the same
+bench/lora.py: what LoRA saves. Full fine-tuning against LoRA (rank 8 on every projection) on the same
 100M+ parameter model and batch, and the same LoRA step in PyTorch + peft on the same weights.
 
-    python bench_lora.py --threads 1                                # SmolLM2-135M's shape, B 4, T 128
-    python bench_lora.py --threads 1 --model gpt2-124m --rounds 2
-    python bench_lora.py --threads 1 --checkpoint-activations       # both sides recompute their blocks
+    python bench/lora.py --threads 1                                # SmolLM2-135M's shape, B 4, T 128
+    python bench/lora.py --threads 1 --model gpt2-124m --rounds 2
+    python bench/lora.py --threads 1 --checkpoint-activations       # both sides recompute their blocks
+    python -m bench.lora --threads 1                                # the same program, run as a module
+
+Run it from the repository root (it runs export.py, the program, from there).
 
 The weights are random (init_params, seed 0; time and memory do not depend on their values) and the adapters
 are lora_init's with a small random B, so that they change the loss. The parent writes them once as our
@@ -30,42 +33,25 @@ neighbouring steps and the median is reported, with /proc/loadavg before and aft
 """
 
 import argparse
-import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import numpy as np          # the parent's; each child gets --threads in its environment before it starts
 
-ROOT = Path(__file__).resolve().parent
+if __package__ in (None, ""):   # `python bench/lora.py`: import from the repository root, not from bench/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench import common
+from errors import ArgumentParser, UserError, run_main
+
 MODELS = {   # name: GPTConfig fields
     "smollm2-135m": dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536),
     "gpt2-124m": dict(vocab_size=50304, n_layer=12, n_head=12, n_kv_head=12, d_model=768, d_ff=2048),
 }
 KINDS = ("full", "lora", "torch")
-
-
-def loadavg():
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def maxrss_mib():
-    """The peak resident memory of this process, MiB: VmHWM of /proc/self/status. (Not getrusage's
-    ru_maxrss: Linux carries it across exec, so a child forked from a big parent starts at its size.)"""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024                           # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -99,7 +85,10 @@ def prepare(a, work):
                     build_meta(cfg, tok, lora={"config": lora.to_dict(), "base": base_ref}))
     for argv in (["--ckpt", work / "base", "--out", work / "hf_base"],
                  ["--ckpt", work / "lora", "--out", work / "hf_merged", "--peft-adapter", work / "hf_adapter"]):
-        subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, argv)], check=True, capture_output=True)
+        p = subprocess.run([sys.executable, str(common.EXPORT), *map(str, argv)], capture_output=True, text=True)
+        if p.returncode:
+            sys.stderr.write(p.stdout + p.stderr)
+            raise UserError(f"export.py {' '.join(map(str, argv))} failed")
     batch = np.random.default_rng(2).integers(0, cfg.vocab_size, (a.batch, a.block + 1))
     np.save(work / "batch.npy", batch)
     return cfg, gn.num_params(params)
@@ -111,16 +100,9 @@ def run_child(a, kind, work):
            "--alpha", str(a.alpha), "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads),
            "--rounds", str(a.rounds), "--kinds", ",".join(a.kinds)]
     cmd += ["--checkpoint-activations"] if a.checkpoint_activations else []
-    env = dict(os.environ)
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(a.threads)
-    before = loadavg()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return {**json.loads(line[7:]), "load_before": before, "load_after": loadavg()}
-    sys.stderr.write(p.stdout + p.stderr)
-    raise SystemExit(f"bench_lora.py: error: the {kind} child failed (exit {p.returncode})")
+    before = common.loadavg()
+    out = common.run_child(cmd, a.threads, f"the {kind} child", cwd=common.ROOT)
+    return {**out, "load_before": before, "load_after": common.loadavg()}
 
 
 def report(a, mem, speed, n_params):
@@ -176,8 +158,8 @@ def child(a):
     else:                                               # one kind alone: its memory
         step, out = (torch_step if a.child == "torch" else numpy_step)(a, a.child, work, ids, targets)
         out["ms"] = timed(step, a)
-    out["maxrss_mib"] = maxrss_mib()
-    print("RESULT " + json.dumps(out))
+    out["maxrss_mib"] = common.peak_rss_mib()
+    common.print_result(out)
 
 
 def timed(step, a):
@@ -256,15 +238,16 @@ def torch_step(a, kind, work, ids, targets):
 
 # ----------------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="See the module docstring for what is measured and how.")
+def parse_args(argv):
+    ap = ArgumentParser(prog="bench/lora.py", description=__doc__.split("\n")[1],
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="See the module docstring for what is measured and how.")
     ap.add_argument("--model", choices=list(MODELS), default="smollm2-135m", help="the model's shape (default: %(default)s)")
     ap.add_argument("--batch", type=int, default=4, help="B (default: %(default)s)")
     ap.add_argument("--block", type=int, default=128, help="T (default: %(default)s)")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
     ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
-    ap.add_argument("--threads", type=int, default=1, help="BLAS / torch threads of each child (default: %(default)s)")
+    common.add_threads_argument(ap)
     ap.add_argument("--steps", type=int, default=2, help="steps of each kind per round, and of each memory "
                     "run (default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps of each kind first (default: %(default)s)")
@@ -274,13 +257,23 @@ def main(argv=None):
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    common.check_threads(a.threads)
     a.kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
+    if any(k not in KINDS for k in a.kinds):
+        raise UserError(f"--kinds: choose from {', '.join(KINDS)}")
+    return a
+
+
+def main(argv=None):
+    """Exit status 0; `error: <one line>` and 2 for a bad command line, 1 for a failure."""
+    return run_main(parse_args, bench, argv)
+
+
+def bench(a):
     if a.child:
         return child(a)
-    if any(k not in KINDS for k in a.kinds):
-        ap.error(f"--kinds: choose from {', '.join(KINDS)}")
-    print(f"bench_lora.py  model={a.model}  B={a.batch} T={a.block}  rank={a.rank} alpha={a.alpha:g}  "
-          f"threads={a.threads}  cpus={os.cpu_count()}  load={loadavg()}", flush=True)
+    print(f"bench/lora.py  model={a.model}  B={a.batch} T={a.block}  rank={a.rank} alpha={a.alpha:g}  "
+          f"threads={a.threads}  cpus={os.cpu_count()}  load={common.loadavg()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_lora-") as tmp:
         work = Path(tmp)
         t0 = time.time()

@@ -1,10 +1,13 @@
 """
-bench_generate.py: how fast gpt_numpy generates with a real pretrained model, next to transformers (eager
+bench/generation.py: how fast gpt_numpy generates with a real pretrained model, next to transformers (eager
 attention, float32) on the same weights, in the same run, on the same threads.
 
     python export.py --import-gguf SmolLM2-135M-Instruct.Q4_1.gguf --out out/smollm2
-    python bench_generate.py --ckpt out/smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf --threads 2
-    python bench_generate.py --ckpt out/smollm2 --threads 2 --profile     # where our time goes
+    python bench/generation.py --ckpt out/smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf --threads 2
+    python bench/generation.py --ckpt out/smollm2 --threads 2 --profile     # where our time goes
+    python -m bench.generation --ckpt out/smollm2 --threads 2               # the same program, as a module
+
+Run it from the repository root (it runs export.py, the program, from there).
 
 It measures, on the same weights and threads:
 
@@ -18,50 +21,26 @@ It measures, on the same weights and threads:
 Speed is timed in one process that holds both models and alternates them measurement by measurement
 (ours, theirs, ours, theirs...), so that the load of a shared machine, which can change speeds 3x
 within a minute, falls on both alike; the table gives the best of --rounds (the least disturbed run, as
-bench_bpe.py does) and the median. Memory is measured in a fresh process per engine. The weights are the
-checkpoint's float32 arrays; transformers reads the same arrays through export.py's Hugging Face
+bench/tokenizer.py does) and the median. Memory is measured in a fresh process per engine. The weights
+are the checkpoint's float32 arrays; transformers reads the same arrays through export.py's Hugging Face
 directory (written to a temporary folder). Both greedy decodes must give the same tokens.
 """
 
 import argparse
-import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+if __package__ in (None, ""):   # `python bench/generation.py`: import from the repository root, not from bench/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench import common
+from bench.common import SHARED, peak_rss_mib, reset_peak_rss
+from errors import ArgumentParser, UserError, run_main
 
-
-def loadavg():
-    try:
-        return Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        return ["?"] * 3
-
-
-def reset_peak_rss():
-    """Start VmHWM (the peak RSS) afresh from the current RSS (Linux); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mib():
-    """VmHWM from /proc/self/status (follows reset_peak_rss), else ru_maxrss."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+SHAKESPEARE = SHARED / "tinyshakespeare.txt"
 
 
 def checkpoint_tokenizer(ckpt):
@@ -193,13 +172,11 @@ def profile(prefill, decode, a):
 # the parent: rounds, the import's memory, the table
 
 def child(a, what):
-    env = {**os.environ, **{v: str(a.threads) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
-    argv = [sys.executable, __file__, "--child", what, "--ckpt", a.ckpt, "--hf-dir", a.hf_dir, "--threads", str(a.threads),
-            "--rounds", str(a.rounds), "--prompt", str(a.prompt), "--decode", str(a.decode), "--prefill", str(a.prefill)]
-    r = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
-    if r.returncode:
-        sys.exit(f"bench_generate.py: error: the {what} run failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    """Run this program's `what` part (speed, mem-ours, mem-theirs, profile) in a fresh process."""
+    argv = [sys.executable, Path(__file__).resolve(), "--child", what, "--ckpt", a.ckpt, "--hf-dir", a.hf_dir,
+            "--threads", a.threads, "--rounds", a.rounds, "--prompt", a.prompt, "--decode", a.decode,
+            "--prefill", a.prefill]
+    return common.run_child(argv, a.threads, f"the {what} run", cwd=common.ROOT)
 
 
 def import_peak_mib(a):
@@ -207,35 +184,47 @@ def import_peak_mib(a):
     if not a.gguf:
         return None
     with tempfile.TemporaryDirectory() as d:
-        env = {**os.environ, "OPENBLAS_NUM_THREADS": str(a.threads)}
-        p = subprocess.Popen([sys.executable, str(ROOT / "export.py"), "--import-gguf", a.gguf, "--out", d],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        p = subprocess.Popen([sys.executable, str(common.EXPORT), "--import-gguf", a.gguf, "--out", d],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=common.thread_env(a.threads))
         _, status, usage = os.wait4(p.pid, 0)
         if status:
-            sys.exit(f"bench_generate.py: error: the import failed: {p.stderr.read().decode()[-2000:]}")
+            sys.stderr.write(p.stderr.read().decode()[-2000:])
+            raise UserError(f"export.py --import-gguf {a.gguf} failed")
     return usage.ru_maxrss / 1024
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv):
+    ap = ArgumentParser(prog="bench/generation.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="a checkpoint (export.py --import-gguf / --import-hf)")
-    ap.add_argument("--gguf", help="also measure the peak memory of importing this GGUF file")
-    ap.add_argument("--threads", type=int, default=2, help="BLAS / torch threads of both (default: 2)")
-    ap.add_argument("--rounds", type=int, default=7, help="timed runs of each measurement (default: 7)")
-    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens before decoding (default: 16)")
-    ap.add_argument("--decode", type=int, default=64, help="decode steps timed (default: 64)")
-    ap.add_argument("--prefill", type=int, default=512, help="prefill prompt tokens (default: 512)")
+    ap.add_argument("--gguf", help="also measure the peak memory of importing this GGUF file (default: none)")
+    common.add_threads_argument(ap)
+    ap.add_argument("--rounds", type=int, default=7, help="timed runs of each measurement (default: %(default)s)")
+    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens before decoding (default: %(default)s)")
+    ap.add_argument("--decode", type=int, default=64, help="decode steps timed (default: %(default)s)")
+    ap.add_argument("--prefill", type=int, default=512, help="prefill prompt tokens (default: %(default)s)")
     ap.add_argument("--profile", action="store_true", help="cProfile of our prefill and decode instead")
     ap.add_argument("--child", choices=["speed", "mem-ours", "mem-theirs", "profile"], help=argparse.SUPPRESS)
     ap.add_argument("--hf-dir", default="", help=argparse.SUPPRESS)     # the children's Hugging Face copy
     a = ap.parse_args(argv)
+    common.check_threads(a.threads)
+    for k in ("rounds", "prompt", "decode", "prefill"):
+        if getattr(a, k) < 1:
+            raise UserError(f"--{k} must be at least 1, got {getattr(a, k)}")
+    return a
+
+
+def main(argv=None):
+    """Exit status 0; `error: <one line>` and 2 for a bad command line, 1 for a failure."""
+    return run_main(parse_args, bench, argv)
+
+
+def bench(a):
     if a.child:
-        sys.path.insert(0, str(ROOT))
-        out = (run_speed(a) if a.child == "speed" else profile(*ours(a), a) if a.child == "profile"
-               else run_memory(a, a.child[4:]))
-        print(json.dumps(out))
+        common.print_result(run_speed(a) if a.child == "speed" else profile(*ours(a), a) if a.child == "profile"
+                            else run_memory(a, a.child[4:]))
         return 0
-    print(f"bench_generate.py  ckpt={a.ckpt}  threads={a.threads}  rounds={a.rounds}  load={' '.join(loadavg())}")
+    print(f"bench/generation.py  ckpt={a.ckpt}  threads={a.threads}  rounds={a.rounds}  load={common.loadavg()}")
     if a.profile:
         for name, text in child(a, "profile").items():
             print(f"\n--- ours, {name} ({a.prefill if name == 'prefill' else a.decode} tokens) ---\n{text}")
@@ -245,13 +234,14 @@ def main(argv=None):
     import transformers
     with tempfile.TemporaryDirectory() as tmp:                     # transformers' copy of the same weights
         hf_dir = os.path.join(tmp, "hf")
-        subprocess.run([sys.executable, str(ROOT / "export.py"), "--ckpt", a.ckpt, "--out", hf_dir], check=True,
-                       stdout=subprocess.DEVNULL)
+        if subprocess.run([sys.executable, str(common.EXPORT), "--ckpt", a.ckpt, "--out", hf_dir],
+                          stdout=subprocess.DEVNULL).returncode:                  # its error line is on stderr
+            raise UserError(f"export.py --ckpt {a.ckpt} failed")
         a.hf_dir = hf_dir
         mem = {engine: child(a, f"mem-{engine}") for engine in ("ours", "theirs")}
         speed = child(a, "speed")
     same = speed["ours"]["tokens"] == speed["theirs"]["tokens"]
-    print(f"load after: {' '.join(loadavg())}; transformers {transformers.__version__}, torch {torch.__version__}; "
+    print(f"load after: {common.loadavg()}; transformers {transformers.__version__}, torch {torch.__version__}; "
           f"threads {speed['threads']}; greedy tokens identical: {same}")
     if imp is not None:
         print(f"peak memory of export.py --import-gguf: {imp:.0f} MiB")

