@@ -68,7 +68,6 @@ def run_limited(args, timeout=90, env_extra=None, fsize=None):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    env.pop("TRAIN_TEST_KILL", None)
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout, preexec_fn=limits)
 
@@ -134,7 +133,6 @@ def test_a_busy_out_dir_is_refused_and_a_killed_run_releases_it(tmp_path, capsys
     text = make_text(tmp_path / "text.txt")
     out = tmp_path / "out"
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("TRAIN_TEST_KILL", None)
     first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *tiny_args(tmp_path, text), "--max-iters",
                               "1000000", "--eval-interval", "1000000", "--ckpt-interval", "0", "--sample-tokens", "0"],
                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,0 +1,57 @@
+"""
+train.py with a fault at a given step, for the kill-and-resume tests (test_train.py, test_dist.py):
+
+    python tests/train_runner.py FAULT [train.py's arguments ...]      # the exit status is train.py's
+
+FAULT is KIND:K, what happens to this process at step K:
+    step:K     SIGKILL as step K ends: nothing is saved; the last complete checkpoint stays
+    save:K     SIGKILL inside step K's checkpoint write, when the temporary file is complete but has not
+               replaced the last good checkpoint
+    sigint:K   SIGINT (Ctrl-C) as step K ends: the run saves step K and exits 0
+    hang:K     SIGSTOP as step K ends: a rank that hangs, under mpiexec
+
+train.py knows nothing of this: the runner wraps train.train_step (the loop calls it by its module-global
+name) and train.save_checkpoint (whose before_replace runs between those two moments of the write), then
+calls train.main, as `python train.py` would.
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))       # the repository root, where train.py is
+
+import train  # noqa: E402  (after the path above)
+
+SIGNALS = {"step": signal.SIGKILL, "sigint": signal.SIGINT, "hang": signal.SIGSTOP}
+
+
+def inject(fault):
+    """Wrap train's step or save function so that FAULT (KIND:K) happens at step K."""
+    kind, _, k = fault.partition(":")
+    if kind not in {*SIGNALS, "save"} or not k.isdigit():
+        raise SystemExit(f"train_runner.py: bad fault {fault!r}: expected step:K, save:K, sigint:K or hang:K")
+    k = int(k)
+    if kind == "save":
+        real_save = train.save_checkpoint
+
+        def save_checkpoint(path, params, adam_m, adam_v, meta, **kw):
+            if Path(path).name == "ckpt.safetensors" and meta.get("step") == k:
+                kw["before_replace"] = lambda tmp: os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(path, params, adam_m, adam_v, meta, **kw)
+        train.save_checkpoint = save_checkpoint
+    else:
+        real_step = train.train_step
+
+        def train_step(run, state):
+            out = real_step(run, state)
+            if state.step == k:
+                os.kill(os.getpid(), SIGNALS[kind])
+            return out
+        train.train_step = train_step
+
+
+if __name__ == "__main__":
+    inject(sys.argv[1])
+    raise SystemExit(train.main(sys.argv[2:]))
