@@ -3,9 +3,10 @@ train.py: train the GPT of gpt_numpy.py on a text corpus: raw text in, a checkpo
 
 nanoGPT-shaped: a config whose fields are the flags (each documented once, in its field), named presets,
 plainly named helpers (estimate_loss, get_lr) and one flat training loop (train(), in named steps; one
-optimizer step is train_step). The config, its presets and its checks live in lib/train_config.py; how a
-run starts (--resume and its rules, --init-from, the out dir, the corpus and its caches) in lib/runs.py.
-On the way lib/data.py finds the corpus (by default the Python standard library's own .py sources, which
+optimizer step is train_step()). What the loop takes as given lives in lib/: the config (TrainConfig),
+its presets and its checks in lib/train_config.py; how a run starts in lib/runs.py: afresh, --resume and
+its rules, --init-from, the out dir, the data, and the run's records (Run, what stays fixed; State, what
+changes and is checkpointed). On the way lib/data.py finds the corpus (by default the Python standard library's own .py sources, which
 every machine with Python has), trains a BPE tokenizer on it (bpe.py) or reads a character vocabulary off
 it, and writes the token ids once to memory-mapped files under data/<name>/. Each of those steps is cached
 and redone only when its inputs change. A bad command line prints `error: <one line>` and exits 2, any
@@ -48,7 +49,6 @@ assistant's tokens only (lib/sft.py). docs/finetuning.md has a worked example.
 
 
 import argparse
-import json
 import math
 import os
 import signal
@@ -57,21 +57,18 @@ import textwrap
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, fields
 
 import numpy as np
 
 import gpt_numpy
 from errors import ArgumentParser, UserError, run_main
 from lib import generation, lora as lora_lib, mixed_precision, runs, scoring, sft
-from lib.checkpoint import (build_meta, check_tokenizer_fits, load_adapters, load_lora_base, load_params, lora_base_ref,
-                            save_checkpoint)
+from lib.checkpoint import build_meta, check_tokenizer_fits, save_checkpoint
 from lib.data import get_batch
-from lib.files import naming_errors, write_text_atomic
-from lib.runs import check_corpus_length, load_eval_mc, open_out_dir
+from lib.runs import append_jsonl, check_corpus_length, load_eval_mc, open_out_dir
 from lib.tokenizer import encode_prompt
-from lib.train_config import PRESETS, TrainConfig, check_config, check_memory, lora_config, model_config
+from lib.train_config import PRESETS, TrainConfig, check_command_line, check_memory, lora_config, model_config
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -114,91 +111,17 @@ def step_seed(seed, step, micro):
     return int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0])
 
 
-def sample_text(gm, params, mcfg, tok, prompt, n, seed, temperature=0.8, top_k=200, lora=None):
-    """The prompt and n sampled tokens, as text (KV-cache generation)."""
-    ids = encode_prompt(tok, prompt)
-    new = list(generation.generate_stream(gm, params, ids, mcfg, n, temperature=temperature, top_k=top_k, seed=seed, lora=lora))
-    return tok.decode_bytes(ids + new).decode("utf-8", "replace")
-
-
-def sample_answer(gm, params, mcfg, tok, chat, question, n, lora=None):
-    """--sft: the model's answer to `question` sent as a user message in the chat template: greedy, at
-    most n tokens, up to the template's end of turn."""
-    ids = sft.chat_prompt_ids(tok, chat, question)
-    stop = sft.stop_ids(tok, chat)
-    new = list(generation.generate_stream(gm, params, ids, mcfg, n, temperature=0, stop_ids=stop, lora=lora))
-    return tok.decode_bytes([i for i in new if i not in stop]).decode("utf-8", "replace")
-
-
-def append_jsonl(path, record):
-    with naming_errors(path), open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 # ----------------------------------------------------------------------------------------------------
 # The training loop: train() and its steps, in the order it calls them
-
-@dataclass
-class Run:
-    """What stays fixed while a run trains."""
-    cfg: TrainConfig
-    mcfg: gpt_numpy.GPTConfig
-    gm: object                  # gpt_numpy or gpt_cupy
-    data: dict                  # data.prepare_data's {"train", "val", "meta"}
-    tok: object
-    out_dir: Path
-    resumed: bool               # continues a checkpoint of this run (--resume)
-    log: object = print         # log(line); while the progress bar shows, write(line) prints above it
-    write: object = print
-    comm: object = None         # under mpiexec: dist.py's communicator (rank, size); None: one process
-    dp: object = None           # under mpiexec: dist.DataParallel, which averages the gradients
-    lora: object = None         # lib.lora.LoraConfig of a LoRA run, else None
-    lora_base: dict = None      # a LoRA run's base checkpoint: checkpoint.lora_base_ref's path and hash
-    chat: object = None         # --sft: the sft.Chat the records are rendered with
-    mc: list | None = None      # --eval-mc's items, encoded once (scoring.MCRequest)
-
-    ckpt_path = property(lambda self: self.out_dir / "ckpt.safetensors")
-    log_path = property(lambda self: self.out_dir / "log.jsonl")
-    rank = property(lambda self: self.comm.rank if self.comm else 0)     # rank 0 logs, evaluates, saves
-    world = property(lambda self: self.comm.size if self.comm else 1)
-    tokens_per_step = property(lambda self: self.cfg.batch_size * self.cfg.block_size * self.cfg.grad_accum
-                               * self.world)
-
-
-@dataclass
-class State:
-    """What changes while a run trains, all of it checkpointed: the weights, AdamW, the loss scaler, the
-    batch sampler (a seeded generator) and the progress."""
-    params: dict
-    opt: dict
-    scaler: dict
-    rng: np.random.Generator
-    step: int = 0
-    elapsed: float = 0.0            # seconds of training before this process started
-    tokens_seen: int = 0
-    best_val: float | None = None
-    last_eval: dict | None = None   # the latest evaluation: step, train and val loss, val bits per byte
-    saved_step: int | None = None   # the step of this run's checkpoint in out_dir (None: none written yet)
-    t_start: float = field(default_factory=time.time)    # when this process started training
-    trained_keys: list = None       # the names of the weights the optimizer updates (set with opt)
-
-    def elapsed_now(self):
-        return round(self.elapsed + time.time() - self.t_start, 3)
-
-    def trained(self):
-        """The parameters the optimizer updates: every weight, or a LoRA run's adapters (the base weights
-        in params stay frozen)."""
-        return {k: self.params[k] for k in self.trained_keys}
-
 
 def train(cfg, data, tok, gm, resume=None, log=print, init=None, comm=None):
     """Train (or continue `resume`, a checkpoint.Checkpoint) and return a summary dict. `init` (a
     Checkpoint too) fine-tunes: its weights and model config, a fresh optimizer and step 0. `comm`:
     under mpiexec, dist.py's communicator (the ranks train one model; rank 0 logs, evaluates and saves).
 
-    Each step: grad_accum micro-batches from the seeded sampler -> averaged gradients -> finite check ->
-    clip -> AdamW at get_lr(step). Every eval_interval steps: train/val loss, val bits per byte, a sample.
-    Every ckpt_interval steps, at the end and on Ctrl-C: an atomic checkpoint.
+    Each step (train_step): grad_accum micro-batches from the seeded sampler -> averaged gradients ->
+    finite check -> clip -> AdamW at get_lr(step). Every eval_interval steps: train/val loss, val bits per
+    byte, a sample. Every ckpt_interval steps, at the end and on Ctrl-C: an atomic checkpoint.
     """
     from tqdm import tqdm
     source = resume or init                                            # the checkpoint the model comes from
@@ -209,9 +132,9 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None, comm=None):
         check_tokenizer_fits(tok, mcfg, source.path)   # a char vocabulary smaller than the model: refused
     if not cfg.sft:
         check_corpus_length(cfg, data)
-    run = Run(cfg, mcfg, gm, data, tok, open_out_dir(cfg), resumed=resume is not None, log=log, comm=comm,
-              lora=lora_config(cfg), chat=data.get("chat"), mc=load_eval_mc(cfg, tok, mcfg, source))
-    state = resumed_state(run, resume) if resume else fresh_state(run, init)
+    run = runs.Run(cfg, mcfg, gm, data, tok, open_out_dir(cfg), resumed=resume is not None, log=log, comm=comm,
+                   lora=lora_config(cfg), chat=data.get("chat"), mc=load_eval_mc(cfg, tok, mcfg, source))
+    state = runs.resumed_state(run, resume) if resume else runs.fresh_state(run, init)
     if resume and state.step >= cfg.max_iters:
         log(f"warning: {resume.path} is at step {state.step}, and --max-iters {cfg.max_iters} ends there: nothing to "
             f"train; pass a larger --max-iters to continue the run")
@@ -228,59 +151,6 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None, comm=None):
     finally:
         bar.close()
     return finish(run, state, status)
-
-
-def fresh_state(run, init):
-    """Step 0: new weights (or, fine-tuning, the init checkpoint's), a fresh optimizer, sampler and log."""
-    gm, cfg = run.gm, run.cfg
-    if init is None:
-        params = gm.init_params(run.mcfg, seed=cfg.seed)
-    else:                                               # fine-tuning: the weights only; all else starts afresh
-        params = load_params(gm, init.params, run.mcfg, init.path)
-        run.log(f"initialized from {init.path} (its step {init.step if init.step is not None else '?'}): "
-                f"its weights, architecture and tokenizer; a fresh optimizer from step 0")
-    trained = params
-    if run.lora is not None:                            # LoRA: those weights stay frozen; fresh adapters train
-        run.lora_base = lora_base_ref(init, run.out_dir)
-        trained = lora_lib.init(gm, run.mcfg, run.lora, seed=cfg.seed)
-        params.update(trained)
-    if run.rank == 0:
-        run.log_path.write_text("")                                   # a fresh run starts a fresh log
-    return State(params, gm.adamw_init(trained), mixed_precision.loss_scaler_init(), np.random.default_rng(cfg.seed),
-                 trained_keys=list(trained))
-
-
-def resumed_state(run, ck):
-    """The state a checkpoint of this run saved; the log cut back to its step."""
-    gm, meta = run.gm, ck.meta
-    if not ck.has_training_state:
-        raise UserError(f"cannot resume: the checkpoint lacks {', '.join(ck.missing_training_state())} (a weights-"
-                        f"only file? fine-tune from it with --init-from instead)")
-    if run.lora is not None:                            # the adapters, and the base they were trained on
-        base = load_lora_base(ck)
-        run.lora_base = meta["lora"]["base"]
-        params = load_params(gm, base.params, run.mcfg, base.path)
-        trained = load_adapters(gm, ck.params, run.mcfg, run.lora, ck.path)
-        params.update(trained)
-    else:
-        params = trained = load_params(gm, ck.params, run.mcfg, ck.path)
-    opt = {"t": int(meta["adam_t"]), "m": {k: gm.to_device(ck.adam_m[k]) for k in trained},
-           "v": {k: gm.to_device(ck.adam_v[k]) for k in trained}}
-    rng = np.random.default_rng(run.cfg.seed)
-    rng.bit_generator.state = meta["rng"]["batch"]
-    p = meta["progress"]
-    state = State(params, opt, dict(meta.get("loss_scaler") or mixed_precision.loss_scaler_init()), rng, step=int(meta["step"]),
-                  elapsed=p["elapsed_s"], tokens_seen=p["tokens_seen"], best_val=p["best_val_loss"],
-                  last_eval=p.get("last_eval"), saved_step=int(meta["step"]), trained_keys=list(trained))
-    run.log(f"resumed from {ck.path} at step {state.step}")
-    if run.rank != 0:
-        return state
-    # drop what the interrupted run logged after its checkpoint: those steps are about to be redone
-    kept = [line for line in (run.log_path.read_text().splitlines() if run.log_path.is_file() else [])
-            if line.strip() and json.loads(line).get("step", 0) <= state.step]
-    write_text_atomic(run.log_path, "".join(line + "\n" for line in kept))
-    append_jsonl(run.log_path, {"event": "resume", "step": state.step, "world_size": run.world})
-    return state
 
 
 def start_data_parallel(run, state):
@@ -420,12 +290,19 @@ def evaluate(run, state):
 
 
 def make_sample(run, state, n, seed):
-    """The evaluation's sample: a continuation of --sample-prompt, or with --sft the model's answer to it
-    as a user message."""
-    cfg = run.cfg
+    """The evaluation's sample (KV-cache generation): --sample-prompt and n tokens sampled after it, or
+    with --sft the model's answer to it sent as a user message in the chat template: greedy, at most n
+    tokens, up to the template's end of turn."""
+    cfg, tok, gm = run.cfg, run.tok, run.gm
     if cfg.sft:
-        return sample_answer(run.gm, state.params, run.mcfg, run.tok, run.chat, cfg.sample_prompt, n, run.lora)
-    return sample_text(run.gm, state.params, run.mcfg, run.tok, cfg.sample_prompt, n, seed=seed, lora=run.lora)
+        ids, stop = sft.chat_prompt_ids(tok, run.chat, cfg.sample_prompt), sft.stop_ids(tok, run.chat)
+        new = list(generation.generate_stream(gm, state.params, ids, run.mcfg, n, temperature=0, stop_ids=stop,
+                                              lora=run.lora))
+        return tok.decode_bytes([i for i in new if i not in stop]).decode("utf-8", "replace")
+    ids = encode_prompt(tok, cfg.sample_prompt)
+    new = list(generation.generate_stream(gm, state.params, ids, run.mcfg, n, temperature=0.8, top_k=200, seed=seed,
+                                          lora=run.lora))
+    return tok.decode_bytes(ids + new).decode("utf-8", "replace")
 
 
 def framed(run, text):
@@ -434,19 +311,9 @@ def framed(run, text):
 
 
 def save(run, state):
-    """An atomic checkpoint of the state (checkpoint.py's file, build_meta's metadata)."""
-    cfg, gm, d = run.cfg, run.gm, run.data["meta"]
-    sampler = ({"kind": "uniform random examples", "train_examples": len(run.data["train"])} if cfg.sft else
-               {"kind": "uniform random windows", "train_tokens": len(run.data["train"])})
-    meta = build_meta(
-        run.mcfg, run.tok, step=state.step, adam_t=state.opt["t"], train_config=asdict(cfg),
-        rng={"batch": state.rng.bit_generator.state}, loss_scaler=state.scaler,
-        sampler={**sampler, "batch_size": cfg.batch_size, "block_size": cfg.block_size}, world_size=run.world,
-        data={"name": d["name"], "key": d["key"], "train_tokens": d["train_tokens"], "val_tokens": d["val_tokens"],
-              "val_bytes_per_token": d["val_bytes_per_token"]},
-        progress={"elapsed_s": state.elapsed_now(), "tokens_seen": state.tokens_seen,
-                  "best_val_loss": state.best_val, "last_eval": state.last_eval}, **fine_tuning_meta(run))
-    host = lambda arrays: {k: gm.to_host(v) for k, v in arrays.items()}     # noqa: E731
+    """An atomic checkpoint of the state: lib/checkpoint.py's file, runs.checkpoint_meta's metadata."""
+    meta = runs.checkpoint_meta(run, state)
+    host = lambda arrays: {k: run.gm.to_host(v) for k, v in arrays.items()}     # noqa: E731
     # a LoRA run saves its adapters, not the frozen base (the metadata names the base and its hash)
     if run.dp is None:
         tensors = host(state.trained()), host(state.opt["m"]), host(state.opt["v"])
@@ -455,29 +322,6 @@ def save(run, state):
     if run.rank == 0:
         save_checkpoint(run.ckpt_path, *tensors, meta)
     state.saved_step = state.step
-
-
-def fine_tuning_meta(run):
-    """The metadata a fine-tuning run adds: "lora" (its config and base) and "chat" (the template)."""
-    extra = {}
-    if run.lora is not None:
-        extra["lora"] = {"config": run.lora.to_dict(), "base": run.lora_base}
-    if run.chat is not None:
-        extra["chat"] = run.chat.to_meta()
-    return extra
-
-
-def write_merged(run, state):
-    """--lora-merge: out_dir/merged.safetensors, the base weights plus (alpha/r) A @ B, a weights-only
-    checkpoint with the model config, tokenizer and chat template (no optimizer state)."""
-    gm, path = run.gm, run.out_dir / "merged.safetensors"
-    merged = {k: gm.to_host(v) for k, v in lora_lib.merge(state.params, run.lora).items()}
-    meta = build_meta(run.mcfg, run.tok, step=state.step,
-                      merged_from={"adapters": str(run.ckpt_path), "base": run.lora_base["path"]},
-                      **({"chat": run.chat.to_meta()} if run.chat is not None else {}))
-    save_checkpoint(path, merged, {}, {}, meta)
-    run.log(f"wrote {path}: the base with the adapters merged in ({gm.num_params(merged):,} parameters)")
-    return path
 
 
 def train_step(run, state):
@@ -613,6 +457,19 @@ def finish(run, state, status):
     return result
 
 
+def write_merged(run, state):
+    """--lora-merge: out_dir/merged.safetensors, the base weights plus (alpha/r) A @ B, a weights-only
+    checkpoint with the model config, tokenizer and chat template (no optimizer state)."""
+    gm, path = run.gm, run.out_dir / "merged.safetensors"
+    merged = {k: gm.to_host(v) for k, v in lora_lib.merge(state.params, run.lora).items()}
+    meta = build_meta(run.mcfg, run.tok, step=state.step,
+                      merged_from={"adapters": str(run.ckpt_path), "base": run.lora_base["path"]},
+                      **({"chat": run.chat.to_meta()} if run.chat is not None else {}))
+    save_checkpoint(path, merged, {}, {}, meta)
+    run.log(f"wrote {path}: the base with the adapters merged in ({gm.num_params(merged):,} parameters)")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line: parse (usage errors: exit 2), then prepare and train (failures: exit 1)
 
@@ -672,23 +529,10 @@ def parse_config(argv):
 
 
 def parse_args(argv):
-    """parse_config, then every check the command line alone allows; UserError here is a usage error."""
+    """parse_config, then every check the command line alone allows (train_config.check_command_line);
+    UserError here is a usage error."""
     cfg, explicit, flags, resume = parse_config(argv)
-    check_config(cfg)
-    if resume is not None and cfg.init_from:
-        raise UserError("--init-from starts a new run from a checkpoint's weights and --resume continues a run: "
-                        "pass one of them (a fine-tuning run resumes with --resume alone)")
-    if resume is None and not cfg.init_from:
-        model_config(cfg, max(cfg.vocab_size, 256))     # a bad model shape fails now, before data preparation
-        if cfg.backend == "numpy":                      # and so does a size that cannot fit (vocab: a lower bound)
-            check_memory(cfg, model_config(cfg, cfg.vocab_size if cfg.tokenizer == "bpe" else 1))
-    if resume is None and not cfg.init_from and (cfg.lora_rank or cfg.sft):
-        raise UserError(f"{'--lora-rank' if cfg.lora_rank else '--sft'} fine-tunes a model: pass --init-from CKPT "
-                        f"(a checkpoint of train.py or export.py --import-hf)")
-    if cfg.sft and "data" in flags:
-        raise UserError("--sft FILE is the training data; --data names a text corpus: pass one of them")
-    if resume is None and cfg.lora_merge and not cfg.lora_rank:
-        raise UserError("--lora-merge merges a LoRA run's adapters: it needs --lora-rank R")
+    check_command_line(cfg, flags, resume)
     return cfg, explicit, flags, resume
 
 
@@ -754,8 +598,9 @@ def report_failure(status, e, comm):
     from lib import dist
     if isinstance(e, (UserError, OSError)):             # OSError: disk full, permissions, a path that is not a folder
         dist.report_and_abort(comm, f"error: {e}" if comm.rank == 0 else f"error: rank {comm.rank}: {e}", 1)
-    import traceback                                    # a bug: its traceback, then the job ends
-    dist.report_and_abort(comm, f"rank {comm.rank}: " + traceback.format_exc().rstrip(), 1)
+    else:                                               # a bug: its traceback, then the job ends
+        import traceback
+        dist.report_and_abort(comm, f"rank {comm.rank}: " + traceback.format_exc().rstrip(), 1)
     return True
 
 

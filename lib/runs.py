@@ -1,6 +1,7 @@
 """
-runs.py: how a training run starts. train.py's loop begins where this file ends: with the config settled,
-the backend loaded, the folders made and locked, the corpus (or --sft's records) tokenized and cached.
+runs.py: how a training run starts, and what it is made of. train.py's loop begins where this file ends:
+with the config settled, the backend loaded, the folders made and locked, the corpus (or --sft's records)
+tokenized and cached, and a State to train, fresh or restored from the run's checkpoint.
 
     with runs.start(cfg, explicit, flags, resume, log) as s:   # train.parse_args's command line
         train(s.cfg, s.data, s.tok, s.gm, resume=s.resume, init=s.init)
@@ -11,22 +12,33 @@ Three ways to start, each with its rules:
 - --resume [CKPT]: the run continues its own checkpoint. The config is the checkpoint's; a flag may change
   only what train_config.RESUME_MAY_CHANGE lists, and any other explicit flag that differs is an error (it
   would silently make it another run). The global batch (grad_accum x ranks) stays at any number of ranks,
-  the tokenizer is the checkpoint's, and the corpus must hash to the checkpoint's data key.
+  the tokenizer is the checkpoint's, and the corpus must hash to the checkpoint's data key. The state is
+  the checkpoint's (resumed_state reads back what checkpoint_meta wrote), and log.jsonl is cut back to it.
 - --init-from CKPT: a new run fine-tunes another checkpoint. The model (train_config.FROM_CHECKPOINT) and
   the tokenizer come from that checkpoint, a flag that contradicts them is an error; the training
   settings come from the flags. The tokenizer is saved in the out dir, where it keys the data cache.
+
+A run's records: Run, what stays fixed while it trains (the config, the model config, the backend, the
+data, the folder); State, what changes, all of it checkpointed (the weights, AdamW, the loss scaler, the
+batch sampler's generator, the progress).
 """
 
+import json
+import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
+
+import gpt_numpy
 from errors import UserError
-from lib import scoring, sft
+from lib import lora as lora_lib, mixed_precision, scoring, sft
 from lib.backend import load_backend
-from lib.checkpoint import load_checkpoint, read_meta
+from lib.checkpoint import (build_meta, load_adapters, load_checkpoint, load_lora_base, load_params, lora_base_ref,
+                            read_meta)
 from lib.data import data_key, data_name, digest_sources, find_sources, get_tokenizer, prepare_data, safe_name, tokenizer_tag
-from lib.files import locked_folder, mark_output_folder, write_text_atomic
+from lib.files import locked_folder, mark_output_folder, naming_errors, write_text_atomic
 from lib.tokenizer import encode_prompt, load_tokenizer_file
 from lib.train_config import FROM_CHECKPOINT, RESUME_MAY_CHANGE, TrainConfig, check_config, check_saved_config
 
@@ -280,3 +292,145 @@ def open_out_dir(cfg):
     for stale in out_dir.glob(".ckpt.safetensors.tmp-*"):
         stale.unlink(missing_ok=True)
     return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run and its state: what stays fixed while it trains (Run) and what changes, all of it checkpointed
+# (State); a fresh state, the state a checkpoint of the run saved, and that checkpoint's metadata
+
+@dataclass
+class Run:
+    """What stays fixed while a run trains."""
+    cfg: TrainConfig
+    mcfg: gpt_numpy.GPTConfig
+    gm: object                  # gpt_numpy or gpt_cupy
+    data: dict                  # data.prepare_data's {"train", "val", "meta"}
+    tok: object
+    out_dir: Path
+    resumed: bool               # continues a checkpoint of this run (--resume)
+    log: object = print         # log(line); while the progress bar shows, write(line) prints above it
+    write: object = print
+    comm: object = None         # under mpiexec: dist.py's communicator (rank, size); None: one process
+    dp: object = None           # under mpiexec: dist.DataParallel, which averages the gradients
+    lora: object = None         # lib.lora.LoraConfig of a LoRA run, else None
+    lora_base: dict = None      # a LoRA run's base checkpoint: checkpoint.lora_base_ref's path and hash
+    chat: object = None         # --sft: the sft.Chat the records are rendered with
+    mc: list | None = None      # --eval-mc's items, encoded once (scoring.MCRequest)
+
+    ckpt_path = property(lambda self: self.out_dir / "ckpt.safetensors")
+    log_path = property(lambda self: self.out_dir / "log.jsonl")
+    rank = property(lambda self: self.comm.rank if self.comm else 0)     # rank 0 logs, evaluates, saves
+    world = property(lambda self: self.comm.size if self.comm else 1)
+    tokens_per_step = property(lambda self: self.cfg.batch_size * self.cfg.block_size * self.cfg.grad_accum
+                               * self.world)
+
+
+@dataclass
+class State:
+    """What changes while a run trains, all of it checkpointed: the weights, AdamW, the loss scaler, the
+    batch sampler (a seeded generator) and the progress."""
+    params: dict
+    opt: dict
+    scaler: dict
+    rng: np.random.Generator
+    step: int = 0
+    elapsed: float = 0.0            # seconds of training before this process started
+    tokens_seen: int = 0
+    best_val: float | None = None
+    last_eval: dict | None = None   # the latest evaluation: step, train and val loss, val bits per byte
+    saved_step: int | None = None   # the step of this run's checkpoint in out_dir (None: none written yet)
+    t_start: float = field(default_factory=time.time)    # when this process started training
+    trained_keys: list = None       # the names of the weights the optimizer updates (set with opt)
+
+    def elapsed_now(self):
+        return round(self.elapsed + time.time() - self.t_start, 3)
+
+    def trained(self):
+        """The parameters the optimizer updates: every weight, or a LoRA run's adapters (the base weights
+        in params stay frozen)."""
+        return {k: self.params[k] for k in self.trained_keys}
+
+
+def fresh_state(run, init):
+    """Step 0: new weights (or, fine-tuning, the init checkpoint's), a fresh optimizer, sampler and log."""
+    gm, cfg = run.gm, run.cfg
+    if init is None:
+        params = gm.init_params(run.mcfg, seed=cfg.seed)
+    else:                                               # fine-tuning: the weights only; all else starts afresh
+        params = load_params(gm, init.params, run.mcfg, init.path)
+        run.log(f"initialized from {init.path} (its step {init.step if init.step is not None else '?'}): "
+                f"its weights, architecture and tokenizer; a fresh optimizer from step 0")
+    trained = params
+    if run.lora is not None:                            # LoRA: those weights stay frozen; fresh adapters train
+        run.lora_base = lora_base_ref(init, run.out_dir)
+        trained = lora_lib.init(gm, run.mcfg, run.lora, seed=cfg.seed)
+        params.update(trained)
+    if run.rank == 0:
+        run.log_path.write_text("")                                   # a fresh run starts a fresh log
+    return State(params, gm.adamw_init(trained), mixed_precision.loss_scaler_init(), np.random.default_rng(cfg.seed),
+                 trained_keys=list(trained))
+
+
+def resumed_state(run, ck):
+    """The state a checkpoint of this run saved; the log cut back to its step."""
+    gm, meta = run.gm, ck.meta
+    if not ck.has_training_state:
+        raise UserError(f"cannot resume: the checkpoint lacks {', '.join(ck.missing_training_state())} (a weights-"
+                        f"only file? fine-tune from it with --init-from instead)")
+    if run.lora is not None:                            # the adapters, and the base they were trained on
+        base = load_lora_base(ck)
+        run.lora_base = meta["lora"]["base"]
+        params = load_params(gm, base.params, run.mcfg, base.path)
+        trained = load_adapters(gm, ck.params, run.mcfg, run.lora, ck.path)
+        params.update(trained)
+    else:
+        params = trained = load_params(gm, ck.params, run.mcfg, ck.path)
+    opt = {"t": int(meta["adam_t"]), "m": {k: gm.to_device(ck.adam_m[k]) for k in trained},
+           "v": {k: gm.to_device(ck.adam_v[k]) for k in trained}}
+    rng = np.random.default_rng(run.cfg.seed)
+    rng.bit_generator.state = meta["rng"]["batch"]
+    p = meta["progress"]
+    state = State(params, opt, dict(meta.get("loss_scaler") or mixed_precision.loss_scaler_init()), rng, step=int(meta["step"]),
+                  elapsed=p["elapsed_s"], tokens_seen=p["tokens_seen"], best_val=p["best_val_loss"],
+                  last_eval=p.get("last_eval"), saved_step=int(meta["step"]), trained_keys=list(trained))
+    run.log(f"resumed from {ck.path} at step {state.step}")
+    if run.rank != 0:
+        return state
+    # drop what the interrupted run logged after its checkpoint: those steps are about to be redone
+    kept = [line for line in (run.log_path.read_text().splitlines() if run.log_path.is_file() else [])
+            if line.strip() and json.loads(line).get("step", 0) <= state.step]
+    write_text_atomic(run.log_path, "".join(line + "\n" for line in kept))
+    append_jsonl(run.log_path, {"event": "resume", "step": state.step, "world_size": run.world})
+    return state
+
+
+def checkpoint_meta(run, state):
+    """The metadata of a checkpoint of the run (checkpoint.build_meta's, with the training state that
+    resumed_state reads back): the config, the sampler's state, the data, the progress, and what a
+    fine-tuning run adds."""
+    cfg, d = run.cfg, run.data["meta"]
+    sampler = ({"kind": "uniform random examples", "train_examples": len(run.data["train"])} if cfg.sft else
+               {"kind": "uniform random windows", "train_tokens": len(run.data["train"])})
+    return build_meta(
+        run.mcfg, run.tok, step=state.step, adam_t=state.opt["t"], train_config=asdict(cfg),
+        rng={"batch": state.rng.bit_generator.state}, loss_scaler=state.scaler,
+        sampler={**sampler, "batch_size": cfg.batch_size, "block_size": cfg.block_size}, world_size=run.world,
+        data={"name": d["name"], "key": d["key"], "train_tokens": d["train_tokens"], "val_tokens": d["val_tokens"],
+              "val_bytes_per_token": d["val_bytes_per_token"]},
+        progress={"elapsed_s": state.elapsed_now(), "tokens_seen": state.tokens_seen,
+                  "best_val_loss": state.best_val, "last_eval": state.last_eval}, **fine_tuning_meta(run))
+
+
+def fine_tuning_meta(run):
+    """The metadata a fine-tuning run adds: "lora" (its config and base) and "chat" (the template)."""
+    extra = {}
+    if run.lora is not None:
+        extra["lora"] = {"config": run.lora.to_dict(), "base": run.lora_base}
+    if run.chat is not None:
+        extra["chat"] = run.chat.to_meta()
+    return extra
+
+
+def append_jsonl(path, record):
+    with naming_errors(path), open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

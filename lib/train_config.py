@@ -162,6 +162,27 @@ FROM_CHECKPOINT = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "norm")
 # ----------------------------------------------------------------------------------------------------
 # Checks: a bad setting is refused with one line naming its flag
 
+def check_command_line(cfg, flags, resume):
+    """Every check a command line allows before any file is read: check_config, flags that cannot go
+    together, and a new model that cannot be built or cannot fit. flags: the names of the settings given as
+    flags; resume: --resume's argument, or None."""
+    check_config(cfg)
+    if resume is not None and cfg.init_from:
+        raise UserError("--init-from starts a new run from a checkpoint's weights and --resume continues a run: "
+                        "pass one of them (a fine-tuning run resumes with --resume alone)")
+    if resume is None and not cfg.init_from:
+        model_config(cfg, max(cfg.vocab_size, 256))     # a bad model shape fails now, before data preparation
+        if cfg.backend == "numpy":                      # and so does a size that cannot fit (vocab: a lower bound)
+            check_memory(cfg, model_config(cfg, cfg.vocab_size if cfg.tokenizer == "bpe" else 1))
+    if resume is None and not cfg.init_from and (cfg.lora_rank or cfg.sft):
+        raise UserError(f"{'--lora-rank' if cfg.lora_rank else '--sft'} fine-tunes a model: pass --init-from CKPT "
+                        f"(a checkpoint of train.py or export.py --import-hf)")
+    if cfg.sft and "data" in flags:
+        raise UserError("--sft FILE is the training data; --data names a text corpus: pass one of them")
+    if resume is None and cfg.lora_merge and not cfg.lora_rank:
+        raise UserError("--lora-merge merges a LoRA run's adapters: it needs --lora-rank R")
+
+
 def check_config(cfg):
     """Every check a config allows by itself: ranges, and settings that cannot go together."""
     for name in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "block_size", "batch_size", "grad_accum",
