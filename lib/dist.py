@@ -56,6 +56,7 @@ def report_and_abort(comm, message, code):
     if comm.rank != 0:
         time.sleep(1.0)
     print(message, file=sys.stderr, flush=True)
+    time.sleep(0.2)                                     # mpiexec forwards the line; an abort at once may lose it
     comm.abort(code)
 
 
