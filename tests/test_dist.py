@@ -312,6 +312,20 @@ def test_an_error_ends_the_job_with_one_clear_line_not_a_hang(ref):
 
 
 @needs_mpi
+def test_a_usage_error_is_reported_once_and_a_bug_or_a_second_ctrl_c_ends_the_job(ref):
+    """Every rank parses the same command line: rank 0 alone reports a usage error (exit 2). A bug on one
+    rank (its traceback) or a second Ctrl-C ("interrupted", 130) ends the whole job through MPI_Abort."""
+    p = run_mpi(2, ["--n-layer", "0"], timeout=60)
+    assert p.returncode == 2 and p.stderr == "error: --n-layer must be at least 1, got 0\n", p.stderr
+    t0 = time.time()
+    p = run_mpi(2, args(ref, "bug"), rank_fault={1: "bug:3"}, timeout=60)
+    assert p.returncode == 1 and "rank 1: Traceback" in p.stderr and "RuntimeError: injected bug" in p.stderr
+    # (a second Ctrl-C aborts at once after its "interrupted", which MPI_Abort may cut off: the status only)
+    p = run_mpi(2, args(ref, "quit"), rank_fault={1: "quit:3"}, timeout=60)
+    assert p.returncode == 130 and time.time() - t0 < 60, p.stderr[-3000:]
+
+
+@needs_mpi
 def test_a_nan_on_one_rank_is_seen_by_every_rank():
     """Rank 1 alone gets a nan loss and gradient: after the reduction every rank has the nan loss and a nan
     gradient norm, so all of them stop (or skip the step) together; with and without ZeRO."""

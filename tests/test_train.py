@@ -120,6 +120,17 @@ def test_resume_after_kill_is_bit_identical(tmp_path, kill):
     assert [r["val_loss"] for r in log_a if r["event"] == "eval"] == [r["val_loss"] for r in log_b if r["event"] == "eval"]
 
 
+@pytest.mark.parametrize("fault, status, last_line", [("quit:3", 130, "interrupted"),
+                                                       ("bug:3", 1, "RuntimeError: injected bug")])
+def test_a_second_ctrl_c_quits_at_once_and_a_bug_keeps_its_traceback(tmp_path, fault, status, last_line):
+    """The exit rules train.py adds to errors.run_main's: a second Ctrl-C quits without saving (130 and
+    "interrupted"); a bug is not a one-line error: it keeps its traceback (exit status 1)."""
+    r = run_cli(tiny_args(tmp_path, make_text(tmp_path / "text.txt"), "--sample-tokens", 0), tmp_path, fault=fault)
+    assert r.returncode == status and r.stderr.strip().splitlines()[-1] == last_line, r.stderr[-2000:]
+    assert ("Traceback" in r.stderr) == fault.startswith("bug")
+    assert not (tmp_path / "out" / "ckpt.safetensors").exists()            # step 3: no checkpoint was due
+
+
 def test_resume_in_process_and_longer_run(tmp_path):
     """Resume with a raised --max-iters continues the same schedule (lr_decay_iters was fixed at the start)."""
     data = make_text(tmp_path / "text.txt")

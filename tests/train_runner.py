@@ -9,6 +9,8 @@ FAULT is KIND:K, what happens to this process at step K:
                replaced the last good checkpoint
     sigint:K   SIGINT (Ctrl-C) as step K ends: the run saves step K and exits 0
     hang:K     SIGSTOP as step K ends: a rank that hangs, under mpiexec
+    quit:K     SIGINT twice as step K ends: a second Ctrl-C quits at once, without saving (exit status 130)
+    bug:K      RuntimeError("injected bug") as step K ends: a bug, which keeps its traceback
 
 train.py knows nothing of this: the runner wraps train.train_step (the loop calls it by its module-global
 name) and train.save_checkpoint (whose before_replace runs between those two moments of the write), then
@@ -18,20 +20,32 @@ calls train.main, as `python train.py` would.
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))       # the repository root, where train.py is
 
 import train  # noqa: E402  (after the path above)
 
-SIGNALS = {"step": signal.SIGKILL, "sigint": signal.SIGINT, "hang": signal.SIGSTOP}
+SIGNALS = {"step": [signal.SIGKILL], "sigint": [signal.SIGINT], "hang": [signal.SIGSTOP],
+           "quit": [signal.SIGINT, signal.SIGINT]}
+
+
+def signal_self(signals):
+    """Send each signal to this process, and let Python run its handler before the next one (two SIGINTs
+    pending at once would run the handler once)."""
+    for sig in signals:
+        os.kill(os.getpid(), sig)
+        for _ in range(20):                         # the handler runs between bytecodes, here at the latest
+            time.sleep(0.005)
 
 
 def inject(fault):
     """Wrap train's step or save function so that FAULT (KIND:K) happens at step K."""
     kind, _, k = fault.partition(":")
-    if kind not in {*SIGNALS, "save"} or not k.isdigit():
-        raise SystemExit(f"train_runner.py: bad fault {fault!r}: expected step:K, save:K, sigint:K or hang:K")
+    if kind not in {*SIGNALS, "save", "bug"} or not k.isdigit():
+        raise SystemExit(f"train_runner.py: bad fault {fault!r}: expected KIND:K, KIND one of "
+                         f"{', '.join([*SIGNALS, 'save', 'bug'])}")
     k = int(k)
     if kind == "save":
         real_save = train.save_checkpoint
@@ -46,8 +60,10 @@ def inject(fault):
 
         def train_step(run, state):
             out = real_step(run, state)
+            if state.step == k and kind == "bug":
+                raise RuntimeError("injected bug")
             if state.step == k:
-                os.kill(os.getpid(), SIGNALS[kind])
+                signal_self(SIGNALS[kind])
             return out
         train.train_step = train_step
 
