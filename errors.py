@@ -40,7 +40,8 @@ def run_main(parse, work, argv=None, prefix="error: ", on_error=None):
     (a bug: 1), inside the `except` clause (so traceback.format_exc() shows it). It returns True when it
     has reported the failure itself (run_main then prints and raises nothing, and returns the status),
     False for the rules above. A program that runs as one of several processes uses it to end them all:
-    train.py under mpiexec reports the error once and aborts the job, which may never return."""
+    train.py under mpiexec reports the error once and aborts the whole job (on_error then never returns).
+    train.py also prints a usage error on one rank only, and "interrupted" on a second Ctrl-C."""
     try:
         args = parse(argv)
     except UserError as e:
