@@ -13,8 +13,8 @@ FAULT is KIND:K, what happens to this process at step K:
     bug:K      RuntimeError("injected bug") as step K ends: a bug, which keeps its traceback
 
 train.py knows nothing of this: the runner wraps train.train_step (the loop calls it by its module-global
-name) and train.save_checkpoint (whose before_replace runs between those two moments of the write), then
-calls train.main, as `python train.py` would.
+name) and train.save_checkpoint (whose before_replace hook runs once the temporary file is complete,
+before it replaces the checkpoint), then calls train.main, as `python train.py` would.
 """
 
 import os
