@@ -29,26 +29,41 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def run_main(parse, work, argv=None, prefix="error: "):
+def run_main(parse, work, argv=None, prefix="error: ", on_error=None):
     """A program's exit status, the same rules for every program: parse(argv) -> args, then work(args).
     A UserError from parse: `error: <message>` on stderr, 2. A UserError or OSError (a missing file, a
     full disk) from work: the same line, 1. Ctrl-C: 130. Output piped into a program that stops reading
     (`| head`): 0, quietly. Anything else is a bug and keeps its traceback. work's return value, if an
-    int, is the status (0 otherwise)."""
+    int, is the status (0 otherwise).
+
+    on_error(status, exception), if given, sees each failure first, with the status these rules give it
+    (a bug: 1), inside the `except` clause (so traceback.format_exc() shows it). It returns True when it
+    has reported the failure itself (run_main then prints and raises nothing, and returns the status),
+    False for the rules above. A program that runs as one of several processes uses it to end them all:
+    train.py under mpiexec reports the error once and aborts the whole job (on_error then never returns).
+    train.py also prints a usage error on one rank only, and "interrupted" on a second Ctrl-C."""
     try:
         args = parse(argv)
     except UserError as e:
-        print(f"{prefix}{e}", file=sys.stderr)
+        if not (on_error and on_error(2, e)):
+            print(f"{prefix}{e}", file=sys.stderr)
         return 2
     try:
         status = work(args)
-    except BrokenPipeError:                             # e.g. piped into `head`
-        sys.stderr.close()
+    except BrokenPipeError as e:                        # e.g. piped into `head`
+        if not (on_error and on_error(0, e)):
+            sys.stderr.close()
         return 0
     except (UserError, OSError) as e:
-        print(f"{prefix}{e}", file=sys.stderr)
+        if not (on_error and on_error(1, e)):
+            print(f"{prefix}{e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if not (on_error and on_error(130, e)):
+            print(file=sys.stderr)
         return 130
+    except BaseException as e:                          # a bug
+        if not (on_error and on_error(1, e)):
+            raise
+        return 1
     return status if isinstance(status, int) else 0

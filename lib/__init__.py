@@ -10,6 +10,7 @@ everything here sits between them and the programs, and no module here imports a
     data               corpora, the tokenizer and token caches, the batch sampler
     checkpoint         the checkpoint file; load_model for every program
     memory             what a run or a generation needs, refused up front when it cannot fit
+    train_config, runs train.py's config and its checks; how a run starts (--resume, --init-from, data)
     generation         sampling, generate_stream, the KV session of a chat
     lora, mixed_precision   the bookkeeping of LoRA runs; float16 steps with loss scaling
     chat_template, sft, scoring, dist   chat templates; instruction data; evaluation; MPI data parallel

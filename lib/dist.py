@@ -11,7 +11,7 @@ Data parallelism: every rank (process) holds the whole model, computes the gradi
 each step's batch, and the ranks average those gradients before the same AdamW step, so their weights
 stay equal. What this file adds to train.py's loop:
 
-1. The same data at any world size (train.py's accumulate_grads): each step's global batch, batch x
+1. The same data at any world size (train.py's train_step): each step's global batch, batch x
    grad_accum x world sequences, is drawn from one seeded sampler on every rank, and rank r trains on
    micro-batches r*grad_accum .. r*grad_accum + grad_accum - 1 of it; dropout masks are keyed by the
    global micro-batch index. So 2 ranks x grad_accum 1 and 1 process x grad_accum 2 see the same
@@ -56,6 +56,7 @@ def report_and_abort(comm, message, code):
     if comm.rank != 0:
         time.sleep(1.0)
     print(message, file=sys.stderr, flush=True)
+    time.sleep(0.2)                                     # mpiexec forwards the line; an abort at once may lose it
     comm.abort(code)
 
 

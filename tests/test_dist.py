@@ -19,6 +19,8 @@ import pytest
 from lib import dist
 import gpt_numpy
 import train
+from lib import runs
+from lib.train_config import TrainConfig
 from lib.checkpoint import load_checkpoint, read_meta
 from conftest import ROOT, make_text, rel_err, tiny_cfg
 from errors import UserError
@@ -34,10 +36,8 @@ needs_mpi = pytest.mark.skipif(MPIEXEC is None or importlib.util.find_spec("mpi4
 
 
 def env1():
-    """One BLAS thread per process (so runs are bit-comparable), no test hooks inherited."""
-    env = {k: v for k, v in os.environ.items() if k != "TRAIN_TEST_KILL"}
-    env.update({"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
-    return env
+    """One BLAS thread per process (so runs are bit-comparable)."""
+    return {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
 def args(d, out, *extra):
@@ -54,18 +54,17 @@ def run1(argv):
                           text=True, timeout=120)
 
 
-def run_mpi(n, argv, rank_env=None, timeout=120):
-    """mpiexec -n n python train.py argv; rank_env {rank: {VAR: value}} sets variables for single ranks
-    (MPMD segments of one rank each)."""
-    rank_env = rank_env or {}
-    if not rank_env:
+def run_mpi(n, argv, rank_fault=None, timeout=120):
+    """mpiexec -n n python train.py argv; rank_fault {rank: "KIND:K"} runs those ranks through
+    tests/train_runner.py, which injects the fault at step K (MPMD segments of one rank each)."""
+    if not rank_fault:
         cmd = [MPIEXEC, "-n", str(n), sys.executable, str(ROOT / "train.py"), *argv]
     else:
         cmd = [MPIEXEC]
         for r in range(n):
+            program = [str(ROOT / "tests" / "train_runner.py"), rank_fault[r]] if r in rank_fault else [str(ROOT / "train.py")]
             cmd += [":"] if r else []
-            cmd += ["-n", "1"] + [x for k, v in rank_env.get(r, {}).items() for x in ("-env", k, v)]
-            cmd += [sys.executable, str(ROOT / "train.py"), *argv]
+            cmd += ["-n", "1", sys.executable, *program, *argv]
     return subprocess.run(cmd, env=env1(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -147,23 +146,23 @@ def test_layout_buckets_shards_and_padding():
 
 
 def test_resume_keeps_the_global_batch_at_any_world_size():
-    cfg = train.TrainConfig(grad_accum=1)
+    cfg = TrainConfig(grad_accum=1)
     meta = {"train_config": {"grad_accum": 1}, "world_size": 2}
-    train.resume_world(cfg, set(), meta, 1)                  # 2 ranks x 1 -> 1 process x 2
+    runs.resume_world(cfg, set(), meta, 1)                  # 2 ranks x 1 -> 1 process x 2
     assert cfg.grad_accum == 2
-    train.resume_world(cfg, set(), {"train_config": {"grad_accum": 2}}, 2)     # an old single-process file
+    runs.resume_world(cfg, set(), {"train_config": {"grad_accum": 2}}, 2)     # an old single-process file
     assert cfg.grad_accum == 1
     cfg.grad_accum = 3
     with pytest.raises(UserError, match="global batch is 2 micro-batches"):
-        train.resume_world(cfg, {"grad_accum"}, meta, 1)
+        runs.resume_world(cfg, {"grad_accum"}, meta, 1)
     with pytest.raises(UserError, match="cannot resume on 3 ranks"):
-        train.resume_world(cfg, set(), meta, 3)
+        runs.resume_world(cfg, set(), meta, 3)
 
 
 def test_single_process_never_imports_mpi(tmp_path):
     make_text(tmp_path / "text.txt")
     code = ("import sys, train; train.run(%r, log=lambda *a: None); "
-            "print(sorted(m for m in ('dist', 'mpi4py') if m in sys.modules))"
+            "print(sorted(m for m in ('lib.dist', 'mpi4py') if m in sys.modules))"
             % args(tmp_path, "out", "--max-iters", 3))
     p = ok(subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env1(), capture_output=True, text=True,
                           timeout=120))
@@ -273,7 +272,7 @@ def test_a_killed_rank_ends_the_job_and_resume_is_bit_exact(ref, rank, hook, las
     bit-identical to the uninterrupted run."""
     out = ref / f"killed-{rank}"
     t0 = time.time()
-    p = run_mpi(2, args(ref, out.name), rank_env={rank: {"TRAIN_TEST_KILL": hook}}, timeout=60)
+    p = run_mpi(2, args(ref, out.name), rank_fault={rank: hook}, timeout=60)
     assert p.returncode != 0 and time.time() - t0 < 60
     assert load_checkpoint(out).meta["step"] == last           # verified by its sha256 as it loads
     ok(run_mpi(2, args(ref, out.name, "--resume")))
@@ -284,7 +283,7 @@ def test_a_killed_rank_ends_the_job_and_resume_is_bit_exact(ref, rank, hook, las
 def test_a_hanging_rank_is_detected_by_the_bounded_wait(ref):
     out = ref / "hung"
     t0 = time.time()
-    p = run_mpi(2, args(ref, out.name, "--dist-timeout", 8), rank_env={1: {"TRAIN_TEST_KILL": "hang:12"}},
+    p = run_mpi(2, args(ref, out.name, "--dist-timeout", 8), rank_fault={1: "hang:12"},
                 timeout=60)
     assert p.returncode != 0 and time.time() - t0 < 60
     assert "error: rank 0: no word from the other ranks for 8 s" in p.stderr
@@ -296,7 +295,7 @@ def test_ctrl_c_on_one_rank_stops_all_at_the_same_step(ref):
     """A SIGINT that reaches rank 1 alone: the ranks agree to stop after the same step and save; the run
     then resumes bit-exactly."""
     out = ref / "ctrl-c"
-    p = ok(run_mpi(2, args(ref, out.name), rank_env={1: {"TRAIN_TEST_KILL": "sigint:13"}}))
+    p = ok(run_mpi(2, args(ref, out.name), rank_fault={1: "sigint:13"}))
     assert "interrupted at step 13" in p.stdout
     assert read_meta(out / "ckpt.safetensors")["step"] == 13
     ok(run_mpi(2, args(ref, out.name, "--resume")))
@@ -310,6 +309,20 @@ def test_an_error_ends_the_job_with_one_clear_line_not_a_hang(ref):
     assert p.returncode == 1
     assert "error: cannot resume on 3 ranks: the checkpoint's global batch is 2 micro-batches" in p.stderr
     assert "Traceback" not in p.stderr and p.stderr.count("error:") == 1          # rank 0's, once
+
+
+@needs_mpi
+def test_a_usage_error_is_reported_once_and_a_bug_or_a_second_ctrl_c_ends_the_job(ref):
+    """Every rank parses the same command line: rank 0 alone reports a usage error (exit 2). A bug on one
+    rank (its traceback) or a second Ctrl-C ("interrupted", 130) ends the whole job through MPI_Abort."""
+    p = run_mpi(2, ["--n-layer", "0"], timeout=60)
+    assert p.returncode == 2 and p.stderr == "error: --n-layer must be at least 1, got 0\n", p.stderr
+    t0 = time.time()
+    p = run_mpi(2, args(ref, "bug"), rank_fault={1: "bug:3"}, timeout=60)
+    assert p.returncode == 1 and "rank 1: Traceback" in p.stderr and "RuntimeError: injected bug" in p.stderr
+    # (a second Ctrl-C aborts at once after its "interrupted", which MPI_Abort may cut off: the status only)
+    p = run_mpi(2, args(ref, "quit"), rank_fault={1: "quit:3"}, timeout=60)
+    assert p.returncode == 130 and time.time() - t0 < 60, p.stderr[-3000:]
 
 
 @needs_mpi

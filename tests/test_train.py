@@ -25,12 +25,13 @@ from lib import mixed_precision, tokenizer_files
 # helpers (the shared ones are in conftest.py)
 
 
-def run_cli(argv, cwd, env_extra=None):
-    """train.py as a subprocess with one BLAS thread (so runs are bit-comparable)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRAIN_TEST_KILL"}
-    env.update({"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})})
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+def run_cli(argv, cwd, fault=None):
+    """train.py as a subprocess with one BLAS thread (so runs are bit-comparable); with a fault ("step:K",
+    "save:K", "sigint:K", "hang:K"), tests/train_runner.py runs it and injects that fault at step K."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    program = [str(ROOT / "train.py")] if fault is None else [str(ROOT / "tests" / "train_runner.py"), fault]
+    return subprocess.run([sys.executable, *program, *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 def train_error(argv, capsys):
@@ -91,7 +92,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, kill):
     common = list(map(str, common))
     straight = run_cli(common + ["--out-dir", "a"], tmp_path)
     assert straight.returncode == 0, straight.stderr
-    first = run_cli(common + ["--out-dir", "b"], tmp_path, {"TRAIN_TEST_KILL": kill})
+    first = run_cli(common + ["--out-dir", "b"], tmp_path, fault=kill)
     if kill.startswith("sigint"):
         assert first.returncode == 0 and "interrupted at step 13" in first.stdout + first.stderr
         expect_step = 13
@@ -117,6 +118,17 @@ def test_resume_after_kill_is_bit_identical(tmp_path, kill):
     steps = lambda log: [(r["event"], r["step"]) for r in log if r["event"] != "resume"]   # noqa: E731
     assert steps(log_a) == steps(log_b)
     assert [r["val_loss"] for r in log_a if r["event"] == "eval"] == [r["val_loss"] for r in log_b if r["event"] == "eval"]
+
+
+@pytest.mark.parametrize("fault, status, last_line", [("quit:3", 130, "interrupted"),
+                                                       ("bug:3", 1, "RuntimeError: injected bug")])
+def test_a_second_ctrl_c_quits_at_once_and_a_bug_keeps_its_traceback(tmp_path, fault, status, last_line):
+    """The exit rules train.py adds to errors.run_main's: a second Ctrl-C quits without saving (130 and
+    "interrupted"); a bug is not a one-line error: it keeps its traceback (exit status 1)."""
+    r = run_cli(tiny_args(tmp_path, make_text(tmp_path / "text.txt"), "--sample-tokens", 0), tmp_path, fault=fault)
+    assert r.returncode == status and r.stderr.strip().splitlines()[-1] == last_line, r.stderr[-2000:]
+    assert ("Traceback" in r.stderr) == fault.startswith("bug")
+    assert not (tmp_path / "out" / "ckpt.safetensors").exists()            # step 3: no checkpoint was due
 
 
 def test_resume_in_process_and_longer_run(tmp_path):

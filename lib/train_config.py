@@ -1,0 +1,271 @@
+"""
+train_config.py: what a training run is configured by. TrainConfig's fields are train.py's flags, each
+documented once, in its field (train.py builds its parser and --help from them); PRESETS are named sets
+of values; the checks here refuse a setting that cannot work before any data is prepared.
+
+    cfg = TrainConfig(**{**asdict(TrainConfig()), **PRESETS["tiny"][1], "data": "notes.txt"})
+    check_config(cfg)                           # UserError naming the flag, e.g. "--lr must be > 0 ..."
+    mcfg = model_config(cfg, vocab_size=65)     # the GPTConfig of a new run
+
+What a resumed run may change (RESUME_MAY_CHANGE) and what a fine-tuning run takes from its checkpoint
+(FROM_CHECKPOINT) are written here too, beside the fields they name; runs.py applies them.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+
+import gpt_numpy
+from errors import FileFormatError, UserError
+from lib import lora as lora_lib, memory
+
+
+# ----------------------------------------------------------------------------------------------------
+# The config: the defaults are the default job (stdlib + BPE); a preset overrides some; flags override both.
+# Each field is one flag (--n-layer for n_layer), documented once, here: its help is the --help text.
+
+def flag(default, help, **argparse_extras):
+    """A TrainConfig field: its default, its --help text and argparse extras (choices, metavar)."""
+    return field(default=default, metadata={"help": help, **argparse_extras})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = flag("stdlib", "corpus: 'stdlib' (Python's own .py sources), 'shakespeare' (downloaded once), "
+                     "a text file, a folder of text files, or a glob such as 'src/**/*.py'")
+    name: str = flag("", "cache name under --data-dir (default: from --data, e.g. stdlib, tinyshakespeare)")
+    tokenizer: str = flag("bpe", "'bpe' (train bpe.py on the corpus, cached), 'char' (one id per character, as "
+                          "nanoGPT's shakespeare_char), or the path of a saved tokenizer (a bpe.py file, or the "
+                          "tokenizer file in a fine-tuning run's out dir)")
+    vocab_size: int = flag(2048, "BPE vocabulary: 256 bytes + merges + 1 special token, e.g. 512 .. 8192")
+    bpe_sample_mb: float = flag(20.0, "train the BPE on an evenly spread sample of at most this many MB of the "
+                                "corpus (0: all of it)")
+    val_fraction: float = flag(0.1, "fraction of the tokens (the last ones) held out for validation "
+                               "(nanoGPT's 90/10)")
+    # model (gpt_numpy.GPTConfig)
+    init_from: str = flag("", "fine-tune: start a new run from this checkpoint (a ckpt.safetensors or its "
+                          "folder, e.g. from an earlier run or export.py --import-hf): its weights, model and "
+                          "tokenizer; the optimizer, step and sampler start afresh, the training settings "
+                          "come from the flags and --preset (--block-size at most the model's context; model "
+                          "flags must match it)", metavar="CKPT")
+    n_layer: int = flag(4, "L: transformer blocks")
+    n_head: int = flag(4, "nh: attention heads (d_model / n_head must be even, for RoPE)")
+    d_model: int = flag(128, "C: model width, the residual stream")
+    d_ff: int = flag(344, "F: SwiGLU hidden width, ~8/3 d_model (344 keeps the params near a GELU MLP's 4 * 128)")
+    block_size: int = flag(128, "T: context length in tokens (the model's max_seq_len)")
+    norm: str = flag("rmsnorm", "rmsnorm (Llama) or layernorm (GPT-2)", choices=["rmsnorm", "layernorm"])
+    dropout: float = flag(0.0, "dropout rate in training, e.g. 0.0 (small data: 0.1 .. 0.2)")
+    checkpoint_activations: bool = flag(False, "gradient checkpointing: recompute each block in the backward "
+                                        "pass: less memory, ~1.3x time")
+    mixed_precision: bool = flag(False, "float16 forward and backward on a copy of the float32 weights, with "
+                                 "dynamic loss scaling (overflowing steps are skipped); for --backend cupy: "
+                                 "NumPy has no float16 BLAS")
+    # fine-tuning (with --init-from): LoRA adapters instead of every weight, and instruction data
+    lora_rank: int = flag(0, "LoRA: train rank-r adapters A (in, r), B (r, out) beside frozen weights, y = x @ W + "
+                          "(alpha/r) (x @ A) @ B, e.g. 8 (0: full fine-tuning); the checkpoints hold the adapters "
+                          "and the base checkpoint's path and hash")
+    lora_alpha: float = flag(16.0, "LoRA: the adapters' output is scaled by alpha / rank")
+    lora_targets: str = flag("qkv,proj,gate,up,down", "LoRA: the weights of every block that get an adapter "
+                             "(comma-separated, from qkv, proj, gate, up, down)")
+    lora_dropout: float = flag(0.0, "LoRA: dropout on the adapters' input in training, e.g. 0.05")
+    lora_merge: bool = flag(False, "LoRA: when the run ends, also write merged.safetensors in the out dir: the base "
+                            "weights plus (alpha/r) A @ B, a full checkpoint for sample.py, export.py, --init-from")
+    sft: str = flag("", "supervised fine-tuning on a JSONL file of chat records {\"messages\": [{\"role\", "
+                    "\"content\"}, ...]} or Alpaca records {\"instruction\", \"input\", \"output\"}, "
+                    "instead of --data: rendered with the checkpoint's chat template (or --chat-template, or "
+                    "the default of docs/finetuning.md), loss on the assistant's tokens only, one padded "
+                    "example per row; the samples answer --sample-prompt as a user message", metavar="FILE")
+    sft_train_on_prompt: bool = flag(False, "--sft: put the loss on every token, the prompt's too")
+    chat_template: str = flag("", "--sft: a Jinja chat template file to use instead of the checkpoint's",
+                              metavar="FILE")
+    # optimisation: AdamW, linear warmup then cosine decay to min_lr
+    batch_size: int = flag(16, "B: sequences per micro-batch")
+    grad_accum: int = flag(1, "micro-batches per optimizer step (gradients averaged): the effective batch is "
+                           "B * grad_accum")
+    max_iters: int = flag(600, "optimizer steps in all")
+    lr: float = flag(2e-3, "peak learning rate")
+    min_lr: float = flag(2e-4, "final learning rate, ~ lr / 10")
+    warmup_iters: int = flag(50, "linear warmup steps")
+    lr_decay_iters: int = flag(0, "the cosine decay ends here (0: at max_iters)")
+    beta1: float = flag(0.9, "AdamW first-moment decay")
+    beta2: float = flag(0.99, "AdamW second-moment decay (0.99 for small batches, 0.95 for large)")
+    eps: float = flag(1e-8, "AdamW epsilon")
+    weight_decay: float = flag(0.1, "AdamW decoupled weight decay, on matrices only (not on norm weights)")
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: off)")
+    # evaluation, logging, checkpoints
+    eval_interval: int = flag(150, "evaluate (train and val loss, val bits per byte, a sample) every N steps")
+    eval_iters: int = flag(20, "batches per split in each evaluation")
+    log_interval: int = flag(50, "print a log line every N steps")
+    ckpt_interval: int = flag(150, "write a checkpoint every N steps (0: only at the end and on Ctrl-C)")
+    sample_tokens: int = flag(100, "tokens sampled at each evaluation; the final sample is 4x (0: none)")
+    sample_prompt: str = flag("\n", "prompt of those samples")
+    eval_mc: str = flag("", "a multiple-choice JSONL file (eval.py --mc's formats, e.g. HellaSwag's) scored at every "
+                        "evaluation as eval.py scores it: acc, acc_norm, acc_token_norm, printed and in log.jsonl",
+                        metavar="FILE")
+    eval_mc_limit: int = flag(0, "score only the first N items of --eval-mc (0: all)")
+    # run
+    seed: int = flag(1337, "seed of the weights, the batch sampler and the dropout masks")
+    backend: str = flag("numpy", "numpy (CPU) or cupy (NVIDIA GPU, through gpt_cupy.py)", choices=["numpy", "cupy"])
+    tf32: bool = flag(False, "cupy: float32 matmuls on TF32 tensor cores (about 10 mantissa bits; ~1.2x faster "
+                      "steps on an H200 for shakespeare-char-gpu)")
+    fused_kernels: bool = flag(False, "cupy: gpt_cupy's fused kernels (AdamW in one pass) instead of the "
+                               "array-level reference")
+    out_dir: str = flag("", "checkpoint and log folder (default: out/<data>-<tokenizer>)")
+    data_dir: str = flag("data", "root folder of the data caches")
+    skip_nonfinite: bool = flag(False, "skip a step whose loss or gradient is nan/inf instead of stopping")
+    # under mpiexec (dist.py; ignored by a single process)
+    zero: int = flag(0, "under mpiexec: 1 shards AdamW's moments across the ranks (ZeRO stage 1: 1/N of the "
+                     "optimizer memory per rank, the same weights), 0 keeps them whole on every rank", choices=[0, 1])
+    bucket_mb: float = flag(4.0, "under mpiexec: size of the gradient buckets in MB; each is sent while the "
+                            "backward pass of the earlier layers still runs (0: one bucket per layer)")
+    dist_timeout: float = flag(300.0, "under mpiexec: seconds a rank waits for the others inside the training "
+                               "loop before it declares a rank dead and aborts the job")
+
+
+PRESETS = {
+    "default": ("the default job: BPE (vocab 2048) on Python's standard library, 600 steps; ~2 min on 2 cores, ~3.5 on 1",
+                {}),
+    "shakespeare-char": ("nanoGPT's shakespeare_char CPU run (val loss ~1.71 here, nanoGPT 1.88); ~1.7 min on 2 cores",
+                         dict(data="shakespeare", tokenizer="char", n_layer=4, n_head=4, d_model=128, d_ff=344,
+                              block_size=64, batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4,
+                              warmup_iters=100, lr_decay_iters=2000, beta2=0.99, weight_decay=0.1,
+                              grad_clip=1.0, dropout=0.0, eval_interval=250, eval_iters=20, log_interval=50,
+                              ckpt_interval=500, sample_tokens=200)),
+    "shakespeare-char-gpu": ("nanoGPT's full shakespeare_char GPU run (nanoGPT: best val 1.4697 on an A100; here "
+                             "best 1.4752 at step 1250, 6.4 min for 5000 steps on an H200 with --tf32 "
+                             "--fused-kernels); use --backend cupy",
+                             dict(data="shakespeare", tokenizer="char", n_layer=6, n_head=6, d_model=384, d_ff=1024,
+                                  block_size=256, batch_size=64, max_iters=5000, lr=1e-3, min_lr=1e-4,
+                                  warmup_iters=100, lr_decay_iters=5000, beta2=0.99, weight_decay=0.1,
+                                  grad_clip=1.0, dropout=0.2, eval_interval=250, eval_iters=200,
+                                  log_interval=50, ckpt_interval=1000, sample_tokens=200)),
+    "tiny": ("seconds: a 1-layer model for smoke tests (pass --data)",
+             dict(tokenizer="char", n_layer=1, n_head=2, d_model=16, d_ff=32, block_size=16, batch_size=4,
+                  max_iters=20, lr=1e-2, min_lr=1e-3, warmup_iters=2, eval_interval=10, eval_iters=2,
+                  log_interval=5, ckpt_interval=10, sample_tokens=16)),
+}
+
+# Flags that a resumed run may change; every other setting must match the checkpoint's. (--data may name
+# the corpus by another path: what must match is the corpus hash, file names and contents, checked later.)
+RESUME_MAY_CHANGE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
+                     "sample_tokens", "sample_prompt", "backend", "tf32", "fused_kernels", "out_dir", "data_dir",
+                     "skip_nonfinite", "data", "name", "zero", "bucket_mb", "dist_timeout", "lora_merge", "sft",
+                     "eval_mc", "eval_mc_limit",
+                     "grad_accum"}      # grad_accum: as long as the global batch stays (resume_world)
+
+# What a fine-tuning run (--init-from) takes from its checkpoint instead of from the preset and flags, with
+# the tokenizer; an explicit flag that differs is an error. (block_size is a flag, up to its max_seq_len.)
+FROM_CHECKPOINT = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "norm")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks: a bad setting is refused with one line naming its flag
+
+def check_command_line(cfg, flags, resume):
+    """Every check a command line allows before any file is read: check_config, flags that cannot go
+    together, and a new model that cannot be built or cannot fit. flags: the names of the settings given as
+    flags; resume: --resume's argument, or None."""
+    check_config(cfg)
+    if resume is not None and cfg.init_from:
+        raise UserError("--init-from starts a new run from a checkpoint's weights and --resume continues a run: "
+                        "pass one of them (a fine-tuning run resumes with --resume alone)")
+    if resume is None and not cfg.init_from:
+        model_config(cfg, max(cfg.vocab_size, 256))     # a bad model shape fails now, before data preparation
+        if cfg.backend == "numpy":                      # and so does a size that cannot fit (vocab: a lower bound)
+            check_memory(cfg, model_config(cfg, cfg.vocab_size if cfg.tokenizer == "bpe" else 1))
+    if resume is None and not cfg.init_from and (cfg.lora_rank or cfg.sft):
+        raise UserError(f"{'--lora-rank' if cfg.lora_rank else '--sft'} fine-tunes a model: pass --init-from CKPT "
+                        f"(a checkpoint of train.py or export.py --import-hf)")
+    if cfg.sft and "data" in flags:
+        raise UserError("--sft FILE is the training data; --data names a text corpus: pass one of them")
+    if resume is None and cfg.lora_merge and not cfg.lora_rank:
+        raise UserError("--lora-merge merges a LoRA run's adapters: it needs --lora-rank R")
+
+
+def check_config(cfg):
+    """Every check a config allows by itself: ranges, and settings that cannot go together."""
+    for name in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "block_size", "batch_size", "grad_accum",
+                 "eval_interval", "eval_iters", "log_interval"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("max_iters", "warmup_iters", "lr_decay_iters", "ckpt_interval", "sample_tokens", "eval_mc_limit"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
+    if not (cfg.lr > 0 and 0 <= cfg.min_lr <= cfg.lr and math.isfinite(cfg.lr)):
+        raise UserError(f"--lr must be > 0 and finite, and 0 <= --min-lr <= --lr; got lr {cfg.lr}, min-lr {cfg.min_lr}")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise UserError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if not (cfg.eps > 0 and math.isfinite(cfg.eps)):
+        raise UserError(f"--eps must be > 0, got {cfg.eps}")
+    for name in ("weight_decay", "grad_clip", "bpe_sample_mb"):
+        v = getattr(cfg, name)
+        if not (v >= 0 and math.isfinite(v)):
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0 and finite, got {v}")
+    if not (cfg.bucket_mb >= 0 and math.isfinite(cfg.bucket_mb)):
+        raise UserError(f"--bucket-mb must be >= 0, got {cfg.bucket_mb}")
+    if not cfg.dist_timeout > 0:
+        raise UserError(f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {cfg.seed}")
+    if 0 < cfg.lr_decay_iters < cfg.warmup_iters:
+        raise UserError(f"--lr-decay-iters ({cfg.lr_decay_iters}) must not end before --warmup-iters ({cfg.warmup_iters})")
+    if cfg.tokenizer == "bpe" and cfg.vocab_size < 257:
+        raise UserError(f"--vocab-size must be at least 257 for BPE (256 bytes + 1 special token), got {cfg.vocab_size}")
+    if cfg.backend not in ("numpy", "cupy"):
+        raise UserError(f"unknown backend {cfg.backend!r}: choose numpy or cupy")
+    for name in ("tf32", "fused_kernels"):
+        if getattr(cfg, name) and cfg.backend != "cupy":
+            raise UserError(f"--{name.replace('_', '-')} is for --backend cupy (an NVIDIA GPU)")
+    if cfg.lora_rank < 0:
+        raise UserError(f"--lora-rank must be >= 0 (0: no LoRA), got {cfg.lora_rank}")
+    lora_config(cfg)                                    # alpha, targets and dropout, when LoRA is on
+
+
+def check_saved_config(values):
+    """A checkpoint's train_config: each known setting of its flag's type (an int may stand for a float),
+    else FileFormatError naming it, before anything uses it."""
+    for f in fields(TrainConfig):
+        if f.default is None:                          # a setting that may be anything (none yet)
+            continue
+        v, want = values.get(f.name, f.default), type(f.default)
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool)) if want is float else type(v) is want
+        if not ok:
+            raise FileFormatError(f"the checkpoint's train_config has {f.name} = {json.dumps(v)[:60]}, expected "
+                                  f"{want.__name__}")
+
+
+def lora_config(cfg):
+    """The run's lib.lora.LoraConfig, or None for full training (--lora-rank 0)."""
+    if not cfg.lora_rank:
+        return None
+    try:
+        return lora_lib.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                                    dropout=cfg.lora_dropout)
+    except ValueError as e:
+        raise UserError(f"bad LoRA setting: {e}") from None
+
+
+def model_config(cfg, vocab_size):
+    """A new run's GPTConfig, from the flags."""
+    try:
+        return gpt_numpy.GPTConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                   d_model=cfg.d_model, d_ff=cfg.d_ff, max_seq_len=cfg.block_size,
+                                   norm=cfg.norm, dropout=cfg.dropout, checkpoint=cfg.checkpoint_activations)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad model config: {e}") from None
+
+
+def check_memory(cfg, mcfg, gm=None):
+    """Refuse a run whose weights, AdamW state and activations cannot fit in the machine's memory (the
+    GPU's for gm = gpt_cupy): memory.py's estimate, one line naming it, instead of an out-of-memory kill."""
+    need = memory.training_bytes(mcfg, cfg.batch_size, cfg.block_size, cfg.mixed_precision)
+    memory.check_fits(need, f"this run ({mcfg.n_layer} layers, d_model {mcfg.d_model}, batch {cfg.batch_size} x "
+                            f"{cfg.block_size} tokens)", gm,
+                      hint="use a smaller model, --batch-size or --block-size (or --checkpoint-activations)")
+
