@@ -559,6 +559,45 @@ def test_blocked_attention_backward(backend, monkeypatch):
     check_layer(gm, "attention blocked", fwd, gm.attention_backward_blocked, [x, Wqkv, Wproj])
 
 
+def test_fast_forms_take_over_as_the_table_says(monkeypatch):
+    # FAST_FORMS: the flat embedding backward and the in-place AdamW always, blocked attention from
+    # T >= 2 * ATT_BLOCK, its backward following the form of the forward that made the cache
+    gm = gn
+    assert gm.embedding_backward is gm.embedding_backward_flat and gm.adamw_step is gm.adamw_step_inplace
+    assert gm.REFERENCE_FORMS["embedding_backward"].__name__ == "embedding_backward"
+    assert gm.REFERENCE_FORMS["adamw_step"].__name__ == "adamw_step"
+    monkeypatch.setattr(gm, "ATT_BLOCK", 4)
+    nh, n_kv, C = 2, 1, 8
+    hs = C // nh
+    Wqkv, Wproj = normal(gm, C, (nh + 2 * n_kv) * hs, seed=2), normal(gm, C, C, seed=3)
+    for T, blocked in ((7, False), (8, True), (11, True)):
+        cos, sin = gm.rope_tables(np.arange(T), hs, 10000.0, np.float64)
+        x, dout = normal(gm, 2, T, C), normal(gm, 2, T, C, seed=4)
+        out, cache = gm.attention_forward(x, Wqkv, Wproj, cos, sin, nh, 0.2, (1, 0, 0))
+        assert (cache.blocks is not None) == blocked, T
+        form = gm.attention_forward_blocked if blocked else gm.REFERENCE_FORMS["attention_forward"]
+        out2, cache2 = form(x, Wqkv, Wproj, cos, sin, nh, 0.2, (1, 0, 0))
+        np.testing.assert_array_equal(out, out2)
+        back = gm.attention_backward_blocked if blocked else gm.REFERENCE_FORMS["attention_backward"]
+        for g1, g2 in zip(gm.attention_backward(dout, cache), back(dout, cache2)):
+            np.testing.assert_array_equal(g1, g2)
+    # use_forms rebinds a name for every caller, and gives back what it replaced
+    seen = []
+
+    def counted(dout, cache):
+        seen.append(1)
+        return gm.embedding_backward_flat(dout, cache)
+
+    old = gm.use_forms({"embedding_backward": (counted, None)})
+    try:
+        cfg = tiny_cfg()
+        gm.loss_and_grads(gm.init_params(cfg), *batch(cfg), cfg)
+        assert seen == [1] and old == {"embedding_backward": gm.embedding_backward_flat}
+    finally:
+        gm.use_forms({k: (f, None) for k, f in old.items()})
+    assert gm.embedding_backward is gm.embedding_backward_flat
+
+
 def test_blocked_attention_with_a_kv_cache(backend, monkeypatch):
     # a prefill after earlier positions: block rows start at pos, and see the cache's keys too
     gm = backend
