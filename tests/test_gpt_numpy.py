@@ -58,6 +58,12 @@ def cache_arrays(cache):
     return out
 
 
+def model_of(gm):
+    """The module whose globals the model's functions read (ATT_BLOCK, the swapped forms): gpt_numpy
+    itself, or gpt_cupy's CuPy copy of it (gpt_cupy's own names are re-exports)."""
+    return getattr(gm, "model", gm)
+
+
 def host(gm, d):
     """{name: host array} of a dict of backend arrays."""
     return {k: gm.to_host(v) for k, v in d.items()}
@@ -530,7 +536,7 @@ def test_gqa_config():
 def test_blocked_attention_equals_plain(backend, n_kv, p_drop, monkeypatch):
     # blocks of 4 rows over T = 11 (the last one partial), float64: outputs and every gradient agree
     gm = backend
-    monkeypatch.setattr(gm, "ATT_BLOCK", 4)
+    monkeypatch.setattr(model_of(gm), "ATT_BLOCK", 4)
     B, T, C, nh = 2, 11, 24, 3
     hs = C // nh
     cos, sin = gm.rope_tables(np.arange(T), hs, 10000.0, np.float64)
@@ -549,7 +555,7 @@ def test_blocked_attention_equals_plain(backend, n_kv, p_drop, monkeypatch):
 
 def test_blocked_attention_backward(backend, monkeypatch):
     gm = backend
-    monkeypatch.setattr(gm, "ATT_BLOCK", 2)
+    monkeypatch.setattr(model_of(gm), "ATT_BLOCK", 2)
     B, T, C, nh, n_kv = 2, 5, 16, 4, 2
     hs = C // nh
     cos, sin = gm.rope_tables(np.arange(T), hs, 10000.0, np.float64)
@@ -601,14 +607,14 @@ def test_fast_forms_take_over_as_the_table_says(monkeypatch):
 def test_blocked_attention_with_a_kv_cache(backend, monkeypatch):
     # a prefill after earlier positions: block rows start at pos, and see the cache's keys too
     gm = backend
-    monkeypatch.setattr(gm, "ATT_BLOCK", 3)
+    monkeypatch.setattr(model_of(gm), "ATT_BLOCK", 3)
     cfg = gqa_cfg(2, max_seq_len=20)
     params = trained_ish_params(gm, cfg)
     seq = np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 20))
     kv = gm.kv_cache_init(cfg, np.float64)
     gm.forward_cached(params, seq[:, :5], cfg, kv, 0)                 # 5 >= 2 blocks: blocked
     logits = gm.forward_cached(params, seq[:, 5:], cfg, kv, 5)         # 15 more, from position 5
-    monkeypatch.setattr(gm, "ATT_BLOCK", 10**6)                       # the plain form only
+    monkeypatch.setattr(model_of(gm), "ATT_BLOCK", 10**6)                       # the plain form only
     np.testing.assert_allclose(gm.to_host(logits), gm.to_host(gm.forward(params, seq, cfg)[:, 5:]),
                                rtol=1e-10, atol=1e-12)
 
@@ -622,7 +628,7 @@ def test_model_with_blocked_attention(backend, checkpoint, monkeypatch):
     params = gm.init_params(cfg, seed=1, dtype=np.float64)
     ids, targets = batch(cfg)
     plain_loss, plain = gm.loss_and_grads(params, ids, targets, cfg, seed=4)
-    monkeypatch.setattr(gm, "ATT_BLOCK", 2)
+    monkeypatch.setattr(model_of(gm), "ATT_BLOCK", 2)
     loss, grads = gm.loss_and_grads(params, ids, targets, cfg, seed=4)
     assert abs(loss - plain_loss) < 1e-12
     for k in params:
@@ -640,7 +646,7 @@ def test_blocked_attention_in_half_precision(backend, monkeypatch):
     params = gm.init_params(cfg, seed=0)
     ids, targets = batch(cfg, B=2, T=16)
     _, plain = mixed_precision.loss_and_grads_mixed(gm, params, ids, targets, cfg, 1024.0, seed=1)
-    monkeypatch.setattr(gm, "ATT_BLOCK", 4)
+    monkeypatch.setattr(model_of(gm), "ATT_BLOCK", 4)
     _, cache = gm.model_forward({k: v.astype(np.float16) for k, v in params.items()}, ids, cfg, train=True)
     atts = cache[1][0][1].att
     assert isinstance(atts, list) and all(a.dtype == np.float32 for a in atts)
