@@ -65,10 +65,11 @@ def synchronize():
 
 
 # ----------------------------------------------------------------------------------------------------
-# GPU-only speed-ups: fused kernels that replace a chain of elementwise passes by one. Each is opt-in
-# (use_fused_kernels) and checked against the NumPy reference in tests/test_gpt_cupy.py on a GPU.
+# GPU forms: kernels that replace a function of the model on the GPU, swapped in by gpt_numpy's swap rule
+# (use_forms: the model calls its functions by module-global name, so rebinding the name in the CuPy copy
+# changes every caller). Each is checked against the NumPy form in tests/test_gpt_cupy.py on a GPU.
 
-# AdamW, one pass over p, g, m, v instead of about ten (see gpt_numpy.adamw_step_reference for the math).
+# AdamW, one pass over p, g, m, v instead of about ten (gpt_numpy.adamw_step has the math).
 _adamw_kernel = cupy.ElementwiseKernel(
     "T g, T b1, T b2, T lr_bc1, T inv_bc2, T eps, T decay",
     "T p, T m, T v",
@@ -81,7 +82,7 @@ _adamw_kernel = cupy.ElementwiseKernel(
 
 
 def fused_adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
-    """gpt_numpy.adamw_step (= adamw_step_reference) in one kernel per parameter."""
+    """identical to gpt_numpy's adamw_step except that each parameter's update is one kernel."""
     state["t"] += 1
     t = state["t"]
     bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
@@ -110,7 +111,8 @@ _embedding_backward_kernel = cupy.ElementwiseKernel(
 
 
 def deterministic_embedding_backward(dout, cache):
-    """gpt_numpy.embedding_backward with the same bits on every run (and as NumPy's add.at)."""
+    """identical to gpt_numpy's embedding_backward except that the sums come out with the same bits on
+    every run (and as NumPy's add.at)."""
     ids, shape = cache
     V, C = shape
     dout = _model.upcast(dout)                          # half precision accumulates in float32, as in gpt_numpy
@@ -129,19 +131,23 @@ def deterministic_embedding_backward(dout, cache):
     return dW
 
 
-# The deterministic version is the default on CuPy: a model whose gradients change from run to run
-# cannot promise bit-exact resume or checkpointed == plain backward.
-_model.embedding_backward = deterministic_embedding_backward
-embedding_backward = deterministic_embedding_backward
+# The GPU's tables, in gpt_numpy's FAST_FORMS format ({name the model calls: (its form, when)}).
+# The deterministic embedding backward is always on: a model whose gradients change from run to run
+# cannot promise bit-exact resume or checkpointed == plain backward. The fused AdamW is opt-in.
+GPU_FORMS = {"embedding_backward": (deterministic_embedding_backward, None)}
+FUSED_FORMS = {"adamw_step": (fused_adamw_step, None)}
+UNFUSED_FORMS = {"adamw_step": (_model.adamw_step, None)}       # gpt_numpy's own (its in-place form)
 
 
-_REFERENCE = {"adamw_step": _model.adamw_step}
-_FUSED = {"adamw_step": fused_adamw_step}
+def _use(table):
+    """_model.use_forms(table), and the names re-exported here follow."""
+    _model.use_forms(table)
+    globals().update({name: getattr(_model, name) for name in table})
+
+
+_use(GPU_FORMS)
 
 
 def use_fused_kernels(on=True):
-    """Swap the fused kernels in (or back out). The model's functions call each other through the
-    module's globals, so replacing a name in the model copy changes every caller."""
-    for name, fn in (_FUSED if on else _REFERENCE).items():
-        setattr(_model, name, fn)
-        globals()[name] = fn
+    """Swap the fused kernels in (or back out)."""
+    _use(FUSED_FORMS if on else UNFUSED_FORMS)

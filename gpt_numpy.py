@@ -1,22 +1,24 @@
 """
 gpt_numpy.py: a Llama-style transformer language model in NumPy, with every gradient written by hand.
 
-What this is: one file you can read top to bottom. Token embedding, RoPE, causal multi-head attention
-(grouped-query attention when there are fewer key/value heads than query heads), RMSNorm or LayerNorm,
-a SwiGLU feed-forward, the LM head and softmax cross-entropy; each forward with its backward right
-beside it, and LoRA adapters that wrap the weight matmuls for cheap fine-tuning. Then the model,
-gradient checkpointing, AdamW, mixed precision and generation with a KV cache. The contract (parameter
-names, shapes, conventions) is docs/SPEC.md.
+What this is: one file you can read top to bottom. The main text is the model in its textbook form:
+token embedding, RMSNorm or LayerNorm, RoPE, causal multi-head attention (grouped-query attention when
+there are fewer key/value heads than query heads), a SwiGLU feed-forward, the LM head and softmax
+cross-entropy, each forward with its backward right beside it; then the block and the model, gradient
+checkpointing, AdamW, and the forward with a KV cache that generation runs. Appendices follow, add-ons
+the main text calls by name: (A) LoRA adapters; (B) faster forms (blocked attention, the flat embedding
+backward, the in-place AdamW) and the table of which one replaces which textbook form, and when; (C)
+input checks; (D) scaled RoPE for long contexts. What needs no array code inside the model is in lib/:
+sampling and the generation loop, LoRA's bookkeeping, the loss scaler of mixed precision. The contract
+(parameter names, shapes, conventions) is docs/SPEC.md.
 
 What it deliberately is not: no autograd, no framework, no classes where a function will do. The only
 state is the parameter dict, the optimizer-state dict and the KV cache.
 
 References: Llama (Touvron et al. 2023), RoFormer / RoPE (Su et al. 2021), GLU variants / SwiGLU
-(Shazeer 2020), RMSNorm (Zhang & Sennrich 2019), grouped-query attention (Ainslie et al. 2023), LoRA
-(Hu et al. 2021), RoPE
-position interpolation (Chen et al. 2023) and Llama 3.1's frequency scaling (Meta, 2024), AdamW
-(Loshchilov & Hutter 2019), gradient checkpointing (Chen et al. 2016), mixed precision training
-(Micikevicius et al. 2018).
+(Shazeer 2020), RMSNorm (Zhang & Sennrich 2019), grouped-query attention (Ainslie et al. 2023), AdamW
+(Loshchilov & Hutter 2019), gradient checkpointing (Chen et al. 2016), LoRA (Hu et al. 2021), RoPE
+position interpolation (Chen et al. 2023) and Llama 3.1's frequency scaling (Meta, 2024).
 
 Legend: B batch, T time, C d_model, nh heads, nkv key/value heads, g = nh / nkv query heads per key/value
 head, hs head size (C // nh), F d_ff, V vocab, L layers, r LoRA rank.
@@ -54,36 +56,18 @@ def to_host(a):
     return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
+# The swap rule: every function here calls the others by their module-global name, so rebinding a name
+# (use_forms, appendix B) replaces that function for every caller. The main text is the textbook form of
+# each; two tables swap in others:
+#   FAST_FORMS (appendix B): attention_forward / attention_backward (blocked, from T >= 2 * ATT_BLOCK),
+#       embedding_backward (flat indices), adamw_step (in place)
+#   gpt_cupy.py, on the GPU: embedding_backward always (a deterministic kernel: CuPy's add.at adds
+#       atomically, in no fixed order), adamw_step with use_fused_kernels (train.py --fused-kernels)
+
 # ----------------------------------------------------------------------------------------------------
 # Config
 
 NORMS = ("rmsnorm", "layernorm")
-# RoPE scalings real checkpoints use (rope_inv_freq has the formulas), with their required fields
-ROPE_SCALINGS = {"linear": ("factor",),
-                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-
-
-def check_rope_scaling(rs):
-    """A rope_scaling dict in the one form the model reads: {"type": name, field: number, ...}. Hugging
-    Face's "rope_type" key is read as "type"; a type other than linear or llama3 (dynamic, yarn, longrope...)
-    raises ValueError naming it.
-
-    Example: {"rope_type": "linear", "factor": 2} -> {"type": "linear", "factor": 2.0}.
-    """
-    if not isinstance(rs, dict):
-        raise ValueError(f"rope_scaling must be None or a dict, got {rs!r}")
-    kind = rs.get("type", rs.get("rope_type"))
-    if kind not in ROPE_SCALINGS:
-        raise ValueError(f"rope_scaling type {kind!r} is not implemented: choose one of {', '.join(ROPE_SCALINGS)}")
-    out = {"type": kind}
-    for f in ROPE_SCALINGS[kind]:
-        v = rs.get(f)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
-            raise ValueError(f"rope_scaling {kind}: {f} must be a positive number, got {v!r}")
-        out[f] = int(v) if f == "original_max_position_embeddings" else float(v)
-    if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
-        raise ValueError("rope_scaling llama3: high_freq_factor must exceed low_freq_factor")
-    return out
 
 
 @dataclass
@@ -99,38 +83,16 @@ class GPTConfig:
     norm: str = "rmsnorm"         # "rmsnorm" (Llama) or "layernorm" (GPT-2)
     norm_eps: float = 1e-5        # epsilon inside the norm's square root
     rope_theta: float = 10000.0   # RoPE base; inv_freq[j] = theta^(-2j/hs)
-    rope_scaling: dict = None     # None, {"type": "linear", "factor": 4.0} or {"type": "llama3", "factor": 8.0,
-                                  # "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                  # "original_max_position_embeddings": 8192}: see rope_inv_freq
+    rope_scaling: dict = None     # None, or a long-context scaling of RoPE: {"type": "linear", "factor": 4.0}
+                                  # or {"type": "llama3", ...} (appendix D)
     tie_embeddings: bool = True   # LM head is tok_emb.T (True) or its own (C, V) matrix (False)
     dropout: float = 0.0          # dropout rate during training, e.g. 0.0 .. 0.2
     checkpoint: bool = False      # gradient checkpointing: recompute each block in the backward pass
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_seq_len"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        if not isinstance(self.n_kv_head, (int, np.integer)) or isinstance(self.n_kv_head, bool) \
-                or self.n_kv_head < 1 or self.n_head % self.n_kv_head != 0:
-            raise ValueError(f"n_kv_head must be a positive divisor of n_head ({self.n_head}), got {self.n_kv_head!r}")
-        if self.d_model % self.n_head != 0:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        if (self.d_model // self.n_head) % 2 != 0:
-            raise ValueError(f"head size d_model / n_head = {self.d_model // self.n_head} must be even "
-                             f"for RoPE (it rotates pairs of dimensions)")
-        if self.norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}: choose one of {', '.join(NORMS)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
-        if self.rope_scaling is not None:
-            self.rope_scaling = check_rope_scaling(self.rope_scaling)
+            self.n_kv_head = self.n_head                # plain multi-head attention
+        check_config(self)                              # every field in range (appendix C)
 
     @property
     def head_size(self):
@@ -143,12 +105,6 @@ class GPTConfig:
 
     def to_dict(self):
         return asdict(self)
-
-
-# The weights of a block that LoRA can adapt, by short name (in the order adapters are kept), with
-# the dropout site of each adapter's input mask (sites 0-2 are the model's own dropouts).
-LORA_TARGETS = {"qkv": ("attn.qkv", 3), "proj": ("attn.proj", 4), "gate": ("ffn.w_gate", 5),
-                "up": ("ffn.w_up", 6), "down": ("ffn.w_down", 7)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,7 +177,7 @@ def embedding_forward(ids, W):
     return out, (ids, W.shape)
 
 
-def embedding_backward_reference(dout, cache):
+def embedding_backward(dout, cache):
     # forward was a row lookup, so each row of dW collects the gradients of every position using it.
     # subtle: an id can repeat in a batch; `dW[ids] += dout` would keep only one of the updates.
     # xp.add.at accumulates them all.
@@ -230,19 +186,6 @@ def embedding_backward_reference(dout, cache):
     dout = upcast(dout)
     dW = xp.zeros(shape, dtype=dout.dtype)              # (V, C)
     xp.add.at(dW, ids, dout)                            # dW[ids[b, t]] += dout[b, t]
-    return dW
-
-
-def embedding_backward(dout, cache):
-    # identical to embedding_backward_reference except that add.at runs on the flat (V*C,) view of
-    # dW, with one index per number, idx = id * C + column: NumPy's add.at is several times faster on
-    # 1-D indices than on rows (0.84 -> 0.17 ms on cpu-small, about 1% of its step).
-    ids, shape = cache
-    C = shape[1]
-    dout = upcast(dout)
-    dW = xp.zeros(shape, dtype=dout.dtype)              # (V, C)
-    idx = ids.reshape(-1, 1) * C + xp.arange(C)         # (B*T, C): flat index of dW[id, c]
-    xp.add.at(dW.reshape(-1), idx.reshape(-1), dout.reshape(-1))
     return dW
 
 
@@ -268,12 +211,12 @@ def column_dot(a, b):
     return xp.einsum("nc,nc->c", upcast(a).reshape(-1, C), upcast(b).reshape(-1, C))
 
 
-def rmsnorm_backward(dout, cache, frozen=False):
+def rmsnorm_backward(dout, cache):
     # forward: xhat = x * rstd, y = xhat * w. With g = dout * w, the gradient through rstd is
-    # dx = rstd * (g - xhat * mean(g * xhat)). frozen (a LoRA run): dw is None, not computed.
+    # dx = rstd * (g - xhat * mean(g * xhat)).
     xhat, rstd, w = cache
     C = xhat.shape[-1]
-    dw = None if frozen else column_dot(dout, xhat)                     # (C,)
+    dw = column_dot(dout, xhat)                                         # (C,)
     g = dout * w                                                        # (B, T, C)
     gx = xp.einsum("...c,...c->...", g, xhat)[..., None] / C          # mean(g * xhat), (B, T, 1)
     dx = g - xhat * gx
@@ -295,12 +238,12 @@ def layernorm_forward(x, w, b, eps):
     return xhat * w + b, (xhat, rstd, w)
 
 
-def layernorm_backward(dout, cache, frozen=False):
+def layernorm_backward(dout, cache):
     # as RMSNorm, plus the mean: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * w.
     xhat, rstd, w = cache
     C = xhat.shape[-1]
-    dw = None if frozen else column_dot(dout, xhat)                     # (C,)
-    db = None if frozen else upcast(dout).reshape(-1, C).sum(axis=0)    # (C,)
+    dw = column_dot(dout, xhat)                                         # (C,)
+    db = upcast(dout).reshape(-1, C).sum(axis=0)                        # (C,)
     g = dout * w                                                        # (B, T, C)
     gx = xp.einsum("...c,...c->...", g, xhat)[..., None] / C          # mean(g * xhat), (B, T, 1)
     dx = (g - g.mean(axis=-1, keepdims=True) - xhat * gx) * rstd        # (B, T, C)
@@ -316,10 +259,7 @@ def norm_forward(x, params, prefix, cfg):
 
 def norm_backward(dout, cache, grads, prefix, cfg):
     """Backward of norm_forward: returns dx. Not (dout, cache) alone: it writes the weight (and bias)
-    gradients into `grads` under the parameter names, so the block needs no norm-specific code.
-    grads None: the norm is frozen (a LoRA run), only dx is computed."""
-    if grads is None:
-        return (rmsnorm_backward if cfg.norm == "rmsnorm" else layernorm_backward)(dout, cache, frozen=True)[0]
+    gradients into `grads` under the parameter names, so the block needs no norm-specific code."""
     if cfg.norm == "rmsnorm":
         dx, grads[prefix + ".weight"] = rmsnorm_backward(dout, cache)
     else:
@@ -331,95 +271,29 @@ def norm_backward(dout, cache, grads, prefix, cfg):
 # subtle: NumPy computes a 3-D (B, T, in) @ (in, out) as B separate (T, in) @ (in, out) products.
 # Flattening batch and time first makes it one (B*T, in) @ (in, out) call, which the BLAS runs
 # closer to its peak (reshape is free on a contiguous array).
+# In a LoRA run a block's frozen weights reach the layers as Lora records (appendix A): the two lines
+# marked LoRA hand them to lora_forward / lora_backward.
 def matmul(x, W):
     return (x.reshape(-1, W.shape[0]) @ W).reshape(*x.shape[:-1], W.shape[1])
 
 
-def matmul_forward(x, W):
-    return matmul(x, W), (x, W)
+def matmul_forward(x, W, recompute=False):
+    # recompute (checkpointing): only the cache is wanted, the product is skipped
+    if isinstance(W, Lora):                                             # LoRA
+        return lora_forward(x, W, recompute)
+    return (None if recompute else matmul(x, W)), (x, W)
 
 
 def matmul_backward(dout, cache):
     # forward was y = x @ W, so dx = dout @ W^T and dW = x^T @ dout, batch and time flattened into
     # one large (in, B*T) @ (B*T, out) matmul.
-    x, W = cache
+    x, W = cache[:2]
+    if isinstance(W, Lora):                                             # LoRA: dx and the adapter's (dA, dB)
+        return lora_backward(dout, cache)
     dout2 = dout.reshape(-1, W.shape[1])                                # (N, out), N = B * T
     dx = (dout2 @ W.T).reshape(x.shape)                                 # (N, out) @ (out, in) -> (B, T, in)
     dW = x.reshape(-1, W.shape[0]).T @ dout2                            # (in, N) @ (N, out) -> (in, out)
     return dx, dW
-
-
-# LoRA, low-rank adaptation (Hu et al. 2021, arXiv:2106.09685). Fine-tuning moves a pretrained weight
-# W (in, out) by some dW; LoRA bets that dW has a low rank r and learns it as a product A @ B:
-#   y = x @ W + (alpha / r) * (dropout(x) @ A) @ B,      A (in, r), B (r, out), r << in, out.
-# W stays frozen: no gradient, no optimizer state. Only A and B train: r (in + out) numbers instead of
-# in * out (r = 8 on a (576, 1536) matrix: 17k instead of 885k). B starts at zero, so training starts
-# from the pretrained model exactly; alpha / r keeps the update's size when r changes (Hu et al. fix
-# alpha and do not tune it). Afterwards the update folds into the weight, W' = W + (alpha / r) A @ B
-# (lora_merge), and inference costs what the base model costs.
-# In a LoRA run every weight of the blocks reaches the layers as a Lora record instead of a bare array:
-# the frozen W with its adapter, or with A = None where it has none (frozen, nothing to train).
-# linear_forward / linear_backward below are the layers' matmul for either kind.
-class Lora(NamedTuple):
-    W: object               # (in, out), frozen
-    A: object               # (in, r), or None: no adapter on this weight
-    B: object               # (r, out), or None
-    scale: float            # alpha / r
-    p_drop: float           # dropout on the adapter's input (0 outside training)
-    key: tuple              # the key of that dropout's mask: (seed, layer, site)
-
-    @property
-    def shape(self):        # W's shape: the layers read sizes off either kind of weight
-        return self.W.shape
-
-
-def lora_forward(x, w, recompute=False):
-    # recompute (checkpointing): only the cache is wanted; the product with W is skipped
-    W, A, B, scale, p, key = w
-    y = None if recompute else matmul(x, W)                            # (B, T, in) @ (in, out) -> (B, T, out)
-    if A is None:
-        return y, (x, w, None, None, None)
-    keep = dropout_mask(x.shape, p, key)
-    xd = dropout_forward(x, keep, p)                                   # the adapter's input, (B, T, in)
-    u = matmul(xd, A)                                                  # (B, T, in) @ (in, r) -> (B, T, r)
-    if y is not None:
-        y += matmul(u * scale, B)                                      # (B, T, r) @ (r, out) -> (B, T, out)
-    return y, (x, w, xd, u, keep)
-
-
-def lora_backward(dout, cache):
-    # forward: y = x @ W + s * u @ B with u = xd @ A, xd = dropout(x), s = alpha / r. W is frozen, so
-    # there is no dW = x^T @ dout (the largest matmul of a full backward, skipped); the rest, with
-    # du = s * dout @ B^T:  dB = s * u^T @ dout,  dA = xd^T @ du,  dx = dout @ W^T + dropout'(du @ A^T).
-    x, w, xd, u, keep = cache
-    W, A, B, scale, p, _ = w
-    dout2 = dout.reshape(-1, W.shape[1])                               # (N, out), N = B * T
-    dx = (dout2 @ W.T).reshape(x.shape)                                # (N, out) @ (out, in) -> (B, T, in)
-    if A is None:
-        return dx, (None, None)
-    u2 = u.reshape(-1, A.shape[1])                                     # (N, r)
-    dB = (u2 * scale).T @ dout2                                        # (r, N) @ (N, out) -> (r, out)
-    du = dout2 @ B.T                                                   # (N, out) @ (out, r) -> (N, r)
-    du *= scale
-    dA = xd.reshape(-1, A.shape[0]).T @ du                             # (in, N) @ (N, r) -> (in, r)
-    dxd = (du @ A.T).reshape(x.shape)                                  # (N, r) @ (r, in) -> (B, T, in)
-    dx += dropout_backward(dxd, keep, p)
-    return dx, (dA, dB)
-
-
-def linear_forward(x, w, recompute=False):
-    """The layers' weight matmul: x @ w for an array w (its cache is (x, w), matmul_forward's), or
-    lora_forward for a Lora record. recompute: return (None, cache), skipping the product with W."""
-    if isinstance(w, Lora):
-        return lora_forward(x, w, recompute)
-    return (None if recompute else matmul(x, w)), (x, w)
-
-
-def linear_backward(dout, cache):
-    """(dx, dw): dw = dW for a weight array, (dA, dB) for a Lora record ((None, None) without adapter)."""
-    if isinstance(cache[1], Lora):
-        return lora_backward(dout, cache)
-    return matmul_backward(dout, cache)
 
 
 # Heads. Attention runs nh independent heads of size hs side by side in the C columns: head h owns
@@ -442,27 +316,11 @@ def merge_heads(y):
 # position p are p * theta^(-2j/hs) for j < hs/2, repeated twice along the last axis. Pair (u1[j],
 # u2[j]) is rotated by the angle p * inv_freq[j]: q'.k' then depends on the positions only through
 # their difference.
-# Scaled RoPE (cfg.rope_scaling), for checkpoints stretched to a longer context than they were trained on:
-# - linear, position interpolation (Chen et al. 2023, arXiv:2306.15595): inv_freq / factor, so position p
-#   turns as position p / factor did in training.
-# - llama3, Llama 3.1's scaling (Meta's reference `apply_scaling`; Hugging Face's
-#   `_compute_llama3_parameters`): with each pair's wavelength w = 2 pi / inv_freq and the original
-#   context L0, short waves (w < L0 / high_freq_factor) stay, long waves (w > L0 / low_freq_factor) are
-#   divided by factor, and in between s = (L0 / w - low_freq_factor) / (high_freq_factor - low_freq_factor)
-#   blends the two: inv_freq' = (1 - s) * inv_freq / factor + s * inv_freq.
 def rope_inv_freq(hs, theta, scaling=None):
-    """The hs/2 rotation frequencies inv_freq[j] = theta^(-2j/hs), scaled as `scaling` says (float64)."""
+    """The hs/2 rotation frequencies inv_freq[j] = theta^(-2j/hs) (float64); scaled as cfg.rope_scaling
+    says for a long context (appendix D)."""
     inv_freq = theta ** (-np.arange(0, hs, 2, dtype=np.float64) / hs)   # (hs/2,)
-    if scaling is None:
-        return inv_freq
-    factor = scaling["factor"]
-    if scaling["type"] == "linear":
-        return inv_freq / factor
-    L0, lo, hi = scaling["original_max_position_embeddings"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    w = 2 * math.pi / inv_freq                                          # wavelengths, in positions
-    s = (L0 / w - lo) / (hi - lo)
-    blend = (1 - s) * inv_freq / factor + s * inv_freq
-    return np.where(w < L0 / hi, inv_freq, np.where(w > L0 / lo, inv_freq / factor, blend))
+    return inv_freq if scaling is None else rope_scaled(inv_freq, scaling)
 
 
 def rope_tables(positions, hs, theta, dtype, scaling=None):
@@ -552,8 +410,7 @@ def dropout_backward(dout, keep, p):
 # The g query heads of a group stack into g*T rows against the same keys, so every product below is
 # one matmul per key/value head; nkv = nh (g = 1) is plain multi-head attention, bit for bit.
 # With a KV cache (generation), the new k, v are written at positions pos.. and q attends to all of
-# the cache so far. Training calls it with kv=None, pos=0. Wqkv and Wproj are arrays, or Lora records
-# in a LoRA run (linear_forward takes either).
+# the cache so far. Training calls it with kv=None, pos=0.
 @functools.lru_cache(maxsize=16)   # every layer of a forward uses the same mask: built (and sent) once
 def causal_mask(T, Tk, pos, dtype):
     """(T, Tk) additive mask: 0 where query pos+i may see key j (j <= pos+i), -inf elsewhere.
@@ -563,13 +420,31 @@ def causal_mask(T, Tk, pos, dtype):
     return to_device(np.where(j <= i, 0.0, -np.inf).astype(dtype))
 
 
+class AttentionCache(NamedTuple):
+    """What attention_backward needs of attention_forward."""
+    c_qkv: tuple                    # the qkv matmul's cache
+    c_proj: tuple                   # the output projection's cache
+    cos: object                     # RoPE tables, (T, hs)
+    sin: object
+    q: object                       # rope(q), (B, nh, T, hs)
+    k: object                       # rope(k), (B, nkv, T, hs)
+    v: object                       # (B, nkv, T, hs)
+    att: object                     # softmax probabilities, (B, nkv, g*T, T), float32 or wider
+    keep: object                    # att's dropout mask, or None
+    att_d: object                   # dropout(att), in x's dtype
+    y: object                       # the merged heads, (B, T, C)
+    p_drop: float
+    blocks: list = None             # attention_forward_blocked (appendix B): its query blocks, att and att_d
+                                    # then being lists, block by block
+
+
 def qkv_forward(x, Wqkv, cos, sin, n_head, kv=None, pos=0):
     """The attention's inputs: q (B, nh, T, hs), and k, v (B, nkv, Tk, hs) with the cache's earlier keys;
-    and the cache of the qkv matmul (a LoRA adapter's too) for qkv_backward."""
+    and the cache of the qkv matmul for qkv_backward."""
     B, T, C = x.shape
     hs = C // n_head
     n_kv = (Wqkv.shape[1] // hs - n_head) // 2                       # nkv: Wqkv is (C, (nh + 2 nkv) hs)
-    qkv, c_qkv = linear_forward(x, Wqkv)                             # (B, T, C) @ (C, (nh+2nkv)hs) -> (B, T, (nh+2nkv)hs)
+    qkv, c_qkv = matmul_forward(x, Wqkv)                             # (B, T, C) @ (C, (nh+2nkv)hs) -> (B, T, (nh+2nkv)hs)
     # split heads: (B, T, (nh+2nkv)hs) -> (B, nh+2nkv, T, hs): the nh heads of q, then nkv of k, nkv of v
     heads = split_heads(qkv, n_head + 2 * n_kv)
     # rotate q and k by position: their heads sit side by side, so one call rotates both.
@@ -601,7 +476,7 @@ def qkv_backward(dq, dk, dv, cos, sin, c_qkv):
     dheads[:, nh:nh + n_kv] = rope_backward(dk, cos, sin)
     dheads[:, nh + n_kv:] = dv
     dqkv = dqkv.reshape(B, T, (nh + 2 * n_kv) * hs)                  # (B, T, (nh+2nkv)hs)
-    return linear_backward(dqkv, c_qkv)                              # dx (B, T, C), dWqkv
+    return matmul_backward(dqkv, c_qkv)                              # dx (B, T, C), dWqkv
 
 
 def attention_forward(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv=None, pos=0):
@@ -624,17 +499,17 @@ def attention_forward(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv
     att_d = dropout_forward(att, keep, p_drop).astype(x.dtype, copy=False)
     y = att_d @ v                                                    # (B, nkv, g*T, Tk) @ (B, nkv, Tk, hs) -> (B, nkv, g*T, hs)
     y = merge_heads(y.reshape(B, n_head, T, hs))                     # merge heads: (B, nh, T, hs) -> (B, T, C)
-    out, c_proj = linear_forward(y, Wproj)                           # (B, T, C) @ (C, C) -> (B, T, C)
-    return out, (c_qkv, c_proj, cos, sin, q, k, v, att, keep, att_d, y, p_drop)
+    out, c_proj = matmul_forward(y, Wproj)                           # (B, T, C) @ (C, C) -> (B, T, C)
+    return out, AttentionCache(c_qkv, c_proj, cos, sin, q, k, v, att, keep, att_d, y, p_drop)
 
 
 def attention_backward(dout, cache):
-    c_qkv, c_proj, cos, sin, q, k, v, att, keep, att_d, y, p_drop = cache
+    c_qkv, c_proj, cos, sin, q, k, v, att, keep, att_d, y, p_drop, _ = cache
     B, nh, T, hs = q.shape
     n_kv = k.shape[1]
     g = nh // n_kv
     # forward: out = y @ Wproj
-    dy, dWproj = linear_backward(dout, c_proj)                      # (B, T, C)
+    dy, dWproj = matmul_backward(dout, c_proj)                       # (B, T, C)
     # The softmax backward needs, per row i, sum_j datt_ij * att_ij. With datt = dropout'(dy @ v^T)
     # and y = att_d @ v, that sum is dy_i . y_i (head by head): a (B, T, C) product instead of a
     # (B, nh, T, T) one (the "D" of FlashAttention's backward).
@@ -659,101 +534,23 @@ def attention_backward(dout, cache):
     return dx, dWqkv, dWproj
 
 
-# Causal attention by query blocks: identical to attention_forward / attention_backward except that the
-# queries go ATT_BLOCK rows at a time, each block against the keys it can see (0 .. pos + its last row),
-# so the fully masked key columns to the right of the diagonal are never computed: at T = 512 that skips
-# 3/8 of the score work, and of the att memory kept for the backward. (FlashAttention tiles keys too,
-# with an online softmax; here a block's scores fit in memory, and the softmax is the plain one.) Two
-# passes over the scores are saved as well: the block's queries are scaled by 1/sqrt(hs) as they are
-# gathered (a copy anyway), and the mask is added to the block's diagonal square only, the keys left of
-# it being visible to every row. The dropout masks are the reference's, sliced. Training and prefill take
-# this form once T >= 2 blocks (a 512-token prefill of SmolLM2: 0.79 s instead of 0.87 s; at T = 256 in
-# training it saves memory, not time: docs/pretrained.md has the profile).
-ATT_BLOCK = 128
-
-
-def attention_blocks(T, pos):
-    """(i0, i1, n): query rows i0 .. i1-1 and the n = pos + i1 keys they see, block by block."""
-    return [(i0, min(T, i0 + ATT_BLOCK), pos + min(T, i0 + ATT_BLOCK)) for i0 in range(0, T, ATT_BLOCK)]
-
-
-def attention_forward_blocked(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv=None, pos=0):
-    B, T, C = x.shape
-    hs = C // n_head
-    q, k, v, c_qkv = qkv_forward(x, Wqkv, cos, sin, n_head, kv, pos)   # (B, nh, T, hs), 2 x (B, nkv, Tk, hs)
-    n_kv, Tk = k.shape[1], k.shape[2]
-    g = n_head // n_kv
-    q5 = q.reshape(B, n_kv, g, T, hs)                                # the query heads of each group, a view
-    keep = dropout_mask((B, n_kv, g * T, Tk), p_drop, key)           # the reference's masks
-    keep5 = None if keep is None else keep.reshape(B, n_kv, g, T, Tk)
-    y = xp.empty((B, n_kv, g, T, hs), dtype=x.dtype)
-    atts, atts_d = [], []                                            # per block: (B, nkv, g*rows, n)
-    for i0, i1, n in attention_blocks(T, pos):
-        rows = i1 - i0
-        qb = q5[:, :, :, i0:i1] * (1.0 / math.sqrt(hs))              # the block's rows of the g heads, scaled
-        qb = qb.reshape(B, n_kv, g * rows, hs)                       # (a view of that copy)
-        a = upcast(qb @ k[:, :, :n].transpose(0, 1, 3, 2))           # (B, nkv, g*rows, hs) @ (B, nkv, hs, n)
-        a.reshape(B, n_kv, g, rows, n)[..., n - rows:] += causal_mask(rows, rows, 0, a.dtype)   # the diagonal
-        softmax_(a)
-        kb = None if keep5 is None else keep5[:, :, :, i0:i1, :n].reshape(B, n_kv, g * rows, n)
-        a_d = dropout_forward(a, kb, p_drop).astype(x.dtype, copy=False)
-        y[:, :, :, i0:i1] = (a_d @ v[:, :, :n]).reshape(B, n_kv, g, rows, hs)   # (B, nkv, g*rows, n) @ (B, nkv, n, hs)
-        atts.append(a)
-        atts_d.append(a_d)
-    y = merge_heads(y.reshape(B, n_head, T, hs))                     # (B, T, C)
-    out, c_proj = linear_forward(y, Wproj)
-    return out, (c_qkv, c_proj, cos, sin, q, k, v, atts, keep, atts_d, y, p_drop)
-
-
-def attention_backward_blocked(dout, cache):
-    c_qkv, c_proj, cos, sin, q, k, v, atts, keep, atts_d, y, p_drop = cache
-    B, nh, T, hs = q.shape
-    n_kv = k.shape[1]
-    g = nh // n_kv
-    dy, dWproj = linear_backward(dout, c_proj)                  # (B, T, C)
-    rowsum = xp.einsum("btnh,btnh->bnt", dy.reshape(B, T, nh, hs), y.reshape(B, T, nh, hs))
-    rowsum = rowsum.reshape(B, n_kv, g, T)
-    dy = split_heads(dy, nh).reshape(B, n_kv, g, T, hs)             # a view, grouped as q5
-    q5 = q.reshape(B, n_kv, g, T, hs)
-    keep5 = None if keep is None else keep.reshape(B, n_kv, g, T, T)
-    dq = xp.empty((B, n_kv, g, T, hs), dtype=q.dtype)
-    dk, dv = xp.zeros_like(k), xp.zeros_like(v)                      # each key is seen by every later block
-    for (i0, i1, n), a, a_d in zip(attention_blocks(T, 0), atts, atts_d):
-        rows = i1 - i0
-        dyb = dy[:, :, :, i0:i1].reshape(B, n_kv, g * rows, hs)      # as qb in the forward (a copy)
-        qb = q5[:, :, :, i0:i1].reshape(B, n_kv, g * rows, hs)
-        # forward: y = a_d @ v, so da_d = dy @ v^T and dv += a_d^T @ dy (the group summed in the matmul)
-        datt = dyb @ v[:, :, :n].transpose(0, 1, 3, 2)               # (B, nkv, g*rows, n)
-        dv[:, :, :n] += a_d.transpose(0, 1, 3, 2) @ dyb              # (B, nkv, n, hs)
-        kb = None if keep5 is None else keep5[:, :, :, i0:i1, :n].reshape(B, n_kv, g * rows, n)
-        datt = dropout_backward(datt, kb, p_drop)
-        dscores = softmax_backward_(datt, a, rowsum[:, :, :, i0:i1].reshape(B, n_kv, g * rows, 1))
-        dscores /= math.sqrt(hs)
-        # forward: scores = (q / sqrt(hs)) @ k^T
-        dq[:, :, :, i0:i1] = (dscores @ k[:, :, :n]).reshape(B, n_kv, g, rows, hs)
-        dk[:, :, :n] += dscores.transpose(0, 1, 3, 2) @ qb           # (B, nkv, n, hs)
-    dx, dWqkv = qkv_backward(dq.reshape(B, nh, T, hs), dk, dv, cos, sin, c_qkv)
-    return dx, dWqkv, dWproj
-
-
 # SwiGLU feed-forward: out = (silu(a) * b) @ Wd with a = x @ Wg, b = x @ Wu, silu(a) = a * sigmoid(a).
-# The weights are arrays, or Lora records in a LoRA run.
 def swiglu_forward(x, Wg, Wu, Wd, recompute=False):
-    a, c_g = linear_forward(x, Wg)                       # (B, T, C) @ (C, F) -> (B, T, F)
-    b, c_u = linear_forward(x, Wu)                       # (B, T, F)
+    a, c_g = matmul_forward(x, Wg)                       # (B, T, C) @ (C, F) -> (B, T, F)
+    b, c_u = matmul_forward(x, Wu)                       # (B, T, F)
     sig = 1.0 / (1.0 + xp.exp(-a))                       # sigmoid(a), (B, T, F)
     silu = a                                             # a is not needed again: silu(a) overwrites it
     silu *= sig                                          # a * sigmoid(a)
     h = silu * b                                         # (B, T, F)
     # recompute (checkpointing): only the cache is wanted, so the down projection is skipped
-    out, c_d = linear_forward(h, Wd, recompute)          # (B, T, F) @ (F, C) -> (B, T, C)
+    out, c_d = matmul_forward(h, Wd, recompute)          # (B, T, F) @ (F, C) -> (B, T, C)
     return out, (c_g, c_u, c_d, b, sig, silu)
 
 
 def swiglu_backward(dout, cache):
     c_g, c_u, c_d, b, sig, silu = cache
     # forward: out = h @ Wd
-    dh, dWd = linear_backward(dout, c_d)                # (B, T, F)
+    dh, dWd = matmul_backward(dout, c_d)                # (B, T, F)
     # forward: h = silu(a) * b, so db = dh * silu(a) and da = dh * b * silu'(a), with
     # silu'(a) = sig + a * sig * (1 - sig) = sig + silu * (1 - sig)
     db = dh * silu
@@ -761,8 +558,8 @@ def swiglu_backward(dout, cache):
     da *= b
     da *= sig + silu * (1.0 - sig)                       # silu'(a)
     # forward: a = x @ Wg and b = x @ Wu; both paths reach x
-    dx, dWg = linear_backward(da, c_g)
-    dx_b, dWu = linear_backward(db, c_u)
+    dx, dWg = matmul_backward(da, c_g)
+    dx_b, dWu = matmul_backward(db, c_u)
     dx += dx_b
     return dx, dWg, dWu, dWd
 
@@ -806,32 +603,28 @@ def cross_entropy_backward(dloss, cache):
 # ----------------------------------------------------------------------------------------------------
 # Model: blocks, then the whole forward and backward, mirroring each other in reverse.
 
-def block_weight(params, i, target, lora, seed):
-    """Block i's weight `target` (qkv, proj, gate, up or down) as the layers take it: the array, or in a
-    LoRA run (lora: a LoraConfig) a Lora record of the frozen weight and its adapter, params[name +
-    ".lora_A"] and [name + ".lora_B"], if it has one. Its dropout mask's key is (seed, i, site)."""
-    name, site = LORA_TARGETS[target]
-    W = params[f"blocks.{i}.{name}"]
-    if lora is None:
-        return W
-    A, B = (params.get(f"blocks.{i}.{name}.lora_{m}") for m in "AB")
-    return Lora(W, A, B, lora.scale, lora.dropout, (seed, i, site))
+def trains(name, lora=None):
+    """Does parameter `name` get a gradient? Every one does, except in a LoRA run (lora: a LoraConfig,
+    appendix A), where the adapters alone train. The one rule for what trains: the backward skips the
+    gradients of the others where that pays (a frozen matrix's dW, the LM head's, the embedding's); the
+    norms' (C,) gradients cost nothing, and are computed and dropped."""
+    return lora is None or name.endswith((".lora_A", ".lora_B"))
 
 
 def block_forward(x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv=None, pos=0, recompute=False, lora=None):
     """One pre-norm block: x + Attn(Norm1(x)), then + SwiGLU(Norm2(x)). Returns (out, cache).
     recompute=True (the checkpointed backward) wants only the cache: it returns (None, cache) and
     skips the last matmul, SwiGLU's down projection, whose output the backward does not need.
-    lora (a LoraConfig): a LoRA run; the weights are frozen, the adapters in params add their terms."""
+    lora (a LoraConfig): a LoRA run; the block's matrices are frozen and reach the layers as Lora records."""
     p = f"blocks.{i}."
-    w = lambda target: block_weight(params, i, target, lora, seed)    # noqa: E731
+    # a weight that trains is the array; a frozen one, a Lora record with its adapter (appendix A)
+    w = lambda name: params[p + name] if trains(p + name, lora) else lora_record(params, i, name, lora, seed)  # noqa: E731
     h, c_n1 = norm_forward(x, params, p + "norm1", cfg)
-    attention = attention_forward_blocked if x.shape[1] >= 2 * ATT_BLOCK else attention_forward
-    a, c_attn = attention(h, w("qkv"), w("proj"), cos, sin, cfg.n_head, p_drop, (seed, i, 0), kv, pos)
+    a, c_attn = attention_forward(h, w("attn.qkv"), w("attn.proj"), cos, sin, cfg.n_head, p_drop, (seed, i, 0), kv, pos)
     keep_a = dropout_mask(a.shape, p_drop, (seed, i, 1))
     x1 = x + dropout_forward(a, keep_a, p_drop)                       # residual, (B, T, C)
     h2, c_n2 = norm_forward(x1, params, p + "norm2", cfg)
-    f, c_ffn = swiglu_forward(h2, w("gate"), w("up"), w("down"), recompute)
+    f, c_ffn = swiglu_forward(h2, w("ffn.w_gate"), w("ffn.w_up"), w("ffn.w_down"), recompute)
     keep_f = dropout_mask(x1.shape, p_drop, (seed, i, 2))
     cache = (c_n1, c_attn, keep_a, c_n2, c_ffn, keep_f, p_drop)
     if recompute:
@@ -840,35 +633,32 @@ def block_forward(x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv=None, pos=
     return out, cache
 
 
-def put_grad(grads, name, dw):
-    """Store a weight's gradient from linear_backward under its parameter names: dW as `name`, a LoRA
-    adapter's (dA, dB) as name.lora_A and name.lora_B, nothing for a frozen weight without adapter."""
-    if not isinstance(dw, tuple):
-        grads[name] = dw
-    elif dw[0] is not None:
-        grads[name + ".lora_A"], grads[name + ".lora_B"] = dw
+def put_grad(grads, name, dW):
+    """grads[name] = dW, as matmul_backward gives it. For a frozen weight (a Lora record, appendix A) dW
+    is its adapter's pair (dA, dB), stored as name.lora_A and name.lora_B, or () without adapter."""
+    if isinstance(dW, tuple):
+        grads.update(zip((name + ".lora_A", name + ".lora_B"), dW))
+    else:
+        grads[name] = dW
 
 
-def block_backward(dout, cache, grads, i, cfg, frozen=False):
+def block_backward(dout, cache, grads, i, cfg):
     """Reverse of block_forward: writes this block's gradients into `grads` under their parameter
-    names (hence grads, i and cfg beside (dout, cache)), returns dx. frozen (a LoRA run): the norms'
-    weights get no gradient; the adapters' do."""
+    names (hence grads, i and cfg beside (dout, cache)), returns dx."""
     c_n1, c_attn, keep_a, c_n2, c_ffn, keep_f, p_drop = cache
     p = f"blocks.{i}."
-    g_norm = None if frozen else grads                                  # norm_backward skips frozen weights
     # forward: out = x1 + dropout(ffn(norm2(x1))): the residual passes dout straight to x1
     df = dropout_backward(dout, keep_f, p_drop)
     dh2, dWg, dWu, dWd = swiglu_backward(df, c_ffn)
-    for name, dw in (("ffn.w_gate", dWg), ("ffn.w_up", dWu), ("ffn.w_down", dWd)):
-        put_grad(grads, p + name, dw)
-    dx1 = dout + norm_backward(dh2, c_n2, g_norm, p + "norm2", cfg)
+    for name, dW in (("ffn.w_gate", dWg), ("ffn.w_up", dWu), ("ffn.w_down", dWd)):
+        put_grad(grads, p + name, dW)
+    dx1 = dout + norm_backward(dh2, c_n2, grads, p + "norm2", cfg)
     # forward: x1 = x + dropout(attn(norm1(x)))
     da = dropout_backward(dx1, keep_a, p_drop)
-    blocked = isinstance(c_attn[7], list)                              # att kept block by block
-    dh, dWqkv, dWproj = (attention_backward_blocked if blocked else attention_backward)(da, c_attn)
+    dh, dWqkv, dWproj = attention_backward(da, c_attn)
     put_grad(grads, p + "attn.qkv", dWqkv)
     put_grad(grads, p + "attn.proj", dWproj)
-    dx = dx1 + norm_backward(dh, c_n1, g_norm, p + "norm1", cfg)
+    dx = dx1 + norm_backward(dh, c_n1, grads, p + "norm1", cfg)
     return dx
 
 
@@ -877,46 +667,12 @@ def lm_head(params, cfg):
     return params["tok_emb"].T if cfg.tie_embeddings else params["lm_head"]
 
 
-def check_ids(ids, cfg, what="ids"):
-    """Raise ValueError unless ids is a (B, T) integer array with 1 <= T <= max_seq_len and every
-    id in [0, vocab_size). Checked on the host: CuPy would wrap a bad index silently."""
-    h = to_host(ids)
-    if h.ndim != 2:
-        raise ValueError(f"{what} must have shape (B, T), got shape {h.shape}")
-    if not np.issubdtype(h.dtype, np.integer):
-        raise ValueError(f"{what} must be integers, got dtype {h.dtype}")
-    B, T = h.shape
-    if B < 1 or T < 1:
-        raise ValueError(f"{what} must not be empty, got shape {h.shape}")
-    if T > cfg.max_seq_len:
-        raise ValueError(f"sequence length {T} exceeds max_seq_len {cfg.max_seq_len}: "
-                         f"T must be in [1, {cfg.max_seq_len}]")
-    lo, hi = int(h.min()), int(h.max())
-    if lo < 0 or hi >= cfg.vocab_size:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"token id {bad} out of range: ids must be in [0, {cfg.vocab_size})")
-
-
-def check_targets(targets, ids, cfg):
-    h = to_host(targets)
-    if h.shape != tuple(ids.shape):
-        raise ValueError(f"targets shape {h.shape} differs from ids shape {tuple(ids.shape)}")
-    if not np.issubdtype(h.dtype, np.integer):
-        raise ValueError(f"targets must be integers, got dtype {h.dtype}")
-    lo, hi = int(h.min()), int(h.max())
-    if lo < -1 or hi >= cfg.vocab_size:
-        bad = lo if lo < -1 else hi
-        raise ValueError(f"target {bad} out of range: targets must be in [0, {cfg.vocab_size}) or -1 (ignored)")
-    if hi < 0:
-        raise ValueError("every target is -1: the loss needs at least one position to predict")
-
-
 def model_forward(params, ids, cfg, train=False, seed=0, lora=None):
     """Embedding, L blocks, final norm, LM head. Returns (logits (B, T, V), cache).
 
     With train=False: no dropout and nothing kept (cache is None). With train=True the cache keeps
     every block's activations, or, with cfg.checkpoint, only each block's input.
-    lora (a LoraConfig): a LoRA run; params holds the base weights and the adapters (lora_shapes).
+    lora (a LoraConfig): a LoRA run; params holds the base weights and the adapters (appendix A).
     """
     ids = to_device(ids)
     B, T = ids.shape
@@ -941,20 +697,18 @@ def model_forward(params, ids, cfg, train=False, seed=0, lora=None):
 
 
 def model_backward(dlogits, cache, params, cfg, ready=None):
-    """Reverse of model_forward for dlogits (B*T, V). Returns grads with params' keys and shapes.
-    Takes params and cfg beside (dlogits, cache): the weights are read, not cached.
-    In a LoRA run (model_forward's lora) only the adapters get gradients: grads has their keys alone,
-    and no frozen weight's gradient is ever computed (nor the LM head's, nor the embedding's).
+    """Reverse of model_forward for dlogits (B*T, V). Returns grads with the keys and shapes of the
+    parameters that train (trains(): all, or a LoRA run's adapters), in params' order. Takes params and
+    cfg beside (dlogits, cache): the weights are read, not cached.
     ready(grads, names), if given, is called as soon as the gradients `names` are final: after the final
     norm, after each block (the last first), after the embedding. A data-parallel trainer sends them
-    then, while the earlier layers' backward still runs (dist.py)."""
+    then, while the earlier layers' backward still runs (lib/dist.py)."""
     c_emb, blocks, c_nf, xf, cos, sin, p_drop, seed, lora = cache
-    frozen = lora is not None
     grads, reported = {}, set()
 
     def report():
         if ready is not None:
-            new = [k for k in grads if k not in reported]
+            new = [k for k in grads if k not in reported and trains(k, lora)]
             reported.update(new)
             ready(grads, new)
 
@@ -963,28 +717,27 @@ def model_backward(dlogits, cache, params, cfg, ready=None):
     # forward: logits = xf @ W_head, so dxf = dlogits @ W_head^T and dW_head = xf^T @ dlogits
     W = lm_head(params, cfg)
     dxf = (dlogits @ W.T).reshape(xf.shape)                             # (N, V) @ (V, C) -> (B, T, C)
-    if not frozen:                                                      # (in a LoRA run the head is frozen)
+    if trains("tok_emb" if cfg.tie_embeddings else "lm_head", lora):
         if cfg.tie_embeddings:
             dW_emb_head = dlogits.T @ xf2                               # (V, N) @ (N, C) -> (V, C)
         else:
             grads["lm_head"] = xf2.T @ dlogits                          # (C, N) @ (N, V) -> (C, V)
-    dx = norm_backward(dxf, c_nf, None if frozen else grads, "norm_f", cfg)
+    dx = norm_backward(dxf, c_nf, grads, "norm_f", cfg)
     report()
     for i in reversed(range(cfg.n_layer)):
         c = blocks[i]
         if cfg.checkpoint:                                              # recompute the activations
             _, c = block_forward(c, params, i, cfg, cos, sin, p_drop, seed, recompute=True, lora=lora)
-        dx = block_backward(dx, c, grads, i, cfg, frozen)
+        dx = block_backward(dx, c, grads, i, cfg)
         blocks[i] = None                                                # free as we go
         report()
-    if frozen:                                                          # the adapters' gradients only
-        return {k: grads[k] for k in params if k in grads}
-    dW_emb = embedding_backward(dx, c_emb)
-    if cfg.tie_embeddings:
-        dW_emb += dW_emb_head                                           # tied: both uses add up
-    grads["tok_emb"] = dW_emb
-    report()
-    return {k: grads[k] for k in params}                                # params' key order
+    if trains("tok_emb", lora):
+        dW_emb = embedding_backward(dx, c_emb)
+        if cfg.tie_embeddings:
+            dW_emb += dW_emb_head                                       # tied: both uses add up
+        grads["tok_emb"] = dW_emb
+        report()
+    return {k: grads[k] for k in params if trains(k, lora)}            # params' key order
 
 
 def forward(params, ids, cfg, lora=None):
@@ -1024,7 +777,7 @@ def adamw_init(params):
             "v": {k: xp.zeros_like(p) for k, p in params.items()}}
 
 
-def adamw_step_reference(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
+def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
     """One in-place AdamW update of every parameter, in the textbook's lines (p, m and v change in
     place, so the parameter and state dicts keep their arrays). The weight decay is decoupled: it is
     not added to g, so Adam's scaling leaves it alone. Matrices only: norm weights and biases are not
@@ -1041,33 +794,6 @@ def adamw_step_reference(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e
         if weight_decay and p.ndim >= 2:
             update += weight_decay * p                   # decoupled weight decay, matrices only
         p -= lr * update
-
-
-def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
-    """identical to adamw_step_reference except that every pass writes into m, v, p or one scratch
-    array u (no temporaries: about 1.5% of a cpu-small step), and that the bias corrections go into
-    the scalars: mhat / (sqrt(vhat) + eps) = sqrt(bc2) / bc1 * m / (sqrt(v) + eps * sqrt(bc2)), and
-    p - lr * (update + wd * p) is taken as p * (1 - lr * wd) - lr * update. Training calls this one."""
-    state["t"] += 1
-    t = state["t"]
-    bc1 = 1.0 - beta1 ** t                               # bias corrections
-    bc2 = 1.0 - beta2 ** t
-    for k, p in params.items():
-        g, m, v = grads[k], state["m"][k], state["v"][k]
-        u = xp.multiply(g, 1.0 - beta1)                  # the scratch array
-        m *= beta1
-        m += u                                           # first moment
-        xp.multiply(g, g, out=u)
-        u *= 1.0 - beta2
-        v *= beta2
-        v += u                                           # second moment
-        if weight_decay and p.ndim >= 2:
-            p *= 1.0 - lr * weight_decay                 # decoupled decay, before the Adam step
-        xp.sqrt(v, out=u)
-        u += eps * math.sqrt(bc2)                        # (sqrt(vhat) + eps) * sqrt(bc2)
-        xp.divide(m, u, out=u)
-        u *= lr * math.sqrt(bc2) / bc1                   # lr * mhat / (sqrt(vhat) + eps)
-        p -= u
 
 
 def clip_grad_norm(grads, max_norm):
@@ -1097,6 +823,7 @@ def lr_schedule(step, max_lr, min_lr, warmup, total):
 # The cached keys are rope(k), unscaled (the 1/sqrt(hs) is applied to the scores), as in Hugging
 # Face's past_key_values; the values are v as computed. With grouped-query attention the cache holds
 # the nkv key/value heads only: nh / nkv times smaller than multi-head attention's.
+# The sampling loop around forward_cached is lib/generation.py.
 
 def kv_cache_init(cfg, dtype, batch=1, length=None):
     """Per layer, (K, V) arrays of shape (batch, nkv, length, hs), filled by forward_cached. length: the
@@ -1132,6 +859,349 @@ def forward_cached(params, ids, cfg, kv, pos, last_only=False, lora=None):
         x = x[:, -1:]                                                   # (B, 1, C)
     xf, _ = norm_forward(x, params, "norm_f", cfg)
     return matmul(xf, lm_head(params, cfg))                             # (B, T, V)
+
+
+# ====================================================================================================
+# Appendix A. LoRA adapters: low-rank adaptation (Hu et al. 2021, arXiv:2106.09685).
+# Fine-tuning moves a pretrained weight W (in, out) by some dW; LoRA bets that dW has a low rank r and
+# learns it as a product A @ B:
+#   y = x @ W + (alpha / r) * (dropout(x) @ A) @ B,      A (in, r), B (r, out), r << in, out.
+# W stays frozen: no gradient, no optimizer state. Only A and B train: r (in + out) numbers instead of
+# in * out (r = 8 on a (576, 1536) matrix: 17k instead of 885k). B starts at zero, so training starts
+# from the pretrained model exactly; alpha / r keeps the update's size when r changes. Afterwards the
+# update folds into the weight, W' = W + (alpha / r) A @ B, and inference costs what the base model costs.
+# Where it hooks in: with lora=LoraConfig (lib/lora.py: the adapters' names, init, merge) only the adapters
+# train (trains()); block_forward hands each frozen matrix to the layers as a Lora record (lora_record), and
+# matmul_forward / matmul_backward pass such a record to lora_forward / lora_backward.
+
+# The weights of a block that LoRA can adapt, by short name (in the order adapters are kept), with
+# the dropout site of each adapter's input mask (sites 0-2 are the model's own dropouts).
+LORA_TARGETS = {"qkv": ("attn.qkv", 3), "proj": ("attn.proj", 4), "gate": ("ffn.w_gate", 5),
+                "up": ("ffn.w_up", 6), "down": ("ffn.w_down", 7)}
+LORA_SITES = dict(LORA_TARGETS.values())                # "attn.qkv" -> 3, ...
+
+
+class Lora(NamedTuple):
+    """A frozen weight as the layers take it in a LoRA run: W with its adapter (A = B = None: none)."""
+    W: object               # (in, out), frozen
+    A: object               # (in, r), or None: no adapter on this weight
+    B: object               # (r, out), or None
+    scale: float            # alpha / r
+    p_drop: float           # dropout on the adapter's input (0 outside training)
+    key: tuple              # the key of that dropout's mask: (seed, layer, site)
+
+    @property
+    def shape(self):        # W's shape: the layers read sizes off either kind of weight
+        return self.W.shape
+
+
+def lora_record(params, i, name, lora, seed):
+    """Block i's frozen weight `name` ("attn.qkv", ...) as a Lora record: the weight, its adapter
+    params[... + ".lora_A"] and [... + ".lora_B"] if params holds one, and its dropout mask's key."""
+    W = params[f"blocks.{i}.{name}"]
+    A, B = (params.get(f"blocks.{i}.{name}.lora_{m}") for m in "AB")
+    return Lora(W, A, B, lora.scale, lora.dropout, (seed, i, LORA_SITES[name]))
+
+
+def lora_forward(x, w, recompute=False):
+    # recompute (checkpointing): only the cache is wanted; the product with W is skipped
+    W, A, B, scale, p, key = w
+    y = None if recompute else matmul(x, W)                            # (B, T, in) @ (in, out) -> (B, T, out)
+    if A is None:
+        return y, (x, w, None, None, None)
+    keep = dropout_mask(x.shape, p, key)
+    xd = dropout_forward(x, keep, p)                                   # the adapter's input, (B, T, in)
+    u = matmul(xd, A)                                                  # (B, T, in) @ (in, r) -> (B, T, r)
+    if y is not None:
+        y += matmul(u * scale, B)                                      # (B, T, r) @ (r, out) -> (B, T, out)
+    return y, (x, w, xd, u, keep)
+
+
+def lora_backward(dout, cache):
+    # forward: y = x @ W + s * u @ B with u = xd @ A, xd = dropout(x), s = alpha / r. W is frozen, so
+    # there is no dW = x^T @ dout (the largest matmul of a full backward, skipped); the rest, with
+    # du = s * dout @ B^T:  dB = s * u^T @ dout,  dA = xd^T @ du,  dx = dout @ W^T + dropout'(du @ A^T).
+    # Returns (dx, (dA, dB)), or (dx, ()) for a weight without adapter.
+    x, w, xd, u, keep = cache
+    W, A, B, scale, p, _ = w
+    dout2 = dout.reshape(-1, W.shape[1])                               # (N, out), N = B * T
+    dx = (dout2 @ W.T).reshape(x.shape)                                # (N, out) @ (out, in) -> (B, T, in)
+    if A is None:
+        return dx, ()
+    u2 = u.reshape(-1, A.shape[1])                                     # (N, r)
+    dB = (u2 * scale).T @ dout2                                        # (r, N) @ (N, out) -> (r, out)
+    du = dout2 @ B.T                                                   # (N, out) @ (out, r) -> (N, r)
+    du *= scale
+    dA = xd.reshape(-1, A.shape[0]).T @ du                             # (in, N) @ (N, r) -> (in, r)
+    dxd = (du @ A.T).reshape(x.shape)                                  # (N, r) @ (r, in) -> (B, T, in)
+    dx += dropout_backward(dxd, keep, p)
+    return dx, (dA, dB)
+
+
+# ====================================================================================================
+# Appendix B. Faster forms, each identical to a textbook form of the main text except for how it computes
+# (a test holds the two equal). FAST_FORMS, at the end, says which replaces which and when; use_forms
+# swaps them in by the swap rule (the top of this file); REFERENCE_FORMS keeps the textbook forms.
+
+# Causal attention by query blocks: identical to attention_forward / attention_backward except that the
+# queries go ATT_BLOCK rows at a time, each block against the keys it can see (0 .. pos + its last row),
+# so the fully masked key columns to the right of the diagonal are never computed: at T = 512 that skips
+# 3/8 of the score work, and of the att memory kept for the backward. (FlashAttention tiles keys too,
+# with an online softmax; here a block's scores fit in memory, and the softmax is the plain one.) Two
+# passes over the scores are saved as well: the block's queries are scaled by 1/sqrt(hs) as they are
+# gathered (a copy anyway), and the mask is added to the block's diagonal square only, the keys left of
+# it being visible to every row. The dropout masks are the reference's, sliced. Training and prefill take
+# this form once T >= 2 blocks (a 512-token prefill of SmolLM2: 0.79 s instead of 0.87 s; at T = 256 in
+# training it saves memory, not time: docs/pretrained.md has the profile).
+ATT_BLOCK = 128
+
+
+def attention_blocks(T, pos):
+    """(i0, i1, n): query rows i0 .. i1-1 and the n = pos + i1 keys they see, block by block."""
+    return [(i0, min(T, i0 + ATT_BLOCK), pos + min(T, i0 + ATT_BLOCK)) for i0 in range(0, T, ATT_BLOCK)]
+
+
+def attention_forward_blocked(x, Wqkv, Wproj, cos, sin, n_head, p_drop=0.0, key=(0,), kv=None, pos=0):
+    B, T, C = x.shape
+    hs = C // n_head
+    q, k, v, c_qkv = qkv_forward(x, Wqkv, cos, sin, n_head, kv, pos)   # (B, nh, T, hs), 2 x (B, nkv, Tk, hs)
+    n_kv, Tk = k.shape[1], k.shape[2]
+    g = n_head // n_kv
+    q5 = q.reshape(B, n_kv, g, T, hs)                                # the query heads of each group, a view
+    keep = dropout_mask((B, n_kv, g * T, Tk), p_drop, key)           # the reference's masks
+    keep5 = None if keep is None else keep.reshape(B, n_kv, g, T, Tk)
+    y = xp.empty((B, n_kv, g, T, hs), dtype=x.dtype)
+    blocks, atts, atts_d = attention_blocks(T, pos), [], []          # per block: (B, nkv, g*rows, n)
+    for i0, i1, n in blocks:
+        rows = i1 - i0
+        qb = q5[:, :, :, i0:i1] * (1.0 / math.sqrt(hs))              # the block's rows of the g heads, scaled
+        qb = qb.reshape(B, n_kv, g * rows, hs)                       # (a view of that copy)
+        a = upcast(qb @ k[:, :, :n].transpose(0, 1, 3, 2))           # (B, nkv, g*rows, hs) @ (B, nkv, hs, n)
+        a.reshape(B, n_kv, g, rows, n)[..., n - rows:] += causal_mask(rows, rows, 0, a.dtype)   # the diagonal
+        softmax_(a)
+        kb = None if keep5 is None else keep5[:, :, :, i0:i1, :n].reshape(B, n_kv, g * rows, n)
+        a_d = dropout_forward(a, kb, p_drop).astype(x.dtype, copy=False)
+        y[:, :, :, i0:i1] = (a_d @ v[:, :, :n]).reshape(B, n_kv, g, rows, hs)   # (B, nkv, g*rows, n) @ (B, nkv, n, hs)
+        atts.append(a)
+        atts_d.append(a_d)
+    y = merge_heads(y.reshape(B, n_head, T, hs))                     # (B, T, C)
+    out, c_proj = matmul_forward(y, Wproj)
+    return out, AttentionCache(c_qkv, c_proj, cos, sin, q, k, v, atts, keep, atts_d, y, p_drop, blocks)
+
+
+def attention_backward_blocked(dout, cache):
+    c_qkv, c_proj, cos, sin, q, k, v, atts, keep, atts_d, y, p_drop, blocks = cache
+    B, nh, T, hs = q.shape
+    n_kv = k.shape[1]
+    g = nh // n_kv
+    dy, dWproj = matmul_backward(dout, c_proj)                       # (B, T, C)
+    rowsum = xp.einsum("btnh,btnh->bnt", dy.reshape(B, T, nh, hs), y.reshape(B, T, nh, hs))
+    rowsum = rowsum.reshape(B, n_kv, g, T)
+    dy = split_heads(dy, nh).reshape(B, n_kv, g, T, hs)             # a view, grouped as q5
+    q5 = q.reshape(B, n_kv, g, T, hs)
+    keep5 = None if keep is None else keep.reshape(B, n_kv, g, T, T)
+    dq = xp.empty((B, n_kv, g, T, hs), dtype=q.dtype)
+    dk, dv = xp.zeros_like(k), xp.zeros_like(v)                      # each key is seen by every later block
+    for (i0, i1, n), a, a_d in zip(blocks, atts, atts_d):
+        rows = i1 - i0
+        dyb = dy[:, :, :, i0:i1].reshape(B, n_kv, g * rows, hs)      # as qb in the forward (a copy)
+        qb = q5[:, :, :, i0:i1].reshape(B, n_kv, g * rows, hs)
+        # forward: y = a_d @ v, so da_d = dy @ v^T and dv += a_d^T @ dy (the group summed in the matmul)
+        datt = dyb @ v[:, :, :n].transpose(0, 1, 3, 2)               # (B, nkv, g*rows, n)
+        dv[:, :, :n] += a_d.transpose(0, 1, 3, 2) @ dyb              # (B, nkv, n, hs)
+        kb = None if keep5 is None else keep5[:, :, :, i0:i1, :n].reshape(B, n_kv, g * rows, n)
+        datt = dropout_backward(datt, kb, p_drop)
+        dscores = softmax_backward_(datt, a, rowsum[:, :, :, i0:i1].reshape(B, n_kv, g * rows, 1))
+        dscores /= math.sqrt(hs)
+        # forward: scores = (q / sqrt(hs)) @ k^T
+        dq[:, :, :, i0:i1] = (dscores @ k[:, :, :n]).reshape(B, n_kv, g, rows, hs)
+        dk[:, :, :n] += dscores.transpose(0, 1, 3, 2) @ qb           # (B, nkv, n, hs)
+    dx, dWqkv = qkv_backward(dq.reshape(B, nh, T, hs), dk, dv, cos, sin, c_qkv)
+    return dx, dWqkv, dWproj
+
+
+def embedding_backward_flat(dout, cache):
+    # identical to embedding_backward except that add.at runs on the flat (V*C,) view of dW, with one
+    # index per number, idx = id * C + column: NumPy's add.at is several times faster on 1-D indices
+    # than on rows (0.84 -> 0.17 ms on cpu-small, about 1% of its step).
+    ids, shape = cache
+    C = shape[1]
+    dout = upcast(dout)
+    dW = xp.zeros(shape, dtype=dout.dtype)              # (V, C)
+    idx = ids.reshape(-1, 1) * C + xp.arange(C)         # (B*T, C): flat index of dW[id, c]
+    xp.add.at(dW.reshape(-1), idx.reshape(-1), dout.reshape(-1))
+    return dW
+
+
+def adamw_step_inplace(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
+    """identical to adamw_step except that every pass writes into m, v, p or one scratch array u (no
+    temporaries: about 1.5% of a cpu-small step), and that the bias corrections go into the scalars:
+    mhat / (sqrt(vhat) + eps) = sqrt(bc2) / bc1 * m / (sqrt(v) + eps * sqrt(bc2)), and
+    p - lr * (update + wd * p) is taken as p * (1 - lr * wd) - lr * update."""
+    state["t"] += 1
+    t = state["t"]
+    bc1 = 1.0 - beta1 ** t                               # bias corrections
+    bc2 = 1.0 - beta2 ** t
+    for k, p in params.items():
+        g, m, v = grads[k], state["m"][k], state["v"][k]
+        u = xp.multiply(g, 1.0 - beta1)                  # the scratch array
+        m *= beta1
+        m += u                                           # first moment
+        xp.multiply(g, g, out=u)
+        u *= 1.0 - beta2
+        v *= beta2
+        v += u                                           # second moment
+        if weight_decay and p.ndim >= 2:
+            p *= 1.0 - lr * weight_decay                 # decoupled decay, before the Adam step
+        xp.sqrt(v, out=u)
+        u += eps * math.sqrt(bc2)                        # (sqrt(vhat) + eps) * sqrt(bc2)
+        xp.divide(m, u, out=u)
+        u *= lr * math.sqrt(bc2) / bc1                   # lr * mhat / (sqrt(vhat) + eps)
+        p -= u
+
+
+# The dispatch table. {the name the model calls: (the fast form that replaces its textbook form, when it
+# does: None for every call, or a test of the call's arguments)}
+FAST_FORMS = {
+    "attention_forward": (attention_forward_blocked, lambda x, *a, **k: x.shape[1] >= 2 * ATT_BLOCK),   # 2+ blocks
+    "attention_backward": (attention_backward_blocked, lambda dout, cache: cache.blocks is not None),   # as forward
+    "embedding_backward": (embedding_backward_flat, None),
+    "adamw_step": (adamw_step_inplace, None),
+}
+
+
+def use_forms(table):
+    """Rebind each name of `table` ({name: (form, when)}) in this module: every caller takes `form`, or
+    with a `when`, the calls for which when(*args) holds, the others keeping the name's old function.
+    Returns {name: the function it had}. gpt_cupy swaps its kernels in with it."""
+    old = {name: globals()[name] for name in table}
+    for name, (form, when) in table.items():
+        globals()[name] = form if when is None else functools.partial(_either, form, when, old[name])
+    return old
+
+
+def _either(form, when, other, *args, **kwargs):
+    return (form if when(*args, **kwargs) else other)(*args, **kwargs)
+
+
+REFERENCE_FORMS = use_forms(FAST_FORMS)                  # the textbook forms, kept for the tests that compare
+
+
+# ====================================================================================================
+# Appendix C. Input checks: a wrong shape, dtype or id raises ValueError with a message that names it,
+# before any array work (CuPy would wrap a bad index silently). GPTConfig calls check_config; forward,
+# loss_fn, loss_and_grads and forward_cached call check_ids (and check_targets).
+
+def check_config(cfg):
+    """Raise ValueError unless every field of cfg is in range; puts rope_scaling in its one form."""
+    for name in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_seq_len"):
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not isinstance(cfg.n_kv_head, (int, np.integer)) or isinstance(cfg.n_kv_head, bool) \
+            or cfg.n_kv_head < 1 or cfg.n_head % cfg.n_kv_head != 0:
+        raise ValueError(f"n_kv_head must be a positive divisor of n_head ({cfg.n_head}), got {cfg.n_kv_head!r}")
+    if cfg.d_model % cfg.n_head != 0:
+        raise ValueError(f"d_model ({cfg.d_model}) must be divisible by n_head ({cfg.n_head})")
+    if (cfg.d_model // cfg.n_head) % 2 != 0:
+        raise ValueError(f"head size d_model / n_head = {cfg.d_model // cfg.n_head} must be even "
+                         f"for RoPE (it rotates pairs of dimensions)")
+    if cfg.norm not in NORMS:
+        raise ValueError(f"unknown norm {cfg.norm!r}: choose one of {', '.join(NORMS)}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if not cfg.norm_eps > 0:
+        raise ValueError(f"norm_eps must be > 0, got {cfg.norm_eps}")
+    if not cfg.rope_theta > 0:
+        raise ValueError(f"rope_theta must be > 0, got {cfg.rope_theta}")
+    if cfg.rope_scaling is not None:
+        cfg.rope_scaling = check_rope_scaling(cfg.rope_scaling)
+
+
+def check_ids(ids, cfg, what="ids"):
+    """Raise ValueError unless ids is a (B, T) integer array with 1 <= T <= max_seq_len and every
+    id in [0, vocab_size). Checked on the host: CuPy would wrap a bad index silently."""
+    h = to_host(ids)
+    if h.ndim != 2:
+        raise ValueError(f"{what} must have shape (B, T), got shape {h.shape}")
+    if not np.issubdtype(h.dtype, np.integer):
+        raise ValueError(f"{what} must be integers, got dtype {h.dtype}")
+    B, T = h.shape
+    if B < 1 or T < 1:
+        raise ValueError(f"{what} must not be empty, got shape {h.shape}")
+    if T > cfg.max_seq_len:
+        raise ValueError(f"sequence length {T} exceeds max_seq_len {cfg.max_seq_len}: "
+                         f"T must be in [1, {cfg.max_seq_len}]")
+    lo, hi = int(h.min()), int(h.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token id {bad} out of range: ids must be in [0, {cfg.vocab_size})")
+
+
+def check_targets(targets, ids, cfg):
+    """Raise ValueError unless targets (ids' shape) are in [0, vocab_size) or -1 (ignored), not all -1."""
+    h = to_host(targets)
+    if h.shape != tuple(ids.shape):
+        raise ValueError(f"targets shape {h.shape} differs from ids shape {tuple(ids.shape)}")
+    if not np.issubdtype(h.dtype, np.integer):
+        raise ValueError(f"targets must be integers, got dtype {h.dtype}")
+    lo, hi = int(h.min()), int(h.max())
+    if lo < -1 or hi >= cfg.vocab_size:
+        bad = lo if lo < -1 else hi
+        raise ValueError(f"target {bad} out of range: targets must be in [0, {cfg.vocab_size}) or -1 (ignored)")
+    if hi < 0:
+        raise ValueError("every target is -1: the loss needs at least one position to predict")
+
+
+# ====================================================================================================
+# Appendix D. Scaled RoPE, for checkpoints stretched to a longer context than they were trained on
+# (cfg.rope_scaling; rope_inv_freq calls rope_scaled):
+# - linear, position interpolation (Chen et al. 2023, arXiv:2306.15595): inv_freq / factor, so position p
+#   turns as position p / factor did in training.
+# - llama3, Llama 3.1's scaling (Meta's reference `apply_scaling`; Hugging Face's
+#   `_compute_llama3_parameters`): with each pair's wavelength w = 2 pi / inv_freq and the original
+#   context L0, short waves (w < L0 / high_freq_factor) stay, long waves (w > L0 / low_freq_factor) are
+#   divided by factor, and in between s = (L0 / w - low_freq_factor) / (high_freq_factor - low_freq_factor)
+#   blends the two: inv_freq' = (1 - s) * inv_freq / factor + s * inv_freq.
+
+# The scalings real checkpoints use, with their required fields
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(rs):
+    """A rope_scaling dict in the one form the model reads: {"type": name, field: number, ...}. Hugging
+    Face's "rope_type" key is read as "type"; a type other than linear or llama3 (dynamic, yarn, longrope...)
+    raises ValueError naming it.
+
+    Example: {"rope_type": "linear", "factor": 2} -> {"type": "linear", "factor": 2.0}.
+    """
+    if not isinstance(rs, dict):
+        raise ValueError(f"rope_scaling must be None or a dict, got {rs!r}")
+    kind = rs.get("type", rs.get("rope_type"))
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"rope_scaling type {kind!r} is not implemented: choose one of {', '.join(ROPE_SCALINGS)}")
+    out = {"type": kind}
+    for f in ROPE_SCALINGS[kind]:
+        v = rs.get(f)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+            raise ValueError(f"rope_scaling {kind}: {f} must be a positive number, got {v!r}")
+        out[f] = int(v) if f == "original_max_position_embeddings" else float(v)
+    if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
+        raise ValueError("rope_scaling llama3: high_freq_factor must exceed low_freq_factor")
+    return out
+
+
+def rope_scaled(inv_freq, scaling):
+    """inv_freq (hs/2,) scaled as `scaling` (check_rope_scaling's form) says, float64."""
+    factor = scaling["factor"]
+    if scaling["type"] == "linear":
+        return inv_freq / factor
+    L0, lo, hi = scaling["original_max_position_embeddings"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    w = 2 * math.pi / inv_freq                                          # wavelengths, in positions
+    s = (L0 / w - lo) / (hi - lo)
+    blend = (1 - s) * inv_freq / factor + s * inv_freq
+    return np.where(w < L0 / hi, inv_freq, np.where(w > L0 / lo, inv_freq / factor, blend))
 
 
 # ----------------------------------------------------------------------------------------------------

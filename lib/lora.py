@@ -1,6 +1,6 @@
 """
 lib/lora.py: the bookkeeping of LoRA runs (Hu et al. 2021), around the adapters' forward and backward,
-which are array code inside the model (gpt_numpy.py's appendix: the Lora record, lora_forward,
+which are array code inside the model (gpt_numpy.py's appendix A: the Lora record, lora_forward,
 lora_backward): a run's LoraConfig, the adapters' names and shapes, their initialisation, and merging
 them into the weights (W + (alpha / r) A @ B) and back out.
 

@@ -58,6 +58,12 @@ def cache_arrays(cache):
     return out
 
 
+def model_of(gm):
+    """The module whose globals the model's functions read (ATT_BLOCK, the swapped forms): gpt_numpy
+    itself, or gpt_cupy's CuPy copy of it (gpt_cupy's own names are re-exports)."""
+    return getattr(gm, "model", gm)
+
+
 def host(gm, d):
     """{name: host array} of a dict of backend arrays."""
     return {k: gm.to_host(v) for k, v in d.items()}
@@ -72,7 +78,7 @@ def test_embedding_backward_accumulates_repeated_ids(backend):
     ids = gm.to_device(np.array([[1, 3, 1], [6, 1, 3]]))   # ids repeat: gradients must add up
     out, cache = gm.embedding_forward(ids, W)
     dout = normal(gm, *out.shape, seed=5)
-    for bwd in (gm.embedding_backward_reference, gm.embedding_backward):
+    for bwd in (gm.REFERENCE_FORMS["embedding_backward"], gm.embedding_backward):
         dW = bwd(dout, cache)
         num = numeric_grad(lambda: float((gm.embedding_forward(ids, W)[0] * dout).sum()), W)
         assert record("embedding", rel_err(dW, num)) < TOL
@@ -82,13 +88,13 @@ def test_embedding_backward_accumulates_repeated_ids(backend):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 def test_fast_embedding_backward_equals_reference(backend, dtype):
-    # the flat add.at of embedding_backward against the textbook add.at on rows
+    # the flat add.at of embedding_backward_flat (the form the model runs) against the textbook add.at on rows
     gm = backend
     r = rng()
     ids = gm.to_device(r.integers(0, 13, (4, 9)))
     dout = gm.to_device(r.standard_normal((4, 9, 6)).astype(dtype))
     cache = (ids, (13, 6))
-    a, b = gm.embedding_backward(dout, cache), gm.embedding_backward_reference(dout, cache)
+    a, b = gm.embedding_backward_flat(dout, cache), gm.REFERENCE_FORMS["embedding_backward"](dout, cache)
     assert a.dtype == b.dtype == np.promote_types(dtype, np.float32)
     np.testing.assert_allclose(gm.to_host(a), gm.to_host(b), rtol=1e-6, atol=1e-6)
 
@@ -381,7 +387,7 @@ def test_float32_training_never_upcasts(backend, checkpoint):
     _, grads = gm.loss_and_grads(params, ids, targets, cfg, seed=3)
     state = gm.adamw_init(params)
     gm.adamw_step(params, grads, state, 1e-3)
-    gm.adamw_step_reference(params, grads, state, 1e-3)
+    gm.REFERENCE_FORMS["adamw_step"](params, grads, state, 1e-3)
     assert all(v.dtype == np.float32 for d in (params, state["m"], state["v"]) for v in d.values())
 
 
@@ -530,24 +536,26 @@ def test_gqa_config():
 def test_blocked_attention_equals_plain(backend, n_kv, p_drop, monkeypatch):
     # blocks of 4 rows over T = 11 (the last one partial), float64: outputs and every gradient agree
     gm = backend
-    monkeypatch.setattr(gm, "ATT_BLOCK", 4)
+    monkeypatch.setattr(model_of(gm), "ATT_BLOCK", 4)
     B, T, C, nh = 2, 11, 24, 3
     hs = C // nh
     cos, sin = gm.rope_tables(np.arange(T), hs, 10000.0, np.float64)
     x, Wqkv = normal(gm, B, T, C), normal(gm, C, (nh + 2 * n_kv) * hs, scale=0.5, seed=2)
     Wproj = normal(gm, C, C, scale=0.5, seed=3)
-    out1, c1 = gm.attention_forward(x, Wqkv, Wproj, cos, sin, nh, p_drop, (5, 0, 0))
+    plain_forward, plain_backward = (gm.REFERENCE_FORMS[f"attention_{s}"] for s in ("forward", "backward"))
+    out1, c1 = plain_forward(x, Wqkv, Wproj, cos, sin, nh, p_drop, (5, 0, 0))
     out2, c2 = gm.attention_forward_blocked(x, Wqkv, Wproj, cos, sin, nh, p_drop, (5, 0, 0))
-    assert [a.shape[-2:] for a in c2[7]] == [(4 * nh // n_kv, 4), (4 * nh // n_kv, 8), (3 * nh // n_kv, 11)]
+    assert c1.blocks is None and c2.blocks == [(0, 4, 4), (4, 8, 8), (8, 11, 11)]
+    assert [a.shape[-2:] for a in c2.att] == [(4 * nh // n_kv, 4), (4 * nh // n_kv, 8), (3 * nh // n_kv, 11)]
     np.testing.assert_allclose(gm.to_host(out2), gm.to_host(out1), rtol=1e-12, atol=1e-13)
     dout = normal(gm, *out1.shape, seed=7)
-    for g1, g2 in zip(gm.attention_backward(dout, c1), gm.attention_backward_blocked(dout, c2)):
+    for g1, g2 in zip(plain_backward(dout, c1), gm.attention_backward_blocked(dout, c2)):
         np.testing.assert_allclose(gm.to_host(g2), gm.to_host(g1), rtol=1e-11, atol=1e-12)
 
 
 def test_blocked_attention_backward(backend, monkeypatch):
     gm = backend
-    monkeypatch.setattr(gm, "ATT_BLOCK", 2)
+    monkeypatch.setattr(model_of(gm), "ATT_BLOCK", 2)
     B, T, C, nh, n_kv = 2, 5, 16, 4, 2
     hs = C // nh
     cos, sin = gm.rope_tables(np.arange(T), hs, 10000.0, np.float64)
@@ -557,17 +565,56 @@ def test_blocked_attention_backward(backend, monkeypatch):
     check_layer(gm, "attention blocked", fwd, gm.attention_backward_blocked, [x, Wqkv, Wproj])
 
 
+def test_fast_forms_take_over_as_the_table_says(monkeypatch):
+    # FAST_FORMS: the flat embedding backward and the in-place AdamW always, blocked attention from
+    # T >= 2 * ATT_BLOCK, its backward following the form of the forward that made the cache
+    gm = gn
+    assert gm.embedding_backward is gm.embedding_backward_flat and gm.adamw_step is gm.adamw_step_inplace
+    assert gm.REFERENCE_FORMS["embedding_backward"].__name__ == "embedding_backward"
+    assert gm.REFERENCE_FORMS["adamw_step"].__name__ == "adamw_step"
+    monkeypatch.setattr(gm, "ATT_BLOCK", 4)
+    nh, n_kv, C = 2, 1, 8
+    hs = C // nh
+    Wqkv, Wproj = normal(gm, C, (nh + 2 * n_kv) * hs, seed=2), normal(gm, C, C, seed=3)
+    for T, blocked in ((7, False), (8, True), (11, True)):
+        cos, sin = gm.rope_tables(np.arange(T), hs, 10000.0, np.float64)
+        x, dout = normal(gm, 2, T, C), normal(gm, 2, T, C, seed=4)
+        out, cache = gm.attention_forward(x, Wqkv, Wproj, cos, sin, nh, 0.2, (1, 0, 0))
+        assert (cache.blocks is not None) == blocked, T
+        form = gm.attention_forward_blocked if blocked else gm.REFERENCE_FORMS["attention_forward"]
+        out2, cache2 = form(x, Wqkv, Wproj, cos, sin, nh, 0.2, (1, 0, 0))
+        np.testing.assert_array_equal(out, out2)
+        back = gm.attention_backward_blocked if blocked else gm.REFERENCE_FORMS["attention_backward"]
+        for g1, g2 in zip(gm.attention_backward(dout, cache), back(dout, cache2)):
+            np.testing.assert_array_equal(g1, g2)
+    # use_forms rebinds a name for every caller, and gives back what it replaced
+    seen = []
+
+    def counted(dout, cache):
+        seen.append(1)
+        return gm.embedding_backward_flat(dout, cache)
+
+    old = gm.use_forms({"embedding_backward": (counted, None)})
+    try:
+        cfg = tiny_cfg()
+        gm.loss_and_grads(gm.init_params(cfg), *batch(cfg), cfg)
+        assert seen == [1] and old == {"embedding_backward": gm.embedding_backward_flat}
+    finally:
+        gm.use_forms({k: (f, None) for k, f in old.items()})
+    assert gm.embedding_backward is gm.embedding_backward_flat
+
+
 def test_blocked_attention_with_a_kv_cache(backend, monkeypatch):
     # a prefill after earlier positions: block rows start at pos, and see the cache's keys too
     gm = backend
-    monkeypatch.setattr(gm, "ATT_BLOCK", 3)
+    monkeypatch.setattr(model_of(gm), "ATT_BLOCK", 3)
     cfg = gqa_cfg(2, max_seq_len=20)
     params = trained_ish_params(gm, cfg)
     seq = np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 20))
     kv = gm.kv_cache_init(cfg, np.float64)
     gm.forward_cached(params, seq[:, :5], cfg, kv, 0)                 # 5 >= 2 blocks: blocked
     logits = gm.forward_cached(params, seq[:, 5:], cfg, kv, 5)         # 15 more, from position 5
-    monkeypatch.setattr(gm, "ATT_BLOCK", 10**6)                       # the plain form only
+    monkeypatch.setattr(model_of(gm), "ATT_BLOCK", 10**6)                       # the plain form only
     np.testing.assert_allclose(gm.to_host(logits), gm.to_host(gm.forward(params, seq, cfg)[:, 5:]),
                                rtol=1e-10, atol=1e-12)
 
@@ -581,7 +628,7 @@ def test_model_with_blocked_attention(backend, checkpoint, monkeypatch):
     params = gm.init_params(cfg, seed=1, dtype=np.float64)
     ids, targets = batch(cfg)
     plain_loss, plain = gm.loss_and_grads(params, ids, targets, cfg, seed=4)
-    monkeypatch.setattr(gm, "ATT_BLOCK", 2)
+    monkeypatch.setattr(model_of(gm), "ATT_BLOCK", 2)
     loss, grads = gm.loss_and_grads(params, ids, targets, cfg, seed=4)
     assert abs(loss - plain_loss) < 1e-12
     for k in params:
@@ -599,9 +646,9 @@ def test_blocked_attention_in_half_precision(backend, monkeypatch):
     params = gm.init_params(cfg, seed=0)
     ids, targets = batch(cfg, B=2, T=16)
     _, plain = mixed_precision.loss_and_grads_mixed(gm, params, ids, targets, cfg, 1024.0, seed=1)
-    monkeypatch.setattr(gm, "ATT_BLOCK", 4)
+    monkeypatch.setattr(model_of(gm), "ATT_BLOCK", 4)
     _, cache = gm.model_forward({k: v.astype(np.float16) for k, v in params.items()}, ids, cfg, train=True)
-    atts = cache[1][0][1][7]
+    atts = cache[1][0][1].att
     assert isinstance(atts, list) and all(a.dtype == np.float32 for a in atts)
     _, grads = mixed_precision.loss_and_grads_mixed(gm, params, ids, targets, cfg, 1024.0, seed=1)
     for k in params:
@@ -793,9 +840,11 @@ def adamw_case(gm):
     return params, g1, g2, dev
 
 
-@pytest.mark.parametrize("step", ["adamw_step", "adamw_step_reference"])
-def test_adamw_two_steps_against_formula(backend, step):
+@pytest.mark.parametrize("form", ["adamw_step", "textbook"])
+def test_adamw_two_steps_against_formula(backend, form):
+    # the form the model runs (adamw_step_inplace on NumPy) and the textbook one it replaces
     gm = backend
+    step = gm.adamw_step if form == "adamw_step" else gm.REFERENCE_FORMS["adamw_step"]
     params, g1, g2, dev = adamw_case(gm)
     lr, b1, b2, eps, wd = 0.01, 0.8, 0.9, 1e-6, 0.5
     expect = {k: p.copy() for k, p in params.items()}
@@ -811,8 +860,8 @@ def test_adamw_two_steps_against_formula(backend, step):
     params = dev(params)
     state = gm.adamw_init(params)
     arrays = {k: (params[k], state["m"][k], state["v"][k]) for k in params}
-    getattr(gm, step)(params, dev(g1), state, lr, b1, b2, eps, wd)
-    getattr(gm, step)(params, dev(g2), state, lr, b1, b2, eps, wd)
+    step(params, dev(g1), state, lr, b1, b2, eps, wd)
+    step(params, dev(g2), state, lr, b1, b2, eps, wd)
     assert state["t"] == 2 and set(state) == {"t", "m", "v"}
     for k in params:
         np.testing.assert_allclose(gm.to_host(params[k]), expect[k], rtol=1e-12, atol=1e-14)
@@ -831,7 +880,7 @@ def test_fast_adamw_equals_reference(backend, dtype):
     for step in range(3):
         _, grads = gm.loss_and_grads(p1, ids, targets, cfg)
         gm.adamw_step(p1, grads, s1, 1e-2, weight_decay=0.1)
-        gm.adamw_step_reference(p2, grads, s2, 1e-2, weight_decay=0.1)
+        gm.REFERENCE_FORMS["adamw_step"](p2, grads, s2, 1e-2, weight_decay=0.1)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     for k in p1:
         assert rel_err(p1[k], p2[k]) < tol and rel_err(s1["m"][k], s2["m"][k]) < tol, k

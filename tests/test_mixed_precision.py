@@ -198,7 +198,7 @@ def test_half_compute_stays_half():
     logits, cache = gn.model_forward(half, ids, cfg, train=True, seed=3)
     assert logits.dtype == np.float16
     blocks = cache[1]
-    atts = [c_attn[7] for _, c_attn, *_ in blocks]      # attention_forward's cache: (c_qkv, ..., att, ...)
+    atts = [c_attn.att for _, c_attn, *_ in blocks]     # attention_forward's AttentionCache
     assert all(a.dtype == np.float32 and a.shape == (4, cfg.n_head, 16, 16) for a in atts)
     rest = [a for a in cache_arrays(cache) if a.dtype.kind == "f" and not any(a is t for t in atts)]
     assert rest and all(a.dtype == np.float16 for a in rest), {a.dtype for a in rest}
