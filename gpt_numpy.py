@@ -956,6 +956,11 @@ def lora_backward(dout, cache):
 ATT_BLOCK = 128
 
 
+def attends_by_blocks(T):
+    """Does a forward of T query rows take the blocked form? From two blocks on (FAST_FORMS's rule)."""
+    return T >= 2 * ATT_BLOCK
+
+
 def attention_blocks(T, pos):
     """(i0, i1, n): query rows i0 .. i1-1 and the n = pos + i1 keys they see, block by block."""
     return [(i0, min(T, i0 + ATT_BLOCK), pos + min(T, i0 + ATT_BLOCK)) for i0 in range(0, T, ATT_BLOCK)]
@@ -1063,7 +1068,7 @@ def adamw_step_inplace(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8
 # The dispatch table. {the name the model calls: (the fast form that replaces its textbook form, when it
 # does: None for every call, or a test of the call's arguments)}
 FAST_FORMS = {
-    "attention_forward": (attention_forward_blocked, lambda x, *a, **k: x.shape[1] >= 2 * ATT_BLOCK),   # 2+ blocks
+    "attention_forward": (attention_forward_blocked, lambda x, *a, **k: attends_by_blocks(x.shape[1])),
     "attention_backward": (attention_backward_blocked, lambda dout, cache: cache.blocks is not None),   # as forward
     "embedding_backward": (embedding_backward_flat, None),
     "adamw_step": (adamw_step_inplace, None),

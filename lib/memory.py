@@ -76,9 +76,9 @@ def kv_cache_positions(cfg, prompt_len, new_tokens):
 
 def attention_scores(cfg, T, pos=0):
     """Attention scores one query head keeps for T queries after pos cached positions: T * (pos + T), or,
-    from T = 2 * ATT_BLOCK on (where block_forward takes attention_forward_blocked), each block's rows
+    where gpt_numpy.attends_by_blocks(T) (the blocked attention of FAST_FORMS), each block's rows
     times the keys it sees, gpt_numpy.attention_blocks."""
-    if T >= 2 * gpt_numpy.ATT_BLOCK:
+    if gpt_numpy.attends_by_blocks(T):
         return sum((i1 - i0) * n for i0, i1, n in gpt_numpy.attention_blocks(T, pos))
     return T * (pos + T)
 
