@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import UserError
-from lib.chat_template import compile_template   # the template in jinja2's sandbox, as transformers compiles it
+from lib.chat_template import compile_template, render_template   # jinja2's sandbox, as transformers sets it up
 from lib.files import file_sha256, read_jsonl, text_sha256
 from lib.tokenizer import EOT
 
@@ -67,17 +67,13 @@ DEFAULT_TEMPLATE = (
 def render_chat(template, messages, add_generation_prompt=False, **specials):
     """The text of `messages` (a list of {"role", "content"} dicts) under a Jinja chat template, with
     `specials` (bos_token, eos_token ...) as template variables, as transformers' apply_chat_template
-    (tokenize=False) renders it. A template error raises UserError.
+    (tokenize=False) renders it, in chat_template.py's bounded sandbox. A template error, or a render that
+    runs too long or grows too large, raises UserError ("the chat template failed: ...").
 
     Example: render_chat(DEFAULT_TEMPLATE, [{"role": "user", "content": "Hi"}], True, eos_token="</s>")
-    -> "### User:\\nHi\\n\\n### Assistant:\\n".
+    -> "### User:\nHi\n\n### Assistant:\n".
     """
-    import jinja2
-    try:
-        return compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                 **specials)
-    except jinja2.TemplateError as e:                   # raise_exception() in the template, or a bad construct
-        raise UserError(f"the chat template failed: {e}") from None
+    return render_template(template, messages, add_generation_prompt, **specials)
 
 
 @dataclass(frozen=True)
