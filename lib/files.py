@@ -151,6 +151,8 @@ def read_jsonl(path):
                     value = json.loads(line)
                 except ValueError as e:
                     raise FileFormatError(f"{path}, line {n}: not valid JSON ({e})") from None
+                except RecursionError:                  # e.g. 10^5 nested [ ]
+                    raise FileFormatError(f"{path}, line {n}: not usable JSON (nested too deeply)") from None
                 yield n, f"{path}, line {n}", value
         except UnicodeDecodeError as e:
             raise FileFormatError(f"{path} is not UTF-8 text ({e})") from None
