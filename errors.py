@@ -21,6 +21,11 @@ class FileFormatError(UserError):
     version, or with fields this code does not support (a checkpoint, tokenizer.json, config.json...)."""
 
 
+class UsageError(UserError):
+    """A bad command line that only shows once a file is read (a --block-size beyond the model's context):
+    reported like any other usage error, exit status 2, wherever it is found."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, except that a bad command line raises UserError instead of printing the usage and
     exiting, so that main() reports it like any other usage error: `error: <message>`, exit status 2."""
@@ -31,8 +36,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run_main(parse, work, argv=None, prefix="error: ", on_error=None):
     """A program's exit status, the same rules for every program: parse(argv) -> args, then work(args).
-    A UserError from parse: `error: <message>` on stderr, 2. A UserError or OSError (a missing file, a
-    full disk) from work: the same line, 1. Ctrl-C: 130. Output piped into a program that stops reading
+    A UserError from parse, or a UsageError from work: `error: <message>` on stderr, 2. Any other
+    UserError or OSError (a missing file, a full disk) from work: the same line, 1. Ctrl-C: 130. Output piped into a program that stops reading
     (`| head`): 0, quietly. Anything else is a bug and keeps its traceback. work's return value, if an
     int, is the status (0 otherwise).
 
@@ -54,6 +59,9 @@ def run_main(parse, work, argv=None, prefix="error: ", on_error=None):
         if not (on_error and on_error(0, e)):
             sys.stderr.close()
         return 0
+    except UsageError as e:
+        print(f"{prefix}{e}", file=sys.stderr)
+        return 2
     except (UserError, OSError) as e:
         if not (on_error and on_error(1, e)):
             print(f"{prefix}{e}", file=sys.stderr)

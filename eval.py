@@ -18,9 +18,10 @@ import math
 import time
 from pathlib import Path
 
-from errors import ArgumentParser, UserError, run_main
+from errors import ArgumentParser, UsageError, UserError, run_main
 from lib import scoring
 from lib.checkpoint import load_model
+from lib.files import atomic_write
 from lib.tokenizer import token_byte_lengths
 
 EPILOG = """text (--text): the file's tokens are cut into windows of N + 1 tokens (N = --block-size, by default
@@ -64,7 +65,10 @@ def parse_args(argv):
                    help="mc: text between the context and each choice (default: one space, the harness's)")
     p.add_argument("--limit", type=int, metavar="N", help="mc: score only the first N items")
     p.add_argument("--per-item", metavar="OUT", help="mc: write every item's log-likelihoods, token and "
-                                                      "character counts and predictions to this JSONL file")
+                                                      "character counts and predictions to this JSONL file "
+                                                      "(a new file, or an existing one with --force)")
+    p.add_argument("--force", action="store_true", help="let --per-item replace an existing file (never one of "
+                                                        "the inputs)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON record on the last line")
     p.add_argument("--data-dir", default="data", metavar="DIR", help="where --download puts its file (default: data)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="numpy (CPU) or cupy (GPU)")
@@ -84,7 +88,23 @@ def parse_args(argv):
             raise UserError(f"{flag} must be at least 1, got {value}")
     if args.stride and args.block_size and args.stride > args.block_size:
         raise UserError(f"--stride {args.stride} exceeds --block-size {args.block_size}")
+    if args.per_item:
+        check_output(args)
     return args
+
+
+def check_output(args):
+    """--per-item names a new file, or with --force an existing one; never a folder, and never one of the
+    inputs (the checkpoint, the --mc or --text file), --force or not."""
+    out = Path(args.per_item)
+    if out.is_dir():
+        raise UserError(f"--per-item {out} is a folder; expected a file name")
+    ckpt = Path(args.ckpt) / "ckpt.safetensors" if args.ckpt and Path(args.ckpt).is_dir() else args.ckpt
+    for flag, path in (("--ckpt", ckpt), ("--mc", args.mc), ("--text", args.text)):
+        if path and out.exists() and Path(path).exists() and out.samefile(path):
+            raise UserError(f"--per-item {out} is the file of {flag}: it would be overwritten; choose another name")
+    if out.exists() and not args.force:
+        raise UserError(f"--per-item {out} exists; pass --force to replace it, or choose another name")
 
 
 def eval_text(m, args):
@@ -92,6 +112,11 @@ def eval_text(m, args):
     from bpe import read_text_blocks
     import numpy as np
     tok = m.tokenizer
+    if args.block_size and args.block_size > m.cfg.max_seq_len:
+        raise UsageError(f"--block-size {args.block_size} exceeds the model's context of {m.cfg.max_seq_len} tokens")
+    if args.stride and args.stride > (args.block_size or m.cfg.max_seq_len):
+        raise UsageError(f"--stride {args.stride} exceeds the block size {args.block_size or m.cfg.max_seq_len} "
+                         f"(the model's context, without --block-size)")
     ids = []
     for text, _ in read_text_blocks(args.text, 1 << 20, cut=tok.cut, errors=tok.file_errors):
         try:
@@ -99,10 +124,6 @@ def eval_text(m, args):
         except UserError as e:                          # e.g. a character the char vocabulary lacks
             raise UserError(f"{args.text}: {e}") from None
     ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    if args.block_size and args.block_size > m.cfg.max_seq_len:
-        raise UserError(f"--block-size {args.block_size} exceeds the model's context of {m.cfg.max_seq_len} tokens")
-    if args.stride and args.stride > (args.block_size or m.cfg.max_seq_len):
-        raise UserError(f"--stride {args.stride} exceeds the block size {args.block_size or m.cfg.max_seq_len}")
     t0 = time.time()
     r = scoring.score_text(m.gm, m.params, m.cfg, ids, args.block_size, args.stride, token_byte_lengths(tok),
                            progress=True)
@@ -124,11 +145,8 @@ def eval_mc(m, args, path):
     seconds = time.time() - t0
     r = scoring.mc_metrics(results)
     r.update(seconds=round(seconds, 3), items_per_s=len(results) / max(seconds, 1e-9))
-    if args.per_item:
-        Path(args.per_item).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.per_item, "w") as f:
-            for res in results:
-                f.write(json.dumps(res.record()) + "\n")
+    if args.per_item:                                   # atomic: a crash leaves the old file or the new one
+        atomic_write(args.per_item, "".join(json.dumps(res.record()) + "\n" for res in results).encode())
     n_choices = sorted({len(i.choices) for i in items})
     print(f"{path}: {r['items']} items, {'/'.join(map(str, n_choices))} choices each, {r['truncated']} "
           f"left-truncated to the window of {m.cfg.max_seq_len} tokens ({seconds:.1f} s, "

@@ -12,6 +12,7 @@ Exit status 0; a bad command line prints `error: <one line>` and exits 2, a fail
 line, no matplotlib) exits 1.
 """
 
+import json
 from pathlib import Path
 
 from errors import ArgumentParser, FileFormatError, UserError, run_main
@@ -28,18 +29,31 @@ def log_path(run):
 
 
 def read_log(path):
-    """The records of a log.jsonl, as train.py writes it: {"train": [(step, loss)], "eval": [records]}."""
+    """The records of a log.jsonl, as train.py writes it: {"train": [(step, loss)], "eval": [records]}.
+    A record of either kind without the numbers it is drawn with is a FileFormatError naming its line
+    (an eval record's mc_acc and mc_acc_norm come together, or not at all)."""
     out = {"train": [], "eval": []}
     for _, where, rec in read_jsonl(path):
         if not isinstance(rec, dict):
             raise FileFormatError(f"{where}: expected a JSON object")
         if rec.get("event") == "train" and rec.get("loss") is not None:
+            need(rec, ("step", "loss"), where, "a train record")
             out["train"].append((rec["step"], rec["loss"]))
         elif rec.get("event") == "eval":
+            need(rec, ("step", "train_loss", "val_loss") + (("mc_acc", "mc_acc_norm") if "mc_acc" in rec else ()),
+                 where, "an eval record")
             out["eval"].append(rec)
     if not out["train"] and not out["eval"]:
         raise FileFormatError(f"{path} holds no training or evaluation records")
     return out
+
+
+def need(rec, keys, where, what):
+    """FileFormatError unless every key of rec holds a number (nan allowed: a diverged run logs one)."""
+    for k in keys:
+        v = rec.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise FileFormatError(f"{where}: {what} needs a number {k}, got {json.dumps(v)[:40]}")
 
 
 def run_name(path):
@@ -98,20 +112,32 @@ def plot(runs, out, logy=False):
     return out
 
 
+FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp")     # what --out may be; matplotlib writes each
+
+
 def parse_args(argv):
     p = ArgumentParser(prog="plot.py", description="Plot train/val loss (and --eval-mc accuracy) of training "
-                                                   "runs from their log.jsonl into a PNG (needs matplotlib).")
+                                                   "runs from their log.jsonl into an image (needs matplotlib).")
     p.add_argument("runs", nargs="+", metavar="RUN", help="a run folder (holding log.jsonl) or a log.jsonl file")
-    p.add_argument("--out", metavar="PNG", help="the image to write (default: RUN/plot.png for one run, "
-                                                "plot.png for several)")
+    p.add_argument("--out", metavar="FILE", help="the image to write, by its extension one of "
+                                                 f"{', '.join(FORMATS)}; a folder gets plot.png inside it "
+                                                 "(default: RUN/plot.png for one run, plot.png for several)")
     p.add_argument("--logy", action="store_true", help="log-scale loss axis")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out is not None and not Path(args.out).is_dir():
+        ext = Path(args.out).suffix.lstrip(".").lower()
+        if ext not in FORMATS:
+            raise UserError(f"--out {args.out}: expected a file name ending in one of "
+                            f"{', '.join('.' + f for f in FORMATS)}, or a folder")
+    return args
 
 
 def run(args):
     paths = [log_path(r) for r in args.runs]
     runs = [(run_name(p), read_log(p)) for p in paths]
     out = args.out or (paths[0].parent / "plot.png" if len(paths) == 1 else "plot.png")
+    if Path(out).is_dir():
+        out = Path(out) / "plot.png"
     print(f"wrote {plot(runs, out, args.logy)}")
 
 

@@ -97,7 +97,7 @@ def chat_session(m, args):
         else:
             try:
                 text = input("> ")
-            except EOFError:
+            except (EOFError, RuntimeError, OSError):   # end of input; RuntimeError: stdin closed (<&-)
                 print(file=sys.stderr)
                 return
             if not sys.stdin.isatty():                  # piped in: show the message, as a terminal would

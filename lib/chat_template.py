@@ -19,13 +19,27 @@ The end-of-turn token is found by rendering a probe conversation: the special to
 right after an assistant message (<|im_end|> for ChatML, <|eot_id|> for Llama 3, </s> for Mistral).
 """
 
+import ctypes
 import functools
 import json
+import math
+import threading
 from datetime import datetime
 
 from errors import FileFormatError, UserError
 
 PROBE = "PROBE_0f1e2d3c"                # an assistant message no template changes, to find what follows it
+
+# What one render may cost. A template is a program: the sandbox keeps it from reaching Python's internals,
+# and these keep it from hanging or exhausting memory (a loop of 10^10 steps, 'a' * 10**10, 7 ** 10**8).
+RENDER_SECONDS = 10.0                   # wall-clock time of one render (SmolLM2's template: ~0.1 ms)
+RENDER_MEMORY = 1 << 28                 # bytes of new address space a render may take (Linux: RLIMIT_AS)
+RENDER_CHARS = 1 << 20                  # characters of output beyond 4x the conversation's own text
+POWER_BITS = 1 << 16                    # the largest integer `**` may build, in bits
+
+
+class _Timeout(BaseException):
+    """Raised inside a render that ran out of time (a BaseException: the template cannot catch it)."""
 
 
 def _jinja():
@@ -39,10 +53,16 @@ def _jinja():
     return jinja2
 
 
-@functools.lru_cache(maxsize=8)
 def compile_template(template):
     """The template compiled in the sandbox, with transformers' options and helpers; FileFormatError if
-    it does not parse."""
+    it is not text or does not parse."""
+    if not isinstance(template, str):
+        raise FileFormatError(f"the chat template is {type(template).__name__} {str(template)[:40]!r}, expected text")
+    return _compile(template)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template):
     jinja2 = _jinja()
     from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -60,31 +80,125 @@ def compile_template(template):
         def _body(self, caller):
             return caller()
 
+    class Bounded(ImmutableSandboxedEnvironment):
+        """The sandbox, except that `**` cannot build a number of more than POWER_BITS bits: a huge power
+        is one long computation in C, which no time limit can interrupt."""
+        intercepted_binops = frozenset(["**"])
+
+        def call_binop(self, context, operator, left, right):
+            if (operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1
+                    and right * math.log2(abs(left)) > POWER_BITS):
+                raise jinja2.exceptions.SecurityError(f"{left} ** {right} is too large a number")
+            return super().call_binop(context, operator, left, right)
+
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(template)
-    except jinja2.exceptions.TemplateError as e:
-        raise FileFormatError(f"the chat template does not parse: {e}") from None
+    except Exception as e:          # a syntax error, or nesting too deep for the parser (RecursionError)
+        raise FileFormatError(f"the chat template does not parse: {type(e).__name__}: {e}") from None
 
 
 def render_template(template, messages, add_generation_prompt=True, **context):
     """The template's text for messages [{"role": ..., "content": ...}]; `context` holds the special tokens
-    (bos_token="<s>", ...). A template that raises (raise_exception, a sandbox violation) gives UserError."""
-    jinja2 = _jinja()
+    (bos_token="<s>", ...). Whatever goes wrong inside (raise_exception, a sandbox violation, 1 / 0, an
+    endless loop, a string too large) is UserError "the chat template failed: ...". The render is
+    bounded: at most RENDER_SECONDS, RENDER_MEMORY bytes and 4x the conversation's text + RENDER_CHARS
+    characters of output (render_bounded)."""
+    compiled = compile_template(template)
+    own = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
+    variables = dict(messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+                     **context)
     try:
-        return compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                 tools=None, documents=None, **context)
-    except jinja2.exceptions.TemplateError as e:
-        raise UserError(f"the chat template refused this conversation: {e}") from None
+        return render_bounded(compiled, variables, 4 * own + RENDER_CHARS)
+    except UserError:
+        raise
+    except Exception as e:          # TemplateError, SecurityError, ZeroDivisionError, TypeError, RecursionError...
+        what = str(e) if isinstance(e, _jinja().exceptions.TemplateError) else f"{type(e).__name__}: {e}"
+        raise UserError(f"the chat template failed: {what}") from None
+
+
+def render_bounded(compiled, variables, max_chars):
+    """compiled.render(**variables), within limits: the output streams piece by piece and stops past
+    max_chars; a watchdog thread raises _Timeout inside the render after RENDER_SECONDS (an asynchronous
+    exception, delivered between two Python bytecodes: the template's loops are Python code); and on Linux
+    the address space may grow by RENDER_MEMORY at most (RLIMIT_AS), so that a string too large to build
+    is a MemoryError instead of a machine out of memory."""
+    me = threading.get_ident()
+    fired = threading.Event()
+
+    def interrupt():
+        fired.set()
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(me), ctypes.py_object(_Timeout))
+
+    watchdog = threading.Timer(RENDER_SECONDS, interrupt)
+    watchdog.start()                            # (before the memory limit: a new thread needs a stack)
+    old_limit = _limit_address_space(RENDER_MEMORY)
+    timed_out = out_of_memory = False
+    pieces, n = [], 0
+    try:
+        for piece in compiled.generate(**variables):
+            n += len(piece)
+            if n > max_chars:
+                break
+            pieces.append(piece)
+    except _Timeout:
+        timed_out = True
+    except MemoryError:
+        out_of_memory = True
+    finally:
+        # subtle: the timeout may arrive in any line until the watchdog is stopped, this block's too; once
+        # join() returns, it has been delivered or is pending, and a pending one is withdrawn (None)
+        try:
+            watchdog.cancel()
+            watchdog.join()
+            if fired.is_set():
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(me), None)
+        except _Timeout:
+            timed_out = True
+        finally:
+            _restore_address_space(old_limit)
+    if timed_out:
+        raise UserError(f"the chat template failed: it ran for more than {RENDER_SECONDS:g} s "
+                        f"(a template that never ends?)")
+    if out_of_memory:
+        raise UserError(f"the chat template failed: it needed more than {RENDER_MEMORY >> 20} MiB of memory")
+    if n > max_chars:
+        raise UserError(f"the chat template failed: its output passed {max_chars:,} characters")
+    return "".join(pieces)
+
+
+def _limit_address_space(extra):
+    """Let the process's address space grow by at most `extra` bytes from now (Linux's RLIMIT_AS); returns
+    the old limit for _restore_address_space, or None where this cannot be done (then nothing changed)."""
+    try:
+        import resource
+        with open("/proc/self/statm") as f:
+            size = int(f.read().split()[0]) * resource.getpagesize()
+        old = soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        new = size + extra
+        if hard != resource.RLIM_INFINITY:
+            new = min(new, hard)
+        if soft != resource.RLIM_INFINITY and soft <= new:
+            return None                         # a lower limit is already set
+        resource.setrlimit(resource.RLIMIT_AS, (new, hard))
+        return old
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def _restore_address_space(old):
+    if old is not None:
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, old)
 
 
 def _token_context(info):

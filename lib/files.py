@@ -8,6 +8,7 @@ JSON-lines reader every program uses. docs/files.md describes the guarantees.
 import hashlib
 import json
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def write_folder(dest, write, force=False, what="--out"):
     or the current folder or one above it, is never replaced. Returns dest (a Path)."""
     import shutil
     dest = Path(dest).expanduser()
+    recover_folder(dest)
     if dest.exists() and not dest.is_dir():
         raise UserError(f"{what} {dest} is a file; expected a folder")
     old = sorted(p.name for p in dest.iterdir() if p.name not in (OUTPUT_MARK, LOCK_NAME)) if dest.is_dir() else []
@@ -94,6 +96,25 @@ def write_folder(dest, write, force=False, what="--out"):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def recover_folder(dest):
+    """Tidy what an earlier write_folder of dest left when its process was killed: its half-written
+    .NAME.tmp-PID goes; its .NAME.old-PID (the previous dest, moved aside just before the new one took its
+    place) goes too, or, if it was killed between the two renames and dest is missing, becomes dest again.
+    Only the folders of processes that are gone: a live one's are its work in progress."""
+    import shutil
+    for kind in ("tmp", "old"):
+        for p in sorted(dest.parent.glob(f".{dest.name}.{kind}-*")):
+            pid = p.name.rpartition("-")[2]
+            if not pid.isdigit() or not p.is_dir() or (int(pid) != os.getpid() and process_alive(int(pid))):
+                continue
+            if kind == "old" and not dest.exists():
+                os.replace(p, dest)
+                print(f"note: {dest} was missing after an interrupted write; restored it from {p.name}",
+                      file=sys.stderr)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def remove_stale_temp_files(folder, pattern):
@@ -151,6 +172,8 @@ def read_jsonl(path):
                     value = json.loads(line)
                 except ValueError as e:
                     raise FileFormatError(f"{path}, line {n}: not valid JSON ({e})") from None
+                except RecursionError:                  # e.g. 10^5 nested [ ]
+                    raise FileFormatError(f"{path}, line {n}: not usable JSON (nested too deeply)") from None
                 yield n, f"{path}, line {n}", value
         except UnicodeDecodeError as e:
             raise FileFormatError(f"{path} is not UTF-8 text ({e})") from None

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import UserError
-from lib.chat_template import compile_template   # the template in jinja2's sandbox, as transformers compiles it
+from lib.chat_template import compile_template, render_template   # jinja2's sandbox, as transformers sets it up
 from lib.files import file_sha256, read_jsonl, text_sha256
 from lib.tokenizer import EOT
 
@@ -67,17 +67,13 @@ DEFAULT_TEMPLATE = (
 def render_chat(template, messages, add_generation_prompt=False, **specials):
     """The text of `messages` (a list of {"role", "content"} dicts) under a Jinja chat template, with
     `specials` (bos_token, eos_token ...) as template variables, as transformers' apply_chat_template
-    (tokenize=False) renders it. A template error raises UserError.
+    (tokenize=False) renders it, in chat_template.py's bounded sandbox. A template error, or a render that
+    runs too long or grows too large, raises UserError ("the chat template failed: ...").
 
     Example: render_chat(DEFAULT_TEMPLATE, [{"role": "user", "content": "Hi"}], True, eos_token="</s>")
-    -> "### User:\\nHi\\n\\n### Assistant:\\n".
+    -> "### User:\nHi\n\n### Assistant:\n".
     """
-    import jinja2
-    try:
-        return compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                 **specials)
-    except jinja2.TemplateError as e:                   # raise_exception() in the template, or a bad construct
-        raise UserError(f"the chat template failed: {e}") from None
+    return render_template(template, messages, add_generation_prompt, **specials)
 
 
 @dataclass(frozen=True)
@@ -205,14 +201,24 @@ def segments(messages, chat, where="the record"):
     return [(t, a) for t, a in out if t]
 
 
-def encode_chat(messages, tok, chat, train_on_prompt=False, where="the record"):
+def encode_chat(messages, tok, chat, train_on_prompt=False, where="the record", max_ids=None):
     """One chat -> (x, y), int64 arrays of equal length: the inputs, and each position's target, the
     next token, or -1 where the next token is not the assistant's (unless train_on_prompt). A record
-    whose assistant part is k tokens has exactly k targets (the first token of the text is never one)."""
+    whose assistant part is k tokens has exactly k targets (the first token of the text is never one).
+    max_ids: encode only about the first max_ids tokens of the rendered chat (at least that many, when it
+    has them; exactly the whole text's first ids, encode_prefix): a 20 MB record cut to a block of 64
+    tokens is never tokenized whole."""
+    return encode_segments(segments(messages, chat, where), tok, train_on_prompt, where, max_ids)
+
+
+def encode_segments(segs, tok, train_on_prompt=False, where="the record", max_ids=None):
+    """encode_chat from the chat's segments (text, is_assistant)."""
     ids, mask = [], []
-    for text, is_assistant in segments(messages, chat, where):
+    for text, is_assistant in segs:
+        if max_ids is not None and len(ids) >= max_ids:
+            break
         try:
-            t = encode_text(tok, text)
+            t = encode_prefix(tok, text, None if max_ids is None else max_ids - len(ids))
         except ValueError as e:                         # a character the tokenizer lacks
             raise UserError(f"{where}: cannot tokenize its text: {e}") from None
         ids += t
@@ -220,6 +226,21 @@ def encode_chat(messages, tok, chat, train_on_prompt=False, where="the record"):
     ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
     y = np.where(mask[1:] | train_on_prompt, ids[1:], -1)
     return ids[:-1], y
+
+
+def encode_prefix(tok, text, need=None):
+    """encode_text(tok, text), or with `need`, at least its first `need` ids (all of them if it has fewer),
+    reading no more of the text than that takes: the text is cut where the tokenizer allows (tok.cut: the
+    two parts encode to the ids of the whole), so the ids are exactly a prefix of the whole text's."""
+    k = 64 * need + 4096 if need else len(text)         # a first guess of the characters needed
+    while k < len(text):
+        cut = tok.cut(text[:k])
+        if cut:
+            ids = encode_text(tok, text[:cut])
+            if len(ids) >= need:
+                return ids
+        k *= 2
+    return encode_text(tok, text)
 
 
 def prepare_sft(path, tok, chat, block_size, val_fraction, seed, train_on_prompt=False, log=print):
@@ -230,9 +251,11 @@ def prepare_sft(path, tok, chat, block_size, val_fraction, seed, train_on_prompt
     records = read_records(path)
     examples, truncated, dropped = [], 0, 0
     for where, messages in records:
-        x, y = encode_chat(messages, tok, chat, train_on_prompt, where)
-        if not (y >= 0).any():
+        segs = segments(messages, chat, where)
+        if not (train_on_prompt or any(is_assistant and text for text, is_assistant in segs)):
             raise UserError(f"{where}: the record renders to zero assistant tokens (nothing to train on)")
+        # block_size + 2 ids: x = ids[:-1] then has more than block_size positions when the record is longer
+        x, y = encode_segments(segs, tok, train_on_prompt, where, max_ids=block_size + 2)
         if len(x) > block_size:
             truncated += 1
             x, y = x[:block_size], y[:block_size]

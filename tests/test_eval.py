@@ -219,8 +219,11 @@ def test_failures_exit_1_with_one_line(tiny_run, tmp_path, capsys):
     text = str(tiny_run.parent / "text.txt")
     code, err = main_error(eval_py.main, ["--ckpt", str(tmp_path / "none"), "--text", text], capsys)
     assert code == 1 and "no checkpoint at" in err
+    # a flag that does not fit the model is a bad command line, whichever flag it is (exit 2, as for the others)
     code, err = main_error(eval_py.main, ["--ckpt", str(tiny_run), "--text", text, "--block-size", "17"], capsys)
-    assert code == 1 and "--block-size 17 exceeds the model's context of 16 tokens" in err
+    assert code == 2 and "--block-size 17 exceeds the model's context of 16 tokens" in err
+    code, err = main_error(eval_py.main, ["--ckpt", str(tiny_run), "--text", text, "--stride", "17"], capsys)
+    assert code == 2 and "--stride 17 exceeds the block size 16" in err
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"context": "a", "choices": ["b", "c"], "label": 0}', "{oops"])
     code, err = main_error(eval_py.main, ["--ckpt", str(tiny_run), "--mc", str(bad)], capsys)
     assert code == 1 and f"{bad}, line 2: not valid JSON" in err
@@ -356,6 +359,31 @@ def test_plot_errors(tmp_path, monkeypatch, capsys):
     assert code == 2
 
 
+@pytest.mark.parametrize("record, match", [
+    ({"event": "eval", "step": 5, "train_loss": 2.0}, "an eval record needs a number val_loss"),
+    ({"event": "train", "loss": 2.0}, "a train record needs a number step"),
+    ({"event": "eval", "step": 5, "train_loss": 2.0, "val_loss": 2.1, "mc_acc": 0.3}, "an eval record needs a number mc_acc_norm"),
+    ({"event": "train", "step": 5, "loss": {}}, "a train record needs a number loss, got {}"),
+])
+def test_plot_refuses_malformed_records_in_one_line(tmp_path, capsys, record, match):
+    (tmp_path / "log.jsonl").write_text('{"event": "train", "step": 1, "loss": 2.0}\n' + json.dumps(record) + "\n")
+    code, err = main_error(plot.main, [str(tmp_path)], capsys)
+    assert code == 1 and f"log.jsonl, line 2: {match}" in err
+
+
+def test_plot_out_is_a_known_image_or_a_folder(tiny_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    code, err = main_error(plot.main, [str(tiny_run), "--out", str(tmp_path / "x.xyz")], capsys)
+    assert code == 2 and "expected a file name ending in one of .png" in err
+    code, err = main_error(plot.main, [str(tiny_run), "--out", str(tmp_path / "noext")], capsys)
+    assert code == 2
+    folder = tmp_path / "figs"
+    folder.mkdir()
+    assert plot.main([str(tiny_run), "--out", str(folder)]) == 0
+    assert f"wrote {folder / 'plot.png'}" in capsys.readouterr().out and (folder / "plot.png").is_file()
+    assert plot.main([str(tiny_run), "--out", str(tmp_path / "p.svg")]) == 0 and (tmp_path / "p.svg").is_file()
+
+
 # ----------------------------------------------------------------------------------------------------
 # bench/evaluation.py's baseline computes what eval.py computes
 
@@ -426,3 +454,30 @@ def test_smollm2_scores_equal_the_harness_with_transformers(hf, tmp_path, capsys
     nll, n = hf_text_nll(torch, model, tok.encode(text, add_special_tokens=False), 256, 256)
     print(report + f"\nSmolLM2 text loss: ours {mine['loss']:.6f}, transformers {nll / n:.6f} nats/token over {n} tokens")
     assert mine["tokens"] == n and abs(mine["loss"] - nll / n) / (nll / n) < 1e-5
+
+
+def test_per_item_never_overwrites_an_input_or_a_file_without_force(tiny_run, tmp_path, capsys):
+    """The review pointed --per-item at the run's own ckpt.safetensors (destroyed, exit 0) and at the --mc
+    file (the benchmark overwritten). Now: inputs are refused, --force or not; an existing file needs
+    --force; the file is written atomically (the old one stays whole if the run fails)."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ckpt_bytes = (run / "ckpt.safetensors").read_bytes()
+    mc = mc_file(tmp_path / "mc.jsonl")
+    mc_text = mc.read_text()
+    for target in (run / "ckpt.safetensors", mc):
+        for force in ([], ["--force"]):
+            code, err = main_error(eval_py.main, ["--ckpt", str(run), "--mc", str(mc), "--per-item", str(target),
+                                                  *force], capsys)
+            assert code == 2 and "would be overwritten" in err
+    assert (run / "ckpt.safetensors").read_bytes() == ckpt_bytes and mc.read_text() == mc_text
+    out = tmp_path / "items.jsonl"
+    out.write_text("keep me\n")
+    code, err = main_error(eval_py.main, ["--ckpt", str(run), "--mc", str(mc), "--per-item", str(out)], capsys)
+    assert code == 2 and "exists; pass --force" in err and out.read_text() == "keep me\n"
+    code, err = main_error(eval_py.main, ["--ckpt", str(run), "--mc", str(mc), "--per-item", str(tmp_path)], capsys)
+    assert code == 2 and "is a folder" in err
+    assert eval_py.main(["--ckpt", str(run), "--mc", str(mc), "--per-item", str(out), "--force", "--limit", "2"]) == 0
+    assert len(out.read_text().splitlines()) == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".items.jsonl")]     # no temporary left

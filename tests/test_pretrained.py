@@ -544,9 +544,9 @@ def test_end_of_turn_token(hf_tok):
 
 
 @pytest.mark.parametrize("template, match", [
-    ("{{ ''.__class__.__mro__ }}", "refused this conversation: access to attribute '__class__'"),
-    ("{{ messages.append(1) }}", "refused this conversation"),                           # immutable sandbox
-    ("{{ raise_exception('no system messages') }}", "refused this conversation: no system messages"),
+    ("{{ ''.__class__.__mro__ }}", "the chat template failed: access to attribute '__class__'"),
+    ("{{ messages.append(1) }}", "the chat template failed: .*append"),                  # immutable sandbox
+    ("{{ raise_exception('no system messages') }}", "the chat template failed: no system messages"),
 ])
 def test_template_runs_in_a_sandbox(hf_tok, template, match):
     tok = tokenizer_files.from_hf_json(hf_tok[1])
