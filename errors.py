@@ -37,8 +37,8 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_main(parse, work, argv=None, prefix="error: ", on_error=None):
     """A program's exit status, the same rules for every program: parse(argv) -> args, then work(args).
     A UserError from parse, or a UsageError from work: `error: <message>` on stderr, 2. Any other
-    UserError or OSError (a missing file, a full disk) from work: the same line, 1. Ctrl-C: 130. Output piped into a program that stops reading
-    (`| head`): 0, quietly. Anything else is a bug and keeps its traceback. work's return value, if an
+    UserError or OSError (a missing file, a full disk) from work: the same line, 1. Ctrl-C: 130. Output
+    piped into a program that stops reading (`| head`): 0, quietly. Anything else is a bug and keeps its traceback. work's return value, if an
     int, is the status (0 otherwise).
 
     on_error(status, exception), if given, sees each failure first, with the status these rules give it
@@ -60,7 +60,8 @@ def run_main(parse, work, argv=None, prefix="error: ", on_error=None):
             sys.stderr.close()
         return 0
     except UsageError as e:
-        print(f"{prefix}{e}", file=sys.stderr)
+        if not (on_error and on_error(2, e)):
+            print(f"{prefix}{e}", file=sys.stderr)
         return 2
     except (UserError, OSError) as e:
         if not (on_error and on_error(1, e)):
