@@ -4,7 +4,7 @@ eval.py: score a checkpoint on a text (perplexity, bits per byte) or on a multip
 
     python eval.py --ckpt out/stdlib-bpe2048 --text notes.txt                 # loss, perplexity, bits/byte
     python eval.py --ckpt out/imported --text notes.txt --block-size 512 --stride 256
-    python eval.py --ckpt out/imported --download hellaswag --limit 500      # fetched once into data/hellaswag/
+    python eval.py --ckpt out/imported --download hellaswag --mc-limit 500      # fetched once into data/hellaswag/
     python eval.py --ckpt out/imported --mc my_questions.jsonl --per-item items.jsonl --json
 
 The rules (windows, the harness's tokenization, truncation, the metrics) live in scoring.py, which
@@ -45,7 +45,7 @@ multiple choice (--mc): JSONL, one item a line, either HellaSwag's own records
 examples:
   python eval.py --ckpt out/stdlib-bpe2048 --text ../shared/data/tinyshakespeare.txt --json
   python eval.py --download hellaswag                          # just fetch it into --data-dir
-  python eval.py --ckpt out/imported --download hellaswag --limit 100 --per-item hs.jsonl"""
+  python eval.py --ckpt out/imported --download hellaswag --mc-limit 100 --per-item hs.jsonl"""
 
 
 def parse_args(argv):
@@ -63,7 +63,9 @@ def parse_args(argv):
                                                            "after the first (1 <= S <= N; default N)")
     p.add_argument("--delimiter", default=" ", metavar="STR",
                    help="mc: text between the context and each choice (default: one space, the harness's)")
-    p.add_argument("--limit", type=int, metavar="N", help="mc: score only the first N items")
+    p.add_argument("--mc-limit", "--limit", type=int, metavar="N", dest="mc_limit",
+                   help="mc: score only the first N items (train.py --eval-mc-limit's name; --limit, the old "
+                        "spelling, still works)")
     p.add_argument("--per-item", metavar="OUT", help="mc: write every item's log-likelihoods, token and "
                                                       "character counts and predictions to this JSONL file "
                                                       "(a new file, or an existing one with --force)")
@@ -79,11 +81,11 @@ def parse_args(argv):
     if not args.ckpt and not args.download:
         raise UserError("--ckpt is required (the checkpoint to score)")
     for flag, value, needs in (("--block-size", args.block_size, args.text), ("--stride", args.stride, args.text),
-                               ("--limit", args.limit, mc), ("--per-item", args.per_item, mc),
+                               ("--mc-limit", args.mc_limit, mc), ("--per-item", args.per_item, mc),
                                ("--delimiter", args.delimiter != " ", mc)):
         if value and not needs:
             raise UserError(f"{flag} applies to {'--text' if flag in ('--block-size', '--stride') else '--mc'} only")
-    for flag, value in (("--block-size", args.block_size), ("--stride", args.stride), ("--limit", args.limit)):
+    for flag, value in (("--block-size", args.block_size), ("--stride", args.stride), ("--mc-limit", args.mc_limit)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     if args.stride and args.block_size and args.stride > args.block_size:
@@ -138,7 +140,7 @@ def eval_text(m, args):
 
 def eval_mc(m, args, path):
     """--mc (or the downloaded file): read, encode, score, report; --per-item writes the details."""
-    items = scoring.read_mc(path, args.limit)
+    items = scoring.read_mc(path, args.mc_limit)
     reqs = scoring.encode_items(m.tokenizer, items, m.cfg.max_seq_len, args.delimiter, scoring.start_ids(m.tokenizer, m.meta))
     t0 = time.time()
     results = scoring.score_requests(m.gm, m.params, m.cfg, reqs, progress=True)

@@ -204,7 +204,7 @@ def test_text_json(tiny_run, capsys):
     (["--text", "t.txt"], "--ckpt is required"),
     (["--ckpt", "r", "--text", "t", "--mc", "m"], "not allowed with argument"),
     (["--ckpt", "r", "--mc", "m", "--stride", "4"], "--stride applies to --text only"),
-    (["--ckpt", "r", "--text", "t", "--limit", "4"], "--limit applies to --mc only"),
+    (["--ckpt", "r", "--text", "t", "--limit", "4"], "--mc-limit applies to --mc only"),
     (["--ckpt", "r", "--text", "t", "--delimiter", ""], "--delimiter applies to --mc only"),
     (["--ckpt", "r", "--text", "t", "--stride", "0"], "--stride must be at least 1"),
     (["--ckpt", "r", "--text", "t", "--block-size", "4", "--stride", "5"], "--stride 5 exceeds --block-size 4"),
