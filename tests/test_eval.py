@@ -141,7 +141,7 @@ def hf_text_nll(torch, model, ids, N, S):
     return nll, n
 
 
-@pytest.mark.parametrize("flags", [[], ["--block-size", "20", "--stride", "7"]])
+@pytest.mark.parametrize("flags", [["--procedure", "strided"], ["--block-size", "20", "--stride", "7"]])
 def test_text_loss_equals_transformers(exported, hf, tmp_path, capsys, flags):
     torch, transformers = hf
     run, hf_dir, cfg = exported
@@ -150,8 +150,8 @@ def test_text_loss_equals_transformers(exported, hf, tmp_path, capsys, flags):
     mine = last_json(capsys.readouterr().out)
     model, tok = load_hf(transformers, torch, hf_dir), transformers.AutoTokenizer.from_pretrained(hf_dir)
     ids = tok.encode(TEXT, add_special_tokens=False)
-    N = int(flags[1]) if flags else cfg.max_seq_len
-    nll, n = hf_text_nll(torch, model, ids, N, int(flags[3]) if flags else N)
+    N = int(flags[1]) if "--block-size" in flags else cfg.max_seq_len
+    nll, n = hf_text_nll(torch, model, ids, N, int(flags[3]) if "--stride" in flags else N)
     assert mine["tokens"] == n == len(ids) - 1
     assert abs(mine["loss"] - nll / n) / (nll / n) < TOL, (mine["loss"], nll / n)
     print(f"text loss, ours vs transformers: relative difference {abs(mine['loss'] - nll / n) / (nll / n):.1e}")
