@@ -14,7 +14,7 @@ sample.py: stream text from a checkpoint written by train.py, token by token, wi
 Defaults per mode: plain text samples at temperature 0.8 among the top 200 tokens (nanoGPT's, good for
 the small models trained here); --chat answers at temperature 0.2 with top-p 0.9 (SmolLM2's model card:
 at 0.8 / top-k 200 its answers drift). Any flag given overrides its mode's default; --temperature 0 is
-greedy. --stop TEXT (repeatable) ends a sample when the text it produced ends with TEXT, which is not
+greedy. --stop TEXT (repeatable) ends a sample when the text it produced reaches TEXT, which is not
 printed: the stream holds back, until it is known, any text that could be the start of a stop string.
 
 The checkpoint carries its tokenizer, so nothing else is needed. Each token's bytes go through an
@@ -45,8 +45,9 @@ DEFAULTS = {"text": (0.8, 200, 1.0),         # nanoGPT's: lively text from the s
 
 class StopText:
     """Writes generated text to `out` as it comes, except a tail that could still become one of the stop
-    strings (held back until it cannot); add() returns True once the text ends with a stop string, which
-    is then never written. Example, stops ["\\n\\n"]: add("a\\n") writes "a"; add("\\nb") -> True."""
+    strings (held back until it cannot); add() returns True once the text reaches a stop string (at the end
+    of a token, or inside one that brings its last characters), which is never written, nor anything after
+    it. Example, stops ["\\n\\n"]: add("a\\n") writes "a"; add("\\nb") -> True, nothing more written."""
 
     def __init__(self, out, stops=()):
         self.out, self.stops = out, [s for s in stops if s]
@@ -54,11 +55,12 @@ class StopText:
 
     def add(self, piece):
         self.held += piece
-        for stop in self.stops:
-            if self.held.endswith(stop):       # the held tail always holds a stop string's whole start
-                self.write(self.held[:-len(stop)])
-                self.held = ""
-                return True
+        # the held tail holds the whole start of any stop string the text may reach: search it only
+        found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.write(self.held[:min(found)])
+            self.held = ""
+            return True
         keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(self.held)), 0, -1)
                     if self.held.endswith(s[:k])), default=0)
         self.write(self.held[:len(self.held) - keep])
@@ -202,7 +204,8 @@ def parse_args(argv):
                                                             f"much probability; 1: all (default: {t[2]}; with --chat "
                                                             f"{c[2]})")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end a sample when the text it produced ends with TEXT (not printed); repeatable, e.g. "
+                   help="end a sample when the text it produced reaches TEXT (not printed, nor what follows); "
+                        "repeatable, e.g. "
                         "--stop $'\\n\\n' --stop 'User:'")
     p.add_argument("--seed", type=int, metavar="N", default=None, help="seed for reproducible samples (default: random)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="numpy (CPU) or cupy (GPU)")

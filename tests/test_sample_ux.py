@@ -73,6 +73,9 @@ def test_stop_text_holds_back_only_what_may_still_be_a_stop():
     assert t.add("d") and "".join(writes) == "xabc\n"         # "\nabd" ends with "abd": not printed
     assert t.text == "xabc\n"
     writes.clear()
+    t = sample.StopText(SimpleNamespace(write=writes.append, flush=lambda: None), ["\n\n", "xyz"])
+    assert not t.add("a\n") and t.add("\nb") and "".join(writes) == "a"     # reached inside a token: cut there
+    writes.clear()
     t = sample.StopText(SimpleNamespace(write=writes.append, flush=lambda: None), ["\n\n"])
     assert not t.add("one\n") and "".join(writes) == "one"
     t.finish("\n")
