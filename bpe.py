@@ -68,6 +68,7 @@ import heapq
 import json
 import os
 import sys
+import time
 import warnings
 from collections import Counter, defaultdict
 from itertools import chain
@@ -119,6 +120,50 @@ MAX_CACHE = 1 << 20  # chunks remembered by the encoder before its cache is clea
 
 # -----------------------------------------------------------------------------
 # helpers
+
+
+class LineProgress:
+    """tqdm's interface (update, close, with) for a log file: off a terminal a bar's \\r updates would fill
+    the file with thousands of overwritten lines, so this writes a plain line now and then instead: at
+    every tenth of the total (or every 30 s when the total is unknown) and once at the end."""
+
+    def __init__(self, total=None, desc="", unit="it", unit_scale=False, file=None, **_):
+        self.total, self.desc, self.unit, self.unit_scale = total, desc, unit, unit_scale
+        self.file, self.n, self.shown, self.t0 = file or sys.stderr, 0, 0, time.time()
+        self.last = self.t0
+
+    def _amount(self, n):
+        return tqdm.format_sizeof(n) + self.unit if self.unit_scale else f"{n:,} {self.unit}s"
+
+    def _line(self):
+        done = (f"{self.n:,} of {self._amount(self.total)}" if self.total and not self.unit_scale
+                else self._amount(self.n) + (f" of {self._amount(self.total)}" if self.total else ""))
+        print(f"{self.desc}: {done} ({time.time() - self.t0:.1f} s)", file=self.file, flush=True)
+        self.shown, self.last = self.n, time.time()
+
+    def update(self, n=1):
+        self.n += n
+        if (self.total and self.n - self.shown >= self.total / 10) or (not self.total and time.time() - self.last >= 30):
+            self._line()
+
+    def close(self):
+        if self.n != self.shown or self.n == 0:
+            self._line()
+        self.shown = self.n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def progress_bar(progress=True, **kwargs):
+    """A tqdm bar on a terminal, plain lines (LineProgress) when stderr is a file or a pipe, as train.py's
+    log does; nothing when progress is false."""
+    if progress and not sys.stderr.isatty():
+        return LineProgress(**kwargs)
+    return tqdm(**kwargs, disable=not progress)
 
 
 def to_bytes(text):
@@ -347,7 +392,7 @@ def count_chunks(texts_or_paths, pattern="gpt4", special_tokens=(), progress=Tru
     chunk_re = check_pattern(pattern)
     special_re = _special_regex(special_tokens)
     counts = Counter()
-    with tqdm(desc="count chunks", unit="B", unit_scale=True, disable=not progress) as bar:
+    with progress_bar(progress, desc="count chunks", unit="B", unit_scale=True) as bar:
         for text in iter_texts(texts_or_paths, can_cut(special_tokens), bar):
             for part in special_re.split(text) if special_re else [text]:
                 counts.update(split_chunks(chunk_re, join_surrogate_pairs(part), pattern))
@@ -427,7 +472,7 @@ def train_merges(chunk_counts, n_merges, progress=True):
     heap = [(-n, keys[a], keys[b], (a, b)) for (a, b), n in stats.items()]
     heapq.heapify(heap)
     merges = []
-    bar = tqdm(total=n_merges, desc="merges", unit="merge", disable=not progress)
+    bar = progress_bar(progress, total=n_merges, desc="merges", unit="merge")
     while len(merges) < n_merges and heap:
         # find the most frequent pair: pop until an entry's count is up to date
         neg_n, key_a, key_b, pair = heapq.heappop(heap)
@@ -742,8 +787,8 @@ class Tokenizer:
         """Stream a file's ids as NumPy arrays (dtype self.dtype), one per block of about block_size bytes
         cut where chunking is unchanged (see safe_cut), so a big file is never held whole, nor twice:
         concatenated, the blocks' ids equal encode(whole text)."""
-        with tqdm(total=os.path.getsize(path) if os.path.isfile(path) else None, desc="encode", unit="B",
-                  unit_scale=True, disable=not progress) as bar:
+        with progress_bar(progress, total=os.path.getsize(path) if os.path.isfile(path) else None, desc="encode",
+                          unit="B", unit_scale=True) as bar:
             for text, nbytes in read_text_blocks(path, block_size, self.cut):
                 yield np.array(self.encode(text, allowed_special, disallowed_special), dtype=self.dtype)
                 bar.update(nbytes)
@@ -956,7 +1001,7 @@ def _load_for_cli(args):
 
 
 def parse_args(argv):
-    """The command line -> args; a bad one raises UserError `bpe.py: error: ...` (exit status 2)."""
+    """The command line -> args; a bad one raises UserError (run_main: `error: ...`, exit status 2)."""
     parser = ArgumentParser(
         prog="bpe.py",
         description="Byte-level BPE tokenizer (GPT-2/GPT-4 style): train one on text files, "
@@ -997,14 +1042,11 @@ def parse_args(argv):
             p.add_argument("--quiet", action="store_true", help="no progress bar")
         else:
             p.add_argument("--input", required=True, metavar="FILE.bin", help="ids written by encode --out")
-    try:
-        return parser.parse_args(argv)
-    except UserError as e:
-        raise UserError(f"bpe.py: error: {e}") from None
+    return parser.parse_args(argv)
 
 
 def run(args):
-    """Train, encode or decode; a failure raises UserError `bpe.py <command>: error: ...` (exit status 1)."""
+    """Train, encode or decode; a failure raises UserError (run_main: `error: ...`, exit status 1)."""
     try:
         if args.command == "train":
             inputs = [Path(f) for f in args.input]
@@ -1049,14 +1091,14 @@ def run(args):
         msg = str(e)
         if args.command == "encode" and "allowed_special=" in msg:
             msg += "; on the command line: --allow-special"
-        raise UserError(f"bpe.py {args.command}: error: {msg}") from None
+        raise UserError(msg) from None
 
 
 def main(argv=None):
-    """Exit status 0; `bpe.py: error: <one line>` and 2 for a bad command line, `bpe.py <command>: error:
-    <one line>` and 1 for a failure (a missing or malformed file, a special token not allowed); 130 on
-    Ctrl-C. errors.run_main's rules; each message carries its own prefix, hence prefix=""."""
-    return run_main(parse_args, run, argv, prefix="")
+    """Exit status 0; `error: <one line>` and 2 for a bad command line, the same line and 1 for a failure
+    (a missing or malformed file, a special token not allowed); 130 on Ctrl-C: errors.run_main's rules,
+    as in every program here."""
+    return run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ then available here under the same name and runs on the GPU:
     loss, grads = gm.loss_and_grads(params, ids, targets, cfg)   # ids, targets: NumPy arrays are fine
     host = {k: gm.to_host(v) for k, v in params.items()}         # back to NumPy for a checkpoint
 
-Installing CuPy: `pip install cupy-cuda12x[ctk]` (CUDA 12) or `cupy-cuda13x` (CUDA 13). The plain
+Installing CuPy: `pip install "cupy-cuda12x[ctk]"` (CUDA 12) or `"cupy-cuda13x[ctk]"` (CUDA 13). The plain
 `cupy-cuda12x` wheel lacks NVRTC, which CuPy needs to compile its elementwise kernels; the `[ctk]`
 extra brings it.
 
@@ -26,9 +26,9 @@ def _require_gpu():
     try:
         import cupy
     except ImportError as e:
-        raise RuntimeError("the cupy backend needs CuPy: install it with `pip install cupy-cuda12x[ctk]` "
-                           "(CUDA 12) or `pip install cupy-cuda13x` (CUDA 13), or use --backend numpy"
-                           ) from e
+        raise RuntimeError("the cupy backend needs CuPy: install it with `pip install \"cupy-cuda12x[ctk]\"` "
+                           "(CUDA 12) or `pip install \"cupy-cuda13x[ctk]\"` (CUDA 13; [ctk] brings NVRTC, which "
+                           "CuPy's kernels need), or use --backend numpy") from e
     try:
         ok = cupy.cuda.is_available()                  # the probe that never raises
     except Exception:                                  # a broken driver install

@@ -7,14 +7,23 @@ lib/data.py: everything between a corpus on disk and the batches of a training s
     d = prepare_data(cfg, "x", root, files, sources, tok)      # {"train": memmap, "val": memmap, "meta": {...}}
     x, y = get_batch(d["train"], batch_size, block_size, rng)  # (B, T) inputs, (B, T) targets
 
-Sections, in data-flow order: the corpus (finding its files), the tokenizer cache (a character vocabulary
-or a BPE trained by bpe.py, built from the corpus once), the token cache (memory-mapped .bin files) and the
-batch sampler. Every file is read through bpe.read_text_blocks, in bounded pieces, so memory does not grow
-with the corpus. The tokenizers themselves are in lib/tokenizer.py, the safe writes in lib/files.py.
+Sections, in data-flow order: the corpus (finding its files), its formats (documents read from plain text,
+JSON Lines or Parquet), the tokenizer cache (a character vocabulary or a BPE trained by bpe.py, built from
+the corpus once), the token cache (memory-mapped .bin files) and the batch sampler. Every file is read in
+bounded pieces (read_documents: text files through bpe.read_text_blocks, JSONL line by line, Parquet by
+batches of rows), so memory does not grow with the corpus. The tokenizers themselves are in
+lib/tokenizer.py, the safe writes in lib/files.py.
+
+Corpus formats, by file name: *.jsonl and *.jsonl.gz (one JSON object a line, its text in the field
+--text-field, "text" by default), *.parquet (a string column of that name, as FineWeb ships; needs the
+optional pyarrow), anything else that is text (no NUL byte in its first 8 KiB). A text file is one
+document, a JSONL line or a Parquet row is one; documents are separated by <|endoftext|> where the
+tokenizer has it, so a folder of text files and a JSONL file with one record per file give the same ids.
 """
 
 import codecs
 import glob
+import gzip
 import hashlib
 import json
 import os
@@ -27,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 import bpe
-from errors import UserError
+from errors import FileFormatError, UserError
 from lib.files import (OUTPUT_MARK, fetch_once, file_sha256, fsync_dir, naming_errors, remove_stale_temp_files,
                        text_sha256, write_text_atomic)
 from lib.tokenizer import EOT, CharTokenizer, eot_id, load_tokenizer_file, token_byte_lengths, tokenizer_from_text
@@ -104,10 +113,11 @@ def in_output_folder(path, root, skip, seen):
     return False
 
 
-def find_sources(data, data_dir, skip=()):
+def find_sources(data, data_dir, skip=(), log=print):
     """--data -> (root, files): the folder the paths are named relative to, and the files in sorted order.
     A folder or glob leaves out hidden files and the project's own output folders: data_dir, the folders
-    in `skip` (a run's out dir) and any folder marked by mark_output_folder."""
+    in `skip` (a run's out dir) and any folder marked by mark_output_folder; the files it finds that are in
+    no corpus format (skip_reason) are left out too, each named in one log line (the first 10)."""
     if data == "stdlib":
         return stdlib_sources()
     if data == "shakespeare":
@@ -115,40 +125,66 @@ def find_sources(data, data_dir, skip=()):
         return path.parent, [path]
     path = Path(data).expanduser()
     if path.is_file():
-        if not is_text_file(path):
-            raise UserError(f"--data {data!r} is not a text file (it holds NUL bytes: a binary file?)")
+        why = skip_reason(path)
+        if why:
+            raise UserError(f"--data {data!r} is not a text file, nor JSONL or Parquet: {why}")
+        check_readers([path])
         return path.parent, [path]
     skip = {Path(p).expanduser().resolve() for p in (data_dir, *skip) if p}
     if path.is_dir():
-        files = []
+        found = []
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
                                  and not is_output_folder(Path(dirpath) / d, skip))
-            files += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
-        files = sorted((p for p in files if p.is_file() and is_text_file(p)),
-                       key=lambda p: p.relative_to(path).as_posix())
+            found += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
+        root = path
+        found = sorted((p for p in found if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+        files = keep_corpus_files(found, root, log)
         if not files:
-            raise UserError(f"empty corpus: the folder {data} holds no text files")
-        return path, files
-    if glob.has_magic(data):
-        files = sorted(Path(p).resolve() for p in glob.glob(os.path.expanduser(data), recursive=True)
+            raise UserError(f"empty corpus: the folder {data} holds no text, JSONL or Parquet files")
+    elif glob.has_magic(data):
+        found = sorted(Path(p).resolve() for p in glob.glob(os.path.expanduser(data), recursive=True)
                        if os.path.isfile(p))
-        matched, seen = len(files), {}
-        if files:
-            root = Path(os.path.commonpath([p.parent for p in files]))
-            files = [p for p in files if not in_output_folder(p, root, skip, seen)]
+        matched, seen = len(found), {}
+        if found:
+            root = Path(os.path.commonpath([p.parent for p in found]))
+            found = [p for p in found if not in_output_folder(p, root, skip, seen)]
+        files = keep_corpus_files(found, Path(os.path.commonpath([p.parent for p in found])) if found else None, log)
         if not files:
-            raise UserError(f"no files match --data {data!r}" + (" outside the output folders" if matched else ""))
-        return Path(os.path.commonpath([p.parent for p in files])), files
-    raise UserError(f"--data {data!r}: no such file or folder (expected a text file, a folder, a glob, "
-                    f"'stdlib' or 'shakespeare')")
+            raise UserError(f"no files match --data {data!r}" + (" outside the output folders" if matched else "")
+                            + (" in a corpus format (text, JSONL, Parquet)" if found else ""))
+        root = Path(os.path.commonpath([p.parent for p in files]))
+    else:
+        raise UserError(f"--data {data!r}: no such file or folder (expected a text file, a .jsonl, .jsonl.gz or "
+                        f".parquet file, a folder, a glob, 'stdlib' or 'shakespeare')")
+    check_readers(files)
+    return root, files
 
 
-def digest_sources(root, files, cache_path):
-    """sha256 of every source and of the whole corpus (names and contents). A file whose size and
-    mtime match data/<name>/sources.json is not read again; any other is hashed afresh.
+def keep_corpus_files(found, root, log, show=10):
+    """The files of `found` in a corpus format; each other one is named in a log line with the reason
+    (the first `show` of them, then how many more)."""
+    files, skipped = [], []
+    for p in found:
+        why = skip_reason(p)
+        if why:
+            skipped.append((p, why))
+        else:
+            files.append(p)
+    for p, why in skipped[:show]:
+        log(f"data: skipped {Path(os.path.relpath(p, root)).as_posix()}: {why}")
+    if len(skipped) > show:
+        log(f"data: ... and {len(skipped) - show} more files skipped (not text, JSONL or Parquet)")
+    return files
 
-    Returns {"sha256": corpus hash, "bytes": total size, "files": [{"path", "bytes", "mtime_ns", "sha256"}]}.
+
+def digest_sources(root, files, cache_path, text_field="text"):
+    """sha256 of every source and of the whole corpus (names and contents, and the --text-field read from
+    its JSONL and Parquet files: another field is another corpus). A file whose size and mtime match
+    data/<name>/sources.json is not read again; any other is hashed afresh.
+
+    Returns {"sha256": corpus hash, "bytes": total size, "files": [{"path", "bytes", "mtime_ns", "sha256"}]}
+    (plus "text_field" when some file is JSONL or Parquet).
     """
     cache_path = Path(cache_path)
     known = {}
@@ -168,24 +204,244 @@ def digest_sources(root, files, cache_path):
             sha = file_sha256(p)
         entries.append({"path": rel, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha})
         h.update(f"{rel}\0{st.st_size}\0{sha}\n".encode())
-    info = {"sha256": h.hexdigest(), "bytes": sum(e["bytes"] for e in entries), "files": entries}
+    info = {"bytes": sum(e["bytes"] for e in entries), "files": entries}
+    if any(corpus_format(p) != "text" for p in files):  # (a corpus of text files keeps the hash it had)
+        h.update(f"text_field\0{text_field}\n".encode())
+        info["text_field"] = text_field
+    info["sha256"] = h.hexdigest()
     if not known or [known.get(e["path"]) for e in entries] != entries:
         write_text_atomic(cache_path, json.dumps(info))
     return info
 
 
 # ----------------------------------------------------------------------------------------------------
+# Corpus formats: every file as a stream of documents, in bounded pieces
+
+MAX_RECORD_BYTES = 64 << 20             # a longer JSONL line is refused (a file with no line breaks?)
+PARQUET_BATCH_ROWS = 1024               # rows read at a time from a Parquet file
+
+
+def corpus_format(path):
+    """How a file is read, by its name: "jsonl" (*.jsonl), "jsonl.gz", "parquet" or "text" (anything else)."""
+    name = Path(path).name.lower()
+    for fmt in ("jsonl.gz", "jsonl", "parquet"):
+        if name.endswith("." + fmt):
+            return fmt
+    return "text"
+
+
+def skip_reason(path):
+    """Why a file is not read as part of a corpus, or None if it is: JSONL and Parquet by their names,
+    any other file if it is text (no NUL byte in its first 8 KiB)."""
+    if corpus_format(path) != "text":
+        return None
+    if is_text_file(path):
+        return None
+    if Path(path).name.lower().endswith((".gz", ".zst", ".bz2", ".xz", ".zip")):
+        return "compressed (only .jsonl.gz is read compressed; decompress it to read it as text)"
+    return "not text (NUL bytes in its first 8 KiB: a binary file?)"
+
+
+def pyarrow_parquet():
+    """pyarrow.parquet, the optional dependency that reads Parquet; UserError naming it when missing."""
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise UserError("reading .parquet files needs pyarrow, an optional dependency: pip install pyarrow "
+                        "(or convert the corpus to .jsonl)") from None
+    return pyarrow.parquet
+
+
+def check_readers(files):
+    """Refuse, before any work, a corpus whose reader is missing (Parquet without pyarrow)."""
+    if any(corpus_format(p) == "parquet" for p in files):
+        pyarrow_parquet()
+
+
+def read_documents(path, text_field="text", block_size=1 << 20, cut=bpe.safe_cut, errors="surrogateescape",
+                   hasher=None):
+    """Yield (text, nbytes, end) for the documents of a corpus file, each in pieces of about block_size
+    characters cut where `cut` allows (a tokenizer's cut: encoded apart, the pieces give the ids of the
+    whole), end=True after a document's last piece. nbytes: the file's bytes read since the previous
+    piece (they sum to its size, for progress bars); hasher (a hashlib object) sees the file's bytes.
+
+    - text: the file is one document, read by bpe.read_text_blocks (errors: how invalid UTF-8 decodes).
+    - jsonl, jsonl.gz: one document per line, the string in field text_field; blank lines skipped.
+    - parquet: one document per row of the string column text_field, read PARQUET_BATCH_ROWS at a time.
+    A record without that field, or with a value that is not a string, is a FileFormatError naming it.
+    """
+    fmt = corpus_format(path)
+    if fmt == "text":
+        for text, nbytes in bpe.read_text_blocks(path, block_size, cut=cut, errors=errors, hasher=hasher):
+            yield text, nbytes, False
+        yield "", 0, True
+        return
+    docs = parquet_texts(path, text_field, hasher) if fmt == "parquet" else jsonl_texts(path, text_field, errors, hasher)
+    for text, nbytes in docs:
+        if text is None:                                # no document: the file's last bytes, for progress
+            yield "", nbytes, False
+            continue
+        pieces = list(text_pieces(text, block_size, cut))
+        for k, piece in enumerate(pieces):
+            yield piece, nbytes if k == 0 else 0, k == len(pieces) - 1
+
+
+def text_pieces(text, size, cut):
+    """A long in-memory text in pieces of about `size` characters, each ending where cut(piece) allows
+    (0: nowhere, then the rest goes whole), as bpe.read_text_blocks cuts a file."""
+    start = 0
+    while cut and len(text) - start > size:
+        i = cut(text[start:start + size])
+        if not i:
+            break
+        yield text[start:start + i]
+        start += i
+    yield text[start:]
+
+
+class _CountingReader:
+    """A binary file that counts (and hashes) the bytes read from it: gzip reads the compressed file
+    through it, so progress and the file's hash follow the bytes on disk."""
+
+    def __init__(self, f, hasher=None):
+        self.f, self.hasher, self.count = f, hasher, 0
+
+    def read(self, n=-1):
+        b = self.f.read(n)
+        self.count += len(b)
+        if self.hasher is not None:
+            self.hasher.update(b)
+        return b
+
+
+def jsonl_texts(path, text_field, errors="surrogateescape", hasher=None):
+    """(document, nbytes) of a .jsonl or .jsonl.gz file, line by line (see read_documents); a document None
+    carries the bytes read after the last one."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    with f:
+        raw = _CountingReader(f, hasher)
+        lines = gzip.GzipFile(fileobj=raw, mode="rb") if corpus_format(path) == "jsonl.gz" else raw.f
+        shown, n = 0, 0
+        try:
+            while line := lines.readline(MAX_RECORD_BYTES + 1):
+                n += 1
+                if lines is raw.f:                      # plain JSONL: count and hash the line itself
+                    raw.count += len(line)
+                    if hasher is not None:
+                        hasher.update(line)
+                if len(line) > MAX_RECORD_BYTES:
+                    raise FileFormatError(f"{path}, line {n}: longer than {MAX_RECORD_BYTES >> 20} MB (not JSON "
+                                          f"Lines? one record a line)")
+                if line.strip():
+                    yield record_text(line.decode("utf-8", errors), text_field, f"{path}, line {n}"), raw.count - shown
+                    shown = raw.count
+            while raw.read(1 << 20):                    # the gzip file's last bytes (for the hash and progress)
+                pass
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise FileFormatError(f"{path}: not a readable gzip file ({e})") from None
+        if raw.count > shown:
+            yield None, raw.count - shown               # no document: the bytes read after the last one
+
+
+def record_text(line, text_field, where):
+    """The text of one JSONL record; FileFormatError naming `where` if it has none."""
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        raise FileFormatError(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise FileFormatError(f"{where}: not usable JSON (nested too deeply)") from None
+    if not isinstance(record, dict):
+        raise FileFormatError(f"{where}: expected a JSON object with a {text_field!r} field, got "
+                              f"{type(record).__name__}")
+    if text_field not in record:
+        names = ", ".join(list(record)[:8]) or "none"
+        raise FileFormatError(f"{where}: no {text_field!r} field (its fields: {names}); name the field that "
+                              f"holds the text with --text-field")
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise FileFormatError(f"{where}: the {text_field!r} field is {type(text).__name__}, not a string")
+    return text
+
+
+def parquet_texts(path, text_field, hasher=None):
+    """(document, nbytes) of a .parquet file, PARQUET_BATCH_ROWS rows at a time (see read_documents);
+    nbytes shares the file's size among the rows."""
+    pq = pyarrow_parquet()
+    import pyarrow as pa
+    try:
+        f = pq.ParquetFile(path)
+    except OSError as e:
+        raise UserError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    except (pa.ArrowException, ValueError) as e:
+        raise FileFormatError(f"{path}: not a readable Parquet file ({e})") from None
+    with f:
+        names = f.schema_arrow.names
+        if text_field not in names:
+            raise FileFormatError(f"{path}: no column {text_field!r} (its columns: {', '.join(names[:8])}); name "
+                                  f"the column that holds the text with --text-field")
+        kind = f.schema_arrow.field(text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise FileFormatError(f"{path}: the column {text_field!r} holds {kind}, not strings")
+        size, rows, done, shown = os.path.getsize(path), max(1, f.metadata.num_rows), 0, 0
+        try:
+            for batch in f.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+                for text in batch.column(0).to_pylist():
+                    done += 1
+                    if text is None:
+                        raise FileFormatError(f"{path}, row {done}: the {text_field!r} column is null")
+                    nbytes = size * done // rows - shown
+                    shown += nbytes
+                    yield text, nbytes
+        except (pa.ArrowException, OSError) as e:
+            raise FileFormatError(f"{path}: not a readable Parquet file ({e})") from None
+    if hasher is not None:                  # Parquet is read by columns, not in order: hash it on its own
+        with open(path, "rb") as g:
+            for b in iter(lambda: g.read(1 << 20), b""):
+                hasher.update(b)
+    if size > shown:
+        yield None, size - shown
+
+
+def corpus_texts(files, text_field, block_chars=1 << 20):
+    """The corpus as bpe.Tokenizer.train reads it: a text file as its Path (bpe.py streams it), the
+    documents of a JSONL or Parquet file joined into texts of about block_chars, each document followed by
+    <|endoftext|> (a special token of the training: it splits the text, so no merge spans two documents,
+    as none spans two files; and a text ending in it is never taken for a file name)."""
+    for p in files:
+        if corpus_format(p) == "text":
+            yield p
+            continue
+        parts, size = [], 0
+        for text, _, end in read_documents(p, text_field, cut=None):
+            parts.append(text + (EOT if end else ""))
+            size += len(text)
+            if size >= block_chars and end:
+                yield "".join(parts)
+                parts, size = [], 0
+        if parts:
+            yield "".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The tokenizer cache: --tokenizer char / bpe, built from the corpus once, under data/<name>/
 
-def spread_sample(root, files, total_bytes, limit):
+def spread_sample(root, files, total_bytes, limit, text_field="text"):
     """An evenly spread, deterministic sample of about `limit` bytes: the first share of every file, cut at a
-    line break, each file's share proportional to its size. Example: limit = 10% of the corpus -> the first
-    10% of the lines of every file."""
+    line break (a JSONL or Parquet file: its first documents, each followed by <|endoftext|>), each file's
+    share proportional to its size. Example: limit = 10% of the corpus -> the first 10% of the lines of
+    every file."""
     frac = min(1.0, limit / max(1, total_bytes))
     texts = []
     for p in files:
         want = int(p.stat().st_size * frac)
         if want == 0:
+            continue
+        if corpus_format(p) != "text":
+            texts.append(first_documents(p, text_field, want))
             continue
         with open(p, "rb") as f:
             b = f.read(want)
@@ -197,10 +453,23 @@ def spread_sample(root, files, total_bytes, limit):
     return texts
 
 
+def first_documents(path, text_field, want):
+    """The first documents of a JSONL or Parquet file, about `want` bytes of it, each followed by
+    <|endoftext|> (spread_sample's share of the file)."""
+    parts, read = [], 0
+    for text, nbytes, end in read_documents(path, text_field, cut=None):
+        parts.append(text + (EOT if end else ""))
+        read += nbytes
+        if read >= want and end:
+            break
+    return "".join(parts)
+
+
 def get_tokenizer(cfg, name, root, files, sources, log=print):
     """The tokenizer cfg.tokenizer asks for: a character vocabulary of the corpus (cached), a BPE trained on
     the corpus by bpe.py (cached in data/<name>/bpe<V>.tok, retrained when the corpus or settings change),
-    or a saved tokenizer file. cfg: train.TrainConfig (tokenizer, vocab_size, bpe_sample_mb, data, data_dir)."""
+    or a saved tokenizer file. cfg: train.TrainConfig (tokenizer, vocab_size, bpe_sample_mb, data, data_dir,
+    text_field)."""
     if cfg.tokenizer == "char":
         return char_tokenizer(cfg, Path(cfg.data_dir) / name / "char.json", files, sources)
     if cfg.tokenizer == "bpe":
@@ -216,7 +485,7 @@ def char_tokenizer(cfg, path, files, sources):
             return CharTokenizer(saved["chars"])
     chars = set()
     for p in files:                                        # one pass to collect the character set
-        for text, _ in bpe.read_text_blocks(p, 1 << 20, cut=CharTokenizer.cut, errors="replace"):
+        for text, _, _ in read_documents(p, text_field(cfg), 1 << 20, cut=CharTokenizer.cut, errors="replace"):
             chars.update(text)
     if not chars:
         raise UserError(f"empty corpus: {cfg.data} holds no text")
@@ -241,10 +510,10 @@ def bpe_tokenizer(cfg, cache, root, files, sources, log):
     if sources["bytes"] == 0:
         raise UserError(f"empty corpus: {cfg.data} holds no text")
     if sample_bytes and sample_bytes < sources["bytes"]:
-        texts = spread_sample(root, files, sources["bytes"], sample_bytes)
+        texts = spread_sample(root, files, sources["bytes"], sample_bytes, text_field(cfg))
         what = f"an evenly spread {sum(len(t) for t in texts) / 1e6:.1f} MB sample of the corpus"
     else:
-        texts = list(files)                        # Path objects: bpe.py streams the files itself
+        texts = corpus_texts(files, text_field(cfg))    # text files as Paths: bpe.py streams them itself
         what = "the whole corpus"
     log(f"training a BPE tokenizer (vocab {cfg.vocab_size}) on {what} ...")
     t0 = time.time()
@@ -257,6 +526,11 @@ def bpe_tokenizer(cfg, cache, root, files, sources, log):
     write_text_atomic(path, tok.to_text())
     write_text_atomic(info_path, json.dumps({"ident": ident, "sha256": file_sha256(path)}))
     return tok
+
+
+def text_field(cfg):
+    """--text-field: the field of a JSONL record, the column of a Parquet file, that holds the text."""
+    return getattr(cfg, "text_field", "text")
 
 
 def tokenizer_tag(cfg):
@@ -311,7 +585,7 @@ def prepare_data(cfg, name, root, files, sources, tok, log=print):
     all_tmp, val_tmp = cache / f".train.bin.tmp-{os.getpid()}", cache / f".val.bin.tmp-{os.getpid()}"
     try:
         n = tokenize_files(files, sources, tok, all_tmp, desc=f"tokenizing {name}", log=log,
-                           workers=encode_workers(sources["bytes"]))
+                           workers=encode_workers(sources["bytes"]), text_field=text_field(cfg))
         n_train = int(n * (1.0 - cfg.val_fraction))
         split_tail(all_tmp, val_tmp, n_train * np.dtype(tok.dtype).itemsize)
         os.replace(all_tmp, cache / "train.bin")
@@ -340,18 +614,19 @@ def prepare_data(cfg, name, root, files, sources, tok, log=print):
     return data
 
 
-def tokenize_files(files, sources, tok, out_path, desc, log=print, workers=1, block_bytes=1 << 20):
-    """Append every file's ids (tok.dtype) to out_path, documents separated by <|endoftext|> where the
-    tokenizer has it, checking each file against its digest as it streams. Returns the number of ids.
-    A file whose bytes are not all UTF-8 under a tokenizer that replaces them (char) gets a warning.
+def tokenize_files(files, sources, tok, out_path, desc, log=print, workers=1, block_bytes=1 << 20, text_field="text"):
+    """Append every file's ids (tok.dtype) to out_path, documents (read_documents: a text file, a JSONL
+    line, a Parquet row) each followed by <|endoftext|> where the tokenizer has it, checking each file
+    against its digest as it streams. Returns the number of ids. A file whose bytes are not all UTF-8
+    under a tokenizer that replaces them (char) gets a warning.
 
-    workers > 1: the blocks (about block_bytes each, cut where the tokenizer allows) are encoded by a pool
-    of that many processes, at most 2 x workers blocks in flight, and written in file order: the same
-    ids as workers=1, which encodes them here, one after another. (Decoding, and so the count of
-    replaced bytes, stays in this process.)"""
+    The pieces of text go to the encoder in jobs of about block_bytes characters (many small documents
+    make one job). workers > 1: the jobs are encoded by a pool of that many processes, at most
+    2 x workers jobs in flight, and written in file order: the same ids as workers=1, which encodes them
+    here, one after another. (Decoding, and so the count of replaced bytes, stays in this process.)"""
     from collections import deque
     from tqdm import tqdm
-    eot, n = eot_id(tok), 0
+    n = 0
     errors = COUNTING_REPLACE if tok.file_errors == "replace" else tok.file_errors
     pool = encoding_pool(tok, workers) if workers > 1 else None
     pending = deque()                                   # (ids, or the pool's promise of them; bytes read)
@@ -359,7 +634,7 @@ def tokenize_files(files, sources, tok, out_path, desc, log=print, workers=1, bl
         with naming_errors(out_path), open(out_path, "wb") as out, tqdm(
                 total=sources["bytes"], unit="B", unit_scale=True, desc=desc, dynamic_ncols=True,
                 disable=None) as bar:
-            def write(keep):                            # the oldest blocks' ids, in order, until `keep` are left
+            def write(keep):                            # the oldest jobs' ids, in order, until `keep` are left
                 nonlocal n
                 while len(pending) > keep:
                     ids, nbytes = pending.popleft()
@@ -368,15 +643,24 @@ def tokenize_files(files, sources, tok, out_path, desc, log=print, workers=1, bl
                     n += ids.size
                     bar.update(nbytes)
 
+            def submit(job, nbytes):                    # job: [(text, ends a document?)]
+                pending.append((pool.apply_async(encode_in_worker, (job,)) if pool else encode_job(tok, job),
+                                nbytes))
+                write(keep=2 * workers)
+
             for p, entry in zip(files, sources["files"]):
                 h = hashlib.sha256()
                 invalid_before = _replaced[0]
-                for text, nbytes in bpe.read_text_blocks(p, block_bytes, cut=tok.cut, errors=errors, hasher=h):
-                    pending.append((pool.apply_async(encode_in_worker, (text,)) if pool else encode_ids(tok, text),
-                                    nbytes))
-                    write(keep=2 * workers)
-                if eot is not None:
-                    pending.append((np.array([eot], tok.dtype), 0))
+                job, size, nbytes = [], 0, 0
+                for text, read, end in read_documents(p, text_field, block_bytes, cut=tok.cut, errors=errors,
+                                                      hasher=h):
+                    job.append((text, end))
+                    size, nbytes = size + len(text), nbytes + read
+                    if size >= block_bytes:
+                        submit(job, nbytes)
+                        job, size, nbytes = [], 0, 0
+                if job:
+                    submit(job, nbytes)
                 if h.hexdigest() != entry["sha256"]:
                     raise UserError(f"{p} changed while the data was being prepared; run again")
                 if _replaced[0] > invalid_before:
@@ -408,6 +692,18 @@ def encode_ids(tok, text):
     return np.asarray(tok.encode_ordinary(text), dtype=tok.dtype)
 
 
+def encode_job(tok, job):
+    """A job of tokenize_files, [(text, ends a document?)], -> its ids as one tok.dtype array: each text's
+    ids, and <|endoftext|> after each document where the tokenizer has it."""
+    eot, parts = eot_id(tok), []
+    for text, end in job:
+        if text:
+            parts.append(encode_ids(tok, text))
+        if end and eot is not None:
+            parts.append(np.array([eot], tok.dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, tok.dtype)
+
+
 def encode_workers(nbytes):
     """Processes for tokenizing a corpus of nbytes: one per core this process may use, but no more than
     one per 8 MB (starting a worker costs ~0.3 s); 1 means no pool."""
@@ -431,8 +727,8 @@ def init_worker(kind, text):
     _worker_tok = tokenizer_from_text(kind, text)
 
 
-def encode_in_worker(text):
-    return encode_ids(_worker_tok, text)
+def encode_in_worker(job):
+    return encode_job(_worker_tok, job)
 
 
 def split_tail(path, tail_path, at):

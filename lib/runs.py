@@ -223,8 +223,8 @@ def make_folders(cfg):
 def load_corpus(cfg, ck, init, tok, log):
     """The corpus's files, the tokenizer (a resumed run's own, a fine-tuning run's from init, or the
     cached or trained one) and the token cache: (tok, data)."""
-    root, files = find_sources(cfg.data, cfg.data_dir, skip=(cfg.out_dir,))
-    sources = digest_sources(root, files, Path(cfg.data_dir) / cfg.name / "sources.json")
+    root, files = find_sources(cfg.data, cfg.data_dir, skip=(cfg.out_dir,), log=log)
+    sources = digest_sources(root, files, Path(cfg.data_dir) / cfg.name / "sources.json", cfg.text_field)
     if sources["bytes"] == 0:
         raise UserError(f"empty corpus: {cfg.data} holds no text")
     log(f"data: {cfg.data} -> {len(files)} file(s), {sources['bytes'] / 1e6:.2f} MB (name {cfg.name!r})")

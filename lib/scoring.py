@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bpe import to_bytes
 from errors import FileFormatError, UserError
 from lib.files import fetch_once, read_jsonl
 from lib.tokenizer import encode_prompt, encode_text
@@ -358,43 +359,113 @@ def text_windows(n_tokens, block_size, stride=None):
     return windows
 
 
+def rolling_windows(n_tokens, block_size):
+    """lm-evaluation-harness's loglikelihood_rolling windows (lm_eval/utils.py get_rolling_token_windows with
+    context_len=1, then make_disjoint_window) over one document read as [prefix] + its tokens, n_tokens ids
+    in all, in text_windows' form (start, end, first): every token of the document is scored once, the
+    first one after the prefix (the model's BOS). Windows of N predictions, each after the first reading
+    the one token before its first prediction as context, and the last, shorter one right-aligned: it reads
+    the N tokens before its end, so its k predictions keep up to N - k tokens of context.
+
+    >>> rolling_windows(10, 4)              # prefix + 9 tokens: [0..4], [4..8], then [5..9] scoring 9 only
+    [(0, 4, 1), (4, 8, 5), (5, 9, 9)]
+    >>> rolling_windows(1, 4)               # an empty document: nothing to score
+    []
+    """
+    windows = text_windows(n_tokens, block_size) if n_tokens > 1 else []
+    if windows:
+        _, end, first = windows[-1]
+        windows[-1] = (max(0, end - block_size), end, first)        # right-aligned
+    return windows
+
+
+def score_windows(gm, params, cfg, seqs, windows, progress=False, batch_bytes=1 << 28, batch_tokens=1 << 14):
+    """The summed log-probability of each window's targets. seqs: 1-D int arrays; windows: (seq, start,
+    end, first): the model reads seqs[seq][start:end] and is scored on the targets seqs[seq][first:end + 1].
+    Returns a float64 array, one sum per window.
+
+    Windows go through the model together, longest first, each batch right-padded to its longest window
+    (causal attention: padding after a position changes nothing there), up to batch_tokens tokens and
+    batch_bytes of float32 logits at a time (bounding the activations and the logits)."""
+    from tqdm import tqdm
+    order = sorted(range(len(windows)), key=lambda k: -(windows[k][2] - windows[k][1]))     # longest first
+    sums = np.zeros(len(windows))
+    with tqdm(total=len(windows), unit=" windows", desc="scoring", dynamic_ncols=True,
+              disable=not progress or None) as bar:
+        k = 0
+        while k < len(order):
+            T = windows[order[k]][2] - windows[order[k]][1]                        # the batch's longest
+            per_batch = max(1, min(batch_bytes // (T * cfg.vocab_size * 4), batch_tokens // T))
+            group = order[k:k + per_batch]
+            x = np.zeros((len(group), T), dtype=np.int64)                         # padding: id 0, never scored
+            y = np.full((len(group), T), -1, dtype=np.int64)                      # -1: not scored
+            for b, w in enumerate(group):
+                seq, start, end, first = windows[w]
+                ids = seqs[seq]
+                x[b, :end - start] = ids[start:end]
+                y[b, first - start - 1:end - start] = ids[first:end + 1]          # targets first .. end
+            lp = token_logprobs(gm, gm.forward(params, x, cfg), y)               # (B, T)
+            sums[group] = lp.sum(axis=1)
+            k += len(group)
+            bar.update(len(group))
+    return sums
+
+
 def score_text(gm, params, cfg, ids, block_size=None, stride=None, token_bytes=None, progress=False,
                batch_bytes=1 << 28, batch_tokens=1 << 14):
-    """Mean loss of every token but the first, in the windows of text_windows. ids: a 1-D int array.
-    token_bytes (the UTF-8 length of each id, data.token_byte_lengths) adds bits per byte.
-    Windows go through the model together, up to batch_tokens tokens and batch_bytes of float32 logits
-    at a time (bounding the activations and the logits). Returns {"loss", "ppl", "bits_per_byte", "tokens",
-    "bytes", "windows", "block_size", "stride"}."""
-    from tqdm import tqdm
+    """The "strided" procedure: mean loss of every token but the first of one token stream, in the windows
+    of text_windows. ids: a 1-D int array. token_bytes (the UTF-8 length of each id,
+    tokenizer.token_byte_lengths) adds bits per byte over the scored tokens' bytes. Returns {"procedure",
+    "loss", "ppl", "bits_per_byte", "tokens", "bytes", "windows", "block_size", "stride"}."""
     ids = np.asarray(ids, dtype=np.int64)
     N = block_size or cfg.max_seq_len
     if N > cfg.max_seq_len:
         raise UserError(f"block size {N} exceeds the model's context of {cfg.max_seq_len} tokens")
     if ids.size < 2:
         raise UserError(f"the text has {ids.size} token(s); at least 2 are needed to predict one")
-    windows = text_windows(ids.size, N, stride)
-    per_batch = max(1, min(batch_bytes // (N * cfg.vocab_size * 4), batch_tokens // N))
-    nll, count = 0.0, 0
-    nbytes = 0 if token_bytes is not None else None
-    with tqdm(total=len(windows), unit=" windows", desc="scoring", dynamic_ncols=True,
-              disable=not progress or None) as bar:
-        k = 0
-        while k < len(windows):
-            # windows of one length go together (all but maybe the last are N long)
-            length = windows[k][1] - windows[k][0]
-            group = [w for w in windows[k:k + per_batch] if w[1] - w[0] == length][:per_batch]
-            x = np.stack([ids[s:e] for s, e, _ in group])                        # (B, T)
-            y = np.stack([ids[s + 1:e + 1] for s, e, _ in group])                # (B, T)
-            for b, (s, e, first) in enumerate(group):
-                y[b, :first - (s + 1)] = -1                                       # scored by an earlier window
-            lp = token_logprobs(gm, gm.forward(params, x, cfg), y)
-            nll -= float(lp.sum())
-            count += int((y >= 0).sum())
-            if nbytes is not None:
-                nbytes += int(token_bytes[y[y >= 0]].sum())
-            k += len(group)
-            bar.update(len(group))
+    windows = [(0, *w) for w in text_windows(ids.size, N, stride)]
+    nll = -float(score_windows(gm, params, cfg, [ids], windows, progress, batch_bytes, batch_tokens).sum())
+    count = ids.size - 1
+    nbytes = int(token_bytes[ids[1:]].sum()) if token_bytes is not None else None
     loss = nll / count
-    return {"loss": loss, "ppl": math.exp(loss),
+    return {"procedure": "strided", "loss": loss, "ppl": math.exp(loss),
             "bits_per_byte": nll / math.log(2) / nbytes if nbytes else None,
             "tokens": count, "bytes": nbytes, "windows": len(windows), "block_size": N, "stride": stride or N}
+
+
+def count_words(doc):
+    """Words as the harness counts them for word_perplexity: re.split(r"\\s+", doc), so a document that
+    ends with a newline counts one more (an empty string) and an empty document counts 1."""
+    return len(re.split(r"\s+", doc))
+
+
+def score_rolling(gm, params, cfg, docs, prefix, block_size=None, progress=False, batch_bytes=1 << 28,
+                  batch_tokens=1 << 14):
+    """The "rolling" procedure, lm-evaluation-harness's loglikelihood_rolling with its wikitext metrics:
+    each document (text, ids) is read as [prefix] + ids in rolling_windows, so every one of its tokens is
+    scored; its log-likelihood is the sum. Over the documents (lm_eval/api/metrics.py):
+      word_perplexity = exp(-sum ll / sum words), words = count_words(text)
+      byte_perplexity = exp(-sum ll / sum bytes), bytes = len(text.encode("utf-8"))
+      bits_per_byte   = -sum ll / sum bytes / ln 2
+    plus loss (nats per token) and ppl = exp(loss), the token-level numbers. prefix: the model's BOS
+    (start_ids), the harness's prefix_token_id. Returns those and {"procedure", "documents", "tokens",
+    "words", "bytes", "windows", "block_size", "loglikelihoods" (per document)}."""
+    N = block_size or cfg.max_seq_len
+    if N > cfg.max_seq_len:
+        raise UserError(f"block size {N} exceeds the model's context of {cfg.max_seq_len} tokens")
+    seqs = [np.asarray(list(prefix) + [int(i) for i in ids], dtype=np.int64) for _, ids in docs]
+    windows = [(d, *w) for d, seq in enumerate(seqs) for w in rolling_windows(seq.size, N)]
+    if not windows:
+        raise UserError("the text has no tokens to score")
+    sums = score_windows(gm, params, cfg, seqs, windows, progress, batch_bytes, batch_tokens)
+    lls = np.zeros(len(docs))
+    np.add.at(lls, [w[0] for w in windows], sums)
+    ll = float(lls.sum())
+    tokens = sum(seq.size - 1 for seq in seqs)
+    words = sum(count_words(text) for text, _ in docs)
+    nbytes = sum(len(to_bytes(text)) for text, _ in docs)           # a file's own bytes, even invalid UTF-8
+    return {"procedure": "rolling", "loss": -ll / tokens, "ppl": math.exp(-ll / tokens),
+            "word_perplexity": math.exp(-ll / words), "byte_perplexity": math.exp(-ll / nbytes) if nbytes else None,
+            "bits_per_byte": -ll / nbytes / math.log(2) if nbytes else None,
+            "documents": len(docs), "tokens": tokens, "words": words, "bytes": nbytes, "windows": len(windows),
+            "block_size": N, "loglikelihoods": lls.tolist()}

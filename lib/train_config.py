@@ -34,6 +34,9 @@ class TrainConfig:
     # data
     data: str = flag("stdlib", "corpus: 'stdlib' (Python's own .py sources), 'shakespeare' (downloaded once), "
                      "a text file, a folder of text files, or a glob such as 'src/**/*.py'")
+    text_field: str = flag("text", "the field of a .jsonl / .jsonl.gz record, or the column of a .parquet file, that "
+                           "holds the text (one document per record or row); plain text files are read whole",
+                           metavar="NAME")
     name: str = flag("", "cache name under --data-dir (default: from --data, e.g. stdlib, tinyshakespeare)")
     tokenizer: str = flag("bpe", "'bpe' (train bpe.py on the corpus, cached), 'char' (one id per character, as "
                           "nanoGPT's shakespeare_char), or the path of a saved tokenizer (a bpe.py file, or the "

@@ -592,7 +592,7 @@ def test_cli_process_exit_code_and_help():
     r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "examples:" in r.stdout and "train" in r.stdout
     r = subprocess.run([sys.executable, script, "encode", "--tokenizer", "x.bpe"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr == "bpe.py: error: one of the arguments --input --text is required\n"
+    assert r.returncode == 2 and r.stderr == "error: one of the arguments --input --text is required\n"
 
 
 def test_docstring_examples():

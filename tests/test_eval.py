@@ -141,7 +141,7 @@ def hf_text_nll(torch, model, ids, N, S):
     return nll, n
 
 
-@pytest.mark.parametrize("flags", [[], ["--block-size", "20", "--stride", "7"]])
+@pytest.mark.parametrize("flags", [["--procedure", "strided"], ["--block-size", "20", "--stride", "7"]])
 def test_text_loss_equals_transformers(exported, hf, tmp_path, capsys, flags):
     torch, transformers = hf
     run, hf_dir, cfg = exported
@@ -150,8 +150,8 @@ def test_text_loss_equals_transformers(exported, hf, tmp_path, capsys, flags):
     mine = last_json(capsys.readouterr().out)
     model, tok = load_hf(transformers, torch, hf_dir), transformers.AutoTokenizer.from_pretrained(hf_dir)
     ids = tok.encode(TEXT, add_special_tokens=False)
-    N = int(flags[1]) if flags else cfg.max_seq_len
-    nll, n = hf_text_nll(torch, model, ids, N, int(flags[3]) if flags else N)
+    N = int(flags[1]) if "--block-size" in flags else cfg.max_seq_len
+    nll, n = hf_text_nll(torch, model, ids, N, int(flags[3]) if "--stride" in flags else N)
     assert mine["tokens"] == n == len(ids) - 1
     assert abs(mine["loss"] - nll / n) / (nll / n) < TOL, (mine["loss"], nll / n)
     print(f"text loss, ours vs transformers: relative difference {abs(mine['loss'] - nll / n) / (nll / n):.1e}")
@@ -204,7 +204,7 @@ def test_text_json(tiny_run, capsys):
     (["--text", "t.txt"], "--ckpt is required"),
     (["--ckpt", "r", "--text", "t", "--mc", "m"], "not allowed with argument"),
     (["--ckpt", "r", "--mc", "m", "--stride", "4"], "--stride applies to --text only"),
-    (["--ckpt", "r", "--text", "t", "--limit", "4"], "--limit applies to --mc only"),
+    (["--ckpt", "r", "--text", "t", "--limit", "4"], "--mc-limit applies to --mc only"),
     (["--ckpt", "r", "--text", "t", "--delimiter", ""], "--delimiter applies to --mc only"),
     (["--ckpt", "r", "--text", "t", "--stride", "0"], "--stride must be at least 1"),
     (["--ckpt", "r", "--text", "t", "--block-size", "4", "--stride", "5"], "--stride 5 exceeds --block-size 4"),
@@ -449,7 +449,8 @@ def test_smollm2_scores_equal_the_harness_with_transformers(hf, tmp_path, capsys
     # and the text: the same tokens, the same loss
     text = (SHARED_DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:3000] if SHARED_DATA.is_dir() else TEXT
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
-    assert eval_py.main(["--ckpt", str(run), "--text", str(tmp_path / "t.txt"), "--block-size", "256", "--json"]) == 0
+    assert eval_py.main(["--ckpt", str(run), "--text", str(tmp_path / "t.txt"), "--block-size", "256", "--json",
+                         "--procedure", "strided"]) == 0
     mine = last_json(capsys.readouterr().out)
     nll, n = hf_text_nll(torch, model, tok.encode(text, add_special_tokens=False), 256, 256)
     print(report + f"\nSmolLM2 text loss: ours {mine['loss']:.6f}, transformers {nll / n:.6f} nats/token over {n} tokens")
