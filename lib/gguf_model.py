@@ -1,12 +1,15 @@
 """
 lib/gguf_model.py: a model stored by llama.cpp (a GGUF file) as our parameters, config, tokenizer and chat
-template.
+template, and back.
 
     imp = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")     # Imported(params, cfg, tok, chat)
     logits = gpt_numpy.forward(imp.params, ids, imp.cfg)
+    write_gguf("model.gguf", params, cfg, tok, chat, "q8_0")  # our model for llama.cpp (f32, f16 or q8_0)
 
-`python export.py --import-gguf FILE --out RUN` writes it as a checkpoint (docs/pretrained.md). The file is
-read with the `gguf` package, the reader that lives in llama.cpp's own tree; only the mapping is ours:
+`python export.py --import-gguf FILE --out RUN` writes it as a checkpoint, `python export.py --ckpt RUN
+--gguf FILE` the other way (docs/pretrained.md). The file is read and written with the `gguf` package,
+the reader, writer and quantizers that live in llama.cpp's own tree; only the mapping is ours, the same
+table both ways:
 
     GGUF                                    ours
     general.architecture                    must be "llama" (others are refused by name)
@@ -34,7 +37,8 @@ gguf.quants.dequantize, one tensor at a time, so memory stays near the float32 m
 subtle: the q/k row permutation. llama.cpp rotates interleaved pairs (x[2j], x[2j+1]) where Hugging Face's
 Llama and ours rotate the halves (x[j], x[j + hs/2]). Its converter (convert_hf_to_gguf.py, LlamaModel.permute)
 reorders the rows of q and k inside each head, w.reshape(nh, 2, hs/2, C).swapaxes(1, 2), so the same weights
-give the same model under its convention. unpermute_rows undoes that: reshape(nh, hs/2, 2, C).swapaxes(1, 2).
+give the same model under its convention. unpermute_rows undoes that: reshape(nh, hs/2, 2, C).swapaxes(1, 2);
+permute_rows, on export, does it.
 
 A file is refused (FileFormatError, one line naming it once and the key or tensor) unless every value has
 the type its key needs (no coercion: 2.5 layers are not 2, "false" is not false), the layer count matches
@@ -43,6 +47,7 @@ and inside the file, and every weight is finite.
 """
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +60,7 @@ from errors import FileFormatError, UserError
 from lib import chat_template as chat
 from lib.checkpoint import check_layer_count
 from lib.memory import LONGEST_CONTEXT
-from lib.tokenizer_files import from_gguf_fields, preview
+from lib.tokenizer_files import from_gguf_fields, preview, to_gguf_fields
 
 BLOCK_NAMES = {                                 # GGUF's names in block i -> ours, and transposed?
     "attn_norm.weight": ("norm1.weight", False),
@@ -347,3 +352,164 @@ def gguf_chat_info(meta, tok):
         typed(meta, "tokenizer.chat_template", "string")
     return chat.chat_info(template, tok, bos_id=token("bos"), eos_id=token("eos"), add_bos=add_bos)
 
+
+# ----------------------------------------------------------------------------------------------------
+# Export: our model as a GGUF file that llama.cpp (and the tools built on it: llama-cli, llama-server,
+# Ollama, LM Studio, llama-cpp-python) runs: `python export.py --ckpt RUN --gguf FILE --type q8_0`.
+# The mapping is read_gguf's, backwards: the same tables, q and k rows permuted (permute_rows), the
+# tokenizer as llama.cpp's byte-level BPE ('gpt2', tokenizer_files.to_gguf_fields), the chat template
+# and special tokens as llama.cpp's converter writes them.
+
+GGUF_TYPES = ("f32", "f16", "q8_0")     # --type: the matrices' storage; 1-D tensors (norms) stay F32
+
+
+def permute_rows(w, n_head):
+    """llama.cpp's converter permutation (convert_hf_to_gguf.py, LlamaModel.permute) of the rows of a q or
+    k projection (out, in): within each head, rows in half order (0, 1, ..., hs - 1) go to pair order
+    (0, hs/2, 1, hs/2 + 1, ...). The inverse of unpermute_rows.
+
+    >>> permute_rows(np.array([[0], [1], [2], [3]]), 1)[:, 0]      # one head of 4: pairs (0, 2), (1, 3)
+    array([0, 2, 1, 3])
+    """
+    out, cols = w.shape
+    hs = out // n_head
+    return w.reshape(n_head, 2, hs // 2, cols).swapaxes(1, 2).reshape(out, cols)
+
+
+def gguf_tensors(params, cfg):
+    """[(GGUF name, NumPy shape in GGUF's layout, make)] of every tensor of the file: make() builds the
+    float32 array (out, in) when it is written, so that memory holds one tensor beyond the model."""
+    host = lambda k: np.asarray(gn.to_host(params[k]), dtype=np.float32)        # noqa: E731
+    C, hs, nh, nkv = cfg.d_model, cfg.head_size, cfg.n_head, cfg.n_kv_head
+
+    def plain(ours, transposed):
+        shape = tuple(np.shape(params[ours]))
+        return (shape[::-1] if transposed else shape,
+                lambda: np.ascontiguousarray(host(ours).T if transposed else host(ours)))
+
+    def projection(i, begin, heads, permuted):         # a slice of attn.qkv's columns, as (out, in)
+        def make():
+            w = host(f"blocks.{i}.attn.qkv")[:, begin:begin + heads * hs].T
+            return np.ascontiguousarray(permute_rows(w, heads) if permuted else w)
+        return (heads * hs, C), make
+
+    out = [("token_embd.weight", *plain("tok_emb", False))]
+    if cfg.rope_scaling and cfg.rope_scaling["type"] == "llama3":      # per-frequency divisors, as the converter
+        base = gn.rope_inv_freq(hs, cfg.rope_theta)
+        divisors = (base / gn.rope_inv_freq(hs, cfg.rope_theta, cfg.rope_scaling)).astype(np.float32)
+        out.append(("rope_freqs.weight", divisors.shape, lambda: divisors))
+    for i in range(cfg.n_layer):
+        for name, (ours, transposed) in BLOCK_NAMES.items():
+            out.append((f"blk.{i}.{name}", *plain(f"blocks.{i}.{ours}", transposed)))
+        for name, begin, heads, permuted in zip(QKV, (0, nh * hs, (nh + nkv) * hs), (nh, nkv, nkv), (True, True, False)):
+            out.append((f"blk.{i}.{name}", *projection(i, begin, heads, permuted)))
+    out.append(("output_norm.weight", *plain("norm_f.weight", False)))
+    if not cfg.tie_embeddings:
+        out.append(("output.weight", *plain("lm_head", True)))
+    return out
+
+
+def storage_type(shape, qtype):
+    """The GGML type a tensor of this NumPy shape is stored in for --type qtype: 1-D tensors F32 (as
+    llama.cpp's converter keeps them), matrices qtype; a Q8_0 matrix whose rows are not a multiple of its
+    32-number blocks falls back to F16, as the converter does."""
+    import gguf
+    T = gguf.GGMLQuantizationType
+    if len(shape) == 1 or qtype == "f32":
+        return T.F32
+    if qtype == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0] == 0:
+        return T.Q8_0
+    return T.F16
+
+
+def write_gguf(path, params, cfg, tok, chat=None, qtype="f32", name=None, progress=False):
+    """Write our model (params on any backend, its GPTConfig, its tokenizer, the checkpoint's chat
+    metadata) as a llama GGUF file at `path`, atomically (a temporary file renamed over it: a crash
+    leaves the old file or the new one). qtype: "f32", "f16" or "q8_0" (GGUF_TYPES). UserError for what
+    llama.cpp cannot hold: a LayerNorm model, a character tokenizer, a split pattern it has no name for.
+    Returns {GGML type name: number of tensors}."""
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("writing GGUF files needs the gguf package: pip install gguf") from None
+    from lib.files import fsync_dir, naming_errors, remove_stale_temp_files
+    from lib.hf import special_roles
+    if qtype not in GGUF_TYPES:
+        raise UserError(f"--type {qtype!r}: choose one of {', '.join(GGUF_TYPES)}")
+    if cfg.norm != "rmsnorm":
+        raise UserError(f"only RMSNorm models map to llama.cpp's llama; this model uses norm={cfg.norm!r}")
+    for key in ("rope_theta", "norm_eps"):
+        if not math.isfinite(getattr(cfg, key)):
+            raise UserError(f"the model config's {key} is {getattr(cfg, key)}, not a finite number (a damaged checkpoint?)")
+    fields = to_gguf_fields(tok, cfg.vocab_size)        # refuses a char tokenizer
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"the tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
+    plan = gguf_tensors(params, cfg)
+    types = {n: storage_type(shape, qtype) for n, shape, _ in plan}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with naming_errors(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(path.parent, f".{path.name}.tmp-*")     # of a killed export
+    w = gguf.GGUFWriter(None, "llama")
+    # the model: what config_from_gguf reads
+    w.add_name(name or path.stem)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+    if qtype == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_feed_forward_length(cfg.d_ff)
+    w.add_block_count(cfg.n_layer)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_rope_dimension_count(cfg.head_size)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    if cfg.rope_scaling and cfg.rope_scaling["type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
+    # the tokenizer, its special tokens and the chat template: what from_gguf_fields and gguf_chat_info read
+    w.add_tokenizer_model(fields["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(fields["tokenizer.ggml.pre"])
+    w.add_token_list(fields["tokenizer.ggml.tokens"])
+    w.add_token_types(fields["tokenizer.ggml.token_type"])
+    w.add_token_merges(fields["tokenizer.ggml.merges"])
+    bos, eos, _ = special_roles(tok, chat)
+    if bos is not None:
+        w.add_bos_token_id(tok.special_tokens[bos])
+    if eos is not None:
+        w.add_eos_token_id(tok.special_tokens[eos])
+    eot = [i for i in (chat or {}).get("stop_ids") or [] if eos is None or i != tok.special_tokens[eos]]
+    if eot:                                             # the template's end of turn, e.g. <|im_end|>
+        w.add_eot_token_id(eot[0])
+    w.add_add_bos_token(bool((chat or {}).get("add_bos")))
+    if (chat or {}).get("template"):
+        w.add_chat_template(chat["template"])
+    for n, shape, _ in plan:
+        block, size = gguf.GGML_QUANT_SIZES[types[n]]  # numbers per block, bytes per block: F32 1, 4; Q8_0 32, 34
+        w.add_tensor_info(n, shape, np.dtype(np.float32), int(np.prod(shape)) // block * size, raw_dtype=types[n])
+    try:
+        with naming_errors(path), tqdm(total=len(plan), desc=f"write {path.name}", unit="tensor",
+                                       disable=None if progress else True) as bar:
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for n, _, make in plan:                     # one tensor in memory at a time
+                w.write_tensor_data(gguf.quants.quantize(make(), types[n]))
+                bar.update()
+            w.flush()
+            os.fsync(w.fout[0].fileno())
+            w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    counts = {}
+    for t in types.values():
+        counts[t.name] = counts.get(t.name, 0) + 1
+    return counts

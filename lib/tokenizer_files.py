@@ -10,6 +10,7 @@ conversions out of its algorithm's file.
     obj = to_hf_json(tok); tok = from_hf_json(obj)          # Hugging Face's tokenizer.json (a dict), both ways
     save_hf_tokenizer_json(tok, "tokenizer.json")           # ... as a file, for tokenizers.Tokenizer.from_file
     tok = from_gguf_fields(fields)                          # llama.cpp's vocabulary in a GGUF file
+    fields = to_gguf_fields(tok, n_vocab)                   # ... and back, for export.py --gguf
 
 Each gives the same ids as the tokenizer it came from: tests/test_bpe.py, test_export.py and
 test_pretrained.py compare them with tiktoken, Hugging Face tokenizers and transformers.
@@ -25,7 +26,7 @@ from pathlib import Path
 import regex
 
 import bpe
-from errors import FileFormatError
+from errors import FileFormatError, UserError
 from lib.tokenizer import CharTokenizer
 
 # A GGUF file names its pre-tokenizer (tokenizer.ggml.pre) instead of storing its regex: llama.cpp's names
@@ -37,6 +38,12 @@ PRE_PATTERNS = {
     **{name: (bpe.LLAMA3_PATTERN, True) for name in ("llama-bpe", "llama3", "llama-v3")},
     "qwen2": (bpe.QWEN2_PATTERN, False),
 }
+# Export (to_gguf_fields): our split pattern -> the name llama.cpp knows it by. GPT-4's pattern (bpe.py's
+# default) is Llama 3's (tiktoken's cl100k) but for one alternative, \s++$: whitespace at the very end of a
+# text that holds a newline then spaces ("a\n  ") is one chunk here and two ("\n", "  ") in llama.cpp. A
+# model trained here hardly ever ends a prompt that way; every other text splits the same.
+GGUF_PRE_NAMES = {bpe.GPT2_PATTERN: "gpt-2", bpe.SMOLLM_PATTERN: "smollm", bpe.LLAMA3_PATTERN: "llama-bpe",
+                  bpe.GPT4_PATTERN: "llama-bpe", bpe.QWEN2_PATTERN: "qwen2"}
 GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED = 1, 3, 4, 5    # tokenizer.ggml.token_type values
 ANY_CHAR = r"[\s\S]"             # the split regex of a character tokenizer.json: every code point alone
 
@@ -335,7 +342,7 @@ def _char_from_hf_json(obj, name="tokenizer.json"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# llama.cpp's GGUF vocabularies (lib/gguf_model.py reads the fields from the file)
+# llama.cpp's GGUF vocabularies (lib/gguf_model.py reads and writes the files), both ways
 
 def from_gguf_fields(fields):
     """llama.cpp's tokenizer metadata -> bpe.Tokenizer: `fields` maps GGUF keys (tokenizer.ggml.model, .pre,
@@ -379,6 +386,35 @@ def from_gguf_fields(fields):
     need("tokenizer.ggml.tokens", len(specials) + len(vocab) == len(tokens), "the same token twice")
     return _from_byte_level(vocab, [m.split(" ") for m in merges], specials, pattern, ignore_merges, need,
                             ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
+
+
+def to_gguf_fields(tok, n_vocab=None):
+    """The inverse of from_gguf_fields, as llama.cpp's converter (convert_hf_to_gguf.py, _set_vocab_gpt2)
+    writes a byte-level BPE: every token by id in its byte-level spelling (special tokens as themselves,
+    type CONTROL), the merges "left right" in rank order, and the name llama.cpp knows the split pattern
+    by (GGUF_PRE_NAMES). n_vocab: the model's vocabulary, when larger than the tokenizer's: the ids past it
+    are "[PAD<id>]" tokens of type UNUSED, as the converter pads. A character tokenizer, or a split pattern
+    llama.cpp has no name for, raises UserError.
+    Example: GPT-2's pattern, bytes then one merge (b'a', b'b') -> tokens [..., 'a', 'b', ..., 'ab'],
+    merges ['a b'], pre 'gpt-2'."""
+    if tok.kind != "bpe":
+        raise UserError(f"a {tok.kind} tokenizer cannot be written as llama.cpp's vocabulary, which is byte-level "
+                        f"BPE ('gpt2'): train the model with a BPE tokenizer (train.py --tokenizer bpe)")
+    pre = GGUF_PRE_NAMES.get(tok.pattern)
+    if pre is None:
+        raise UserError(f"the tokenizer's split pattern {tok.pattern[:60]!r} has no name in llama.cpp (it knows "
+                        f"bpe.py's gpt2 and gpt4 patterns, SmolLM2's, Llama 3's and Qwen2's)")
+    b2u = bytes_to_unicode()
+    spell = lambda t: "".join(b2u[b] for b in t)        # noqa: E731
+    special_ids = set(tok.special_tokens.values())
+    token_bytes = tok.token_bytes()
+    tokens = [t.decode("utf-8") if i in special_ids else spell(t) for i, t in enumerate(token_bytes)]
+    types = [GGUF_CONTROL if i in special_ids else GGUF_NORMAL for i in range(len(tokens))]
+    pad = max(0, (n_vocab or 0) - len(tokens))
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.tokens": tokens + [f"[PAD{i}]" for i in range(len(tokens), len(tokens) + pad)],
+            "tokenizer.ggml.token_type": types + [GGUF_UNUSED] * pad,
+            "tokenizer.ggml.merges": [f"{spell(token_bytes[a])} {spell(token_bytes[b])}" for a, b in tok.merges]}
 
 
 # ----------------------------------------------------------------------------------------------------
