@@ -363,9 +363,10 @@ def check_regular_file(path):
         raise FileFormatError(f"{path} is not a regular file (a device, a FIFO or a folder); it was not read")
 
 
-def read_text(path, limit=TEXT_LIMIT):
-    """A UTF-8 text file of a Hugging Face folder, read whole up to `limit` bytes; FileFormatError naming
-    the file for one that is not a regular file, larger, or not UTF-8."""
+def read_text(path, limit=None):
+    """A UTF-8 text file of a Hugging Face folder, read whole up to `limit` bytes (default TEXT_LIMIT);
+    FileFormatError naming the file for one that is not a regular file, larger, or not UTF-8."""
+    limit = TEXT_LIMIT if limit is None else limit
     check_regular_file(path)
     with open(path, "rb") as f:
         data = f.read(limit + 1)
@@ -377,7 +378,7 @@ def read_text(path, limit=TEXT_LIMIT):
         raise FileFormatError(f"{path} is not UTF-8 text ({e})") from None
 
 
-def read_json(path, limit=TEXT_LIMIT):
+def read_json(path, limit=None):
     """The parsed JSON of a file of a Hugging Face folder (read_text's limits); FileFormatError naming the
     file for one that is not JSON or is nested too deeply to parse."""
     text = read_text(path, limit)

@@ -20,7 +20,7 @@ import bpe
 import export
 import gpt_numpy as gn
 from conftest import main_error
-from errors import UserError
+from errors import FileFormatError, UserError
 from lib import data, lora as lora_lib, tokenizer_files
 from lib.checkpoint import build_meta, load_checkpoint, lora_base_ref, save_checkpoint
 from lib.files import OUTPUT_MARK, file_sha256, mark_output_folder
@@ -418,6 +418,31 @@ def test_mistyped_hf_files_are_one_line_naming_file_and_key(hf_dir, tmp_path, ca
     else:
         edit_json(path, damage) if callable(damage) else path.write_text(json.dumps(damage))
     hf_refusal(hf_dir, tmp_path, capsys, name, match)
+
+
+def test_hf_files_are_read_up_to_a_limit(hf_dir, tmp_path, capsys, monkeypatch):
+    """A config.json larger than any real one is refused before it is read (here with a 4 KiB limit;
+    TEXT_LIMIT is 256 MiB)."""
+    from lib import hf
+    monkeypatch.setattr(hf, "TEXT_LIMIT", 4096)
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "llama", "pad": " " * 5000}))
+    hf_refusal(hf_dir, tmp_path, capsys, "config.json is larger than")
+
+
+def test_save_imported_runs_the_loaders_checks(tmp_path, tok, model):
+    """The net under every importer: what a loader refuses is refused before anything is written."""
+    from lib.checkpoint import save_imported
+    params, cfg = model
+    bad = {**params, "norm_f.weight": np.full_like(params["norm_f.weight"], np.nan)}
+    with pytest.raises(FileFormatError, match="src.gguf holds non-finite values: .* in norm_f.weight; it was not imported"):
+        save_imported(tmp_path / "a", bad, cfg, tok, "src.gguf")
+    empty = bpe.Tokenizer(tok.pattern, tok.merges, {"": tok.vocab_size - 2, "<|im_end|>": tok.vocab_size - 1})
+    with pytest.raises(FileFormatError, match="its tokenizer cannot be saved and read back"):
+        save_imported(tmp_path / "b", params, cfg, empty, "src.gguf")
+    long = gn.GPTConfig(**{**cfg.to_dict(), "max_seq_len": 2 ** 32})
+    with pytest.raises(FileFormatError, match="max_seq_len 4,294,967,296"):
+        save_imported(tmp_path / "c", params, long, tok, "src.gguf")
+    assert not any((tmp_path / d).exists() for d in "abc")
 
 
 @pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/hostname", "a/../../b.safetensors"])
