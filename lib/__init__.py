@@ -14,5 +14,5 @@ everything here sits between them and the programs, and no module here imports a
     generation         sampling, generate_stream, the KV session of a chat
     lora, mixed_precision   the bookkeeping of LoRA runs; float16 steps with loss scaling
     chat_template, sft, scoring, dist   chat templates; instruction data; evaluation; MPI data parallel
-    hf, peft_adapter, gguf_model   Hugging Face Llama folders both ways; PEFT LoRA adapters; GGUF files in
+    hf, peft_adapter, gguf_model   Hugging Face Llama folders both ways; PEFT LoRA adapters; GGUF files both ways
 """

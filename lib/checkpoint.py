@@ -45,6 +45,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,17 +210,25 @@ def verify_hash(path, tensors, metadata):
                               f"{VERSION}")
 
 
-def check_tensors(tensors, path):
+DIVERGED = " (a run that diverged? resume from an earlier checkpoint, with a lower --lr)"
+
+
+def check_tensors(tensors, path, what="it was not loaded", hint=DIVERGED):
     """Every tensor float32 and finite: an int32 tensor would fail later with a traceback (or be cast in
-    silence), a nan weight would sample nan probabilities."""
+    silence), a nan weight would sample nan probabilities. Importers run it too (save_imported), with
+    their own `what` and no hint about diverged runs."""
     for name, a in tensors.items():
         if a.dtype != np.float32:
-            raise FileFormatError(f"{path}: tensor {name} has dtype {a.dtype}, expected float32; it was not loaded")
+            raise FileFormatError(f"{path}: tensor {name} has dtype {a.dtype}, expected float32; {what}")
     for name, a in tensors.items():
-        if not np.isfinite(a).all():
-            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
-            raise FileFormatError(f"{path} holds non-finite values: {bad} nan/inf in {name}; it was not loaded "
-                                  f"(a run that diverged? resume from an earlier checkpoint, with a lower --lr)")
+        check_finite(a, name, path, what, hint)
+
+
+def check_finite(a, name, path, what="it was not loaded", hint=""):
+    """FileFormatError naming the file and the tensor unless every value of the array a is finite."""
+    if not np.isfinite(a).all():
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        raise FileFormatError(f"{path} holds non-finite values: {bad:,} nan/inf in {name}; {what}{hint}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -316,9 +325,30 @@ def save_imported(path, params, cfg, tok, source, chat=None):
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / "ckpt.safetensors"
+    check_importable(params, cfg, tok, source)
     more = {"chat": chat} if chat and chat.get("template") else {}
     save_checkpoint(path, params, {}, {}, build_meta(cfg, tok, imported_from=str(source), **more))
     return path
+
+
+def check_importable(params, cfg, tok, source):
+    """The checks every loader runs on a checkpoint, run on an import before it is written, so that an
+    import succeeds only where sample.py, train.py --init-from and export.py --ckpt will succeed: the
+    context and tensor count (check_model_fits_file), float32 finite weights of the config's shapes, a
+    tokenizer that fits the model and reads back from its text form (bpe.py's file refuses, e.g., an
+    empty special token). FileFormatError naming the source file and what does not fit."""
+    what = "it was not imported"
+    check_model_fits_file(cfg, params, source)
+    check_tensors(params, source, what, hint="")
+    try:
+        check_param_shapes(params, cfg)
+    except ValueError as e:
+        raise FileFormatError(f"{source} does not fit its model config: {e}; {what}") from None
+    check_tokenizer_fits(tok, cfg, source)
+    try:
+        tokenizer_from_text(tok.kind, tok.to_text())
+    except ValueError as e:
+        raise FileFormatError(f"{source}: its tokenizer cannot be saved and read back ({e}); {what}") from None
 
 
 @dataclass
@@ -382,6 +412,20 @@ def check_model_fits_file(cfg, params, path, lora=None):
     if n != len(params):
         raise FileFormatError(f"{path} does not fit its model config: n_layer {cfg.n_layer:,} means {n:,} weight "
                               f"tensors, and the file holds {len(params):,}")
+
+
+def check_layer_count(n_layer, names, block, path, key):
+    r"""Refuse, before any per-layer table is built, a layer count that the file's tensors do not have: a
+    tiny file whose metadata says 2^31 layers would otherwise build name tables for minutes and run out of
+    memory. names: the file's tensor names; block: a regex whose group 1 is a block's index (GGUF's
+    r"blk\.(\d+)\.", Hugging Face's r"model\.layers\.(\d+)\."); key: the metadata's name for the count;
+    path: the file or folder for the message (None: the caller names it).
+    Example: key llama.block_count = 2147483648, tensors of blocks 0 and 1 -> FileFormatError."""
+    found = {int(g) for n in names if (m := re.match(block, n)) and len(g := m.group(1)) < 10}
+    if len(found) != n_layer or (found and max(found) != n_layer - 1):
+        held = f"{len(found):,} blocks" + (f" (numbered {min(found)} to {max(found)})" if found else "")
+        where = f"{path}: " if path else ""
+        raise FileFormatError(f"{where}{key} = {n_layer:,}, but the tensors are those of {held}")
 
 
 def check_tokenizer_fits(tok, cfg, path):
@@ -477,8 +521,9 @@ def lora_config_of(ck):
         raise FileFormatError(f"{ck.path}: unusable LoRA config in the checkpoint ({e})") from None
 
 
-def load_lora_base(ck):
-    """The base checkpoint of the LoRA run `ck`, verified against the hash recorded in it."""
+def lora_base_path(ck):
+    """Where the base checkpoint of the LoRA run `ck` is: by its path relative to the run, then by its
+    absolute path; FileFormatError if it is in neither place."""
     ref = ck.meta["lora"].get("base") or {}
     tries = [Path(os.path.normpath(Path(ck.path).parent / ref["relpath"]))] if ref.get("relpath") else []
     tries += [Path(ref["path"])] if ref.get("path") else []
@@ -486,6 +531,13 @@ def load_lora_base(ck):
     if found is None:
         raise FileFormatError(f"{ck.path} holds LoRA adapters for the base checkpoint {ref.get('path')}, which is "
                               f"not there (nor at {tries[0] if tries else '?'}); put it back to use the adapters")
+    return found
+
+
+def load_lora_base(ck):
+    """The base checkpoint of the LoRA run `ck`, verified against the hash recorded in it."""
+    ref = ck.meta["lora"].get("base") or {}
+    found = lora_base_path(ck)
     base = load_checkpoint(found)
     if tensors_sha256(base.params) != ref.get("params_sha256"):
         raise FileFormatError(f"{ck.path} holds LoRA adapters for the base checkpoint {found}, whose weights have "

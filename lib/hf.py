@@ -44,8 +44,9 @@ on export.
 """
 
 import json
+import math
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from safetensors import SafetensorError, deserialize, safe_open
@@ -54,9 +55,10 @@ from safetensors.numpy import load_file, save_file
 import gpt_numpy as gn
 from errors import FileFormatError, UserError
 from lib.chat_template import chat_info
-from lib.checkpoint import check_param_shapes
+from lib.checkpoint import check_finite, check_layer_count, check_param_shapes
 from lib.files import file_mode
-from lib.tokenizer_files import from_hf_json, to_hf_json
+from lib.memory import LONGEST_CONTEXT
+from lib.tokenizer_files import from_hf_json, preview, to_hf_json
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,8 +119,10 @@ def qkv_columns(cfg):
     return slice(0, C), slice(C, C + kv), slice(C + kv, C + 2 * kv)
 
 
-def from_hf_tensors(tensors, cfg):
-    """{Hugging Face name: array} -> our params (float32, (in, out)). The inverse of to_hf_tensors."""
+def from_hf_tensors(tensors, cfg, source="the weights"):
+    """{Hugging Face name: array} -> our params (float32, (in, out)). The inverse of to_hf_tensors.
+    source: the folder, for the messages."""
+    check_layer_count(cfg.n_layer, tensors, r"model\.layers\.(\d+)\.", source, "config.json's num_hidden_layers")
     expected = {h for _, h, _ in name_pairs(cfg)}
     expected |= {f"model.layers.{i}.self_attn.{n}_proj.weight" for i in range(cfg.n_layer) for n in "qkv"}
     # tied models may still carry a copy of the head; old checkpoints carry RoPE's inv_freq buffers
@@ -126,10 +130,10 @@ def from_hf_tensors(tensors, cfg):
     missing = sorted(expected - tensors.keys())
     extra = sorted(k for k in tensors.keys() - expected - ignorable if not k.endswith("rotary_emb.inv_freq"))
     if missing:
-        raise FileFormatError(f"weights missing from the checkpoint: {', '.join(missing[:3])}"
+        raise FileFormatError(f"weights missing from {source}: {', '.join(missing[:3])}"
                            + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     if extra:
-        raise FileFormatError(f"unexpected weights (not a plain Llama, e.g. biases?): {', '.join(extra[:3])}"
+        raise FileFormatError(f"{source}: unexpected weights (not a plain Llama, e.g. biases?): {', '.join(extra[:3])}"
                            + (f" and {len(extra) - 3} more" if len(extra) > 3 else ""))
     params = {}
     for ours, theirs, transposed in name_pairs(cfg):
@@ -138,13 +142,13 @@ def from_hf_tensors(tensors, cfg):
     for i in range(cfg.n_layer):
         q, k, v = (tensors[f"model.layers.{i}.self_attn.{n}_proj.weight"] for n in "qkv")   # (C, C), 2 x (nkv hs, C)
         if q.ndim != 2 or k.shape != v.shape or k.ndim != 2 or q.shape[1] != k.shape[1]:
-            raise FileFormatError(f"layer {i}: q, k, v projections of shapes {q.shape}, {k.shape}, {v.shape} "
+            raise FileFormatError(f"{source}: layer {i}: q, k, v projections of shapes {q.shape}, {k.shape}, {v.shape} "
                                   f"do not stack into one qkv matrix")
         params[f"blocks.{i}.attn.qkv"] = np.concatenate([q.T, k.T, v.T], axis=1).astype(np.float32)  # (C, (nh+2nkv)hs)
     try:
         check_param_shapes(params, cfg)
     except ValueError as e:
-        raise FileFormatError(f"the weights do not fit config.json: {e}") from None
+        raise FileFormatError(f"{source}: the weights do not fit config.json: {e}") from None
     return {k: params[k] for k in gn.param_shapes(cfg)}        # our canonical order
 
 
@@ -157,6 +161,10 @@ def hf_config(cfg, bos_id=None, eos_id=None):
     if cfg.norm != "rmsnorm":
         raise UserError(f"only RMSNorm models map to Hugging Face's Llama; this model uses "
                            f"norm={cfg.norm!r} (LayerNorm has a bias and subtracts the mean)")
+    for name in ("rope_theta", "norm_eps"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise UserError(f"the model config's {name} is {getattr(cfg, name)}, not a finite number: it cannot be "
+                            f"written to config.json (a damaged checkpoint?)")
     rs = cfg.rope_scaling and {("rope_type" if k == "type" else k): v for k, v in cfg.rope_scaling.items()}
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -188,32 +196,44 @@ def hf_config(cfg, bos_id=None, eos_id=None):
     }
 
 
-def config_from_hf(hf, max_seq_len=None):
-    """config.json (a dict) -> GPTConfig, refusing every feature our model does not have.
+def config_from_hf(hf, max_seq_len=None, name="config.json"):
+    """config.json (the parsed JSON) -> GPTConfig, refusing every feature our model does not have, and
+    every field of the wrong JSON type (a string "false" is not false, 2.5 layers are not 2).
 
     max_seq_len: the context length to use here instead of max_position_embeddings (e.g. to fine-tune
-    on shorter blocks; generation sizes its KV cache to the text, not to this).
+    on shorter blocks; generation sizes its KV cache to the text, not to this). name: the file, for the
+    messages.
     """
     def need(field, ok, why):
         if not ok:
-            raise FileFormatError(f"config.json: {field} = {json.dumps(hf.get(field))} is not supported: {why}")
+            raise FileFormatError(f"{name}: {field} = {preview(hf.get(field))} is not supported: {why}")
 
+    def typed(field, ok, what, default):
+        v = hf.get(field, default)
+        if v is None and default is None:
+            raise FileFormatError(f"{name}: {field} is missing (it must be {what})")
+        if not ok(v):
+            raise FileFormatError(f"{name}: {field} must be {what}, got {preview(v)}")
+        return v
+
+    count = lambda field, default=None: typed(field, is_count, "a positive integer", default)   # noqa: E731
+    number = lambda field, default: typed(field, is_number, "a positive finite number", default)   # noqa: E731
+    flag = lambda field, default: typed(field, lambda v: isinstance(v, bool), "true or false", default)   # noqa: E731
+
+    if not isinstance(hf, dict):
+        raise FileFormatError(f"{name} must hold a JSON object, got {preview(hf)}")
     need("model_type", hf.get("model_type") == "llama", "only Llama-architecture models import")
-    for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        if not isinstance(hf.get(f), int):
-            raise FileFormatError(f"config.json: {f} is missing or not an integer")
-    nh = hf["num_attention_heads"]
-    C = hf["hidden_size"]
-    nkv = hf.get("num_key_value_heads") or nh
-    need("num_key_value_heads", isinstance(nkv, int) and nkv > 0 and nh % nkv == 0,
-         f"it must divide num_attention_heads = {nh}")
+    C, F, L, nh, V = (count(f) for f in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "vocab_size"))
+    nkv = count("num_key_value_heads", None) if hf.get("num_key_value_heads") is not None else nh
+    need("num_key_value_heads", nh % nkv == 0, f"it must divide num_attention_heads = {nh}")
     need("head_dim", hf.get("head_dim") in (None, C // nh), "head_dim must be hidden_size / num_attention_heads")
-    need("attention_bias", not hf.get("attention_bias", False), "our attention has no biases")
-    need("mlp_bias", not hf.get("mlp_bias", False), "our feed-forward has no biases")
+    need("attention_bias", not flag("attention_bias", False), "our attention has no biases")
+    need("mlp_bias", not flag("mlp_bias", False), "our feed-forward has no biases")
     need("hidden_act", hf.get("hidden_act", "silu") in ("silu", "swish"), "SwiGLU here uses SiLU")
     # RoPE: transformers 4.x writes rope_theta + rope_scaling, 5.x writes rope_parameters (theta and
     # scaling in one dict); the scaling types gpt_numpy implements are linear and llama3
-    theta, scaling = hf.get("rope_theta", 10000.0), None
+    theta, scaling = number("rope_theta", 10000.0), None
     for field in ("rope_scaling", "rope_parameters"):
         rs = hf.get(field)
         if rs is None:
@@ -221,21 +241,34 @@ def config_from_hf(hf, max_seq_len=None):
         need(field, isinstance(rs, dict) and rs.get("partial_rotary_factor", 1.0) == 1.0,
              "RoPE must turn the whole head (no partial_rotary_factor, no per-layer RoPE)")
         theta = rs.get("rope_theta", theta)
+        need(field, is_number(theta), "its rope_theta must be a positive finite number")
         kind = rs.get("rope_type", rs.get("type", "default"))
+        need(field, isinstance(kind, str), "its rope_type must be a string")
         if kind != "default":
             try:
                 scaling = gn.check_rope_scaling({**rs, "type": kind})
             except ValueError as e:
                 need(field, False, str(e))
+    if max_seq_len is None:
+        max_seq_len = count("max_position_embeddings", 2048)
+        need("max_position_embeddings", max_seq_len <= LONGEST_CONTEXT,
+             f"beyond any context this code runs (at most {LONGEST_CONTEXT:,}); import with a shorter "
+             f"--block-size")
     try:
         return gn.GPTConfig(
-            vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=nh, n_kv_head=nkv, d_model=C,
-            d_ff=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 2048) if max_seq_len is None else max_seq_len,
-            norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-            rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)))   # LlamaConfig's default
+            vocab_size=V, n_layer=L, n_head=nh, n_kv_head=nkv, d_model=C, d_ff=F, max_seq_len=max_seq_len,
+            norm="rmsnorm", norm_eps=float(number("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+            rope_scaling=scaling, tie_embeddings=flag("tie_word_embeddings", False))   # LlamaConfig's default
     except ValueError as e:
-        raise FileFormatError(f"config.json: {e}") from None
+        raise FileFormatError(f"{name}: {e}") from None
+
+
+def is_count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,38 +285,51 @@ def bf16_to_f32(raw, shape):
 
 
 def read_safetensors(path):
-    """{name: float32 array} from one .safetensors file (F32, F16, BF16 or F64 tensors)."""
+    """{name: float32 array} from one .safetensors file (F32, F16, BF16 or F64 tensors), each finite."""
+    check_regular_file(path)
     try:
         with safe_open(path, framework="numpy") as f:
             has_bf16 = any(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
         if not has_bf16:
-            return {k: np.asarray(v, dtype=np.float32) for k, v in load_file(path).items()}
-        out = {}
-        for name, t in deserialize(Path(path).read_bytes()):      # [(name, {dtype, shape, data})]
-            if t["dtype"] == "BF16":
-                out[name] = bf16_to_f32(t["data"], t["shape"])
-            elif t["dtype"] in ("F16", "F32", "F64"):
-                dt = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}[t["dtype"]]
-                out[name] = np.frombuffer(t["data"], dtype=dt).astype(np.float32).reshape(t["shape"])
-            else:
-                raise FileFormatError(f"{path}: tensor {name} has dtype {t['dtype']}, expected a float type")
-        return out
+            out = {k: np.asarray(v, dtype=np.float32) for k, v in load_file(path).items()}
+        else:
+            out = {}
+            for name, t in deserialize(Path(path).read_bytes()):      # [(name, {dtype, shape, data})]
+                if t["dtype"] == "BF16":
+                    out[name] = bf16_to_f32(t["data"], t["shape"])
+                elif t["dtype"] in ("F16", "F32", "F64"):
+                    dt = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}[t["dtype"]]
+                    out[name] = np.frombuffer(t["data"], dtype=dt).astype(np.float32).reshape(t["shape"])
+                else:
+                    raise FileFormatError(f"{path}: tensor {name} has dtype {t['dtype']}, expected a float type")
     except SafetensorError as e:
         raise FileFormatError(f"{path}: not a readable safetensors file ({e})") from None
+    for name, a in out.items():         # what every loader refuses (a float64 1e300 is inf in float32 too)
+        check_finite(a, name, path, "it was not imported")
+    return out
 
 
 def read_hf_weights(d):
-    """All tensors of a Hugging Face directory: model.safetensors, or the shards its index names."""
+    """All tensors of a Hugging Face directory: model.safetensors, or the shards its index names (each a
+    plain file name or a path below the folder, never outside it)."""
     d = Path(d)
     single, index = d / "model.safetensors", d / "model.safetensors.index.json"
     if single.exists():
         return read_safetensors(single)
     if index.exists():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        if not shards:
-            raise FileFormatError(f"{index}: no weight_map")
+        data = read_json(index)
+        if not isinstance(data, dict):
+            raise FileFormatError(f"{index} must hold a JSON object, got {preview(data)}")
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FileFormatError(f"{index}: weight_map must be a non-empty object {{tensor: shard file}}, got "
+                                  f"{preview(weight_map)}")
+        bad = next((f for f in weight_map.values() if not is_inside_name(f)), None)
+        if bad is not None:
+            raise FileFormatError(f"{index}: weight_map names the shard {preview(bad)}, which is not a file name "
+                                  f"inside {d}")
         tensors = {}
-        for s in shards:
+        for s in sorted(set(weight_map.values())):
             if not (d / s).exists():
                 raise FileFormatError(f"{index} names shard {s}, which is not in {d}")
             tensors.update(read_safetensors(d / s))
@@ -294,13 +340,54 @@ def read_hf_weights(d):
     raise FileFormatError(f"{d}: no model.safetensors or model.safetensors.index.json")
 
 
-def read_json(path):
+def is_inside_name(name):
+    """A shard name that stays inside its folder: a relative path without '..' ("model-00001-of-00002.
+    safetensors", "weights/part1.safetensors"), not "/etc/passwd" or "../other/x.safetensors"."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        return False
+    p = PurePosixPath(name)
+    return not p.is_absolute() and ".." not in p.parts and p.name not in ("", ".")
+
+
+# The largest JSON or template file of a Hugging Face folder that is read (tokenizer.json of a 256k
+# vocabulary is about 35 MB); larger, or a name that is not a regular file (a FIFO, /dev/zero), is refused
+# before anything is read.
+TEXT_LIMIT = 256 << 20
+
+
+def check_regular_file(path):
+    path = Path(path)
+    if not path.exists():
+        raise FileFormatError(f"{path} not found")
+    if not path.is_file():
+        raise FileFormatError(f"{path} is not a regular file (a device, a FIFO or a folder); it was not read")
+
+
+def read_text(path, limit=None):
+    """A UTF-8 text file of a Hugging Face folder, read whole up to `limit` bytes (default TEXT_LIMIT);
+    FileFormatError naming the file for one that is not a regular file, larger, or not UTF-8."""
+    limit = TEXT_LIMIT if limit is None else limit
+    check_regular_file(path)
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise FileFormatError(f"{path} is larger than {limit >> 20} MiB, more than any such file holds; it was not read")
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileFormatError(f"{path} not found") from None
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FileFormatError(f"{path} is not UTF-8 text ({e})") from None
+
+
+def read_json(path, limit=None):
+    """The parsed JSON of a file of a Hugging Face folder (read_text's limits); FileFormatError naming the
+    file for one that is not JSON or is nested too deeply to parse."""
+    text = read_text(path, limit)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise FileFormatError(f"{path}: invalid JSON ({e})") from None
+    except RecursionError:                              # e.g. 10^5 nested [
+        raise FileFormatError(f"{path}: not usable JSON (nested too deeply)") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -337,16 +424,23 @@ def import_hf(hf_dir, max_seq_len=None):
     d = Path(hf_dir)
     if not d.is_dir():
         raise UserError(f"{d} is not a directory")
-    cfg = config_from_hf(read_json(d / "config.json"), max_seq_len)
-    params = from_hf_tensors(read_hf_weights(d), cfg)
-    tok = from_hf_json(read_json(d / "tokenizer.json")) if (d / "tokenizer.json").exists() else None
+    cfg = config_from_hf(read_json(d / "config.json"), max_seq_len, name=d / "config.json")
+    params = from_hf_tensors(read_hf_weights(d), cfg, d)
+    tok = None
+    if (d / "tokenizer.json").exists():
+        tok = from_hf_json(read_json(d / "tokenizer.json"), d / "tokenizer.json")
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise FileFormatError(f"tokenizer.json has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
     return params, cfg, tok
 
 
 def write_json(path, obj):
-    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """obj as strict JSON (no NaN or Infinity, which no JSON reader accepts): UserError naming the file."""
+    try:
+        text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)
+    except ValueError as e:
+        raise UserError(f"{path} cannot be written: {e} (a damaged model config?)") from None
+    Path(path).write_text(text + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -385,24 +479,36 @@ def write_tokenizer_files(tok, cfg, out, chat=None):
 
 def hf_chat_info(hf_dir, tok):
     """chat_template.chat_info for a Hugging Face directory: tokenizer_config.json's chat_template (or the
-    newer chat_template.jinja beside it) and its bos/eos tokens; template None where there is none."""
+    newer chat_template.jinja beside it) and its bos/eos tokens; template None where there is none.
+    FileFormatError naming the file and key for a field of the wrong type."""
     d = Path(hf_dir)
-    conf = {}
-    if (d / "tokenizer_config.json").is_file():
-        try:
-            conf = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise FileFormatError(f"{d / 'tokenizer_config.json'}: unreadable ({e})") from None
+    path = d / "tokenizer_config.json"
+    conf = read_json(path) if path.exists() else {}
+    if not isinstance(conf, dict):
+        raise FileFormatError(f"{path} must hold a JSON object, got {preview(conf)}")
+
+    def bad(key, what):
+        raise FileFormatError(f"{path}: {key} must be {what}, got {preview(conf.get(key))}")
+
     template = conf.get("chat_template")
     if isinstance(template, list):                  # named templates: [{"name": "default", "template": ...}]
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    if (d / "chat_template.jinja").is_file():
-        template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                   for t in template):
+            bad("chat_template", 'a string or a list of {"name", "template"} strings')
+        template = next((t["template"] for t in template if t["name"] == "default"), None)
+    elif template is not None and not isinstance(template, str):
+        bad("chat_template", 'a string or a list of {"name", "template"} strings')
+    if (d / "chat_template.jinja").exists():
+        template = read_text(d / "chat_template.jinja")
 
     def token(key):
         t = conf.get(key)
         t = t.get("content") if isinstance(t, dict) else t
+        if t is not None and not isinstance(t, str):
+            bad(key, 'a token string or {"content": string}')
         return tok.special_tokens.get(t) if t else None
 
-    return chat_info(template, tok, bos_id=token("bos_token"), eos_id=token("eos_token"),
-                     add_bos=bool(conf.get("add_bos_token", False)))
+    add_bos = conf.get("add_bos_token", False)
+    if not isinstance(add_bos, bool):
+        bad("add_bos_token", "true or false")
+    return chat_info(template, tok, bos_id=token("bos_token"), eos_id=token("eos_token"), add_bos=add_bos)

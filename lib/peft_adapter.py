@@ -7,7 +7,11 @@ lib/peft_adapter.py: a LoRA run's adapters as a PEFT LoRA adapter for its base m
     base = AutoModelForCausalLM.from_pretrained("export/base")              # then, with transformers and peft
     model = PeftModel.from_pretrained(base, "export/adapter")
 
-`python export.py --ckpt RUN --out DIR --peft-adapter DIR2` writes it beside the merged model (docs/finetuning.md).
+`python export.py --ckpt RUN --out DIR --peft-adapter DIR2 --peft-base DIR3` writes it beside the merged
+model, and the base model to DIR3 (docs/finetuning.md). base_name goes into adapter_config.json as
+base_model_name_or_path, where AutoPeftModelForCausalLM.from_pretrained(DIR2) looks for the base: a Hub id
+or a folder's absolute path (PEFT reads a relative one from the current folder, not the adapter's); None
+writes null, and the base must then be given to PeftModel.from_pretrained by hand.
 
 Our fused qkv adapter (one A, B of (r, (nh + 2 nkv) hs)) is q_proj, k_proj and v_proj adapters that share
 A: each gets A, and its columns of B (narrower for k and v under grouped-query attention). PEFT stores

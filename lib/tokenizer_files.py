@@ -10,6 +10,7 @@ conversions out of its algorithm's file.
     obj = to_hf_json(tok); tok = from_hf_json(obj)          # Hugging Face's tokenizer.json (a dict), both ways
     save_hf_tokenizer_json(tok, "tokenizer.json")           # ... as a file, for tokenizers.Tokenizer.from_file
     tok = from_gguf_fields(fields)                          # llama.cpp's vocabulary in a GGUF file
+    fields = to_gguf_fields(tok, n_vocab)                   # ... and back, for export.py --gguf
 
 Each gives the same ids as the tokenizer it came from: tests/test_bpe.py, test_export.py and
 test_pretrained.py compare them with tiktoken, Hugging Face tokenizers and transformers.
@@ -25,7 +26,7 @@ from pathlib import Path
 import regex
 
 import bpe
-from errors import FileFormatError
+from errors import FileFormatError, UserError
 from lib.tokenizer import CharTokenizer
 
 # A GGUF file names its pre-tokenizer (tokenizer.ggml.pre) instead of storing its regex: llama.cpp's names
@@ -37,6 +38,13 @@ PRE_PATTERNS = {
     **{name: (bpe.LLAMA3_PATTERN, True) for name in ("llama-bpe", "llama3", "llama-v3")},
     "qwen2": (bpe.QWEN2_PATTERN, False),
 }
+# Export (to_gguf_fields): our split pattern -> the name llama.cpp knows it by. GPT-4's pattern (bpe.py's
+# default) is Llama 3's (tiktoken's cl100k) but for one alternative, \s++$: whitespace at the very end of a
+# text that holds a newline then spaces ("a\n  ") is one chunk here and two ("\n", "  ") in llama.cpp. A
+# model trained here hardly ever ends a prompt that way; every other text splits the same.
+GGUF_PRE_NAMES = {bpe.GPT2_PATTERN: "gpt-2", bpe.SMOLLM_PATTERN: "smollm", bpe.LLAMA3_PATTERN: "llama-bpe",
+                  bpe.GPT4_PATTERN: "llama-bpe", bpe.QWEN2_PATTERN: "qwen2"}
+GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED = 1, 3, 4, 5    # tokenizer.ggml.token_type values
 ANY_CHAR = r"[\s\S]"             # the split regex of a character tokenizer.json: every code point alone
 
 
@@ -112,12 +120,74 @@ def to_hf_json(tok):
     return _char_to_hf_json(tok) if tok.kind == "char" else _bpe_to_hf_json(tok)
 
 
-def from_hf_json(obj):
-    """tokenizer.json (a dict) -> a bpe.Tokenizer (byte-level BPE) or a CharTokenizer (WordLevel); the
-    inverse of to_hf_json. Anything else raises FileFormatError naming the field."""
-    if (obj.get("model") or {}).get("type") == "WordLevel":
-        return _char_from_hf_json(obj)
-    return _bpe_from_hf_json(obj)
+def from_hf_json(obj, name="tokenizer.json"):
+    """tokenizer.json (the parsed JSON) -> a bpe.Tokenizer (byte-level BPE) or a CharTokenizer (WordLevel);
+    the inverse of to_hf_json. Anything else, a field of the wrong JSON type included, raises
+    FileFormatError naming the field; name: the file, for the messages."""
+    check_hf_json_types(obj, name)
+    if obj["model"].get("type") == "WordLevel":
+        return _char_from_hf_json(obj, name)
+    return _bpe_from_hf_json(obj, name)
+
+
+def preview(value, n=60):
+    """A JSON value, shortened for a message: [1, 2, 3] -> '[1, 2, 3]'."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def is_id(v):
+    """A token id as JSON holds one: a non-negative integer (not a boolean)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def check_hf_json_types(obj, name="tokenizer.json"):
+    """FileFormatError naming the field unless each part of tokenizer.json that the readers below use has
+    its JSON type: an object at the top, model an object, model.vocab {token: id}, model.merges strings or
+    pairs of strings, added_tokens [{id, content}], the pre-tokenizer and decoder objects, flags booleans.
+    (Without it, a list where an object belongs would be a traceback, and "false" a true flag.)"""
+    def expect(field, value, ok, what):
+        if not ok:
+            raise FileFormatError(f"{name}: {field} must be {what}, got {preview(value)}")
+
+    expect("the whole file", obj, isinstance(obj, dict), "a JSON object")
+    model = obj.get("model")
+    expect("model", model, isinstance(model, dict), "an object")
+    vocab = model.get("vocab", {})
+    expect("model.vocab", vocab, isinstance(vocab, dict) and all(map(is_id, vocab.values())),
+           "an object of token ids {token: id}")
+    merges = model.get("merges", [])
+    expect("model.merges", merges, isinstance(merges, list) and all(
+        isinstance(m, str) or (isinstance(m, list) and all(isinstance(x, str) for x in m)) for m in merges),
+        'a list of "left right" strings or [left, right] pairs')
+    added = obj.get("added_tokens", [])
+    expect("added_tokens", added, isinstance(added, list) and all(
+        isinstance(t, dict) and isinstance(t.get("content"), str) and is_id(t.get("id")) for t in added),
+        "a list of {id, content} objects")
+    for t in added:
+        expect(f"added_tokens (id {t['id']}) special", t.get("special"), isinstance(t.get("special", False), bool),
+               "true or false")
+        expect(f"added_tokens (id {t['id']}) content", t["content"], t["content"] != "", "a non-empty string")
+    for f in ("pre_tokenizer", "decoder"):
+        expect(f, obj.get(f), obj.get(f) is None or isinstance(obj.get(f), dict), "an object or null")
+    pre = obj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [])
+    expect("pre_tokenizer.pretokenizers", steps, isinstance(steps, list) and all(isinstance(x, dict) for x in steps),
+           "a list of objects")
+    for where, part in [("model", model), ("pre_tokenizer", pre)] + [(f"pre_tokenizer.pretokenizers[{i}]", x)
+                                                                    for i, x in enumerate(steps)]:
+        for flag in ("ignore_merges", "byte_fallback", "fuse_unk", "add_prefix_space", "use_regex", "trim_offsets",
+                     "invert", "individual_digits"):
+            if flag in part:
+                expect(f"{where}.{flag}", part[flag], isinstance(part[flag], bool), "true or false")
+    for where, part in [("pre_tokenizer", pre)] + [(f"pre_tokenizer.pretokenizers[{i}]", x) for i, x in enumerate(steps)]:
+        if "pattern" in part:
+            pat = part["pattern"]
+            expect(f"{where}.pattern", pat, isinstance(pat, dict) and all(isinstance(v, str) for v in pat.values()),
+                   'an object {"Regex": "..."}')
 
 
 def save_hf_tokenizer_json(tok, path):
@@ -172,16 +242,16 @@ def _bpe_to_hf_json(tok):
     }
 
 
-def _bpe_from_hf_json(obj):
+def _bpe_from_hf_json(obj, name="tokenizer.json"):
     """A byte-level BPE tokenizer.json -> bpe.Tokenizer; GPT-2's as Hugging Face tokenizers writes it, and
     those of real models (SmolLM2, Llama 3) read too, with the same ids as Hugging Face gives on any text.
     Every vocabulary entry must be a byte or made by a merge; special tokens may have any ids.
     Example: vocab {'Ġthe': 262}, merges ['Ġt he'] -> token 262 = b' the'."""
-    model = obj.get("model") or {}
+    model = obj["model"]
 
     def need(field, ok, why):
         if not ok:
-            raise FileFormatError(f"tokenizer.json: {field} is not supported: {why}")
+            raise FileFormatError(f"{name}: {field} is not supported: {why}")
 
     need(f"model.type = {model.get('type')!r}", model.get("type") == "BPE", "only byte-level BPE tokenizers import")
     need("normalizer", obj.get("normalizer") is None, "byte-level BPE works on the raw text (no normalizer)")
@@ -189,14 +259,14 @@ def _bpe_from_hf_json(obj):
     for f in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
         need(f"model.{f}", not model.get(f), "not a plain byte-level BPE")
     need("model.byte_fallback", not model.get("byte_fallback"), "a SentencePiece-style BPE, not byte-level")
-    pattern = _pattern_from_hf(obj.get("pre_tokenizer"))
+    pattern = _pattern_from_hf(obj.get("pre_tokenizer"), name)
     specials = {t["content"]: t["id"] for t in obj.get("added_tokens", []) if t.get("special")}
     ordinary = {t["content"] for t in obj.get("added_tokens", []) if not t.get("special")}
     # special tokens may be listed in the vocab as well, as GPT-2's <|endoftext|> is; they are not byte strings
     vocab = {s: i for s, i in model.get("vocab", {}).items() if i not in specials.values()}
     need("added_tokens", ordinary <= vocab.keys(), f"non-special added tokens {sorted(ordinary - vocab.keys())[:3]}")
     merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]  # "a b" or ["a", "b"]
-    tok = _from_byte_level(vocab, merges, specials, pattern, bool(model.get("ignore_merges", False)), need,
+    tok = _from_byte_level(vocab, merges, specials, pattern, model.get("ignore_merges", False), need,
                            ("model.vocab", "model.merges"))
     # an unknown token only stands in for a byte the vocabulary lacks: refuse one that would be used
     need("model.unk_token", not model.get("unk_token") or None not in tok.byte_ids,
@@ -215,12 +285,12 @@ def hf_split_regex(pattern):
     return regex.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", pattern)
 
 
-def _pattern_from_hf(pre):
+def _pattern_from_hf(pre, name="tokenizer.json"):
     """The split regex of a byte-level pre_tokenizer: ByteLevel(use_regex=true) alone is GPT-2's;
     Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)] is the Split's (to_hf_json's, Llama 3's);
     Sequence[Digits(individual_digits=true), ByteLevel(use_regex=true)] is SmolLM2's (bpe.SMOLLM_PATTERN)."""
     def bad(why):
-        raise FileFormatError(f"tokenizer.json: pre_tokenizer is not supported: {why}")
+        raise FileFormatError(f"{name}: pre_tokenizer is not supported: {why}")
 
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]
     last = steps[-1] if steps else None
@@ -258,7 +328,7 @@ def _char_to_hf_json(tok):
                       "unk_token": "<unk>"}}
 
 
-def _char_from_hf_json(obj):
+def _char_from_hf_json(obj, name="tokenizer.json"):
     """The inverse of _char_to_hf_json; any other WordLevel tokenizer.json is refused."""
     vocab = obj["model"].get("vocab", {})
     chars = "".join(sorted(vocab, key=vocab.get))
@@ -266,40 +336,85 @@ def _char_from_hf_json(obj):
     if (pre.get("type") != "Split" or (pre.get("pattern") or {}).get("Regex") != ANY_CHAR or obj.get("added_tokens")
             or not all(len(c) == 1 for c in vocab) or sorted(vocab.values()) != list(range(len(vocab)))
             or chars != "".join(sorted(chars))):
-        raise FileFormatError("tokenizer.json: model.type = 'WordLevel' is only understood as the character "
+        raise FileFormatError(f"{name}: model.type = 'WordLevel' is only understood as the character "
                               "tokenizer export.py writes (one id per character, in code point order)")
     return CharTokenizer(chars)
 
 
 # ----------------------------------------------------------------------------------------------------
-# llama.cpp's GGUF vocabularies (lib/gguf_model.py reads the fields from the file)
+# llama.cpp's GGUF vocabularies (lib/gguf_model.py reads and writes the files), both ways
 
 def from_gguf_fields(fields):
     """llama.cpp's tokenizer metadata -> bpe.Tokenizer: `fields` maps GGUF keys (tokenizer.ggml.model, .pre,
     .tokens, .token_type, .merges) to plain values. Byte-level BPE only (model "gpt2"); the pre-tokenizer's
     name picks the split pattern (PRE_PATTERNS). Control and user-defined tokens (types 3, 4) become
-    special tokens, found whole in the text as llama.cpp and Hugging Face find them. Anything else raises
-    FileFormatError naming the key."""
+    special tokens, found whole in the text as llama.cpp and Hugging Face find them; unused tokens (type 5)
+    after the last real one are padding (the model's vocabulary may be larger than its tokenizer's).
+    Anything else, a value of the wrong type included, raises FileFormatError naming the key."""
     def need(key, ok, why):
         if not ok:
             raise FileFormatError(f"GGUF {key} = {fields.get(key)!r:.60} is not supported: {why}")
 
+    def typed(key, ok, what, default=None):
+        v = fields.get(key, default)
+        if not ok(v):
+            raise FileFormatError(f"GGUF {key} must be {what}, got {preview(v)}")
+        return v
+
+    strings = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)      # noqa: E731
+    typed("tokenizer.ggml.model", lambda v: isinstance(v, str), "a string")
     need("tokenizer.ggml.model", fields.get("tokenizer.ggml.model") == "gpt2",
          "only byte-level BPE (llama.cpp's 'gpt2' tokenizer) imports, not SentencePiece ('llama') and others")
-    pre = fields.get("tokenizer.ggml.pre", "default")
+    pre = typed("tokenizer.ggml.pre", lambda v: isinstance(v, str), "a string", "default")
     need("tokenizer.ggml.pre", pre in PRE_PATTERNS,
          f"its split pattern is not known here (known: {', '.join(sorted(PRE_PATTERNS))})")
     pattern, ignore_merges = PRE_PATTERNS[pre]
-    tokens = list(fields.get("tokenizer.ggml.tokens") or [])
-    types = list(fields.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    tokens = typed("tokenizer.ggml.tokens", strings, "an array of strings", [])
+    types = typed("tokenizer.ggml.token_type", lambda v: isinstance(v, list) and all(map(is_id, v)),
+                  "an array of integers", [GGUF_NORMAL] * len(tokens))
     need("tokenizer.ggml.token_type", len(types) == len(tokens), f"{len(types)} types for {len(tokens)} tokens")
     need("tokenizer.ggml.merges", "tokenizer.ggml.merges" in fields, "a byte-level BPE needs its merges")
-    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}   # CONTROL, USER_DEFINED
-    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty not in (3, 4)}
+    merges = typed("tokenizer.ggml.merges", strings, 'an array of "left right" strings')
+    n = len(tokens)
+    while n and types[n - 1] == GGUF_UNUSED:        # padding at the end: not part of the tokenizer
+        n -= 1
+    tokens, types = tokens[:n], types[:n]
+    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (GGUF_CONTROL, GGUF_USER_DEFINED)}
+    empty = next((i for t, i in specials.items() if not t), None)
+    need("tokenizer.ggml.tokens", empty is None, f"token {empty} is an empty control or user-defined token")
+    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty not in (GGUF_CONTROL, GGUF_USER_DEFINED)}
     need("tokenizer.ggml.tokens", len(specials) + len(vocab) == len(tokens), "the same token twice")
-    merges = [m.split(" ") for m in fields["tokenizer.ggml.merges"]]
-    return _from_byte_level(vocab, merges, specials, pattern, ignore_merges, need,
+    return _from_byte_level(vocab, [m.split(" ") for m in merges], specials, pattern, ignore_merges, need,
                             ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
+
+
+def to_gguf_fields(tok, n_vocab=None):
+    """The inverse of from_gguf_fields, as llama.cpp's converter (convert_hf_to_gguf.py, _set_vocab_gpt2)
+    writes a byte-level BPE: every token by id in its byte-level spelling (special tokens as themselves,
+    type CONTROL), the merges "left right" in rank order, and the name llama.cpp knows the split pattern
+    by (GGUF_PRE_NAMES). n_vocab: the model's vocabulary, when larger than the tokenizer's: the ids past it
+    are "[PAD<id>]" tokens of type UNUSED, as the converter pads. A character tokenizer, or a split pattern
+    llama.cpp has no name for, raises UserError.
+    Example: GPT-2's pattern, bytes then one merge (b'a', b'b') -> tokens [..., 'a', 'b', ..., 'ab'],
+    merges ['a b'], pre 'gpt-2'."""
+    if tok.kind != "bpe":
+        raise UserError(f"a {tok.kind} tokenizer cannot be written as llama.cpp's vocabulary, which is byte-level "
+                        f"BPE ('gpt2'): train the model with a BPE tokenizer (train.py --tokenizer bpe)")
+    pre = GGUF_PRE_NAMES.get(tok.pattern)
+    if pre is None:
+        raise UserError(f"the tokenizer's split pattern {tok.pattern[:60]!r} has no name in llama.cpp (it knows "
+                        f"bpe.py's gpt2 and gpt4 patterns, SmolLM2's, Llama 3's and Qwen2's)")
+    b2u = bytes_to_unicode()
+    spell = lambda t: "".join(b2u[b] for b in t)        # noqa: E731
+    special_ids = set(tok.special_tokens.values())
+    token_bytes = tok.token_bytes()
+    tokens = [t.decode("utf-8") if i in special_ids else spell(t) for i, t in enumerate(token_bytes)]
+    types = [GGUF_CONTROL if i in special_ids else GGUF_NORMAL for i in range(len(tokens))]
+    pad = max(0, (n_vocab or 0) - len(tokens))
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.tokens": tokens + [f"[PAD{i}]" for i in range(len(tokens), len(tokens) + pad)],
+            "tokenizer.ggml.token_type": types + [GGUF_UNUSED] * pad,
+            "tokenizer.ggml.merges": [f"{spell(token_bytes[a])} {spell(token_bytes[b])}" for a, b in tok.merges]}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -297,8 +297,8 @@ def test_cli_export_then_import(tmp_path, tok, capsys):
     (["--ckpt", "no/such/ckpt.safetensors", "--out", "x"], "no checkpoint at no/such/ckpt.safetensors", 1),
     (["--import-hf", "no/such/dir", "--out", "x"], "no/such/dir is not a directory", 1),
     (["--import-hf", "{hf}", "--out", "x"], "has no tokenizer.json, and a checkpoint carries its tokenizer", 1),
-    (["--ckpt", "a", "--out", "x", "--max-seq-len", "5"], "--max-seq-len applies to --import-hf and --import-gguf only", 2),
-    (["--ckpt", "a"], "the following arguments are required: --out", 2),
+    (["--ckpt", "a", "--out", "x", "--max-seq-len", "5"], "--block-size (--max-seq-len) applies to --import-hf and --import-gguf only", 2),
+    (["--ckpt", "a"], "--ckpt needs --out (a Hugging Face folder) or --gguf", 2),
     (["--ckpt", "a", "--import-hf", "b", "--out", "x"], "not allowed with argument", 2),
 ])
 def test_cli_errors_are_one_line(argv, match, status, tmp_path, capsys):
@@ -306,7 +306,7 @@ def test_cli_errors_are_one_line(argv, match, status, tmp_path, capsys):
     export_hf(random_params(cfg), cfg, None, tmp_path)          # a model without a tokenizer
     assert export.main([a.format(hf=tmp_path) for a in argv]) == status       # 2: the command line is wrong
     err = capsys.readouterr().err
-    assert err.startswith("export.py: error: ") and match in err and err.count("\n") == 1
+    assert err.startswith("error: ") and match in err and err.count("\n") == 1
 
 
 def test_cli_help_and_bad_file_without_traceback(tmp_path):

@@ -470,8 +470,8 @@ def bad_gguf(kind, tmp_path, fields, tok):
 
 
 @pytest.mark.parametrize("kind, match", [
-    ("truncated", "is not a readable GGUF file"),
-    ("not-gguf", "is not a readable GGUF file .*magic"),
+    ("truncated", "not a readable GGUF file"),
+    ("not-gguf", "not a readable GGUF file .*magic"),
     ("architecture", "general.architecture = 'qwen2' is not supported: only llama imports"),
     ("tensor-type", "tensor blk.1.ffn_up.weight has type I32"),
     ("shape", r"tensor blk.0.attn_output.weight has shape \(64, 32\), expected \(64, 64\)"),
@@ -483,7 +483,7 @@ def test_bad_gguf_files_are_one_line_errors(gguf_case, tmp_path, capsys, kind, m
     fields, tok = gguf_case
     path = bad_gguf(kind, tmp_path, fields, tok)
     code, err = main_error(export.main, ["--import-gguf", str(path), "--out", str(tmp_path / "run")], capsys)
-    assert code == 1 and err.startswith("export.py: error: ") and re.search(match, err), err
+    assert code == 1 and err.startswith("error: ") and re.search(match, err), err
     assert not (tmp_path / "run").exists()
 
 
