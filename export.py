@@ -47,7 +47,7 @@ from pathlib import Path
 import gpt_numpy as gn
 from errors import ArgumentParser, FileFormatError, UserError, run_main
 from lib import gguf_model, lora as lora_lib
-from lib.checkpoint import load_checkpoint, load_model, open_lora_run, read_meta, save_imported
+from lib.checkpoint import CHECKPOINT_HELP, load_checkpoint, load_model, open_lora_run, read_meta, save_imported
 from lib.files import mark_output_folder, write_folder
 from lib.hf import export_hf, hf_chat_info, import_hf
 from lib.peft_adapter import export_peft_adapter
@@ -78,7 +78,7 @@ def parse_args(argv):
                     "(config.json, model.safetensors, tokenizer.json); import llama.cpp's GGUF files.")
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--ckpt", metavar="PATH",
-                     help="export this checkpoint (a ckpt.safetensors or its folder) to the folder --out")
+                     help=f"export this checkpoint to the folder --out: {CHECKPOINT_HELP}")
     way.add_argument("--import-hf", metavar="DIR",
                      help="import this Hugging Face Llama folder into the checkpoint --out")
     way.add_argument("--import-gguf", metavar="FILE",
