@@ -57,7 +57,9 @@ import textwrap
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -68,34 +70,46 @@ from lib.checkpoint import build_meta, check_tokenizer_fits, save_checkpoint
 from lib.data import get_batch
 from lib.runs import append_jsonl, check_corpus_length, load_eval_mc, open_out_dir
 from lib.tokenizer import encode_prompt
-from lib.train_config import PRESETS, TrainConfig, check_command_line, check_memory, lora_config, model_config
+from lib.train_config import (PRESETS, TrainConfig, check_command_line, check_memory, followers, lora_config,
+                               model_config, read_config_file)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Training helpers
 
-def estimate_loss(gm, params, data, cfg, mcfg, lora=None):
+def estimate_loss(gm, params, data, cfg, mcfg, lora=None, tick=None):
     """Mean loss over eval_iters batches of each split, without dropout. The batches come from a fixed
-    seed, so every evaluation of a run sees the same windows and the curve is not sampling noise."""
+    seed, so every evaluation of a run sees the same windows and the curve is not sampling noise. tick(),
+    if given, after each batch (a progress bar)."""
     out = {}
     for k, split in enumerate(("train", "val")):
         rng = np.random.default_rng([cfg.seed, 1, k])
-        losses = [gm.loss_fn(params, *get_batch(data[split], cfg.batch_size, cfg.block_size, rng), mcfg, lora=lora)
-                  for _ in range(cfg.eval_iters)]
+        losses = []
+        for _ in range(cfg.eval_iters):
+            losses.append(gm.loss_fn(params, *get_batch(data[split], cfg.batch_size, cfg.block_size, rng), mcfg,
+                                     lora=lora))
+            if tick:
+                tick()
         out[split] = float(np.mean(losses))
     return out
 
 
-def estimate_sft_loss(gm, params, data, cfg, mcfg, lora=None):
+def estimate_sft_loss(gm, params, data, cfg, mcfg, lora=None, tick=None):
     """--sft: the loss per target token (the assistant's), over eval_iters batches drawn from the train
-    split with a fixed seed, and over the val split in order (at most eval_iters batches)."""
+    split with a fixed seed, and over the val split in order (at most eval_iters batches). tick() as in
+    estimate_loss."""
     rng = np.random.default_rng([cfg.seed, 1, 0])
     batches = {"train": [sft.get_batch(data["train"], cfg.batch_size, rng) for _ in range(cfg.eval_iters)],
                "val": sft.eval_batches(data["val"], cfg.batch_size, cfg.eval_iters)}
     out = {}
     for split, bs in batches.items():
-        n = [int((y >= 0).sum()) for _, y in bs]                       # a batch's mean is over its targets
-        out[split] = float(sum(gm.loss_fn(params, x, y, mcfg, lora=lora) * k for (x, y), k in zip(bs, n)) / sum(n))
+        total = n = 0                                   # a batch's mean loss is over its targets
+        for x, y in bs:
+            k = int((y >= 0).sum())
+            total, n = total + gm.loss_fn(params, x, y, mcfg, lora=lora) * k, n + k
+            if tick:
+                tick()
+        out[split] = float(total / n)
     return out
 
 
@@ -443,7 +457,8 @@ def finish(run, state, status):
     """The summary of the run; after a complete run, a longer final sample."""
     cfg, last = run.cfg, state.last_eval
     result = {"status": status, "step": state.step, "time_s": state.elapsed_now(), "tokens_seen": state.tokens_seen,
-              "best_val_loss": state.best_val, "last_eval": last, "ckpt": str(run.ckpt_path),
+              "best_val_loss": state.best_val, "best_step": state.best_step, "last_eval": last,
+              "ckpt": str(run.ckpt_path),
               "params": {k: run.gm.to_host(v) for k, v in state.params.items()}}
     if status == "done" and cfg.sample_tokens and run.rank == 0:
         text = make_sample(run, state, 4 * cfg.sample_tokens, seed=cfg.seed)
@@ -451,9 +466,11 @@ def finish(run, state, status):
         run.log(framed(run, text))
     if status == "done" and cfg.lora_merge:
         result["merged"] = str(write_merged(run, state))
-    if last:
+    if status == "done" and last:                      # (Ctrl-C's "interrupted ..." line was the last word)
+        best = (f"; best val loss {state.best_val:.4f} at step {state.best_step}: {run.best_path}"
+                if state.best_step is not None and state.best_step != last["step"] and run.best_path.is_file() else "")
         run.log(f"done: step {state.step}, val loss {last['val_loss']:.4f}, {last['val_bpb']:.3f} bits/byte, "
-                f"{state.elapsed_now():.0f} s of training; checkpoint {run.ckpt_path}")
+                f"{state.elapsed_now():.0f} s of training; checkpoint {run.ckpt_path}{best}")
     return result
 
 
@@ -474,36 +491,43 @@ def write_merged(run, state):
 # Command line: parse (usage errors: exit 2), then prepare and train (failures: exit 1)
 
 def build_parser():
-    presets = "\n".join(f"  {k:<18}{desc}\n" + textwrap.fill(" ".join(f"{n}={v}" for n, v in values.items()) or
-                                                           "the defaults above", 100, initial_indent=" " * 20,
-                                                           subsequent_indent=" " * 20)
-                        for k, (desc, values) in PRESETS.items())
     p = ArgumentParser(
         prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train the NumPy GPT of gpt_numpy.py on a text corpus (default: the Python standard "
                     "library's sources, with a BPE tokenizer).",
-        epilog=f"presets (--preset NAME; explicit flags override the preset's values):\n{presets}\n\n"
+        epilog=f"presets (--preset NAME; explicit flags override the preset's values):\n{presets_help()}\n\n"
                "examples:\n  python train.py\n"
                "  python train.py --preset shakespeare-char --data ../shared/data/tinyshakespeare.txt\n"
                "  python train.py --preset tiny --data notes.txt --out-dir out/tiny\n"
                "  python train.py --resume\n"
+               "  python train.py --config my_run.toml --max-iters 100   # the file's settings, a flag over them\n"
                "  mpiexec -n 2 python train.py --preset tiny --data notes.txt --zero 1     # 2 ranks\n\n"
                "fine-tuning (--init-from: the weights, model and tokenizer of a checkpoint; a fresh optimizer):\n"
                "  python export.py --import-hf path/to/hf-llama --out out/imported --max-seq-len 256\n"
-               "  python train.py --init-from out/imported --data notes.txt --lr 3e-4 --min-lr 3e-5 \\\n"
+               "  python train.py --init-from out/imported --data notes.txt --lr 3e-4 \\\n"
                "      --warmup-iters 20 --max-iters 200      # writes out/notes-from-imported\n"
                "  python train.py --resume out/notes-from-imported      # continue it after Ctrl-C\n"
-               "  python sample.py --ckpt out/notes-from-imported --prompt \"Once\"\n\n"
+               "  python sample.py --ckpt out/notes-from-imported --prompt \"Once\"\n"
+               "  python sample.py --ckpt out/notes-from-imported/best.safetensors   # its best-val weights\n\n"
                "LoRA and instruction data (docs/finetuning.md):\n"
                "  python train.py --init-from out/stdlib-bpe2048 --sft docs/examples/python_howto.jsonl \\\n"
                "      --lora-rank 8 --lr 3e-3 --max-iters 300 --sample-prompt \"How do I sort a list?\" --lora-merge\n"
                "  python export.py --ckpt out/python_howto-from-stdlib-bpe2048 --out export/merged --peft-adapter export/adapter")
     p.add_argument("--preset", choices=list(PRESETS), default=argparse.SUPPRESS,
                    help="start from a named configuration (listed below)")
+    p.add_argument("--config", metavar="FILE.toml", default=argparse.SUPPRESS,
+                   help="read settings from a TOML file, `name = value` per line (the flags' names with _ for -, "
+                        "and preset = \"NAME\"): over the preset, under the flags. Every run writes its whole "
+                        "config as config.toml in its out dir, which this reads back")
     p.add_argument("--resume", nargs="?", const="latest", default=argparse.SUPPRESS, metavar="CKPT",
-                   help="continue from --out-dir's ckpt.safetensors, or from the checkpoint file CKPT")
+                   help="continue the run in --out-dir (its latest checkpoint, ckpt.safetensors), or in the run "
+                        "folder or checkpoint file CKPT")
+    p.add_argument("--force", action="store_true", default=argparse.SUPPRESS,
+                   help="start afresh in an out dir that holds another run: its checkpoints and log are "
+                        "deleted (without --force such a folder is refused, naming the run in it)")
     for f in fields(TrainConfig):
-        help_ = f.metadata["help"] + (f" (default: {f.default!r})" if f.default != "" else "")
+        default = f.metadata.get("default_help", repr(f.default) if f.default != "" else None)
+        help_ = f.metadata["help"] + (f" (default: {default})" if default else "")
         flag_ = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             p.add_argument(flag_, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
@@ -516,39 +540,63 @@ def build_parser():
     return p
 
 
+def presets_help():
+    """The presets for --help's epilog: each name, its description wrapped beside it, its values below."""
+    width = max(map(len, PRESETS)) + 4
+    indent = " " * (width + 2)
+    return "\n".join(textwrap.fill(desc, 100, initial_indent=f"  {name:<{width}}", subsequent_indent=indent) + "\n"
+                     + textwrap.fill(" ".join(f"{n}={v}" for n, v in values.items()) or "the defaults above", 100,
+                                     initial_indent=indent, subsequent_indent=indent)
+                     for name, (desc, values) in PRESETS.items())
+
+
+class CommandLine(NamedTuple):
+    """A parsed command line (parse_config's)."""
+    cfg: TrainConfig        # defaults <- preset <- --config file <- flags, with the settings that follow (FOLLOWS)
+    explicit: set           # the names of the settings the user chose: through a preset, the file or a flag
+    flags: set              # ... of those given in the file or as flags
+    resume: str = None      # --resume's argument ("latest" without one), or None
+    force: bool = False     # --force: a fresh run may replace the run in its out dir
+
+
 def parse_config(argv):
-    """argv -> (cfg, explicit, flags, resume): the config (defaults <- preset <- flags), the names of the
-    settings the user chose (through a preset or a flag), of those given as flags, and the --resume
-    argument (or None)."""
+    """argv -> CommandLine. The config is the defaults, under the preset (--preset, or the file's preset =),
+    under the --config file, under the flags; a setting that follows another (min_lr follows lr) and is not
+    given itself follows it."""
     args = vars(build_parser().parse_args(argv))
-    preset = args.pop("preset", "default")
-    resume = args.pop("resume", None)
-    values = dict(PRESETS[preset][1])
-    values.update(args)
-    return TrainConfig(**{**asdict(TrainConfig()), **values}), set(values), set(args), resume
+    resume, force = args.pop("resume", None), args.pop("force", False)
+    given = read_config_file(Path(args.pop("config")).expanduser()) if "config" in args else {}
+    preset = args.pop("preset", given.pop("preset", "default"))
+    given.update(args)
+    follow = followers(given)                   # (not the user's choice: a resumed run keeps its checkpoint's)
+    values = {**PRESETS[preset][1], **follow, **given}
+    return CommandLine(TrainConfig(**{**asdict(TrainConfig()), **values}), set(values) - set(follow), set(given),
+                       resume, force)
 
 
 def parse_args(argv):
     """parse_config, then every check the command line alone allows (train_config.check_command_line);
     UserError here is a usage error."""
-    cfg, explicit, flags, resume = parse_config(argv)
-    check_command_line(cfg, flags, resume)
-    return cfg, explicit, flags, resume
+    cl = parse_config(argv)
+    check_command_line(cl.cfg, cl.flags, cl.resume)
+    if cl.force and cl.resume is not None:
+        raise UserError("--force starts a new run over the one in the out dir and --resume continues it: pass one")
+    return cl
 
 
 def run(argv=None, log=print):
     """Everything main() does, raising UserError instead of exiting. Returns train()'s summary plus the
     data metadata."""
-    return prepare_and_train(*parse_args(argv), log=log)
+    return prepare_and_train(parse_args(argv), log=log)
 
 
-def prepare_and_train(cfg, explicit, flags, resume, log=print, comm=None):
-    """From a parsed command line: runs.start settles the checkpoint to continue or start from, the config,
-    the folders and the data; then train(). `comm`: under mpiexec, dist.py's communicator (only rank 0
-    logs)."""
+def prepare_and_train(cl, log=print, comm=None):
+    """From a parsed command line (a CommandLine): runs.start settles the checkpoint to continue or start
+    from, the config, the folders and the data; then train(). `comm`: under mpiexec, dist.py's
+    communicator (only rank 0 logs)."""
     if comm is not None and comm.rank != 0:
         log = lambda *a, **k: None                      # noqa: E731
-    with runs.start(cfg, explicit, flags, resume, log, comm) as s:
+    with runs.start(cl.cfg, cl.explicit, cl.flags, cl.resume, log, comm, force=cl.force) as s:
         result = train(s.cfg, s.data, s.tok, s.gm, resume=s.resume, log=log, init=s.init, comm=comm)
     result["data_meta"] = s.data["meta"]
     return result
@@ -572,20 +620,30 @@ def main(argv=None):
         sys.stdout.reconfigure(line_buffering=True)     # log lines show up at once, also in a file or a pipe
     job = {"comm": None}                                # under mpiexec: dist.py's communicator, once started
 
-    def work(args):
+    def work(cl):
         if mpi_world_size() > 1:
             from lib import dist
-            job["comm"] = dist.start(args[0].backend, args[0].dist_timeout)
-        prepare_and_train(*args, comm=job["comm"])
+            job["comm"] = dist.start(cl.cfg.backend, cl.cfg.dist_timeout)
+        result = prepare_and_train(cl, comm=job["comm"])
+        return 130 if result["status"] == "interrupted" else 0         # Ctrl-C: saved, but not done
     return run_main(parse_args, work, argv, on_error=lambda status, e: report_failure(status, e, job["comm"]))
 
 
 def report_failure(status, e, comm):
     """run_main's on_error, where train.py differs from the other programs. A usage error (status 2) is
     printed once: under mpiexec every rank parses the same command line, and rank 0 alone reports it. A
-    second Ctrl-C prints "interrupted". Under mpiexec (comm) the other ranks may be waiting for this one: a
-    failure is reported (a bug with its traceback) and MPI_Abort ends the job. Returns True for a failure
-    reported here, False to leave it to run_main."""
+    second Ctrl-C prints "interrupted". Under mpiexec (comm) a failure the ranks agreed on (dist.together:
+    the first rank that failed reports it) ends every rank in order; any other may leave ranks waiting for
+    this one: it is reported (a bug with its traceback) and MPI_Abort ends the job. Returns True for a
+    failure reported here, False to leave it to run_main."""
+    if comm is not None:
+        from lib import dist                            # (imported already: comm is its communicator)
+        if isinstance(e, dist.OtherRankFailed):         # the rank that failed says what happened
+            return True
+        if hasattr(e, "reported_by"):
+            if e.reported_by == comm.rank:
+                print(f"error: {e}" if comm.rank == 0 else f"error: rank {comm.rank}: {e}", file=sys.stderr)
+            return True
     if status == 2:
         return os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) != "0"
     if isinstance(e, KeyboardInterrupt):
@@ -595,7 +653,6 @@ def report_failure(status, e, comm):
         return True
     if comm is None:
         return False
-    from lib import dist
     if isinstance(e, (UserError, OSError)):             # OSError: disk full, permissions, a path that is not a folder
         dist.report_and_abort(comm, f"error: {e}" if comm.rank == 0 else f"error: rank {comm.rank}: {e}", 1)
     else:                                               # a bug: its traceback, then the job ends
