@@ -138,6 +138,25 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None, comm=None):
     byte, a sample. Every ckpt_interval steps, at the end and on Ctrl-C: an atomic checkpoint.
     """
     from tqdm import tqdm
+    run, state = runs.on_every_rank(comm, lambda: open_run(cfg, data, tok, gm, resume, init, log, comm))
+    if comm is not None and comm.size > 1:
+        start_data_parallel(run, state)
+    log_start(run, state)
+    bar = tqdm(total=cfg.max_iters, initial=state.step, unit="step", dynamic_ncols=True,
+               disable=None if run.rank == 0 else True, desc="training")
+    run.write = tqdm.write if not bar.disable else log
+    stop = threading.Event()                                           # set by Ctrl-C
+    try:
+        with ctrl_c_sets(stop, run.write):
+            status = training_loop(run, state, bar, stop)
+    finally:
+        bar.close()
+    return finish(run, state, status)
+
+
+def open_run(cfg, data, tok, gm, resume, init, log, comm):
+    """The Run and its State, fresh or resumed, once the model is known to fit the machine, its tokenizer
+    and the corpus."""
     source = resume or init                                            # the checkpoint the model comes from
     mcfg = (source.model_config(dropout=cfg.dropout, checkpoint=cfg.checkpoint_activations) if source
             else model_config(cfg, tok.vocab_size))
@@ -152,19 +171,7 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None, comm=None):
     if resume and state.step >= cfg.max_iters:
         log(f"warning: {resume.path} is at step {state.step}, and --max-iters {cfg.max_iters} ends there: nothing to "
             f"train; pass a larger --max-iters to continue the run")
-    if comm is not None and comm.size > 1:
-        start_data_parallel(run, state)
-    log_start(run, state)
-    bar = tqdm(total=cfg.max_iters, initial=state.step, unit="step", dynamic_ncols=True,
-               disable=None if run.rank == 0 else True, desc="training")
-    run.write = tqdm.write if not bar.disable else log
-    stop = threading.Event()                                           # set by Ctrl-C
-    try:
-        with ctrl_c_sets(stop, run.write):
-            status = training_loop(run, state, bar, stop)
-    finally:
-        bar.close()
-    return finish(run, state, status)
+    return run, state
 
 
 def start_data_parallel(run, state):
