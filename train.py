@@ -18,6 +18,7 @@ later failure exits 1 (errors.run_main).
     python train.py --preset tiny --data notes.txt         # seconds: a smoke test on any text
     python train.py --data ~/books/ --tokenizer char       # a folder (or a file, or a glob "src/**/*.py")
     python train.py --resume                               # continue the run in its out dir (same flags)
+    python train.py --config my_run.toml --lr 1e-3         # settings from a TOML file, flags over them
     python train.py --init-from out/imported --data notes.txt --lr 3e-4   # fine-tune a checkpoint on new text
     python train.py --init-from out/stdlib-bpe2048 --sft chat.jsonl --lora-rank 8    # LoRA on instruction data
     python train.py --help                                 # every flag and preset
@@ -26,10 +27,16 @@ later failure exits 1 (errors.run_main).
 
 Run with OPENBLAS_NUM_THREADS=1 (or 2) on a small shared machine: oversubscribed BLAS threads are slow.
 
-Outputs in --out-dir (default out/<data>-<tokenizer>): ckpt.safetensors (the latest checkpoint; format in
-lib/checkpoint.py) and log.jsonl (one JSON object per log line and per evaluation). Ctrl-C saves a
-checkpoint and exits; `--resume` continues it, and a resumed run ends with the same weights, bit for bit,
-as one that was never interrupted (given the same machine, backend and thread count).
+Outputs in --out-dir (default out/<data>-<tokenizer>): ckpt.safetensors (the latest checkpoint, which
+--resume continues; format in lib/checkpoint.py), best.safetensors (the weights of the best val loss so
+far, for sample.py, eval.py, export.py and --init-from), log.jsonl (one JSON object per log line and per
+evaluation) and config.toml (every setting of the run, which --config reads back). A folder that holds
+another run is refused unless --resume or --force. Ctrl-C saves a checkpoint and exits (status 130: saved,
+not done); `--resume` continues it, and a resumed run ends with the same weights, bit for bit, as one that
+was never interrupted (given the same machine, backend and thread count). The settings come from the
+defaults, a --preset, a --config file and the flags, each over the one before; --min-lr follows --lr
+(lr / 10) and --lr-decay-iters follows --max-iters unless given. After its first steps a run says how long
+it will take; evaluations show their progress.
 
 Under mpiexec (MPI: several processes on one machine or several, or GPUs with NCCL) the ranks train one
 model on slices of each step's batch; lib/dist.py holds that machinery and is imported only then. A run's
@@ -236,48 +243,101 @@ def ctrl_c_sets(stop, write):
         signal.signal(signal.SIGINT, old_handler)
 
 
+@dataclass
+class Meter:
+    """What the loop measures: since the last log line (its numbers), and since this process began."""
+    step_log: int                   # the step of the last log line
+    t_steps: float = 0.0            # seconds in train_step since then (not evaluations or saves)
+    losses: list = field(default_factory=list)
+    tokens: int = 0
+    t_all: float = 0.0              # seconds in train_step since this process began, and its steps
+    n_all: int = 0
+    eval_s: float | None = None     # how long the last evaluation took
+
+
+ESTIMATE_AFTER = 3      # steps: then a line says how long the run will take at this speed,
+ESTIMATE_MIN_S = 10.0   # if that is this long or longer
+
+
 def training_loop(run, state, bar, stop):
     """Evaluate, checkpoint and step until max_iters or Ctrl-C: returns "done" or "interrupted"."""
     cfg, start_step = run.cfg, state.step
     state.t_start = time.time()
-    t_steps, step_log, loss_log, tok_log = 0.0, state.step, [], 0      # since the last log line
+    meter = Meter(state.step)
     while True:
         if state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters:
             if not (run.resumed and state.step == start_step):         # done before the checkpoint was saved
+                t0 = time.time()
                 if run.rank == 0:
-                    evaluate(run, state)
+                    try:
+                        evaluate(run, state, stop)
+                    except EvaluationStopped:                          # Ctrl-C: its checkpoint comes first
+                        run.write(f"step {state.step}: evaluation stopped (Ctrl-C)")
                 if run.comm is not None:                               # the others wait, without spinning
                     run.comm.barrier("rank 0 evaluates", timeout=None)
-        saved = False
-        due = state.step == cfg.max_iters or (cfg.ckpt_interval and state.step % cfg.ckpt_interval == 0)
-        # a fresh run with --max-iters 0 saves its step 0: the out dir's checkpoint is then its own
-        if due and (state.step != start_step or (not run.resumed and state.step == cfg.max_iters)):
-            save(run, state)
-            saved = True
-        if stop_requested(run, stop):                                  # Ctrl-C: save (once) and leave
-            if state.step == start_step:
-                run.write(f"interrupted at step {state.step}, before any step: nothing new to save")
-            else:
-                if not saved:
-                    save(run, state)
-                run.write(f"interrupted at step {state.step}: checkpoint saved to {run.ckpt_path}; continue "
-                          f"with --resume {run.out_dir}")
-            return "interrupted"
-        if state.step >= cfg.max_iters:
-            return "done"
-
+                meter.eval_s = time.time() - t0
+        status = save_or_stop(run, state, stop, start_step)
+        if status is not None:
+            return status
         t0, tokens0 = time.time(), state.tokens_seen
         loss, norm, lr, overflow = train_step(run, state)
         dt, tokens = max(time.time() - t0, 1e-9), state.tokens_seen - tokens0
-        t_steps += dt                                                  # step time only, not evals or saves
-        tok_log += tokens
+        meter.t_steps, meter.t_all, meter.n_all, meter.tokens = (meter.t_steps + dt, meter.t_all + dt,
+                                                                 meter.n_all + 1, meter.tokens + tokens)
         if math.isfinite(loss) and not overflow:                       # a skipped step's loss is partial
-            loss_log.append(loss)
+            meter.losses.append(loss)
         bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {tokens / dt:,.0f} tok/s", refresh=False)
         bar.update(1)
+        if run.rank == 0 and meter.n_all == ESTIMATE_AFTER and state.step < cfg.max_iters:
+            line, seconds = time_estimate(run, state, meter)
+            if seconds >= ESTIMATE_MIN_S:
+                run.write(line)
         if run.rank == 0 and (state.step % cfg.log_interval == 0 or state.step == cfg.max_iters):
-            log_line(run, state, loss_log, lr, norm, t_steps / max(1, state.step - step_log), tok_log / t_steps)
-            t_steps, step_log, loss_log, tok_log = 0.0, state.step, [], 0
+            log_line(run, state, meter.losses, lr, norm, meter.t_steps / max(1, state.step - meter.step_log),
+                     meter.tokens / meter.t_steps)
+            meter.step_log, meter.t_steps, meter.losses, meter.tokens = state.step, 0.0, [], 0
+
+
+def save_or_stop(run, state, stop, start_step):
+    """The checkpoint when one is due, and the end of the loop: "done" at max_iters, "interrupted" after
+    Ctrl-C (the step saved, once); None: go on."""
+    cfg, saved = run.cfg, False
+    due = state.step == cfg.max_iters or (cfg.ckpt_interval and state.step % cfg.ckpt_interval == 0)
+    # a fresh run with --max-iters 0 saves its step 0: the out dir's checkpoint is then its own
+    if due and (state.step != start_step or (not run.resumed and state.step == cfg.max_iters)):
+        save(run, state)
+        saved = True
+    if stop_requested(run, stop):                                      # Ctrl-C: save (once) and leave
+        if state.step == start_step:
+            run.write(f"interrupted at step {state.step}, before any step: nothing new to save")
+        else:
+            if not saved:
+                save(run, state)
+            run.write(f"interrupted at step {state.step}: checkpoint saved to {run.ckpt_path}; continue "
+                      f"with --resume {run.out_dir}")
+        return "interrupted"
+    return "done" if state.step >= cfg.max_iters else None
+
+
+def time_estimate(run, state, meter):
+    """(one line, seconds): how long the rest of the run takes at the speed of its first steps, with its
+    evaluations, each as long as the last one was (or, none seen yet, 2 x eval_iters forward passes of one
+    micro-batch, at about a third of a training micro-batch's forward and backward each)."""
+    cfg, step_s = run.cfg, meter.t_all / meter.n_all
+    steps = cfg.max_iters - state.step
+    every = cfg.eval_interval                                          # (and one at max_iters)
+    evals = cfg.max_iters // every - state.step // every + bool(cfg.max_iters % every)
+    eval_s = meter.eval_s if meter.eval_s is not None else step_s * 2 * cfg.eval_iters / (3 * cfg.grad_accum)
+    total = steps * step_s + evals * eval_s
+    end = time.strftime("%H:%M" if total < 20 * 3600 else "%a %H:%M", time.localtime(time.time() + total))
+    return (f"time: {step_s:.3g} s/step, so the {steps:,} steps to go and {evals} evaluation(s) of "
+            f"~{duration(eval_s)} take ~{duration(total)} at this speed (until about {end})"), total
+
+
+def duration(seconds):
+    """3.2 s, 4.5 min, 2.6 h."""
+    return (f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s" if seconds < 90 else
+            f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h")
 
 
 def stop_requested(run, stop):
@@ -288,27 +348,68 @@ def stop_requested(run, stop):
     return run.comm.allreduce_host([float(stop.is_set())], "starting the next step (checking for Ctrl-C)")[0] > 0
 
 
-def evaluate(run, state):
-    """Train and val loss and val bits per byte (and --eval-mc's accuracy), printed and logged; then a
-    short sample."""
+def evaluate(run, state, stop=None):
+    """Train and val loss and val bits per byte (and --eval-mc's accuracy), printed and logged, with a
+    progress bar; best.safetensors when the val loss is the best so far; then a short sample. Ctrl-C
+    (`stop` set) ends the loss estimate early: EvaluationStopped, nothing logged."""
     cfg, t0 = run.cfg, time.time()
-    losses = (estimate_sft_loss if cfg.sft else estimate_loss)(run.gm, state.params, run.data, cfg, run.mcfg, run.lora)
+    estimate = estimate_sft_loss if cfg.sft else estimate_loss
+    with progress(run, 2 * cfg.eval_iters, f"step {state.step}: evaluating", stop) as tick:
+        losses = estimate(run.gm, state.params, run.data, cfg, run.mcfg, run.lora, tick=tick)
     mc = {}
     if run.mc:                                          # the same numbers as eval.py --mc on this checkpoint
         weights = state.params if run.lora is None else lora_lib.merge(state.params, run.lora)
         r = scoring.mc_metrics(scoring.score_requests(run.gm, weights, run.mcfg, run.mc))
         mc = {f"mc_{k}": r[k] for k in ("acc", "acc_norm", "acc_token_norm", "items")}
     bpb = losses["val"] / run.data["meta"]["val_bytes_per_token"] / math.log(2)
-    state.best_val = losses["val"] if state.best_val is None else min(state.best_val, losses["val"])
+    best = state.best_val is None or losses["val"] < state.best_val
+    if best:
+        state.best_val, state.best_step = losses["val"], state.step
+        save_best(run, state)
     state.last_eval = {"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": bpb}
     run.write(f"step {state.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
               f"val {bpb:.3f} bits/byte"
               + (f", mc acc {mc['mc_acc']:.4f} (norm {mc['mc_acc_norm']:.4f}, token norm "
-                 f"{mc['mc_acc_token_norm']:.4f})" if mc else "") + f" ({time.time() - t0:.1f} s)")
+                 f"{mc['mc_acc_token_norm']:.4f})" if mc else "")
+              + f" ({time.time() - t0:.1f} s{'; the best so far: ' + run.best_path.name if best else ''})")
     append_jsonl(run.log_path, {"event": "eval", **state.last_eval, **mc, "lr": get_lr(state.step, cfg),
-                                "time_s": state.elapsed_now(), "tokens_seen": state.tokens_seen})
+                                "time_s": state.elapsed_now(), "tokens_seen": state.tokens_seen, "best": best})
     if cfg.sample_tokens and state.step < cfg.max_iters:
         run.write(framed(run, make_sample(run, state, cfg.sample_tokens, seed=cfg.seed + state.step)))
+
+
+PLAIN_PROGRESS_S = 30.0     # off a terminal, a long evaluation prints a progress line this often
+
+
+class EvaluationStopped(Exception):
+    """Ctrl-C during an evaluation, which may take minutes: it stops, and the loop saves and leaves."""
+
+
+@contextmanager
+def progress(run, total, what, stop=None):
+    """Inside: tick(), once per unit of `total` (an evaluation's batches). On a terminal a tqdm bar below
+    the training bar, gone when done; elsewhere (output to a file) a plain line every PLAIN_PROGRESS_S
+    seconds, so that a long evaluation (minutes, fine-tuning a 135M model on a CPU) says how far it got.
+    tick() raises EvaluationStopped once `stop` (Ctrl-C) is set."""
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=what, unit="batch", leave=False, dynamic_ncols=True, disable=None)
+    t0 = last = time.time()
+    done = 0
+
+    def tick():
+        nonlocal done, last
+        if stop is not None and stop.is_set():
+            raise EvaluationStopped
+        done += 1
+        bar.update(1)
+        if bar.disable and time.time() - last >= PLAIN_PROGRESS_S and done < total:
+            last, spent = time.time(), time.time() - t0
+            run.write(f"{what}: {done}/{total} batches in {duration(spent)}, "
+                      f"~{duration(spent * (total - done) / done)} to go")
+    try:
+        yield tick
+    finally:
+        bar.close()
 
 
 def make_sample(run, state, n, seed):
@@ -344,6 +445,15 @@ def save(run, state):
     if run.rank == 0:
         save_checkpoint(run.ckpt_path, *tensors, meta)
     state.saved_step = state.step
+
+
+def save_best(run, state):
+    """best.safetensors, beside the latest checkpoint: the weights of the best val loss so far (a LoRA
+    run's adapters), atomic and hashed like every checkpoint, with the model, tokenizer and run metadata
+    but no optimizer state (--resume continues ckpt.safetensors). sample.py, eval.py and export.py --ckpt
+    and train.py --init-from take it. Rank 0 alone evaluates, and holds the whole weights."""
+    weights = {k: run.gm.to_host(v) for k, v in state.trained().items()}
+    save_checkpoint(run.best_path, weights, {}, {}, runs.best_meta(run, state, state.best_val))
 
 
 def train_step(run, state):
