@@ -90,8 +90,8 @@ class TrainConfig:
                            "B * grad_accum")
     max_iters: int = flag(600, "optimizer steps in all")
     lr: float = flag(2e-3, "peak learning rate")
-    min_lr: float = flag(2e-4, "final learning rate", default_help="--lr / 10, unless given: with --lr 3e-5 it is "
-                         "3e-6 (a preset's min_lr too gives way to --lr)")
+    min_lr: float = flag(2e-4, "final learning rate", default_help="--lr / 10 unless given, e.g. 3e-6 for --lr "
+                         "3e-5; a preset's min_lr too gives way to --lr")
     warmup_iters: int = flag(50, "linear warmup steps")
     lr_decay_iters: int = flag(0, "the cosine decay ends here (0: at --max-iters, fixed when the run starts, so a "
                                "resumed run that goes further keeps its schedule and trains on at min_lr); a "
@@ -172,14 +172,19 @@ FROM_CHECKPOINT = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "norm")
 # stay above a smaller --lr (refused), and a preset's lr_decay_iters would keep the schedule of the
 # preset's length in a run shortened with --max-iters (shakespeare-char with --max-iters 300: lr still
 # 9.8e-4 of 1e-3 at the last step, no decay at all).
-FOLLOWS = {"min_lr": ("lr", lambda lr: float(f"{lr / 10:.6g}")),             # 3e-4 for 3e-3, not 3.0000000000000003e-4
-           "lr_decay_iters": ("max_iters", lambda max_iters: 0)}     # 0: the decay ends at max_iters
+FOLLOWS = {"min_lr": ("lr", "lr / 10", lambda lr: float(f"{lr / 10:.6g}")),   # 3e-4 for 3e-3, not 3.0000000000000003e-4
+           "lr_decay_iters": ("max_iters", "max_iters", lambda max_iters: max_iters)}
 
 
 def followers(given):
     """The settings that follow one in `given` (the names and values the user gave) and are not given
-    themselves: followers({"lr": 3e-5}) -> {"min_lr": 3e-6, ...}."""
-    return {k: rule(given[leader]) for k, (leader, rule) in FOLLOWS.items() if leader in given and k not in given}
+    themselves: followers({"lr": 3e-5}) -> {"min_lr": 3e-6}."""
+    return {k: rule(given[leader]) for k, (leader, _, rule) in FOLLOWS.items() if leader in given and k not in given}
+
+
+def follows(cfg, name):
+    """Does cfg's setting `name` hold what it would follow (min_lr = lr / 10)?"""
+    return name in FOLLOWS and getattr(cfg, name) == FOLLOWS[name][2](getattr(cfg, FOLLOWS[name][0]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,9 +195,9 @@ def check_command_line(cfg, flags, resume):
     together, and a new model that cannot be built or cannot fit. flags: the names of the settings given as
     flags; resume: --resume's argument, or None."""
     check_config(cfg)
-    # (a resumed run keeps its checkpoint's schedule, whatever it is: a 3-step run inside a 50-step
-    # warmup, whose lr_decay_iters was fixed at 3, continues its warmup)
-    if resume is None and 0 < cfg.lr_decay_iters < cfg.warmup_iters:
+    # (given, not followed: --max-iters 3 under a warmup of 50 is a run inside its warmup, which
+    # runs.warn_schedule warns of; and a resumed run keeps its checkpoint's schedule, whatever it is)
+    if resume is None and "lr_decay_iters" in flags and 0 < cfg.lr_decay_iters < cfg.warmup_iters:
         raise UserError(f"--lr-decay-iters ({cfg.lr_decay_iters}) must not end before --warmup-iters ({cfg.warmup_iters})")
     if resume is not None and cfg.init_from:
         raise UserError("--init-from starts a new run from a checkpoint's weights and --resume continues a run: "
@@ -363,12 +368,16 @@ def config_value(where, key, v):
 
 
 def config_toml(cfg, header):
-    """cfg as a --config file: `header` (comment lines), then every setting, its help above it."""
+    """cfg as a --config file: `header` (comment lines), then every setting, its help above it. A setting
+    that holds what it follows (min_lr = lr / 10) is commented out, so that it follows again when the file
+    is read back with another --lr."""
     lines = [f"# {line}".rstrip() for line in header.splitlines()]
     for f in fields(TrainConfig):
         value = getattr(cfg, f.name)
-        lines += ["", *textwrap.wrap(f.metadata["help"], 98, initial_indent="# ", subsequent_indent="# "),
-                  f"{f.name} = {toml_value(float(value) if type(f.default) is float else value)}"]
+        setting = f"{f.name} = {toml_value(float(value) if type(f.default) is float else value)}"
+        if follows(cfg, f.name):
+            setting = f"# {setting}    (follows {FOLLOWS[f.name][1]}; remove the # to fix it)"
+        lines += ["", *textwrap.wrap(f.metadata["help"], 98, initial_indent="# ", subsequent_indent="# "), setting]
     return "\n".join(lines) + "\n"
 
 

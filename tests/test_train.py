@@ -319,7 +319,7 @@ def test_preset_then_flags_override():
     cfg, explicit, flags, resume, force = train.parse_config(["--preset", "shakespeare-char", "--max-iters", "7"])
     assert cfg.tokenizer == "char" and cfg.block_size == 64 and cfg.max_iters == 7 and resume is None
     assert {"max_iters", "block_size"} <= explicit and flags == {"max_iters"} and not force
-    assert cfg.lr_decay_iters == 0          # the preset's 2000 follows --max-iters (0: the decay ends there)
+    assert cfg.lr_decay_iters == 7          # the preset's 2000 follows --max-iters
 
 
 # ----------------------------------------------------------------------------------------------------

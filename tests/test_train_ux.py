@@ -178,8 +178,7 @@ def test_fine_tuning_with_a_small_lr_runs(tmp_path):
 
 def test_lr_decay_follows_a_shortened_preset(tmp_path):
     cfg = train.parse_args(["--preset", "shakespeare-char", "--max-iters", "300"]).cfg
-    assert cfg.lr_decay_iters == 0                       # the decay then ends at 300, not at the preset's 2000
-    cfg.lr_decay_iters = cfg.max_iters                   # (as runs.start fixes it)
+    assert cfg.lr_decay_iters == 300                     # the decay ends at 300, not at the preset's 2000
     assert train.get_lr(299, cfg) == pytest.approx(cfg.min_lr, rel=1e-3)
     cfg = train.parse_args(["--preset", "shakespeare-char", "--max-iters", "300", "--lr-decay-iters", "2000"]).cfg
     assert cfg.lr_decay_iters == 2000                    # given: kept
@@ -387,12 +386,16 @@ def test_a_config_file_under_the_flags(tmp_path):
     assert res["step"] == 6
     config_line = " ".join(line for line in logs if line.startswith(("config:", "  ")))
     assert "max_iters=6" in config_line and "lr=0.005" in config_line and "config.toml" in config_line
-    # the run's config.toml: every setting, read back as the same config
+    # the run's config.toml: every setting, read back as the same config; those that follow another
+    # (min_lr = lr / 10, lr_decay_iters = max_iters) are commented out, and follow again
     saved = tmp_path / "out" / "config.toml"
     back = train.parse_args(["--config", str(saved)]).cfg
     assert back == TrainConfig(**load_checkpoint(tmp_path / "out").meta["train_config"])
-    res, _ = run_logged(["--config", saved, "--out-dir", tmp_path / "again"])
-    assert res["step"] == 6 and load_checkpoint(tmp_path / "again").meta["train_config"]["lr"] == 0.005
+    assert "\n# min_lr = 0.0005    (follows lr / 10; remove the # to fix it)\n" in saved.read_text()
+    assert "\n# lr_decay_iters = 6    (follows max_iters; remove the # to fix it)\n" in saved.read_text()
+    res, _ = run_logged(["--config", saved, "--out-dir", tmp_path / "again", "--lr", "0.002", "--max-iters", 4])
+    again = load_checkpoint(tmp_path / "again").meta["train_config"]
+    assert res["step"] == 4 and (again["lr"], again["min_lr"], again["lr_decay_iters"]) == (0.002, 0.0002, 4)
 
 
 @pytest.mark.parametrize("content, message", [
