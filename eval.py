@@ -23,7 +23,7 @@ from pathlib import Path
 
 from errors import ArgumentParser, UsageError, UserError, run_main
 from lib import scoring
-from lib.checkpoint import load_model
+from lib.checkpoint import CHECKPOINT_HELP, load_model
 from lib.files import atomic_write
 from lib.tokenizer import token_byte_lengths
 
@@ -69,7 +69,7 @@ def parse_args(argv):
     p = ArgumentParser(prog="eval.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
                        description="Score a checkpoint: perplexity and bits per byte on a text, or accuracy on "
                                    "a multiple-choice benchmark (lm-evaluation-harness's scoring).")
-    p.add_argument("--ckpt", metavar="PATH", help="checkpoint file, or the run folder holding ckpt.safetensors")
+    p.add_argument("--ckpt", metavar="PATH", help=f"the checkpoint: {CHECKPOINT_HELP}")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--text", metavar="FILE", help="score the perplexity of this text file (or the documents "
                                                         "of a .jsonl, .jsonl.gz or .parquet file)")

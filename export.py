@@ -61,8 +61,8 @@ from pathlib import Path
 import gpt_numpy as gn
 from errors import ArgumentParser, FileFormatError, UsageError, UserError, run_main
 from lib import gguf_model, lora as lora_lib
-from lib.checkpoint import (Checkpoint, load_checkpoint, load_model, lora_base_path, open_lora_run, read_meta,
-                            save_imported)
+from lib.checkpoint import (CHECKPOINT_HELP, Checkpoint, load_checkpoint, load_model, lora_base_path,
+                            open_lora_run, read_meta, save_imported)
 from lib.files import OUTPUT_MARK, mark_output_folder, write_folder
 from lib.hf import export_hf, hf_chat_info, import_hf
 from lib.memory import LONGEST_CONTEXT
@@ -108,8 +108,8 @@ def parse_args(argv):
                     "(config.json, model.safetensors, tokenizer.json) or llama.cpp's GGUF files.")
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--ckpt", metavar="PATH",
-                     help="export this checkpoint (a ckpt.safetensors or its folder) to the folder --out and/or "
-                          "the GGUF file --gguf")
+                     help=f"export this checkpoint to the folder --out and/or the GGUF file --gguf: "
+                          f"{CHECKPOINT_HELP}")
     way.add_argument("--import-hf", metavar="DIR",
                      help="import this Hugging Face Llama folder into the checkpoint --out")
     way.add_argument("--import-gguf", metavar="FILE",

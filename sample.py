@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 from lib import chat_template as chat, generation, memory
-from lib.checkpoint import load_model
+from lib.checkpoint import CHECKPOINT_HELP, load_model
 from lib.tokenizer import encode_prompt
 from errors import ArgumentParser, UserError, run_main
 
@@ -181,7 +181,7 @@ def parse_args(argv):
     p = ArgumentParser(prog="sample.py", description="Stream text from a checkpoint (train.py's, or a model imported "
                                                      "with export.py); --chat talks to a chat model.")
     p.add_argument("--ckpt", metavar="PATH", default="out/stdlib-bpe2048/ckpt.safetensors",
-                   help="checkpoint file, or the out dir holding ckpt.safetensors (default: %(default)s)")
+                   help=f"the checkpoint: {CHECKPOINT_HELP} (default: %(default)s)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--prompt", metavar="TEXT", help="text to continue (default: a newline; '' starts from "
                                                         "<|endoftext|> with a BPE tokenizer); with --chat: the one "

@@ -18,6 +18,7 @@ later failure exits 1 (errors.run_main).
     python train.py --preset tiny --data notes.txt         # seconds: a smoke test on any text
     python train.py --data ~/books/ --tokenizer char       # a folder (or a file, or a glob "src/**/*.py")
     python train.py --resume                               # continue the run in its out dir (same flags)
+    python train.py --config my_run.toml --lr 1e-3         # settings from a TOML file, flags over them
     python train.py --init-from out/imported --data notes.txt --lr 3e-4   # fine-tune a checkpoint on new text
     python train.py --init-from out/stdlib-bpe2048 --sft chat.jsonl --lora-rank 8    # LoRA on instruction data
     python train.py --help                                 # every flag and preset
@@ -26,10 +27,16 @@ later failure exits 1 (errors.run_main).
 
 Run with OPENBLAS_NUM_THREADS=1 (or 2) on a small shared machine: oversubscribed BLAS threads are slow.
 
-Outputs in --out-dir (default out/<data>-<tokenizer>): ckpt.safetensors (the latest checkpoint; format in
-lib/checkpoint.py) and log.jsonl (one JSON object per log line and per evaluation). Ctrl-C saves a
-checkpoint and exits; `--resume` continues it, and a resumed run ends with the same weights, bit for bit,
-as one that was never interrupted (given the same machine, backend and thread count).
+Outputs in --out-dir (default out/<data>-<tokenizer>): ckpt.safetensors (the latest checkpoint, which
+--resume continues; format in lib/checkpoint.py), best.safetensors (the weights of the best val loss so
+far, for sample.py, eval.py, export.py and --init-from), log.jsonl (one JSON object per log line and per
+evaluation) and config.toml (every setting of the run, which --config reads back). A folder that holds
+another run is refused unless --resume or --force. Ctrl-C saves a checkpoint and exits (status 130: saved,
+not done); `--resume` continues it, and a resumed run ends with the same weights, bit for bit, as one that
+was never interrupted (given the same machine, backend and thread count). The settings come from the
+defaults, a --preset, a --config file and the flags, each over the one before; --min-lr follows --lr
+(lr / 10) and --lr-decay-iters follows --max-iters unless given. After its first steps a run says how long
+it will take; evaluations show their progress.
 
 Under mpiexec (MPI: several processes on one machine or several, or GPUs with NCCL) the ranks train one
 model on slices of each step's batch; lib/dist.py holds that machinery and is imported only then. A run's
@@ -57,7 +64,9 @@ import textwrap
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -68,34 +77,46 @@ from lib.checkpoint import build_meta, check_tokenizer_fits, save_checkpoint
 from lib.data import get_batch
 from lib.runs import append_jsonl, check_corpus_length, load_eval_mc, open_out_dir
 from lib.tokenizer import encode_prompt
-from lib.train_config import PRESETS, TrainConfig, check_command_line, check_memory, lora_config, model_config
+from lib.train_config import (PRESETS, TrainConfig, check_command_line, check_memory, followers, lora_config,
+                               model_config, read_config_file)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Training helpers
 
-def estimate_loss(gm, params, data, cfg, mcfg, lora=None):
+def estimate_loss(gm, params, data, cfg, mcfg, lora=None, tick=None):
     """Mean loss over eval_iters batches of each split, without dropout. The batches come from a fixed
-    seed, so every evaluation of a run sees the same windows and the curve is not sampling noise."""
+    seed, so every evaluation of a run sees the same windows and the curve is not sampling noise. tick(),
+    if given, after each batch (a progress bar)."""
     out = {}
     for k, split in enumerate(("train", "val")):
         rng = np.random.default_rng([cfg.seed, 1, k])
-        losses = [gm.loss_fn(params, *get_batch(data[split], cfg.batch_size, cfg.block_size, rng), mcfg, lora=lora)
-                  for _ in range(cfg.eval_iters)]
+        losses = []
+        for _ in range(cfg.eval_iters):
+            losses.append(gm.loss_fn(params, *get_batch(data[split], cfg.batch_size, cfg.block_size, rng), mcfg,
+                                     lora=lora))
+            if tick:
+                tick()
         out[split] = float(np.mean(losses))
     return out
 
 
-def estimate_sft_loss(gm, params, data, cfg, mcfg, lora=None):
+def estimate_sft_loss(gm, params, data, cfg, mcfg, lora=None, tick=None):
     """--sft: the loss per target token (the assistant's), over eval_iters batches drawn from the train
-    split with a fixed seed, and over the val split in order (at most eval_iters batches)."""
+    split with a fixed seed, and over the val split in order (at most eval_iters batches). tick() as in
+    estimate_loss."""
     rng = np.random.default_rng([cfg.seed, 1, 0])
     batches = {"train": [sft.get_batch(data["train"], cfg.batch_size, rng) for _ in range(cfg.eval_iters)],
                "val": sft.eval_batches(data["val"], cfg.batch_size, cfg.eval_iters)}
     out = {}
     for split, bs in batches.items():
-        n = [int((y >= 0).sum()) for _, y in bs]                       # a batch's mean is over its targets
-        out[split] = float(sum(gm.loss_fn(params, x, y, mcfg, lora=lora) * k for (x, y), k in zip(bs, n)) / sum(n))
+        total = n = 0                                   # a batch's mean loss is over its targets
+        for x, y in bs:
+            k = int((y >= 0).sum())
+            total, n = total + gm.loss_fn(params, x, y, mcfg, lora=lora) * k, n + k
+            if tick:
+                tick()
+        out[split] = float(total / n)
     return out
 
 
@@ -124,6 +145,25 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None, comm=None):
     byte, a sample. Every ckpt_interval steps, at the end and on Ctrl-C: an atomic checkpoint.
     """
     from tqdm import tqdm
+    run, state = runs.on_every_rank(comm, lambda: open_run(cfg, data, tok, gm, resume, init, log, comm))
+    if comm is not None and comm.size > 1:
+        start_data_parallel(run, state)
+    log_start(run, state)
+    bar = tqdm(total=cfg.max_iters, initial=state.step, unit="step", dynamic_ncols=True,
+               disable=None if run.rank == 0 else True, desc="training")
+    run.write = tqdm.write if not bar.disable else log
+    stop = threading.Event()                                           # set by Ctrl-C
+    try:
+        with ctrl_c_sets(stop, run.write):
+            status = training_loop(run, state, bar, stop)
+    finally:
+        bar.close()
+    return finish(run, state, status)
+
+
+def open_run(cfg, data, tok, gm, resume, init, log, comm):
+    """The Run and its State, fresh or resumed, once the model is known to fit the machine, its tokenizer
+    and the corpus."""
     source = resume or init                                            # the checkpoint the model comes from
     mcfg = (source.model_config(dropout=cfg.dropout, checkpoint=cfg.checkpoint_activations) if source
             else model_config(cfg, tok.vocab_size))
@@ -138,19 +178,7 @@ def train(cfg, data, tok, gm, resume=None, log=print, init=None, comm=None):
     if resume and state.step >= cfg.max_iters:
         log(f"warning: {resume.path} is at step {state.step}, and --max-iters {cfg.max_iters} ends there: nothing to "
             f"train; pass a larger --max-iters to continue the run")
-    if comm is not None and comm.size > 1:
-        start_data_parallel(run, state)
-    log_start(run, state)
-    bar = tqdm(total=cfg.max_iters, initial=state.step, unit="step", dynamic_ncols=True,
-               disable=None if run.rank == 0 else True, desc="training")
-    run.write = tqdm.write if not bar.disable else log
-    stop = threading.Event()                                           # set by Ctrl-C
-    try:
-        with ctrl_c_sets(stop, run.write):
-            status = training_loop(run, state, bar, stop)
-    finally:
-        bar.close()
-    return finish(run, state, status)
+    return run, state
 
 
 def start_data_parallel(run, state):
@@ -173,8 +201,9 @@ def log_start(run, state):
             + ("; mixed precision: float16 compute, float32 weights, loss scale "
                f"{state.scaler['scale']:g}" if cfg.mixed_precision else ""))
     if cfg.mixed_precision and cfg.backend == "numpy":
-        run.log("note: --mixed-precision on the CPU is slow (NumPy has no float16 matrix multiply); it is meant "
-                "for --backend cupy")
+        run.log("warning: --mixed-precision on --backend numpy is far slower than without it (~100x for the "
+                "default model: NumPy multiplies float16 matrices without BLAS); it is meant for --backend cupy, "
+                "drop it on a CPU")
     if run.lora is not None:
         n = run.gm.num_params(state.trained())
         run.log(f"LoRA: rank {run.lora.rank}, alpha {run.lora.alpha:g} on {','.join(run.lora.targets)}: {n:,} "
@@ -214,48 +243,101 @@ def ctrl_c_sets(stop, write):
         signal.signal(signal.SIGINT, old_handler)
 
 
+@dataclass
+class Meter:
+    """What the loop measures: since the last log line (its numbers), and since this process began."""
+    step_log: int                   # the step of the last log line
+    t_steps: float = 0.0            # seconds in train_step since then (not evaluations or saves)
+    losses: list = field(default_factory=list)
+    tokens: int = 0
+    t_all: float = 0.0              # seconds in train_step since this process began, and its steps
+    n_all: int = 0
+    eval_s: float | None = None     # how long the last evaluation took
+
+
+ESTIMATE_AFTER = 3      # steps: then a line says how long the run will take at this speed,
+ESTIMATE_MIN_S = 10.0   # if that is this long or longer
+
+
 def training_loop(run, state, bar, stop):
     """Evaluate, checkpoint and step until max_iters or Ctrl-C: returns "done" or "interrupted"."""
     cfg, start_step = run.cfg, state.step
     state.t_start = time.time()
-    t_steps, step_log, loss_log, tok_log = 0.0, state.step, [], 0      # since the last log line
+    meter = Meter(state.step)
     while True:
         if state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters:
             if not (run.resumed and state.step == start_step):         # done before the checkpoint was saved
+                t0 = time.time()
                 if run.rank == 0:
-                    evaluate(run, state)
+                    try:
+                        evaluate(run, state, stop)
+                    except EvaluationStopped:                          # Ctrl-C: its checkpoint comes first
+                        run.write(f"step {state.step}: evaluation stopped (Ctrl-C)")
                 if run.comm is not None:                               # the others wait, without spinning
                     run.comm.barrier("rank 0 evaluates", timeout=None)
-        saved = False
-        due = state.step == cfg.max_iters or (cfg.ckpt_interval and state.step % cfg.ckpt_interval == 0)
-        # a fresh run with --max-iters 0 saves its step 0: the out dir's checkpoint is then its own
-        if due and (state.step != start_step or (not run.resumed and state.step == cfg.max_iters)):
-            save(run, state)
-            saved = True
-        if stop_requested(run, stop):                                  # Ctrl-C: save (once) and leave
-            if state.step == start_step:
-                run.write(f"interrupted at step {state.step}, before any step: nothing new to save")
-            else:
-                if not saved:
-                    save(run, state)
-                run.write(f"interrupted at step {state.step}: checkpoint saved to {run.ckpt_path}; continue "
-                          f"with --resume {run.out_dir}")
-            return "interrupted"
-        if state.step >= cfg.max_iters:
-            return "done"
-
+                meter.eval_s = time.time() - t0
+        status = save_or_stop(run, state, stop, start_step)
+        if status is not None:
+            return status
         t0, tokens0 = time.time(), state.tokens_seen
         loss, norm, lr, overflow = train_step(run, state)
         dt, tokens = max(time.time() - t0, 1e-9), state.tokens_seen - tokens0
-        t_steps += dt                                                  # step time only, not evals or saves
-        tok_log += tokens
+        meter.t_steps, meter.t_all, meter.n_all, meter.tokens = (meter.t_steps + dt, meter.t_all + dt,
+                                                                 meter.n_all + 1, meter.tokens + tokens)
         if math.isfinite(loss) and not overflow:                       # a skipped step's loss is partial
-            loss_log.append(loss)
+            meter.losses.append(loss)
         bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {tokens / dt:,.0f} tok/s", refresh=False)
         bar.update(1)
+        if run.rank == 0 and meter.n_all == ESTIMATE_AFTER and state.step < cfg.max_iters:
+            line, seconds = time_estimate(run, state, meter)
+            if seconds >= ESTIMATE_MIN_S:
+                run.write(line)
         if run.rank == 0 and (state.step % cfg.log_interval == 0 or state.step == cfg.max_iters):
-            log_line(run, state, loss_log, lr, norm, t_steps / max(1, state.step - step_log), tok_log / t_steps)
-            t_steps, step_log, loss_log, tok_log = 0.0, state.step, [], 0
+            log_line(run, state, meter.losses, lr, norm, meter.t_steps / max(1, state.step - meter.step_log),
+                     meter.tokens / meter.t_steps)
+            meter.step_log, meter.t_steps, meter.losses, meter.tokens = state.step, 0.0, [], 0
+
+
+def save_or_stop(run, state, stop, start_step):
+    """The checkpoint when one is due, and the end of the loop: "done" at max_iters, "interrupted" after
+    Ctrl-C (the step saved, once); None: go on."""
+    cfg, saved = run.cfg, False
+    due = state.step == cfg.max_iters or (cfg.ckpt_interval and state.step % cfg.ckpt_interval == 0)
+    # a fresh run with --max-iters 0 saves its step 0: the out dir's checkpoint is then its own
+    if due and (state.step != start_step or (not run.resumed and state.step == cfg.max_iters)):
+        save(run, state)
+        saved = True
+    if stop_requested(run, stop):                                      # Ctrl-C: save (once) and leave
+        if state.step == start_step:
+            run.write(f"interrupted at step {state.step}, before any step: nothing new to save")
+        else:
+            if not saved:
+                save(run, state)
+            run.write(f"interrupted at step {state.step}: checkpoint saved to {run.ckpt_path}; continue "
+                      f"with --resume {run.out_dir}")
+        return "interrupted"
+    return "done" if state.step >= cfg.max_iters else None
+
+
+def time_estimate(run, state, meter):
+    """(one line, seconds): how long the rest of the run takes at the speed of its first steps, with its
+    evaluations, each as long as the last one was (or, none seen yet, 2 x eval_iters forward passes of one
+    micro-batch, at about a third of a training micro-batch's forward and backward each)."""
+    cfg, step_s = run.cfg, meter.t_all / meter.n_all
+    steps = cfg.max_iters - state.step
+    every = cfg.eval_interval                                          # (and one at max_iters)
+    evals = cfg.max_iters // every - state.step // every + bool(cfg.max_iters % every)
+    eval_s = meter.eval_s if meter.eval_s is not None else step_s * 2 * cfg.eval_iters / (3 * cfg.grad_accum)
+    total = steps * step_s + evals * eval_s
+    end = time.strftime("%H:%M" if total < 20 * 3600 else "%a %H:%M", time.localtime(time.time() + total))
+    return (f"time: {step_s:.3g} s/step, so the {steps:,} steps to go and {evals} evaluation(s) of "
+            f"~{duration(eval_s)} take ~{duration(total)} at this speed (until about {end})"), total
+
+
+def duration(seconds):
+    """3.2 s, 4.5 min, 2.6 h."""
+    return (f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s" if seconds < 90 else
+            f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h")
 
 
 def stop_requested(run, stop):
@@ -266,27 +348,68 @@ def stop_requested(run, stop):
     return run.comm.allreduce_host([float(stop.is_set())], "starting the next step (checking for Ctrl-C)")[0] > 0
 
 
-def evaluate(run, state):
-    """Train and val loss and val bits per byte (and --eval-mc's accuracy), printed and logged; then a
-    short sample."""
+def evaluate(run, state, stop=None):
+    """Train and val loss and val bits per byte (and --eval-mc's accuracy), printed and logged, with a
+    progress bar; best.safetensors when the val loss is the best so far; then a short sample. Ctrl-C
+    (`stop` set) ends the loss estimate early: EvaluationStopped, nothing logged."""
     cfg, t0 = run.cfg, time.time()
-    losses = (estimate_sft_loss if cfg.sft else estimate_loss)(run.gm, state.params, run.data, cfg, run.mcfg, run.lora)
+    estimate = estimate_sft_loss if cfg.sft else estimate_loss
+    with progress(run, 2 * cfg.eval_iters, f"step {state.step}: evaluating", stop) as tick:
+        losses = estimate(run.gm, state.params, run.data, cfg, run.mcfg, run.lora, tick=tick)
     mc = {}
     if run.mc:                                          # the same numbers as eval.py --mc on this checkpoint
         weights = state.params if run.lora is None else lora_lib.merge(state.params, run.lora)
         r = scoring.mc_metrics(scoring.score_requests(run.gm, weights, run.mcfg, run.mc))
         mc = {f"mc_{k}": r[k] for k in ("acc", "acc_norm", "acc_token_norm", "items")}
     bpb = losses["val"] / run.data["meta"]["val_bytes_per_token"] / math.log(2)
-    state.best_val = losses["val"] if state.best_val is None else min(state.best_val, losses["val"])
+    best = state.best_val is None or losses["val"] < state.best_val
+    if best:
+        state.best_val, state.best_step = losses["val"], state.step
+        save_best(run, state)
     state.last_eval = {"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": bpb}
     run.write(f"step {state.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
               f"val {bpb:.3f} bits/byte"
               + (f", mc acc {mc['mc_acc']:.4f} (norm {mc['mc_acc_norm']:.4f}, token norm "
-                 f"{mc['mc_acc_token_norm']:.4f})" if mc else "") + f" ({time.time() - t0:.1f} s)")
+                 f"{mc['mc_acc_token_norm']:.4f})" if mc else "")
+              + f" ({time.time() - t0:.1f} s{'; the best so far: ' + run.best_path.name if best else ''})")
     append_jsonl(run.log_path, {"event": "eval", **state.last_eval, **mc, "lr": get_lr(state.step, cfg),
-                                "time_s": state.elapsed_now(), "tokens_seen": state.tokens_seen})
+                                "time_s": state.elapsed_now(), "tokens_seen": state.tokens_seen, "best": best})
     if cfg.sample_tokens and state.step < cfg.max_iters:
         run.write(framed(run, make_sample(run, state, cfg.sample_tokens, seed=cfg.seed + state.step)))
+
+
+PLAIN_PROGRESS_S = 30.0     # off a terminal, a long evaluation prints a progress line this often
+
+
+class EvaluationStopped(Exception):
+    """Ctrl-C during an evaluation, which may take minutes: it stops, and the loop saves and leaves."""
+
+
+@contextmanager
+def progress(run, total, what, stop=None):
+    """Inside: tick(), once per unit of `total` (an evaluation's batches). On a terminal a tqdm bar below
+    the training bar, gone when done; elsewhere (output to a file) a plain line every PLAIN_PROGRESS_S
+    seconds, so that a long evaluation (minutes, fine-tuning a 135M model on a CPU) says how far it got.
+    tick() raises EvaluationStopped once `stop` (Ctrl-C) is set."""
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=what, unit="batch", leave=False, dynamic_ncols=True, disable=None)
+    t0 = last = time.time()
+    done = 0
+
+    def tick():
+        nonlocal done, last
+        if stop is not None and stop.is_set():
+            raise EvaluationStopped
+        done += 1
+        bar.update(1)
+        if bar.disable and time.time() - last >= PLAIN_PROGRESS_S and done < total:
+            last, spent = time.time(), time.time() - t0
+            run.write(f"{what}: {done}/{total} batches in {duration(spent)}, "
+                      f"~{duration(spent * (total - done) / done)} to go")
+    try:
+        yield tick
+    finally:
+        bar.close()
 
 
 def make_sample(run, state, n, seed):
@@ -322,6 +445,15 @@ def save(run, state):
     if run.rank == 0:
         save_checkpoint(run.ckpt_path, *tensors, meta)
     state.saved_step = state.step
+
+
+def save_best(run, state):
+    """best.safetensors, beside the latest checkpoint: the weights of the best val loss so far (a LoRA
+    run's adapters), atomic and hashed like every checkpoint, with the model, tokenizer and run metadata
+    but no optimizer state (--resume continues ckpt.safetensors). sample.py, eval.py and export.py --ckpt
+    and train.py --init-from take it. Rank 0 alone evaluates, and holds the whole weights."""
+    weights = {k: run.gm.to_host(v) for k, v in state.trained().items()}
+    save_checkpoint(run.best_path, weights, {}, {}, runs.best_meta(run, state, state.best_val))
 
 
 def train_step(run, state):
@@ -443,7 +575,8 @@ def finish(run, state, status):
     """The summary of the run; after a complete run, a longer final sample."""
     cfg, last = run.cfg, state.last_eval
     result = {"status": status, "step": state.step, "time_s": state.elapsed_now(), "tokens_seen": state.tokens_seen,
-              "best_val_loss": state.best_val, "last_eval": last, "ckpt": str(run.ckpt_path),
+              "best_val_loss": state.best_val, "best_step": state.best_step, "last_eval": last,
+              "ckpt": str(run.ckpt_path),
               "params": {k: run.gm.to_host(v) for k, v in state.params.items()}}
     if status == "done" and cfg.sample_tokens and run.rank == 0:
         text = make_sample(run, state, 4 * cfg.sample_tokens, seed=cfg.seed)
@@ -451,9 +584,11 @@ def finish(run, state, status):
         run.log(framed(run, text))
     if status == "done" and cfg.lora_merge:
         result["merged"] = str(write_merged(run, state))
-    if last:
+    if status == "done" and last:                      # (Ctrl-C's "interrupted ..." line was the last word)
+        best = (f"; best val loss {state.best_val:.4f} at step {state.best_step}: {run.best_path}"
+                if state.best_step is not None and state.best_step != last["step"] and run.best_path.is_file() else "")
         run.log(f"done: step {state.step}, val loss {last['val_loss']:.4f}, {last['val_bpb']:.3f} bits/byte, "
-                f"{state.elapsed_now():.0f} s of training; checkpoint {run.ckpt_path}")
+                f"{state.elapsed_now():.0f} s of training; checkpoint {run.ckpt_path}{best}")
     return result
 
 
@@ -474,36 +609,43 @@ def write_merged(run, state):
 # Command line: parse (usage errors: exit 2), then prepare and train (failures: exit 1)
 
 def build_parser():
-    presets = "\n".join(f"  {k:<18}{desc}\n" + textwrap.fill(" ".join(f"{n}={v}" for n, v in values.items()) or
-                                                           "the defaults above", 100, initial_indent=" " * 20,
-                                                           subsequent_indent=" " * 20)
-                        for k, (desc, values) in PRESETS.items())
     p = ArgumentParser(
         prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train the NumPy GPT of gpt_numpy.py on a text corpus (default: the Python standard "
                     "library's sources, with a BPE tokenizer).",
-        epilog=f"presets (--preset NAME; explicit flags override the preset's values):\n{presets}\n\n"
+        epilog=f"presets (--preset NAME; explicit flags override the preset's values):\n{presets_help()}\n\n"
                "examples:\n  python train.py\n"
                "  python train.py --preset shakespeare-char --data ../shared/data/tinyshakespeare.txt\n"
                "  python train.py --preset tiny --data notes.txt --out-dir out/tiny\n"
                "  python train.py --resume\n"
+               "  python train.py --config my_run.toml --max-iters 100   # the file's settings, a flag over them\n"
                "  mpiexec -n 2 python train.py --preset tiny --data notes.txt --zero 1     # 2 ranks\n\n"
                "fine-tuning (--init-from: the weights, model and tokenizer of a checkpoint; a fresh optimizer):\n"
                "  python export.py --import-hf path/to/hf-llama --out out/imported --max-seq-len 256\n"
-               "  python train.py --init-from out/imported --data notes.txt --lr 3e-4 --min-lr 3e-5 \\\n"
+               "  python train.py --init-from out/imported --data notes.txt --lr 3e-4 \\\n"
                "      --warmup-iters 20 --max-iters 200      # writes out/notes-from-imported\n"
                "  python train.py --resume out/notes-from-imported      # continue it after Ctrl-C\n"
-               "  python sample.py --ckpt out/notes-from-imported --prompt \"Once\"\n\n"
+               "  python sample.py --ckpt out/notes-from-imported --prompt \"Once\"\n"
+               "  python sample.py --ckpt out/notes-from-imported/best.safetensors   # its best-val weights\n\n"
                "LoRA and instruction data (docs/finetuning.md):\n"
                "  python train.py --init-from out/stdlib-bpe2048 --sft docs/examples/python_howto.jsonl \\\n"
                "      --lora-rank 8 --lr 3e-3 --max-iters 300 --sample-prompt \"How do I sort a list?\" --lora-merge\n"
                "  python export.py --ckpt out/python_howto-from-stdlib-bpe2048 --out export/merged --peft-adapter export/adapter")
     p.add_argument("--preset", choices=list(PRESETS), default=argparse.SUPPRESS,
                    help="start from a named configuration (listed below)")
+    p.add_argument("--config", metavar="FILE.toml", default=argparse.SUPPRESS,
+                   help="read settings from a TOML file, `name = value` per line (the flags' names with _ for -, "
+                        "and preset = \"NAME\"): over the preset, under the flags. Every run writes its whole "
+                        "config as config.toml in its out dir, which this reads back")
     p.add_argument("--resume", nargs="?", const="latest", default=argparse.SUPPRESS, metavar="CKPT",
-                   help="continue from --out-dir's ckpt.safetensors, or from the checkpoint file CKPT")
+                   help="continue the run in --out-dir (its latest checkpoint, ckpt.safetensors), or in the run "
+                        "folder or checkpoint file CKPT")
+    p.add_argument("--force", action="store_true", default=argparse.SUPPRESS,
+                   help="start afresh in an out dir that holds another run: its checkpoints and log are "
+                        "deleted (without --force such a folder is refused, naming the run in it)")
     for f in fields(TrainConfig):
-        help_ = f.metadata["help"] + (f" (default: {f.default!r})" if f.default != "" else "")
+        default = f.metadata.get("default_help", repr(f.default) if f.default != "" else None)
+        help_ = f.metadata["help"] + (f" (default: {default})" if default else "")
         flag_ = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             p.add_argument(flag_, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
@@ -516,39 +658,63 @@ def build_parser():
     return p
 
 
+def presets_help():
+    """The presets for --help's epilog: each name, its description wrapped beside it, its values below."""
+    width = max(map(len, PRESETS)) + 4
+    indent = " " * (width + 2)
+    return "\n".join(textwrap.fill(desc, 100, initial_indent=f"  {name:<{width}}", subsequent_indent=indent) + "\n"
+                     + textwrap.fill(" ".join(f"{n}={v}" for n, v in values.items()) or "the defaults above", 100,
+                                     initial_indent=indent, subsequent_indent=indent)
+                     for name, (desc, values) in PRESETS.items())
+
+
+class CommandLine(NamedTuple):
+    """A parsed command line (parse_config's)."""
+    cfg: TrainConfig        # defaults <- preset <- --config file <- flags, with the settings that follow (FOLLOWS)
+    explicit: set           # the names of the settings the user chose: through a preset, the file or a flag
+    flags: set              # ... of those given in the file or as flags
+    resume: str = None      # --resume's argument ("latest" without one), or None
+    force: bool = False     # --force: a fresh run may replace the run in its out dir
+
+
 def parse_config(argv):
-    """argv -> (cfg, explicit, flags, resume): the config (defaults <- preset <- flags), the names of the
-    settings the user chose (through a preset or a flag), of those given as flags, and the --resume
-    argument (or None)."""
+    """argv -> CommandLine. The config is the defaults, under the preset (--preset, or the file's preset =),
+    under the --config file, under the flags; a setting that follows another (min_lr follows lr) and is not
+    given itself follows it."""
     args = vars(build_parser().parse_args(argv))
-    preset = args.pop("preset", "default")
-    resume = args.pop("resume", None)
-    values = dict(PRESETS[preset][1])
-    values.update(args)
-    return TrainConfig(**{**asdict(TrainConfig()), **values}), set(values), set(args), resume
+    resume, force = args.pop("resume", None), args.pop("force", False)
+    given = read_config_file(Path(args.pop("config")).expanduser()) if "config" in args else {}
+    preset = args.pop("preset", given.pop("preset", "default"))
+    given.update(args)
+    follow = followers(given)                   # (not the user's choice: a resumed run keeps its checkpoint's)
+    values = {**PRESETS[preset][1], **follow, **given}
+    return CommandLine(TrainConfig(**{**asdict(TrainConfig()), **values}), set(values) - set(follow), set(given),
+                       resume, force)
 
 
 def parse_args(argv):
     """parse_config, then every check the command line alone allows (train_config.check_command_line);
     UserError here is a usage error."""
-    cfg, explicit, flags, resume = parse_config(argv)
-    check_command_line(cfg, flags, resume)
-    return cfg, explicit, flags, resume
+    cl = parse_config(argv)
+    check_command_line(cl.cfg, cl.flags, cl.resume)
+    if cl.force and cl.resume is not None:
+        raise UserError("--force starts a new run over the one in the out dir and --resume continues it: pass one")
+    return cl
 
 
 def run(argv=None, log=print):
     """Everything main() does, raising UserError instead of exiting. Returns train()'s summary plus the
     data metadata."""
-    return prepare_and_train(*parse_args(argv), log=log)
+    return prepare_and_train(parse_args(argv), log=log)
 
 
-def prepare_and_train(cfg, explicit, flags, resume, log=print, comm=None):
-    """From a parsed command line: runs.start settles the checkpoint to continue or start from, the config,
-    the folders and the data; then train(). `comm`: under mpiexec, dist.py's communicator (only rank 0
-    logs)."""
+def prepare_and_train(cl, log=print, comm=None):
+    """From a parsed command line (a CommandLine): runs.start settles the checkpoint to continue or start
+    from, the config, the folders and the data; then train(). `comm`: under mpiexec, dist.py's
+    communicator (only rank 0 logs)."""
     if comm is not None and comm.rank != 0:
         log = lambda *a, **k: None                      # noqa: E731
-    with runs.start(cfg, explicit, flags, resume, log, comm) as s:
+    with runs.start(cl.cfg, cl.explicit, cl.flags, cl.resume, log, comm, force=cl.force) as s:
         result = train(s.cfg, s.data, s.tok, s.gm, resume=s.resume, log=log, init=s.init, comm=comm)
     result["data_meta"] = s.data["meta"]
     return result
@@ -572,20 +738,30 @@ def main(argv=None):
         sys.stdout.reconfigure(line_buffering=True)     # log lines show up at once, also in a file or a pipe
     job = {"comm": None}                                # under mpiexec: dist.py's communicator, once started
 
-    def work(args):
+    def work(cl):
         if mpi_world_size() > 1:
             from lib import dist
-            job["comm"] = dist.start(args[0].backend, args[0].dist_timeout)
-        prepare_and_train(*args, comm=job["comm"])
+            job["comm"] = dist.start(cl.cfg.backend, cl.cfg.dist_timeout)
+        result = prepare_and_train(cl, comm=job["comm"])
+        return 130 if result["status"] == "interrupted" else 0         # Ctrl-C: saved, but not done
     return run_main(parse_args, work, argv, on_error=lambda status, e: report_failure(status, e, job["comm"]))
 
 
 def report_failure(status, e, comm):
     """run_main's on_error, where train.py differs from the other programs. A usage error (status 2) is
     printed once: under mpiexec every rank parses the same command line, and rank 0 alone reports it. A
-    second Ctrl-C prints "interrupted". Under mpiexec (comm) the other ranks may be waiting for this one: a
-    failure is reported (a bug with its traceback) and MPI_Abort ends the job. Returns True for a failure
-    reported here, False to leave it to run_main."""
+    second Ctrl-C prints "interrupted". Under mpiexec (comm) a failure the ranks agreed on (dist.together:
+    the first rank that failed reports it) ends every rank in order; any other may leave ranks waiting for
+    this one: it is reported (a bug with its traceback) and MPI_Abort ends the job. Returns True for a
+    failure reported here, False to leave it to run_main."""
+    if comm is not None:
+        from lib import dist                            # (imported already: comm is its communicator)
+        if isinstance(e, dist.OtherRankFailed):         # the rank that failed says what happened
+            return True
+        if hasattr(e, "reported_by"):
+            if e.reported_by == comm.rank:
+                print(f"error: {e}" if comm.rank == 0 else f"error: rank {comm.rank}: {e}", file=sys.stderr)
+            return True
     if status == 2:
         return os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) != "0"
     if isinstance(e, KeyboardInterrupt):
@@ -595,7 +771,6 @@ def report_failure(status, e, comm):
         return True
     if comm is None:
         return False
-    from lib import dist
     if isinstance(e, (UserError, OSError)):             # OSError: disk full, permissions, a path that is not a folder
         dist.report_and_abort(comm, f"error: {e}" if comm.rank == 0 else f"error: rank {comm.rank}: {e}", 1)
     else:                                               # a bug: its traceback, then the job ends

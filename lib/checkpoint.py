@@ -39,6 +39,11 @@ Writing is atomic: the bytes go to a temporary file in the same folder, which is
 then renamed over the old file (os.replace), and the folder is fsync'ed. A process killed at any moment
 leaves either the old checkpoint or the new one, never a mix; a stray `.ckpt.safetensors.tmp-*` file is
 ignored.
+
+A run folder holds two checkpoints: ckpt.safetensors, the latest, which --resume continues, and
+best.safetensors, the weights of the best val loss so far (train.py writes it when an evaluation improves
+on it): the same format, weights only (no adam.* tensors), its metadata with "best": {"step", "val_loss"}.
+Every program that reads a checkpoint (CHECKPOINT_HELP) takes either.
 """
 
 import hashlib
@@ -62,6 +67,11 @@ from lib.tokenizer import tokenizer_from_text
 
 FORMAT = "gpt-numpy-checkpoint"
 VERSION = "2"                   # written; "1" is still read (its metadata unverified)
+
+# What every program's checkpoint argument (sample.py, eval.py, export.py --ckpt; train.py --init-from)
+# takes, in the words of their --help
+CHECKPOINT_HELP = ("a run folder (its latest checkpoint, ckpt.safetensors) or a checkpoint file, such as the "
+                   "run's best.safetensors (the weights of its best val loss) or merged.safetensors")
 
 
 def tensors_sha256(tensors, h=None):
@@ -255,6 +265,7 @@ def _pcg64_state(v):
 def _progress(v):
     return (isinstance(v, dict) and _number(v.get("elapsed_s", 0)) and _count(v.get("tokens_seen", 0))
             and (v.get("best_val_loss") is None or _number(v["best_val_loss"], nan_ok=True))
+            and (v.get("best_step") is None or _count(v["best_step"]))
             and (v.get("last_eval") is None or isinstance(v["last_eval"], dict)))
 
 
@@ -272,6 +283,8 @@ META_SCHEMA = {
     "data": (lambda v: isinstance(v, dict) and isinstance(v.get("key"), dict), "an object with the data cache's key"),
     "progress": (_progress, "an object with elapsed_s, tokens_seen, best_val_loss and last_eval"),
     "imported_from": (lambda v: isinstance(v, str), "a string"),
+    "best": (lambda v: isinstance(v, dict) and _count(v.get("step")) and _number(v.get("val_loss"), nan_ok=True),
+             "an object with the step and val_loss of a run's best weights"),
 }
 TRAINING_STATE = ("step", "adam_t", "train_config", "rng", "data", "progress")   # what --resume reads
 PROGRESS = ("elapsed_s", "tokens_seen", "best_val_loss")                          # ... and in progress

@@ -60,6 +60,38 @@ def report_and_abort(comm, message, code):
     comm.abort(code)
 
 
+class OtherRankFailed(Exception):
+    """Raised by together on a rank that got through while another failed: that one reports it."""
+
+    def __init__(self, first):
+        super().__init__(f"rank {first} failed")
+        self.first = first
+
+
+def together(comm, fn):
+    """fn() on every rank, then a check that every rank got through it: the return value, or, if any rank
+    failed (UserError or OSError), an exception on every rank: its own on a rank that failed, marked
+    with e.reported_by, the first rank that failed (which alone reports it), OtherRankFailed on the
+    others. So a failure that every rank meets alike (a --resume that none can use, an empty corpus)
+    ends the job in order, one line from one rank, without MPI_Abort (whose launcher adds lines of its
+    own). Not bounded in time: fn may prepare a large corpus. A bug or Ctrl-C inside fn still ends the
+    job through MPI_Abort (train.report_failure), which the others' wait here does not hinder."""
+    from errors import UserError
+    error = out = None
+    try:
+        out = fn()
+    except (UserError, OSError) as e:
+        error = e
+    failed = np.flatnonzero(comm.allgather_host(np.array([error is not None], np.uint8), "the others to get through",
+                                                timeout=None))
+    if len(failed) == 0:
+        return out
+    if error is None:
+        raise OtherRankFailed(int(failed[0]))
+    error.reported_by = int(failed[0])
+    raise error
+
+
 def fail(msg, code=1):
     """Stop this rank and, through MPI_Abort, the whole job: a one-line error first."""
     from mpi4py import MPI
@@ -124,10 +156,10 @@ class MPIComm:
         self.wait([self.comm.Iallreduce(self.MPI.IN_PLACE, a)], what)
         return a
 
-    def allgather_host(self, a, what):
+    def allgather_host(self, a, what, timeout="default"):
         a = np.ascontiguousarray(a)
         out = np.empty((self.size, *a.shape), dtype=a.dtype)
-        self.wait([self.comm.Iallgather(a, out)], what)
+        self.wait([self.comm.Iallgather(a, out)], what, timeout)
         return out
 
     def gather_host(self, a, what):
@@ -275,9 +307,8 @@ def in_turn(comm, fn):
     for turn in range(3):
         mine = (comm.rank == 0 if turn == 0 else
                 comm.rank != 0 and comm.node_rank == 0 if turn == 1 else comm.node_rank != 0)
-        if mine:
-            out = fn()
-        comm.barrier("the data is prepared", timeout=None)
+        got = together(comm, fn if mine else lambda: None)     # a failure in a turn ends every rank (together)
+        out = got if mine else out
     return out
 
 

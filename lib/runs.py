@@ -7,13 +7,16 @@ tokenized and cached, and a State to train, fresh or restored from the run's che
         train(s.cfg, s.data, s.tok, s.gm, resume=s.resume, init=s.init)
 
 Three ways to start, each with its rules:
-- afresh: the config is the flags (over a preset, over the defaults); the tokenizer is trained or read
-  from the corpus (data.get_tokenizer), the model is new.
+- afresh: the config is the flags (over a --config file, over a preset, over the defaults); the tokenizer
+  is trained or read from the corpus (data.get_tokenizer), the model is new. The out dir must not hold
+  another run (check_out_dir_free), unless --force: its checkpoints and log then go (fresh_state).
 - --resume [CKPT]: the run continues its own checkpoint. The config is the checkpoint's; a flag may change
   only what train_config.RESUME_MAY_CHANGE lists, and any other explicit flag that differs is an error (it
   would silently make it another run). The global batch (grad_accum x ranks) stays at any number of ranks,
-  the tokenizer is the checkpoint's, and the corpus must hash to the checkpoint's data key. The state is
-  the checkpoint's (resumed_state reads back what checkpoint_meta wrote), and log.jsonl is cut back to it.
+  the tokenizer is the checkpoint's, and the corpus must hash to the checkpoint's data key. Where the run
+  writes comes from the command line and the run's folder, never from the file. The state is the
+  checkpoint's (resumed_state reads back what checkpoint_meta wrote), and log.jsonl is cut back to it (an
+  incomplete last line, as a full disk leaves it, dropped with a warning).
 - --init-from CKPT: a new run fine-tunes another checkpoint. The model (train_config.FROM_CHECKPOINT) and
   the tokenizer come from that checkpoint, a flag that contradicts them is an error; the training
   settings come from the flags. The tokenizer is saved in the out dir, where it keys the data cache.
@@ -21,9 +24,15 @@ Three ways to start, each with its rules:
 A run's records: Run, what stays fixed while it trains (the config, the model config, the backend, the
 data, the folder); State, what changes, all of it checkpointed (the weights, AdamW, the loss scaler, the
 batch sampler's generator, the progress).
+
+A run's folder: ckpt.safetensors (the latest checkpoint), best.safetensors (the weights of the best val
+loss so far; best_meta), log.jsonl, config.toml (write_run_config) and, for a fine-tuning run, its
+tokenizer file; a LoRA run with --lora-merge adds merged.safetensors. A start that fails removes the
+folders it made if nothing was written in them (made_folders).
 """
 
 import json
+import textwrap
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -32,15 +41,16 @@ from pathlib import Path
 import numpy as np
 
 import gpt_numpy
-from errors import UserError
+from errors import FileFormatError, UserError
 from lib import lora as lora_lib, mixed_precision, scoring, sft
 from lib.backend import load_backend
 from lib.checkpoint import (build_meta, load_adapters, load_checkpoint, load_lora_base, load_params, lora_base_ref,
                             read_meta)
 from lib.data import data_key, data_name, digest_sources, find_sources, get_tokenizer, prepare_data, safe_name, tokenizer_tag
-from lib.files import locked_folder, mark_output_folder, naming_errors, write_text_atomic
+from lib.files import LOCK_NAME, OUTPUT_MARK, locked_folder, mark_output_folder, naming_errors, write_text_atomic
 from lib.tokenizer import encode_prompt, load_tokenizer_file
-from lib.train_config import FROM_CHECKPOINT, RESUME_MAY_CHANGE, TrainConfig, check_config, check_saved_config
+from lib.train_config import (FROM_CHECKPOINT, RESUME_MAY_CHANGE, TrainConfig, check_config, check_saved_config,
+                              config_summary, config_toml)
 
 
 @dataclass
@@ -55,16 +65,40 @@ class Start:
 
 
 @contextmanager
-def start(cfg, explicit, flags, resume, log=print, comm=None):
-    """From a parsed command line (cfg, the names of the settings chosen by a preset or a flag, of those
-    given as flags, and the --resume argument or None): the checkpoint to continue or start from and the
-    config, the backend, the folders, then the corpus, the tokenizer and the token cache. Yields a Start
-    while it holds the run folder's lock: one process at a time trains in a folder (under mpiexec, `comm`:
-    rank 0 holds it for the job, and prepares the data while the other ranks wait, then read it)."""
+def start(cfg, explicit, flags, resume, log=print, comm=None, force=False):
+    """From a parsed command line (cfg, the names of the settings chosen by a preset, the --config file or
+    a flag, of those given in the file or as flags, the --resume argument or None, and --force): the
+    checkpoint to continue or start from and the config, the backend, the folders, then the corpus, the
+    tokenizer and the token cache. Yields a Start while it holds the run folder's lock: one process at a
+    time trains in a folder (under mpiexec, `comm`: rank 0 holds it for the job, and prepares the data
+    while the other ranks wait, then read it). A start that fails leaves no folder it made and wrote
+    nothing into (made_folders)."""
+    cfg, gm, ck, init, tok = on_every_rank(comm, lambda: settle(cfg, explicit, flags, resume, log, comm))
+    with made_folders(cfg), locked_folder(cfg.out_dir) if comm is None or comm.rank == 0 else nullcontext():
+        if ck is None:                                  # a new run: not over another one (but --force)
+            on_every_rank(comm, lambda: check_out_dir_free(cfg.out_dir, force, init))
+        load = load_sft if cfg.sft else load_corpus
+        if comm is None:
+            tok, data = load(cfg, ck, init, tok, log)
+        else:                                           # rank 0 prepares it, the others then read it
+            from lib import dist
+            tok, data = dist.in_turn(comm, lambda: load(cfg, ck, init, tok, log))
+        if cfg.sample_tokens:
+            encode_prompt(tok, cfg.sample_prompt)       # an unencodable --sample-prompt fails now, not mid-run
+        log(textwrap.fill(f"{config_summary(cfg)}; all of it in {Path(cfg.out_dir) / 'config.toml'}", 100,
+                          initial_indent="config: ", subsequent_indent="  ", break_on_hyphens=False,
+                          break_long_words=False))
+        yield Start(cfg, gm, tok, data, ck, init)
+
+
+def settle(cfg, explicit, flags, resume, log, comm):
+    """start's first part, before any folder is made: the backend, the checkpoint a run continues
+    (--resume) or starts from (--init-from), the config that follows, with its out dir. Returns (cfg, gm,
+    the resumed checkpoint, the init checkpoint, its tokenizer)."""
     gm = load_backend(cfg.backend)                      # fail early on a missing GPU
     ck = init = tok = None
     if resume is not None:
-        cfg, ck = open_resume(cfg, explicit, flags, resume, comm.size if comm is not None else 1)
+        cfg, ck = open_resume(cfg, explicit, flags, resume, comm.size if comm is not None else 1, log)
         gm = load_backend(cfg.backend)
     elif cfg.init_from:
         cfg, init, tok = open_init(cfg, flags)
@@ -77,38 +111,69 @@ def start(cfg, explicit, flags, resume, log=print, comm=None):
         cfg.lr_decay_iters = cfg.max_iters              # fixed now, so a longer resumed run keeps the schedule
     cfg.name = cfg.name or data_name(cfg.sft or cfg.data)
     cfg.out_dir = cfg.out_dir or default_out_dir(cfg)
-    make_folders(cfg)
-    with locked_folder(cfg.out_dir) if comm is None or comm.rank == 0 else nullcontext():
-        load = load_sft if cfg.sft else load_corpus
-        if comm is None:
-            tok, data = load(cfg, ck, init, tok, log)
-        else:                                           # rank 0 prepares it, the others then read it
-            from lib import dist
-            tok, data = dist.in_turn(comm, lambda: load(cfg, ck, init, tok, log))
-        if ck is None and (Path(cfg.out_dir) / "ckpt.safetensors").is_file():
-            old = read_meta(Path(cfg.out_dir) / "ckpt.safetensors")
-            log(f"note: starting afresh; {cfg.out_dir}/ckpt.safetensors (step {old.get('step', '?') if old else '?'})"
-                f" will be overwritten (use --resume to continue it instead)")
-        if cfg.sample_tokens:
-            encode_prompt(tok, cfg.sample_prompt)       # an unencodable --sample-prompt fails now, not mid-run
-        yield Start(cfg, gm, tok, data, ck, init)
+    if ck is None:                                      # a new run
+        warn_schedule(cfg, explicit, log)
+    return cfg, gm, ck, init, tok
+
+
+def on_every_rank(comm, fn):
+    """fn(), which every rank runs alike; under mpiexec through dist.together, so that a failure they all
+    meet (a checkpoint that cannot be resumed) ends the job with one line, and without MPI_Abort."""
+    if comm is None:
+        return fn()
+    from lib import dist
+    return dist.together(comm, fn)
+
+
+def warn_schedule(cfg, explicit, log):
+    """Warnings about a learning-rate schedule that is surely not what was meant: a run that ends inside
+    its warmup, and an explicit --lr-decay-iters past --max-iters (the run ends before its decay)."""
+    if 0 < cfg.max_iters < cfg.warmup_iters:
+        peak = gpt_numpy.lr_schedule(cfg.max_iters - 1, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
+        log(f"warning: --max-iters {cfg.max_iters} ends inside the warmup (--warmup-iters {cfg.warmup_iters}): the "
+            f"learning rate climbs to {peak:.2e} of --lr {cfg.lr:g} and never decays; pass --warmup-iters "
+            f"{max(1, cfg.max_iters // 10)} (a tenth of the run) or a larger --max-iters")
+    elif 0 < cfg.max_iters < cfg.lr_decay_iters and "lr_decay_iters" in explicit:
+        last = gpt_numpy.lr_schedule(cfg.max_iters - 1, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
+        log(f"warning: --lr-decay-iters {cfg.lr_decay_iters} is past --max-iters {cfg.max_iters}: the run ends at lr "
+            f"{last:.2e}, before its decay to --min-lr {cfg.min_lr:g} (fine for a run you will resume further; "
+            f"else drop --lr-decay-iters: the decay then ends at --max-iters)")
 
 
 # ----------------------------------------------------------------------------------------------------
 # --resume: the run's own checkpoint and config
 
-def open_resume(cfg, explicit, flags, resume, world=1):
-    """--resume [CKPT]: the checkpoint and the config it continues (its own, plus the flags that may change)."""
+def open_resume(cfg, explicit, flags, resume, world=1, log=print):
+    """--resume [CKPT]: the checkpoint and the config it continues (its own, plus the flags that may change).
+    Where the run writes comes from the command line and the run's folder, never from the file: the out
+    dir is the checkpoint's folder, the data dir the flag's (or its default)."""
     path = Path(cfg.out_dir or default_out_dir(cfg)) if resume == "latest" else Path(resume)
     ck = load_checkpoint(path)
+    if "best" in ck.meta:
+        raise UserError(f"cannot resume from {ck.path}: it holds the run's best weights, not its training state; "
+                        f"--resume {ck.path.parent} continues the latest checkpoint, and --init-from {ck.path} "
+                        f"starts a new run from these weights")
     if "train_config" not in ck.meta:
         raise UserError(f"cannot resume from {ck.path}: it holds weights only, no training state")
     cfg = resume_config(cfg, explicit, flags, ck.meta)
     resume_world(cfg, explicit, ck.meta, world)
     if "out_dir" not in explicit:
         cfg.out_dir = str(ck.path.parent)
+    if "data_dir" not in explicit:
+        saved, cfg.data_dir = cfg.data_dir, TrainConfig().data_dir
+        if saved != cfg.data_dir:
+            log(f"note: the run's data cache was under {saved}; a checkpoint never chooses where to write, so "
+                f"this run uses --data-dir {cfg.data_dir} (pass --data-dir {saved} to use that cache)")
+    if "name" not in explicit and not is_plain_name(cfg.name):
+        raise FileFormatError(f"{ck.path}: the checkpoint's train_config has name = {json.dumps(cfg.name)[:60]}, "
+                              f"which is not a plain folder name; pass --name NAME")
     check_config(cfg)
     return cfg, ck
+
+
+def is_plain_name(name):
+    """A name that stays one folder inside --data-dir: no separator, not '', '.' or '..'."""
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
 def resume_config(cfg, explicit, flags, meta):
@@ -201,23 +266,81 @@ def load_checkpoint_for(what, path):
 # Folders and data
 
 def default_out_dir(cfg):
-    """out/<data>-<tokenizer>, or for a fine-tuning run out/<data>-from-<the checkpoint's folder or name>."""
+    """out/<data>-<tokenizer>, or for a fine-tuning run out/<data>-from-<the checkpoint's folder or name>
+    (a run's best.safetensors: <its folder>-best)."""
     name = cfg.name or data_name(cfg.sft or cfg.data)
     if cfg.init_from:
         src = Path(cfg.init_from).expanduser().resolve()
-        src = src.parent if src.name == "ckpt.safetensors" else src
+        src = {"ckpt.safetensors": src.parent, "best.safetensors": src.parent.with_name(src.parent.name + "-best")
+               }.get(src.name, src)
         return str(Path("out") / f"{name}-from-{safe_name(src.name.removesuffix('.safetensors'))}")
     return str(Path("out") / f"{name}-{tokenizer_tag(cfg)}")
 
 
-def make_folders(cfg):
-    """The out dir and the data dir, each marked as this project's output (never read as a corpus)."""
+@contextmanager
+def made_folders(cfg):
+    """Inside: the out dir and the data dir, each marked as this project's output (never read as a corpus).
+    If what is inside fails, the folders made here that still hold nothing but the marker and the lock go
+    again, with the parents made for them: a run that could not start (Tiny Shakespeare not downloadable,
+    a corpus too short) leaves no empty out/NAME behind."""
+    made = []                                           # the folders this call creates, parents first
     for flag_, folder in (("--out-dir", cfg.out_dir), ("--data-dir", cfg.data_dir)):
+        missing = [p for p in (Path(folder), *Path(folder).parents) if not p.exists()]
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
             mark_output_folder(folder)
         except OSError as e:
             raise UserError(f"{flag_} {folder!r} cannot be used as a folder: {e.strerror or e}") from None
+        made += [p for p in reversed(missing) if p not in made]
+    try:
+        yield
+    except BaseException:
+        for folder in reversed(made):                   # the deepest first
+            remove_if_unused(folder)
+        raise
+
+
+def remove_if_unused(folder):
+    """Remove a folder that holds nothing but this project's marker and lock (or nothing at all)."""
+    try:
+        entries = list(folder.iterdir())
+        if any(p.name not in (OUTPUT_MARK, LOCK_NAME) or not p.is_file() for p in entries):
+            return
+        for p in entries:
+            p.unlink()
+        folder.rmdir()
+    except OSError:                                     # another process (a rank) got there first
+        pass
+
+
+RUN_FILES = ("ckpt.safetensors", "best.safetensors", "merged.safetensors", "log.jsonl", "config.toml")
+
+
+def check_out_dir_free(out_dir, force, init=None):
+    """A new run's out dir must not hold another run, whose checkpoints and log it would replace: refused,
+    naming that run, unless --force (fresh_state then deletes them); never the --init-from checkpoint. (A
+    config.toml and an empty log alone are a run stopped before its first evaluation: no run.)"""
+    there = [n for n in RUN_FILES if (Path(out_dir) / n).is_file() and n != "config.toml"
+             and not (n == "log.jsonl" and (Path(out_dir) / n).stat().st_size == 0)]
+    if init is not None and init.path.name in there and init.path.resolve().parent == Path(out_dir).resolve():
+        raise UserError(f"--out-dir {out_dir} holds the --init-from checkpoint {init.path}, which a new run there "
+                        f"would delete; choose another --out-dir")
+    if there and not force:
+        raise UserError(f"--out-dir {out_dir} holds another run ({describe_run(Path(out_dir), there)}); continue "
+                        f"it with --resume {out_dir}, replace it with --force, or choose another --out-dir")
+
+
+def describe_run(folder, there):
+    """A few words on the run in folder (`there`: the names of its files): its data, step and time."""
+    ck = folder / ("ckpt.safetensors" if "ckpt.safetensors" in there else there[0])
+    meta = read_meta(ck) if ck.suffix == ".safetensors" else None
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(ck.stat().st_mtime))
+    if not meta:
+        return f"{', '.join(there)}, written {when}"
+    tc = meta.get("train_config") if isinstance(meta.get("train_config"), dict) else {}
+    data = (f"--sft {tc['sft']}" if tc.get("sft") else f"--data {tc['data']}" if tc.get("data") else
+            f"imported from {meta['imported_from']}" if meta.get("imported_from") else "data unknown")
+    return f"{data}, step {meta.get('step', '?')}, saved {when}"
 
 
 def load_corpus(cfg, ck, init, tok, log):
@@ -289,8 +412,9 @@ def open_out_dir(cfg):
     """The run's folder, without the temporary files of a process killed while saving."""
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".ckpt.safetensors.tmp-*"):
-        stale.unlink(missing_ok=True)
+    for name in ("ckpt", "best"):
+        for stale in out_dir.glob(f".{name}.safetensors.tmp-*"):
+            stale.unlink(missing_ok=True)
     return out_dir
 
 
@@ -318,6 +442,7 @@ class Run:
     mc: list | None = None      # --eval-mc's items, encoded once (scoring.MCRequest)
 
     ckpt_path = property(lambda self: self.out_dir / "ckpt.safetensors")
+    best_path = property(lambda self: self.out_dir / "best.safetensors")     # the weights of the best val loss
     log_path = property(lambda self: self.out_dir / "log.jsonl")
     rank = property(lambda self: self.comm.rank if self.comm else 0)     # rank 0 logs, evaluates, saves
     world = property(lambda self: self.comm.size if self.comm else 1)
@@ -336,7 +461,8 @@ class State:
     step: int = 0
     elapsed: float = 0.0            # seconds of training before this process started
     tokens_seen: int = 0
-    best_val: float | None = None
+    best_val: float | None = None   # the best val loss so far, and its step (its weights: best.safetensors)
+    best_step: int | None = None
     last_eval: dict | None = None   # the latest evaluation: step, train and val loss, val bits per byte
     saved_step: int | None = None   # the step of this run's checkpoint in out_dir (None: none written yet)
     t_start: float = field(default_factory=time.time)    # when this process started training
@@ -365,8 +491,12 @@ def fresh_state(run, init):
         run.lora_base = lora_base_ref(init, run.out_dir)
         trained = lora_lib.init(gm, run.mcfg, run.lora, seed=cfg.seed)
         params.update(trained)
-    if run.rank == 0:
-        run.log_path.write_text("")                                   # a fresh run starts a fresh log
+    if run.rank == 0:                                   # a fresh run: a fresh log, no files of an older run
+        for name in RUN_FILES:                          # (there only with --force: check_out_dir_free)
+            (run.out_dir / name).unlink(missing_ok=True)
+        with naming_errors(run.log_path):
+            run.log_path.write_text("")
+        write_run_config(run)
     return State(params, gm.adamw_init(trained), mixed_precision.loss_scaler_init(), np.random.default_rng(cfg.seed),
                  trained_keys=list(trained))
 
@@ -392,16 +522,55 @@ def resumed_state(run, ck):
     p = meta["progress"]
     state = State(params, opt, dict(meta.get("loss_scaler") or mixed_precision.loss_scaler_init()), rng, step=int(meta["step"]),
                   elapsed=p["elapsed_s"], tokens_seen=p["tokens_seen"], best_val=p["best_val_loss"],
-                  last_eval=p.get("last_eval"), saved_step=int(meta["step"]), trained_keys=list(trained))
+                  best_step=p.get("best_step"), last_eval=p.get("last_eval"), saved_step=int(meta["step"]),
+                  trained_keys=list(trained))
     run.log(f"resumed from {ck.path} at step {state.step}")
     if run.rank != 0:
         return state
     # drop what the interrupted run logged after its checkpoint: those steps are about to be redone
-    kept = [line for line in (run.log_path.read_text().splitlines() if run.log_path.is_file() else [])
-            if line.strip() and json.loads(line).get("step", 0) <= state.step]
+    kept = log_lines_upto(run.log_path, state.step, run.log)
     write_text_atomic(run.log_path, "".join(line + "\n" for line in kept))
     append_jsonl(run.log_path, {"event": "resume", "step": state.step, "world_size": run.world})
+    write_run_config(run)
     return state
+
+
+def log_lines_upto(path, step, log=print):
+    """The lines of log.jsonl (a file of JSON records) up to `step`. Its last line, if incomplete (the
+    disk filled up, or the process was killed, while it was written), is dropped with a warning; a bad line
+    before it is refused, naming it: a log damaged in its middle is not this program's to mend."""
+    if not path.is_file():
+        return []
+    with naming_errors(path):
+        lines = path.read_bytes().split(b"\n")
+    if lines[-1] == b"":                                # the newline that ends the last record
+        lines.pop()
+    kept = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not (isinstance(record, dict) and isinstance(record.get("step", 0), (int, float))):
+                raise ValueError("not a record with a numeric step")
+        except (ValueError, RecursionError) as e:      # (UnicodeDecodeError is a ValueError)
+            if n < len(lines):
+                raise FileFormatError(f"{path}, line {n}: not a JSON record ({e}); the log is damaged before its "
+                                      f"end: remove that line (or the whole log) and resume again") from None
+            log(f"warning: {path}, line {n} (the last) is incomplete, as a disk that filled up or a killed process "
+                f"leaves it ({e}): dropped")
+            break
+        if record.get("step", 0) <= step:
+            kept.append(line.decode("utf-8"))
+    return kept
+
+
+def write_run_config(run):
+    """The run's whole config as config.toml in its out dir, a file --config reads back."""
+    header = (f"train.py's settings for the run in {run.out_dir} (written when it started; every setting with "
+              f"its --help)\nRead it back with: python train.py --config {run.out_dir / 'config.toml'} --out-dir "
+              f"NEW (flags override it)")
+    write_text_atomic(run.out_dir / "config.toml", config_toml(run.cfg, header))
 
 
 def checkpoint_meta(run, state):
@@ -418,7 +587,18 @@ def checkpoint_meta(run, state):
         data={"name": d["name"], "key": d["key"], "train_tokens": d["train_tokens"], "val_tokens": d["val_tokens"],
               "val_bytes_per_token": d["val_bytes_per_token"]},
         progress={"elapsed_s": state.elapsed_now(), "tokens_seen": state.tokens_seen,
-                  "best_val_loss": state.best_val, "last_eval": state.last_eval}, **fine_tuning_meta(run))
+                  "best_val_loss": state.best_val, "best_step": state.best_step, "last_eval": state.last_eval},
+        **fine_tuning_meta(run))
+
+
+def best_meta(run, state, val_loss):
+    """The metadata of best.safetensors, the weights of the run's best val loss: build_meta's, with the
+    run's config, data and progress, and "best" (its step and val loss); no optimizer or sampler state,
+    as --resume continues ckpt.safetensors only."""
+    d = run.data["meta"]
+    return build_meta(run.mcfg, run.tok, step=state.step, train_config=asdict(run.cfg), world_size=run.world,
+                      data={"name": d["name"], "key": d["key"], "val_bytes_per_token": d["val_bytes_per_token"]},
+                      best={"step": state.step, "val_loss": val_loss}, **fine_tuning_meta(run))
 
 
 def fine_tuning_meta(run):

@@ -7,17 +7,23 @@ of values; the checks here refuse a setting that cannot work before any data is 
     check_config(cfg)                           # UserError naming the flag, e.g. "--lr must be > 0 ..."
     mcfg = model_config(cfg, vocab_size=65)     # the GPTConfig of a new run
 
-What a resumed run may change (RESUME_MAY_CHANGE) and what a fine-tuning run takes from its checkpoint
-(FROM_CHECKPOINT) are written here too, beside the fields they name; runs.py applies them.
+What a resumed run may change (RESUME_MAY_CHANGE), what a fine-tuning run takes from its checkpoint
+(FROM_CHECKPOINT) and which settings follow another unless given (FOLLOWS: min_lr = lr / 10) are written
+here too, beside the fields they name; train.py and runs.py apply them. So is the --config file's form
+(read_config_file, config_toml): TOML, one `name = value` per field.
 """
 
+import difflib
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import gpt_numpy
 from errors import FileFormatError, UserError
 from lib import lora as lora_lib, memory
+from lib.checkpoint import CHECKPOINT_HELP
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -47,11 +53,10 @@ class TrainConfig:
     val_fraction: float = flag(0.1, "fraction of the tokens (the last ones) held out for validation "
                                "(nanoGPT's 90/10)")
     # model (gpt_numpy.GPTConfig)
-    init_from: str = flag("", "fine-tune: start a new run from this checkpoint (a ckpt.safetensors or its "
-                          "folder, e.g. from an earlier run or export.py --import-hf): its weights, model and "
-                          "tokenizer; the optimizer, step and sampler start afresh, the training settings "
-                          "come from the flags and --preset (--block-size at most the model's context; model "
-                          "flags must match it)", metavar="CKPT")
+    init_from: str = flag("", f"fine-tune: start a new run from this checkpoint, {CHECKPOINT_HELP} (an earlier "
+                          "run's, or export.py --import-hf's): its weights, model and tokenizer; the optimizer, "
+                          "step and sampler start afresh, the training settings come from the flags and --preset "
+                          "(--block-size at most the model's context; model flags must match it)", metavar="CKPT")
     n_layer: int = flag(4, "L: transformer blocks")
     n_head: int = flag(4, "nh: attention heads (d_model / n_head must be even, for RoPE)")
     d_model: int = flag(128, "C: model width, the residual stream")
@@ -63,7 +68,7 @@ class TrainConfig:
                                         "pass: less memory, ~1.3x time")
     mixed_precision: bool = flag(False, "float16 forward and backward on a copy of the float32 weights, with "
                                  "dynamic loss scaling (overflowing steps are skipped); for --backend cupy: "
-                                 "NumPy has no float16 BLAS")
+                                 "NumPy has no float16 BLAS (~100x slower steps)")
     # fine-tuning (with --init-from): LoRA adapters instead of every weight, and instruction data
     lora_rank: int = flag(0, "LoRA: train rank-r adapters A (in, r), B (r, out) beside frozen weights, y = x @ W + "
                           "(alpha/r) (x @ A) @ B, e.g. 8 (0: full fine-tuning); the checkpoints hold the adapters "
@@ -88,9 +93,12 @@ class TrainConfig:
                            "B * grad_accum")
     max_iters: int = flag(600, "optimizer steps in all")
     lr: float = flag(2e-3, "peak learning rate")
-    min_lr: float = flag(2e-4, "final learning rate, ~ lr / 10")
+    min_lr: float = flag(2e-4, "final learning rate", default_help="--lr / 10 unless given, e.g. 3e-6 for --lr "
+                         "3e-5; a preset's min_lr too gives way to --lr")
     warmup_iters: int = flag(50, "linear warmup steps")
-    lr_decay_iters: int = flag(0, "the cosine decay ends here (0: at max_iters)")
+    lr_decay_iters: int = flag(0, "the cosine decay ends here (0: at --max-iters, fixed when the run starts, so a "
+                               "resumed run that goes further keeps its schedule and trains on at min_lr); a "
+                               "preset's value gives way to --max-iters unless this flag is given too")
     beta1: float = flag(0.9, "AdamW first-moment decay")
     beta2: float = flag(0.99, "AdamW second-moment decay (0.99 for small batches, 0.95 for large)")
     eps: float = flag(1e-8, "AdamW epsilon")
@@ -106,7 +114,8 @@ class TrainConfig:
     eval_mc: str = flag("", "a multiple-choice JSONL file (eval.py --mc's formats, e.g. HellaSwag's) scored at every "
                         "evaluation as eval.py scores it: acc, acc_norm, acc_token_norm, printed and in log.jsonl",
                         metavar="FILE")
-    eval_mc_limit: int = flag(0, "score only the first N items of --eval-mc (0: all)")
+    eval_mc_limit: int = flag(0, "score only the first N items of --eval-mc (0: all); eval.py's --mc-limit (the "
+                              "eval- prefix marks a setting of the evaluations during training)")
     # run
     seed: int = flag(1337, "seed of the weights, the batch sampler and the dropout masks")
     backend: str = flag("numpy", "numpy (CPU) or cupy (NVIDIA GPU, through gpt_cupy.py)", choices=["numpy", "cupy"])
@@ -161,6 +170,25 @@ RESUME_MAY_CHANGE = {"max_iters", "eval_interval", "eval_iters", "log_interval",
 # the tokenizer; an explicit flag that differs is an error. (block_size is a flag, up to its max_seq_len.)
 FROM_CHECKPOINT = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "norm")
 
+# Settings that follow another one unless they are given themselves (as a flag or in the --config file),
+# in a new run (a resumed run keeps its checkpoint's): the default or a preset's min_lr would otherwise
+# stay above a smaller --lr (refused), and a preset's lr_decay_iters would keep the schedule of the
+# preset's length in a run shortened with --max-iters (shakespeare-char with --max-iters 300: lr still
+# 9.8e-4 of 1e-3 at the last step, no decay at all).
+FOLLOWS = {"min_lr": ("lr", "lr / 10", lambda lr: float(f"{lr / 10:.6g}")),   # 3e-4 for 3e-3, not 3.0000000000000003e-4
+           "lr_decay_iters": ("max_iters", "max_iters", lambda max_iters: max_iters)}
+
+
+def followers(given):
+    """The settings that follow one in `given` (the names and values the user gave) and are not given
+    themselves: followers({"lr": 3e-5}) -> {"min_lr": 3e-6}."""
+    return {k: rule(given[leader]) for k, (leader, _, rule) in FOLLOWS.items() if leader in given and k not in given}
+
+
+def follows(cfg, name):
+    """Does cfg's setting `name` hold what it would follow (min_lr = lr / 10)?"""
+    return name in FOLLOWS and getattr(cfg, name) == FOLLOWS[name][2](getattr(cfg, FOLLOWS[name][0]))
+
 
 # ----------------------------------------------------------------------------------------------------
 # Checks: a bad setting is refused with one line naming its flag
@@ -170,6 +198,10 @@ def check_command_line(cfg, flags, resume):
     together, and a new model that cannot be built or cannot fit. flags: the names of the settings given as
     flags; resume: --resume's argument, or None."""
     check_config(cfg)
+    # (given, not followed: --max-iters 3 under a warmup of 50 is a run inside its warmup, which
+    # runs.warn_schedule warns of; and a resumed run keeps its checkpoint's schedule, whatever it is)
+    if resume is None and "lr_decay_iters" in flags and 0 < cfg.lr_decay_iters < cfg.warmup_iters:
+        raise UserError(f"--lr-decay-iters ({cfg.lr_decay_iters}) must not end before --warmup-iters ({cfg.warmup_iters})")
     if resume is not None and cfg.init_from:
         raise UserError("--init-from starts a new run from a checkpoint's weights and --resume continues a run: "
                         "pass one of them (a fine-tuning run resumes with --resume alone)")
@@ -216,8 +248,6 @@ def check_config(cfg):
         raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.seed < 0:
         raise UserError(f"--seed must be >= 0, got {cfg.seed}")
-    if 0 < cfg.lr_decay_iters < cfg.warmup_iters:
-        raise UserError(f"--lr-decay-iters ({cfg.lr_decay_iters}) must not end before --warmup-iters ({cfg.warmup_iters})")
     if cfg.tokenizer == "bpe" and cfg.vocab_size < 257:
         raise UserError(f"--vocab-size must be at least 257 for BPE (256 bytes + 1 special token), got {cfg.vocab_size}")
     if cfg.backend not in ("numpy", "cupy"):
@@ -272,3 +302,99 @@ def check_memory(cfg, mcfg, gm=None):
                             f"{cfg.block_size} tokens)", gm,
                       hint="use a smaller model, --batch-size or --block-size (or --checkpoint-activations)")
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# The --config file (TOML): `name = value` for any of TrainConfig's fields, and `preset = "NAME"`; the
+# flags override it, it overrides the preset. A run writes its whole config in the same form, each setting
+# under its help as a comment (RUN/config.toml: --config reads it back).
+
+CONFIG_MAX_BYTES = 1 << 20              # a config file is a few KB; more is not a config file
+
+
+def read_config_file(path):
+    """The settings of a --config TOML file, {name: value}, each a known setting of its flag's type (an int
+    may stand for a float), or UserError naming the file and the key. Python 3.10 has no tomllib: there,
+    the tomli package, or a one-line error saying so."""
+    try:
+        import tomllib
+    except ImportError:                                 # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise UserError("--config needs Python 3.11 or later (its tomllib reads TOML), or on 3.10 the tomli "
+                            "package: pip install tomli") from None
+    where = f"--config {path}"
+    try:
+        if not Path(path).is_file():
+            raise UserError(f"{where}: {'no such file' if not Path(path).exists() else 'not a regular file'}")
+        with open(path, "rb") as f:
+            raw = f.read(CONFIG_MAX_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"{where}: cannot be read: {e.strerror or e}") from None
+    if len(raw) > CONFIG_MAX_BYTES:
+        raise UserError(f"{where}: larger than {CONFIG_MAX_BYTES >> 20} MB; a config file holds a few settings")
+    try:
+        values = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{where}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise UserError(f"{where}: not usable TOML (nested too deeply)") from None
+    return {key: config_value(where, key, v) for key, v in values.items()}
+
+
+def config_value(where, key, v):
+    """One setting of a --config file, checked: its value (a float setting's as a float)."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    if key == "preset":
+        if v not in PRESETS:
+            raise UserError(f"{where}: preset = {json.dumps(v)[:60]} is not a preset; choose from {', '.join(PRESETS)}")
+        return v
+    if isinstance(v, dict):
+        raise UserError(f"{where}: [{key}] is a table; write each setting as name = value, outside any table")
+    if key not in known:
+        near = difflib.get_close_matches(key.replace("-", "_"), [*known, "preset"], n=1)
+        raise UserError(f"{where}: unknown setting {key!r}" + (f" (did you mean {near[0]}?)" if near else
+                                                              "; the settings are train.py's flags, with _ for -"))
+    f = known[key]
+    want = type(f.default)
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool)) if want is float else type(v) is want
+    if not ok:
+        what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[want]
+        raise UserError(f"{where}: {key} = {json.dumps(v, default=str)[:60]} should be {what}")
+    choices = f.metadata.get("choices")
+    if choices and v not in choices:
+        raise UserError(f"{where}: {key} = {json.dumps(v)[:60]} should be one of {', '.join(map(str, choices))}")
+    return float(v) if want is float else v
+
+
+def config_toml(cfg, header):
+    """cfg as a --config file: `header` (comment lines), then every setting, its help above it. A setting
+    that holds what it follows (min_lr = lr / 10) is commented out, so that it follows again when the file
+    is read back with another --lr."""
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        setting = f"{f.name} = {toml_value(float(value) if type(f.default) is float else value)}"
+        if follows(cfg, f.name):
+            setting = f"# {setting}    (follows {FOLLOWS[f.name][1]}; remove the # to fix it)"
+        lines += ["", *textwrap.wrap(f.metadata["help"], 98, initial_indent="# ", subsequent_indent="# "), setting]
+    return "\n".join(lines) + "\n"
+
+
+def toml_value(v):
+    """A bool, int, float or str in TOML: JSON's string escapes are TOML's (DEL aside, which TOML escapes)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)                                  # 1e-05, inf and nan are TOML floats too
+    text = json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")     # a lone surrogate (argv's bad bytes)
+
+
+def config_summary(cfg):
+    """The settings of cfg that differ from the defaults, as `name=value` words (printed at the start)."""
+    return ", ".join(f"{f.name}={getattr(cfg, f.name)!r}" for f in fields(TrainConfig)
+                     if getattr(cfg, f.name) != f.default)

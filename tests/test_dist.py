@@ -295,8 +295,9 @@ def test_ctrl_c_on_one_rank_stops_all_at_the_same_step(ref):
     """A SIGINT that reaches rank 1 alone: the ranks agree to stop after the same step and save; the run
     then resumes bit-exactly."""
     out = ref / "ctrl-c"
-    p = ok(run_mpi(2, args(ref, out.name), rank_fault={1: "sigint:13"}))
-    assert "interrupted at step 13" in p.stdout
+    p = run_mpi(2, args(ref, out.name), rank_fault={1: "sigint:13"})
+    assert p.returncode == 130 and "interrupted at step 13" in p.stdout, p.stderr[-3000:]   # saved, not done
+    assert "done:" not in p.stdout and p.stderr == ""
     assert read_meta(out / "ckpt.safetensors")["step"] == 13
     ok(run_mpi(2, args(ref, out.name, "--resume")))
     assert_same_state(ref / "one-accum2", out)
@@ -304,11 +305,16 @@ def test_ctrl_c_on_one_rank_stops_all_at_the_same_step(ref):
 
 @needs_mpi
 def test_an_error_ends_the_job_with_one_clear_line_not_a_hang(ref):
-    # a checkpoint whose global batch (2 micro-batches) 3 ranks cannot share
+    # a checkpoint whose global batch (2 micro-batches) 3 ranks cannot share: every rank finds it, so the
+    # job ends in order (dist.together), with rank 0's line alone: no MPI_Abort, whose launcher adds lines
     p = run_mpi(3, args(ref, "one-accum2", "--resume"), timeout=60)
     assert p.returncode == 1
-    assert "error: cannot resume on 3 ranks: the checkpoint's global batch is 2 micro-batches" in p.stderr
-    assert "Traceback" not in p.stderr and p.stderr.count("error:") == 1          # rank 0's, once
+    assert p.stderr.startswith("error: cannot resume on 3 ranks: the checkpoint's global batch is 2 micro-batches")
+    assert len(p.stderr.splitlines()) == 1, p.stderr
+    # the same for a failure found while preparing the data, on rank 0 first (dist.in_turn)
+    p = run_mpi(2, args(ref, "empty") + ["--data", str(ref / "nothing.txt")], timeout=60)
+    assert p.returncode == 1 and p.stderr.startswith("error: --data") and len(p.stderr.splitlines()) == 1, p.stderr
+    assert not (ref / "empty").exists()                 # nor an out dir that a failed start made
 
 
 @needs_mpi

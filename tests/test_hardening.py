@@ -146,7 +146,7 @@ def test_a_busy_out_dir_is_refused_and_a_killed_run_releases_it(tmp_path, capsys
     finally:
         first.kill()                                                     # SIGKILL: no clean-up at all
         first.wait()
-    assert train.main(tiny_args(tmp_path, text, "--max-iters", 2)) == 0  # the kernel released the lock
+    assert train.main(tiny_args(tmp_path, text, "--max-iters", 2, "--force")) == 0  # the kernel released the lock
     assert load_checkpoint(out).step == 2
 
 
@@ -322,10 +322,14 @@ def test_metadata_that_is_not_an_object_is_one_line_with_init_from(tiny_run, tmp
     save_checkpoint(bad, ck.params, {}, {}, [1, 2, 3])
     code, err = main_error(train.main, tiny_args(tmp_path, tiny_run.parent / "text.txt", "--init-from", bad), capsys)
     assert code == 1 and "metadata" in err
-    # a fresh run (here a fine-tuning one) in a folder that holds such a checkpoint replaces it, with a note
+    # a fresh run (here a fine-tuning one) in a folder that holds such a checkpoint: refused in one line
+    # naming the file (#23 item 3), and replaced with --force
     save_checkpoint(tmp_path / "out" / "ckpt.safetensors", ck.params, {}, {}, [1, 2, 3])
+    code, err = main_error(train.main, tiny_args(tmp_path, tiny_run.parent / "text.txt", "--init-from", tiny_run,
+                                                 "--max-iters", 2), capsys)
+    assert code == 1 and "holds another run (ckpt.safetensors, written" in err
     assert train.main(tiny_args(tmp_path, tiny_run.parent / "text.txt", "--init-from", tiny_run,
-                                "--max-iters", 2)) == 0
+                                "--max-iters", 2, "--force")) == 0
     assert load_checkpoint(tmp_path / "out").step == 2
 
 
@@ -448,7 +452,7 @@ def test_surrogate_pairs_encode_as_tiktoken_does():
 def test_max_iters_0_starts_its_own_run(tmp_path):
     text = make_text(tmp_path / "text.txt")
     run_quiet(tiny_args(tmp_path, text))                               # an older run, 20 steps
-    res = run_quiet(tiny_args(tmp_path, text, "--max-iters", 0, "--seed", 7))
+    res = run_quiet(tiny_args(tmp_path, text, "--max-iters", 0, "--seed", 7, "--force"))
     out = tmp_path / "out"
     assert res["step"] == 0 and load_checkpoint(res["ckpt"]).step == 0  # its own checkpoint, not the old one
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -482,9 +486,11 @@ def test_a_full_disk_names_the_file(tmp_path):
     line = one_line_failure(r)
     assert "File too large" in line and ".train.bin" in line, line
     run_quiet(tiny_args(tmp_path, text, "--max-iters", 0))             # the data cache, without a limit
-    r = run_limited(["train.py", *tiny_args(tmp_path, text), "--n-layer", 4, "--d-model", 64], fsize=20_000)
+    r = run_limited(["train.py", *tiny_args(tmp_path, text), "--n-layer", 4, "--d-model", 64, "--force"],
+                    fsize=20_000)
     line = one_line_failure(r)
-    assert "File too large" in line and "ckpt.safetensors" in line, line
+    # (the first checkpoint file written is the step-0 evaluation's best.safetensors, then ckpt.safetensors)
+    assert "File too large" in line and ("best.safetensors" in line or "ckpt.safetensors" in line), line
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -94,7 +94,8 @@ def test_resume_after_kill_is_bit_identical(tmp_path, kill):
     assert straight.returncode == 0, straight.stderr
     first = run_cli(common + ["--out-dir", "b"], tmp_path, fault=kill)
     if kill.startswith("sigint"):
-        assert first.returncode == 0 and "interrupted at step 13" in first.stdout + first.stderr
+        assert first.returncode == 130 and "interrupted at step 13" in first.stdout + first.stderr
+        assert "done:" not in first.stdout                                   # saved, but not done (#23 item 4)
         expect_step = 13
     else:
         assert first.returncode == -signal.SIGKILL
@@ -257,7 +258,7 @@ def test_default_prompt_falls_back_without_newlines(tmp_path):
 def test_nonfinite_stop_does_not_claim_an_older_runs_checkpoint(tmp_path, capsys):
     data = make_text(tmp_path / "text.txt")
     run_quiet(tiny_args(tmp_path, data, "--max-iters", 2))                  # leaves out/ckpt.safetensors
-    code, err = train_error(tiny_args(tmp_path, data, "--lr", 1e30, "--max-iters", 3), capsys)
+    code, err = train_error(tiny_args(tmp_path, data, "--lr", 1e30, "--max-iters", 3, "--force"), capsys)
     assert code == 1 and "non-finite" in err and "no checkpoint of this run was written" in err
 
 
@@ -286,7 +287,7 @@ def test_nonfinite_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
         run_quiet(tiny_args(tmp_path, data))
     assert load_checkpoint(tmp_path / "out" / "ckpt.safetensors").step == 10
     calls["n"] = 0
-    res = run_quiet(tiny_args(tmp_path, data, "--skip-nonfinite"))
+    res = run_quiet(tiny_args(tmp_path, data, "--skip-nonfinite", "--force"))
     assert res["step"] == 20
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "skip"] == [12]
@@ -315,9 +316,10 @@ def test_help_lists_presets_and_flags():
 
 
 def test_preset_then_flags_override():
-    cfg, explicit, flags, resume = train.parse_config(["--preset", "shakespeare-char", "--max-iters", "7"])
+    cfg, explicit, flags, resume, force = train.parse_config(["--preset", "shakespeare-char", "--max-iters", "7"])
     assert cfg.tokenizer == "char" and cfg.block_size == 64 and cfg.max_iters == 7 and resume is None
-    assert {"max_iters", "block_size"} <= explicit and flags == {"max_iters"}
+    assert {"max_iters", "block_size"} <= explicit and flags == {"max_iters"} and not force
+    assert cfg.lr_decay_iters == 7          # the preset's 2000 follows --max-iters
 
 
 # ----------------------------------------------------------------------------------------------------

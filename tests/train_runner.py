@@ -7,7 +7,7 @@ FAULT is KIND:K, what happens to this process at step K:
     step:K     SIGKILL as step K ends: nothing is saved; the last complete checkpoint stays
     save:K     SIGKILL inside step K's checkpoint write, when the temporary file is complete but has not
                replaced the last good checkpoint
-    sigint:K   SIGINT (Ctrl-C) as step K ends: the run saves step K and exits 0
+    sigint:K   SIGINT (Ctrl-C) as step K ends: the run saves step K and exits 130 (saved, not done)
     hang:K     SIGSTOP as step K ends: a rank that hangs, under mpiexec
     quit:K     SIGINT twice as step K ends: a second Ctrl-C quits at once, without saving (exit status 130)
     bug:K      RuntimeError("injected bug") as step K ends: a bug, which keeps its traceback
