@@ -55,30 +55,26 @@ assistant's tokens only (lib/sft.py). docs/finetuning.md has a worked example.
 """
 
 
-import argparse
 import math
 import os
 import signal
 import sys
-import textwrap
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import NamedTuple
+from dataclasses import dataclass, field
 
 import numpy as np
 
 import gpt_numpy
-from errors import ArgumentParser, UserError, run_main
+from errors import UserError, run_main
 from lib import generation, lora as lora_lib, mixed_precision, runs, scoring, sft
 from lib.checkpoint import build_meta, check_tokenizer_fits, save_checkpoint
 from lib.data import get_batch
 from lib.runs import append_jsonl, check_corpus_length, load_eval_mc, open_out_dir
 from lib.tokenizer import encode_prompt
-from lib.train_config import (PRESETS, TrainConfig, check_command_line, check_memory, followers, lora_config,
-                               model_config, read_config_file)
+from lib.train_config import check_memory, lora_config, model_config, parse_args
+from lib.train_config import PRESETS, TrainConfig, build_parser, parse_config      # noqa: F401 (train.TrainConfig ...)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -606,101 +602,8 @@ def write_merged(run, state):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line: parse (usage errors: exit 2), then prepare and train (failures: exit 1)
-
-def build_parser():
-    p = ArgumentParser(
-        prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train the NumPy GPT of gpt_numpy.py on a text corpus (default: the Python standard "
-                    "library's sources, with a BPE tokenizer).",
-        epilog=f"presets (--preset NAME; explicit flags override the preset's values):\n{presets_help()}\n\n"
-               "examples:\n  python train.py\n"
-               "  python train.py --preset shakespeare-char --data ../shared/data/tinyshakespeare.txt\n"
-               "  python train.py --preset tiny --data notes.txt --out-dir out/tiny\n"
-               "  python train.py --resume\n"
-               "  python train.py --config my_run.toml --max-iters 100   # the file's settings, a flag over them\n"
-               "  mpiexec -n 2 python train.py --preset tiny --data notes.txt --zero 1     # 2 ranks\n\n"
-               "fine-tuning (--init-from: the weights, model and tokenizer of a checkpoint; a fresh optimizer):\n"
-               "  python export.py --import-hf path/to/hf-llama --out out/imported --max-seq-len 256\n"
-               "  python train.py --init-from out/imported --data notes.txt --lr 3e-4 \\\n"
-               "      --warmup-iters 20 --max-iters 200      # writes out/notes-from-imported\n"
-               "  python train.py --resume out/notes-from-imported      # continue it after Ctrl-C\n"
-               "  python sample.py --ckpt out/notes-from-imported --prompt \"Once\"\n"
-               "  python sample.py --ckpt out/notes-from-imported/best.safetensors   # its best-val weights\n\n"
-               "LoRA and instruction data (docs/finetuning.md):\n"
-               "  python train.py --init-from out/stdlib-bpe2048 --sft docs/examples/python_howto.jsonl \\\n"
-               "      --lora-rank 8 --lr 3e-3 --max-iters 300 --sample-prompt \"How do I sort a list?\" --lora-merge\n"
-               "  python export.py --ckpt out/python_howto-from-stdlib-bpe2048 --out export/merged --peft-adapter export/adapter")
-    p.add_argument("--preset", choices=list(PRESETS), default=argparse.SUPPRESS,
-                   help="start from a named configuration (listed below)")
-    p.add_argument("--config", metavar="FILE.toml", default=argparse.SUPPRESS,
-                   help="read settings from a TOML file, `name = value` per line (the flags' names with _ for -, "
-                        "and preset = \"NAME\"): over the preset, under the flags. Every run writes its whole "
-                        "config as config.toml in its out dir, which this reads back")
-    p.add_argument("--resume", nargs="?", const="latest", default=argparse.SUPPRESS, metavar="CKPT",
-                   help="continue the run in --out-dir (its latest checkpoint, ckpt.safetensors), or in the run "
-                        "folder or checkpoint file CKPT")
-    p.add_argument("--force", action="store_true", default=argparse.SUPPRESS,
-                   help="start afresh in an out dir that holds another run: its checkpoints and log are "
-                        "deleted (without --force such a folder is refused, naming the run in it)")
-    for f in fields(TrainConfig):
-        default = f.metadata.get("default_help", repr(f.default) if f.default != "" else None)
-        help_ = f.metadata["help"] + (f" (default: {default})" if default else "")
-        flag_ = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(flag_, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
-            continue
-        typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-        choices = f.metadata.get("choices")
-        metavar = None if choices else f.metadata.get("metavar") or {int: "N", float: "X"}.get(
-            typ, f.name.split("_")[-1].upper())
-        p.add_argument(flag_, type=typ, choices=choices, default=argparse.SUPPRESS, metavar=metavar, help=help_)
-    return p
-
-
-def presets_help():
-    """The presets for --help's epilog: each name, its description wrapped beside it, its values below."""
-    width = max(map(len, PRESETS)) + 4
-    indent = " " * (width + 2)
-    return "\n".join(textwrap.fill(desc, 100, initial_indent=f"  {name:<{width}}", subsequent_indent=indent) + "\n"
-                     + textwrap.fill(" ".join(f"{n}={v}" for n, v in values.items()) or "the defaults above", 100,
-                                     initial_indent=indent, subsequent_indent=indent)
-                     for name, (desc, values) in PRESETS.items())
-
-
-class CommandLine(NamedTuple):
-    """A parsed command line (parse_config's)."""
-    cfg: TrainConfig        # defaults <- preset <- --config file <- flags, with the settings that follow (FOLLOWS)
-    explicit: set           # the names of the settings the user chose: through a preset, the file or a flag
-    flags: set              # ... of those given in the file or as flags
-    resume: str = None      # --resume's argument ("latest" without one), or None
-    force: bool = False     # --force: a fresh run may replace the run in its out dir
-
-
-def parse_config(argv):
-    """argv -> CommandLine. The config is the defaults, under the preset (--preset, or the file's preset =),
-    under the --config file, under the flags; a setting that follows another (min_lr follows lr) and is not
-    given itself follows it."""
-    args = vars(build_parser().parse_args(argv))
-    resume, force = args.pop("resume", None), args.pop("force", False)
-    given = read_config_file(Path(args.pop("config")).expanduser()) if "config" in args else {}
-    preset = args.pop("preset", given.pop("preset", "default"))
-    given.update(args)
-    follow = followers(given)                   # (not the user's choice: a resumed run keeps its checkpoint's)
-    values = {**PRESETS[preset][1], **follow, **given}
-    return CommandLine(TrainConfig(**{**asdict(TrainConfig()), **values}), set(values) - set(follow), set(given),
-                       resume, force)
-
-
-def parse_args(argv):
-    """parse_config, then every check the command line alone allows (train_config.check_command_line);
-    UserError here is a usage error."""
-    cl = parse_config(argv)
-    check_command_line(cl.cfg, cl.flags, cl.resume)
-    if cl.force and cl.resume is not None:
-        raise UserError("--force starts a new run over the one in the out dir and --resume continues it: pass one")
-    return cl
-
+# Command line (parsed by lib/train_config.parse_args: usage errors, exit 2), then prepare and train
+# (failures: exit 1)
 
 def run(argv=None, log=print):
     """Everything main() does, raising UserError instead of exiting. Returns train()'s summary plus the

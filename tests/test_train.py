@@ -3,6 +3,7 @@ accumulation on), fine-tuning, clear errors for bad input and flags (exit 2 for 
 the rest). Everything runs in tmp_path on a few KB of generated text. (data.py, checkpoint.py and
 sample.py have their own test files.)"""
 
+import dataclasses
 import json
 import os
 import signal
@@ -304,7 +305,7 @@ def test_process_exit_status_is_2_for_the_command_line_and_1_for_failures(tmp_pa
 def test_each_flag_is_documented_once_in_the_config():
     """--help is made from TrainConfig's field metadata: every field is a flag with its own help text."""
     text = train.build_parser().format_help()
-    for f in train.fields(train.TrainConfig):
+    for f in dataclasses.fields(train.TrainConfig):
         assert "--" + f.name.replace("_", "-") in text and len(f.metadata["help"]) > 10, f.name
 
 
