@@ -1,7 +1,8 @@
 """
 train_config.py: what a training run is configured by. TrainConfig's fields are train.py's flags, each
 documented once, in its field (build_parser, at the end, makes train.py's command line and --help from
-them; parse_args reads one); PRESETS are named sets of values; the checks here refuse a setting that cannot work before any data is prepared.
+them; parse_args reads one); PRESETS are named sets of values; the checks here refuse a setting that
+cannot work before any data is prepared.
 
     cfg = TrainConfig(**{**asdict(TrainConfig()), **PRESETS["tiny"][1], "data": "notes.txt"})
     check_config(cfg)                           # UserError naming the flag, e.g. "--lr must be > 0 ..."
