@@ -31,12 +31,12 @@ Interactive: type a message, Enter; Ctrl-D or Ctrl-C ends.
 import codecs
 import math
 import sys
-from pathlib import Path
 
+from bpe import read_text
+from errors import ArgumentParser, UserError, run_main
 from lib import chat_template as chat, generation, memory
 from lib.checkpoint import CHECKPOINT_HELP, load_model
 from lib.tokenizer import encode_prompt
-from errors import ArgumentParser, UserError, run_main
 
 # Sampling defaults per mode (--help states them; a flag given overrides them): (temperature, top_k, top_p)
 DEFAULTS = {"text": (0.8, 200, 1.0),         # nanoGPT's: lively text from the small models trained here
@@ -230,13 +230,11 @@ def parse_args(argv):
 
 
 def read_prompt_file(path):
-    """--prompt-file: the file's text, exactly (strict UTF-8); UserError naming it otherwise."""
+    """--prompt-file: the file's text, exactly (strict UTF-8, bpe.read_text); UserError naming it otherwise."""
     try:
-        return Path(path).read_bytes().decode("utf-8")
-    except OSError as e:
-        raise UserError(f"--prompt-file {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"--prompt-file {path} is not UTF-8 text ({e})") from None
+        return read_text(path)
+    except UserError as e:
+        raise type(e)(f"--prompt-file: {e}") from None
 
 
 def run(args):

@@ -100,27 +100,6 @@ def maxrss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # KiB on Linux
 
 
-def activation_bytes(cache, params):
-    """Bytes of the distinct buffers reachable from a model_forward cache, parameters excluded."""
-    def owner(a):                                   # the array that owns the memory a views
-        while getattr(a, "base", None) is not None and hasattr(a.base, "nbytes"):
-            a = a.base
-        return a
-    skip = {id(owner(p)) for p in params.values()}
-    found, stack = {}, [cache]
-    while stack:
-        o = stack.pop()
-        if isinstance(o, (list, tuple)):
-            stack.extend(o)
-        elif isinstance(o, dict):
-            stack.extend(o.values())
-        elif hasattr(o, "nbytes") and hasattr(o, "shape"):
-            b = owner(o)
-            if id(b) not in skip:
-                found[id(b)] = b                    # keep b alive so its id stays unique
-    return sum(int(b.nbytes) for b in found.values())
-
-
 def child(a):
     import numpy as np
     out_malloc = False
@@ -224,8 +203,9 @@ def child(a):
                 ts.append(time.perf_counter() - t0)
         out["ratio_interleaved"] = float(np.median(tc) / np.median(tp))
     if a.activations:                               # bytes kept between forward and backward (after
-        _, cache = gm.model_forward(params, ids, cfg, train=True)      # the RSS measurement: it adds)
-        out["activation_bytes"] = activation_bytes(cache, params)
+        from lib.memory import held_bytes                              # the RSS measurement: it adds)
+        _, cache = gm.model_forward(params, ids, cfg, train=True)
+        out["activation_bytes"] = held_bytes(cache, params.values())
         del cache
     if a.torch and not a.ckpt:
         loss_ref = gm.loss_fn(params, ids, targets, cfg)

@@ -167,6 +167,30 @@ def generation_bytes(cfg, prompt_len, new_tokens, cache_positions):
             "activations": forward}
 
 
+def held_bytes(obj, exclude=()):
+    """What an object really holds: the bytes of the distinct array buffers reachable from obj (through
+    lists, tuples, NamedTuples and dicts), each buffer once (a view counted by the array that owns its
+    memory), the buffers of the arrays in `exclude` (the parameters) left out. The benchmarks and the tests
+    compare the estimates above with it, e.g. held_bytes(model_forward(..., train=True)[1], params.values())."""
+    def owner(a):                                       # the array that owns the memory `a` views
+        while getattr(a, "base", None) is not None and hasattr(a.base, "nbytes"):
+            a = a.base
+        return a
+    skip = {id(owner(a)) for a in exclude}
+    found, stack = {}, [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif hasattr(o, "nbytes") and hasattr(o, "shape"):
+            b = owner(o)
+            if id(b) not in skip:
+                found[id(b)] = b                        # holds b, so that its id stays unique
+    return sum(int(b.nbytes) for b in found.values())
+
+
 # ----------------------------------------------------------------------------------------------------
 # The machine
 

@@ -141,6 +141,19 @@ def smollm2_file():
     return path
 
 
+def smollm2_both(hf, out):
+    """SmolLM2 twice, for the slow tests that compare: imported by export.py --import-gguf into the run
+    folder `out`, and loaded by transformers' own GGUF loader (its own dequantization and tokenizer).
+    Returns (out, transformers model in float32, transformers tokenizer)."""
+    import export
+    torch, transformers = hf
+    path = smollm2_file()
+    assert export.main(["--import-gguf", str(path), "--out", str(out)]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    return out, model, transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
 @pytest.fixture(scope="module")
 def hf():
     """(torch, transformers) as the outside oracle, one thread, quiet; or skip without them."""

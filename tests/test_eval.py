@@ -24,7 +24,7 @@ import plot
 from lib import scoring
 import train
 from lib.checkpoint import build_meta, save_checkpoint
-from conftest import ROOT, SHARED_DATA, WORDS, main_error, make_text, run_quiet, smollm2_file, tiny_args
+from conftest import ROOT, SHARED_DATA, WORDS, main_error, make_text, run_quiet, smollm2_both, tiny_args
 from test_scoring import HELLASWAG_DOCS, harness_hellaswag, write_jsonl
 
 TOL = 1e-5
@@ -422,11 +422,7 @@ def test_bench_eval_tokenizer_and_items():
 @pytest.mark.slow
 def test_smollm2_scores_equal_the_harness_with_transformers(hf, tmp_path, capsys):
     torch, transformers = hf
-    path = smollm2_file()
-    run = tmp_path / "smollm2"
-    assert export.main(["--import-gguf", str(path), "--out", str(run)]) == 0
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    run, model, tok = smollm2_both(hf, tmp_path / "smollm2")
     docs = HELLASWAG_DOCS + GENERIC
     mc = write_jsonl(tmp_path / "mc.jsonl", docs)
     capsys.readouterr()

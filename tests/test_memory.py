@@ -31,29 +31,6 @@ def batch(cfg, B, T, seed=0):
     return ids[:, :-1], ids[:, 1:]
 
 
-def owner(a):
-    """The array that owns the memory `a` views (a itself if it owns its memory)."""
-    while getattr(a, "base", None) is not None and hasattr(a.base, "nbytes"):
-        a = a.base
-    return a
-
-
-def distinct_bytes(cache, params):
-    """Bytes of the distinct buffers reachable from a cache, each counted once (views by their base),
-    the parameters' buffers left out."""
-    skip = {id(owner(p)) for p in params.values()}
-    found, stack = {}, [cache]
-    while stack:
-        o = stack.pop()
-        if isinstance(o, (list, tuple)):
-            stack.extend(o)
-        elif hasattr(o, "nbytes") and hasattr(o, "shape"):
-            b = owner(o)
-            if id(b) not in skip:
-                found[id(b)] = b                    # holds b, so that its id stays unique
-    return sum(int(b.nbytes) for b in found.values())
-
-
 def measured_kept(cfg, B, T, half=False):
     """The bytes model_forward(..., train=True) keeps for the backward (float16 weights: half)."""
     params = gn.init_params(cfg)
@@ -61,7 +38,7 @@ def measured_kept(cfg, B, T, half=False):
         params = {k: p.astype(np.float16) for k, p in params.items()}
     ids, _ = batch(cfg, B, T)
     _, cache = gn.model_forward(params, ids, cfg, train=True, seed=1)
-    return distinct_bytes(cache, params)
+    return memory.held_bytes(cache, params.values())
 
 
 # name: (config, B, T, half precision)

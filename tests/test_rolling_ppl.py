@@ -190,14 +190,9 @@ def harness_rolling_loglikelihood(torch, model, tok, doc, N):
 
 @pytest.mark.slow
 def test_smollm2_rolling_equals_the_harness_with_transformers(hf, tmp_path, capsys):
-    import export
-    from conftest import SHARED_DATA, smollm2_file
+    from conftest import SHARED_DATA, smollm2_both
     torch, transformers = hf
-    path = smollm2_file()
-    run = tmp_path / "smollm2"
-    assert export.main(["--import-gguf", str(path), "--out", str(run)]) == 0
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    run, model, tok = smollm2_both(hf, tmp_path / "smollm2")
     text = (SHARED_DATA / "tinyshakespeare.txt").read_text(encoding="utf-8") if SHARED_DATA.is_dir() else TEXT * 8
     docs = [text[:2500], text[2500:3100], text[10000:14000]]
     write_docs(tmp_path / "docs.jsonl", docs)
