@@ -17,6 +17,7 @@ later failure exits 1 (errors.run_main).
     python train.py --preset shakespeare-char              # the same, downloading Tiny Shakespeare
     python train.py --preset tiny --data notes.txt         # seconds: a smoke test on any text
     python train.py --data ~/books/ --tokenizer char       # a folder (or a file, or a glob "src/**/*.py")
+    python train.py --threads 2                            # both cores of a 2-core machine for every step
     python train.py --resume                               # continue the run in its out dir (same flags)
     python train.py --config my_run.toml --lr 1e-3         # settings from a TOML file, flags over them
     python train.py --init-from out/imported --data notes.txt --lr 3e-4   # fine-tune a checkpoint on new text
@@ -25,7 +26,9 @@ later failure exits 1 (errors.run_main).
     mpiexec -n 2 python train.py --preset tiny --data notes.txt   # 2 processes, one model (docs/distributed.md)
     python sample.py --ckpt out/stdlib-bpe2048 --prompt "def "   # stream text from a checkpoint
 
-Run with OPENBLAS_NUM_THREADS=1 (or 2) on a small shared machine: oversubscribed BLAS threads are slow.
+On N cores, `--threads N` computes each step's micro-batches in N shards at once, one per core (lib/parallel.py;
+the same run as --batch-size B/N --grad-accum N on one core, bit for bit). Without it, run with
+OPENBLAS_NUM_THREADS=1 (or 2) on a small shared machine: oversubscribed BLAS threads are slow.
 
 Outputs in --out-dir (default out/<data>-<tokenizer>): ckpt.safetensors (the latest checkpoint, which
 --resume continues; format in lib/checkpoint.py), best.safetensors (the weights of the best val loss so
@@ -68,7 +71,7 @@ import numpy as np
 
 import gpt_numpy
 from errors import UserError, run_main
-from lib import generation, lora as lora_lib, mixed_precision, runs, scoring, sft
+from lib import generation, lora as lora_lib, mixed_precision, parallel, runs, scoring, sft
 from lib.checkpoint import build_meta, check_tokenizer_fits, save_checkpoint
 from lib.data import get_batch
 from lib.runs import append_jsonl, check_corpus_length, load_eval_mc, open_out_dir
@@ -206,6 +209,13 @@ def log_start(run, state):
                 f"trainable parameters ({100 * n / n_model:.2f}% of the model's, whose weights stay frozen); "
                 f"AdamW state {8 * n / 2**20:.2f} MiB")
     ranks = f" x {run.world} ranks" if run.world > 1 else ""
+    if cfg.threads > 1:
+        run.log(f"threads: {cfg.threads}, each micro-batch in {cfg.threads} shards of {cfg.batch_size // cfg.threads} "
+                f"sequences at once (lib/parallel.py)")
+        if parallel.blas_threads() is None:
+            run.log(f"warning: --threads {cfg.threads}: the BLAS's own thread count cannot be set from here (no "
+                    f"OpenBLAS found): set its variable to 1 (MKL_NUM_THREADS=1 ...), or each shard's matmuls "
+                    f"start threads of their own")
     if cfg.sft:
         run.log(f"training: {cfg.max_iters} steps of {cfg.batch_size} x {cfg.grad_accum}{ranks} examples (rows "
                 f"padded to the longest drawn, at most {cfg.block_size} tokens); out dir {run.out_dir}")
@@ -460,8 +470,17 @@ def train_step(run, state):
     and dropout is keyed by the global micro-batch index, so a run sees the same sequences and masks at any
     world size. A float16 overflow (mixed precision) skips the step: it does no more work, but still draws
     its batches, so the sampler stays in step with a run where it did not overflow. So does a non-finite
-    loss with --skip-nonfinite. Returns (mean loss over the global batch, grad norm, lr, overflow)."""
-    cfg, gm, dp = run.cfg, run.gm, run.dp
+    loss with --skip-nonfinite. Returns (mean loss over the global batch, grad norm, lr, overflow).
+
+    --threads N cuts each micro-batch into N shards of batch_size / N rows, computed at once (lib/parallel.py):
+    shard j of micro-batch m is micro-batch m * N + j of the run with --batch-size B/N and --grad-accum G*N,
+    which this step equals bit for bit (the same rows, dropout keys and order of the sums). The sampler
+    draws whole micro-batches at any N, so a run resumed with another --threads trains on the same
+    sequences, its gradients equal to the uninterrupted run's up to float rounding (and with --dropout,
+    masks drawn per shard). (--sft: a shard keeps its micro-batch's padding, so there the step equals the
+    smaller micro-batches' up to float rounding.)"""
+    cfg, gm, dp, N = run.cfg, run.gm, run.dp, run.cfg.threads
+    pool = parallel.pool(N) if N > 1 else None
     n = cfg.grad_accum * run.world                                     # micro-batches in the global batch
     mine = range(run.rank * cfg.grad_accum, (run.rank + 1) * cfg.grad_accum)
     loss, grads, overflow, tokens = 0.0, None, False, 0
@@ -470,29 +489,36 @@ def train_step(run, state):
         tokens += positions
         if micro not in mine or overflow:
             continue
-        seed = step_seed(cfg.seed, state.step, micro)
-        l, g = micro_grads(run, state, *batch, seed, first=micro == mine[0], last=micro == mine[-1])
-        loss += l / n
-        overflow = cfg.mixed_precision and g is None                   # float16 overflowed: no gradients
-        if g is None:                                                  # (or they are in dp's buffer)
-            continue
-        if dp is not None:
-            dp.accumulate(g, first=micro == mine[0])
-        elif grads is None:
-            grads = g
-        else:
-            for k in grads:
-                grads[k] += g[k]
+        for j, (l, g) in enumerate(shard_grads(run, state, batch, micro, pool)):
+            first = micro == mine[0] and j == 0
+            loss += l / (n * N)
+            overflow = cfg.mixed_precision and g is None               # float16 overflowed: no gradients
+            if overflow:
+                break
+            if g is None:                                              # (they are in dp's buffer)
+                continue
+            if dp is not None:
+                dp.accumulate(g, first=first)
+            elif grads is None:
+                grads = g
+            elif pool is not None:
+                parallel.add_into(pool, grads, g)                      # the rows split among the threads
+            else:
+                for k in grads:
+                    grads[k] += g[k]
     if dp is not None:                                                 # summed over the ranks
         loss, overflow = dp.finish(loss, overflow)
     lr, norm = get_lr(state.step, cfg), math.nan
     if not overflow and dp is not None:                                # the mean over all ranks' micro-batches
-        dp.scale_grads(1.0 / n)
+        dp.scale_grads(1.0 / (n * N))
         norm = dp.clip_grad_norm(cfg.grad_clip)                        # the same on every rank
     elif not overflow:
-        if cfg.grad_accum > 1:
-            for g in grads.values():
-                g *= 1.0 / cfg.grad_accum
+        if cfg.grad_accum * N > 1:                                     # the mean of the micro-batches (shards)
+            if pool is not None:
+                parallel.scale(pool, grads, 1.0 / (cfg.grad_accum * N))
+            else:
+                for g in grads.values():
+                    g *= 1.0 / (cfg.grad_accum * N)
         norm = gm.clip_grad_norm(grads, cfg.grad_clip)
     if cfg.mixed_precision:
         mixed_precision.loss_scaler_update(state.scaler, not overflow)
@@ -502,11 +528,32 @@ def train_step(run, state):
         skip_nonfinite(run, state, loss, norm)
     elif dp is not None:
         dp.adamw_step(state.trained(), state.opt, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
+    elif pool is not None:                                             # the rows split among the threads
+        parallel.adamw_step(pool, gm, state.trained(), grads, state.opt, lr, cfg.beta1, cfg.beta2, cfg.eps,
+                            cfg.weight_decay)
     else:
         gm.adamw_step(state.trained(), grads, state.opt, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
     state.step += 1
     state.tokens_seen += tokens
     return loss, norm, lr, overflow
+
+
+def shard_grads(run, state, batch, micro, pool):
+    """[(loss, gradients)] of micro-batch `micro` (micro_grads): of the whole batch, or with --threads N of
+    its N shards of rows, computed at once in the pool, in shard order; shard j's dropout is keyed as
+    micro-batch micro * N + j."""
+    cfg = run.cfg
+    mine = range(run.rank * cfg.grad_accum, (run.rank + 1) * cfg.grad_accum)
+    if pool is None:
+        seed = step_seed(cfg.seed, state.step, micro)
+        return [micro_grads(run, state, *batch, seed, first=micro == mine[0], last=micro == mine[-1])]
+    N, (x, y) = cfg.threads, batch
+    b = len(x) // N
+
+    def shard(j):
+        seed = step_seed(cfg.seed, state.step, micro * N + j)
+        return micro_grads(run, state, x[j * b:(j + 1) * b], y[j * b:(j + 1) * b], seed, hooked=False)
+    return pool.map(shard, range(N))
 
 
 def next_batch(run, state, read=True):
@@ -521,16 +568,16 @@ def next_batch(run, state, read=True):
     return batch, cfg.batch_size * cfg.block_size
 
 
-def micro_grads(run, state, x, y, seed, first, last):
+def micro_grads(run, state, x, y, seed, first=False, last=False, hooked=True):
     """One micro-batch's (loss, gradients): in float16 with loss scaling (gradients None: they overflowed),
     through dist.DataParallel, which sends each layer's gradients to the other ranks while the backward
     pass goes on (None: they are in its buffer; first, last: this rank's first and last micro-batch of the
-    step), or plainly."""
+    step; not with hooked=False, a shard of --threads, whose gradients the caller adds), or plainly."""
     gm, mcfg, lora = run.gm, run.mcfg, run.lora
     if run.cfg.mixed_precision:
         return mixed_precision.loss_and_grads_mixed(gm, state.params, x, y, mcfg, state.scaler["scale"], seed=seed,
                                                     lora=lora)
-    if run.dp is not None:
+    if run.dp is not None and hooked:
         return run.dp.loss_and_grads(state.params, x, y, mcfg, seed, first=first, last=last), None
     return gm.loss_and_grads(state.params, x, y, mcfg, seed=seed, lora=lora)
 

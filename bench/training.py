@@ -16,6 +16,8 @@ median of repeats). Each config runs in a fresh subprocess, so its peak memory i
     python bench/training.py --configs cpu-mid --ranks 2      # data parallel (mpiexec) vs 1 process x 2 threads
     python bench/training.py --configs cpu-mid --optimizer-memory 1,2,4   # AdamW bytes per rank, +/- --zero 1
     python bench/training.py --dp-estimate                    # on paper: GPT-2 small on 8 GPUs with NCCL
+    python bench/training.py --threads 2 --scaling            # 1 -> 2 threads measured; 8 and 32 by a model
+    python bench/training.py --threads 2 --parallel blas      # the whole batch with 2 BLAS threads instead
 
 Run it from the repository root, as `python bench/training.py` or `python -m bench.training` (the same).
 
@@ -32,6 +34,21 @@ the backward pass is 2x the forward, so a step is 3x the forward):
 
 Elementwise work (norms, RoPE, softmax, SwiGLU gating, AdamW) is not counted: it is the overhead.
 
+Threads (--threads N): NumPy runs the step as train.py --threads N does (lib/parallel.py): the batch in N
+shards of B/N sequences at once, one per thread, each with one BLAS thread; the gradients summed in shard
+order, their mean and AdamW split among the threads by rows (--parallel blas instead: the whole batch, N
+BLAS threads inside each matmul). PyTorch gets torch.set_num_threads(N), the same weights and the same
+batch, and its steps alternate with ours trial by trial, so that the load of a shared machine hits both
+alike; "numpy / torch time" is the ratio of the medians, and its range the ratios of the paired trials.
+
+Scaling (--scaling, with --threads N): in one process, steps on 1 thread (the whole batch, one BLAS thread)
+and on N (shards) alternate; beside them the machine's own N-core scaling at that moment (N loops of
+one-thread matmuls at once against one after another: what the cores give to work that needs nothing of
+each other) and the CPU seconds of each step (more at N: work the threads added, by contention). Then a
+model for 2, 8 and 32 threads from one-thread measurements (scaling_model): each thread's shard of
+ceil(B / n) sequences, whose wave lasts at least n x the Python a shard runs (which holds the GIL), then
+the gradient sums and AdamW split n ways and the gradient norm, serial.
+
 Data parallel (--ranks N, dist.py as train.py uses it under mpiexec): N ranks with --threads BLAS threads
 each train one micro-batch of the config per step, against one process with N x --threads threads that
 accumulates the same N micro-batches (the same global batch, the same weights). The ranks alternate steps
@@ -42,8 +59,9 @@ hide. "all-reduce" is a plain blocking MPI Allreduce of the same bytes after a b
 bandwidth 2 (N-1)/N x bytes / time (NCCL's convention).
 
 Memory:
-  peak RSS delta   ru_maxrss of the subprocess during the timed steps minus ru_maxrss just before the
-                   first step (after the weights, optimizer state, batch and matmul-peak buffers exist):
+  peak RSS delta   ru_maxrss of the subprocess after the warm-up steps (at least one: a step reaches its
+                   peak the first time) minus ru_maxrss just before the first step (after the weights,
+                   optimizer state, batch and matmul-peak buffers exist; before PyTorch's):
                    activations, gradients, temporaries. Sound for NumPy buffers, which tracemalloc does
                    not see reliably. On CuPy: the memory pool's high-water bytes instead.
   activations      bytes of the distinct array buffers reachable from the cache that
@@ -144,17 +162,48 @@ def child(a):
     data = np.random.default_rng(0).integers(0, cfg.vocab_size, (c["B"], c["T"] + 1))
     ids, targets = data[:, :-1], data[:, 1:]
 
+    # --threads N > 1 on NumPy: as train.py --threads N (lib/parallel.py), N shards of B/N sequences at once,
+    # one BLAS thread each, their gradients summed in shard order; the sum, the mean and AdamW split among
+    # the threads too. --parallel blas: the whole batch at once, N BLAS threads in each matmul.
+    shards = None
+    if a.backend == "numpy" and a.threads > 1 and a.parallel == "shards":
+        from lib import parallel
+        if c["B"] % a.threads:
+            raise UserError(f"{a.child}: batch {c['B']} does not divide into {a.threads} shards")
+        shards = parallel.pool(a.threads)
+        out["blas_control"] = parallel.blas_threads() is not None
+
+    def grads_of(cfg):                              # the whole batch's (loss, summed gradients), in shards
+        if shards is None:
+            return gm.loss_and_grads(params, ids, targets, cfg)
+        b = c["B"] // a.threads
+        each = shards.map(lambda j: gm.loss_and_grads(params, ids[j * b:(j + 1) * b], targets[j * b:(j + 1) * b],
+                                                      cfg), range(a.threads))
+        loss, grads = 0.0, each[0][1]
+        for l, g in each:
+            loss += l / a.threads
+            if g is not grads:
+                parallel.add_into(shards, grads, g)
+        return loss, grads
+
     def step(cfg=cfg):
-        loss, grads = gm.loss_and_grads(params, ids, targets, cfg)
+        loss, grads = grads_of(cfg)
         for _ in range(a.accum - 1):                # --ranks: the ranks' global batch in this one process
-            _, g = gm.loss_and_grads(params, ids, targets, cfg)
+            _, g = grads_of(cfg)
             for k in grads:
                 grads[k] += g[k]
-        if a.accum > 1:
-            for g in grads.values():
-                g *= 1.0 / a.accum
+        n = a.accum * (a.threads if shards is not None else 1)
+        if n > 1:                                   # the mean of the micro-batches (or shards)
+            if shards is not None:
+                parallel.scale(shards, grads, 1.0 / n)
+            else:
+                for g in grads.values():
+                    g *= 1.0 / n
         gm.clip_grad_norm(grads, 1.0)
-        gm.adamw_step(params, grads, state, 1e-4)
+        if shards is not None:
+            parallel.adamw_step(shards, gm, params, grads, state, 1e-4)
+        else:
+            gm.adamw_step(params, grads, state, 1e-4)
         return loss
 
     peak_gflops(1)                                  # touches Cm and the BLAS buffers before the baseline
@@ -163,31 +212,41 @@ def child(a):
         pool = xp.get_default_memory_pool()
         base = pool.total_bytes()
     rss0 = maxrss_bytes()
-    for _ in range(a.warmup):
+    for _ in range(max(1, a.warmup)):               # the memory of a step: its first run reaches the peak
         step()
     sync()
-    times, peaks, trial_ms = [], [], []
-    for _ in range(a.trials):
-        peaks.append(peak_gflops())
-        ts = []
-        for _ in range(a.steps):
-            t0 = time.perf_counter()
-            step()
-            sync()
-            ts.append(time.perf_counter() - t0)
-        times += ts
-        trial_ms.append(1e3 * float(np.median(ts)))
-    peaks.append(peak_gflops())
-    out["ms"] = 1e3 * float(np.median(times))
-    out["trial_ms"] = trial_ms
-    out["peak"] = float(np.median(peaks))
-    out["peak_range"] = [min(peaks), max(peaks)]
     if a.backend == "cupy":
         out["mem_bytes"] = int(pool.total_bytes() - base)
         out["mem_method"] = "cupy pool bytes"
     else:
         out["mem_bytes"] = maxrss_bytes() - rss0
         out["mem_method"] = "maxrss delta"
+    # PyTorch's step, on the same weights and batch, alternates with ours trial by trial, so that the load
+    # of a shared machine hits both alike
+    torch_step = None
+    if a.torch and not a.ckpt:
+        loss_ref = gm.loss_fn(params, ids, targets, cfg)
+        torch_step, info = torch_setup(a, c, params, ids, targets, loss_ref)
+        out.update(info)
+    runs = [("", step, []), ("torch_", torch_step, [])] if torch_step else [("", step, [])]
+    peaks, trial_ms = [], {key: [] for key, _, _ in runs}
+    for _ in range(a.trials):
+        peaks.append(peak_gflops())
+        for key, fn, times in runs:
+            ts = []
+            for _ in range(a.steps):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                ts.append(time.perf_counter() - t0)
+            times += ts
+            trial_ms[key].append(1e3 * float(np.median(ts)))
+    peaks.append(peak_gflops())
+    for key, _, times in runs:
+        out[key + "ms"] = 1e3 * float(np.median(times))
+        out[key + "trial_ms"] = trial_ms[key]
+        out[key + "peak"] = float(np.median(peaks))
+    out["peak_range"] = [min(peaks), max(peaks)]
 
     if a.ckpt:
         # the time ratio checkpointed / plain, with the two kinds of step alternating in this process so
@@ -207,11 +266,175 @@ def child(a):
         _, cache = gm.model_forward(params, ids, cfg, train=True)
         out["activation_bytes"] = held_bytes(cache, params.values())
         del cache
-    if a.torch and not a.ckpt:
-        loss_ref = gm.loss_fn(params, ids, targets, cfg)
-        out.update(torch_bench(a, c, params, ids, targets, peak_gflops, loss_ref))
     out["load_after"] = common.loadavg()
     common.print_result(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# --scaling: the step time from 1 to --threads N threads, measured, and a model for more cores
+
+SCALING_MODEL = (2, 8, 32)              # the thread counts the model predicts
+
+
+def child_scaling(a):
+    """One config: steps on 1 thread and on N (shards, lib/parallel.py) alternating in this process, the
+    machine's own N-core scaling beside them (N independent one-thread matmul loops against the same loops
+    one after another), the CPU seconds of each step, and the one-thread measurements of the model."""
+    import numpy as np
+    import gpt_numpy as gm
+    from lib import parallel
+    from lib.backend import keep_freed_memory
+    keep_freed_memory()
+    N, c = a.threads, CONFIGS[a.child]
+    if c["B"] % N:
+        raise UserError(f"{a.child}: batch {c['B']} does not divide into {N} shards")
+    cfg = gm.GPTConfig(vocab_size=c["V"], n_layer=c["L"], n_head=c["H"], d_model=c["C"], d_ff=c["F"],
+                       max_seq_len=c["T"])
+    params = gm.init_params(cfg, seed=0)
+    state = gm.adamw_init(params)
+    rng = np.random.default_rng(0)
+    out = {"config": a.child, "threads": N, "load_before": common.loadavg()}
+    pools = {1: parallel.Pool(1), N: parallel.pool(N)}
+    parallel.set_blas_threads(1)                    # one BLAS thread everywhere: the threads are the shards'
+    inside = [0.0]                                  # seconds inside the pool's maps (the rest: serial)
+
+    def batch(b, T=c["T"], V=c["V"]):
+        d = rng.integers(0, V, (b, T + 1))
+        return d[:, :-1], d[:, 1:]
+    ids, targets = batch(c["B"])
+
+    def step(n):
+        pool, b = pools[n], c["B"] // n
+        t0 = time.perf_counter()
+        each = pool.map(lambda j: gm.loss_and_grads(params, ids[j * b:(j + 1) * b], targets[j * b:(j + 1) * b], cfg),
+                        range(n))
+        grads = each[0][1]
+        for _, g in each[1:]:
+            parallel.add_into(pool, grads, g)
+        if n > 1:
+            parallel.scale(pool, grads, 1.0 / n)
+        t1 = time.perf_counter()
+        gm.clip_grad_norm(grads, 1.0)               # serial: one reduction
+        t2 = time.perf_counter()
+        parallel.adamw_step(pool, gm, params, grads, state, 1e-4)
+        inside[0] += (t1 - t0) + (time.perf_counter() - t2)
+
+    # the machine's own N-core scaling: N loops of one-thread (1024 x 1024) matmuls, at once and in a row
+    M = [np.random.default_rng(i).standard_normal((1024, 1024), dtype=np.float32) for i in range(N)]
+
+    def loops(together):
+        work = lambda i: [M[i] @ M[i] for _ in range(8)]        # noqa: E731
+        t0 = time.perf_counter()
+        if together:
+            pools[N].map(work, range(N))
+        else:
+            for i in range(N):
+                work(i)
+        return time.perf_counter() - t0
+
+    for n in (1, N):
+        for _ in range(max(1, a.warmup)):
+            step(n)
+    wall, cpu, machine = {1: [], N: []}, {1: [], N: []}, []
+    for _ in range(a.trials):
+        machine.append(loops(False) / loops(True))
+        for n in (1, N):                            # alternating, so the machine's load hits both alike
+            for _ in range(a.steps):
+                inside[0] = 0.0
+                t0, c0 = time.perf_counter(), time.process_time()
+                step(n)
+                wall[n].append(time.perf_counter() - t0)
+                cpu[n].append(time.process_time() - c0)
+                if n == N:
+                    out.setdefault("serial_s", []).append(wall[n][-1] - inside[0])
+    med = lambda xs: float(np.median(xs))          # noqa: E731
+    out.update({"ms": {n: 1e3 * med(v) for n, v in wall.items()}, "cpu_ms": {n: 1e3 * med(v) for n, v in cpu.items()},
+                "machine": med(machine), "machine_range": [min(machine), max(machine)],
+                "trial_speedups": [med(wall[1][i:i + a.steps]) / med(wall[N][i:i + a.steps])
+                                   for i in range(0, len(wall[1]), a.steps)]})
+    out["serial_ms"] = 1e3 * med(out.pop("serial_s"))
+
+    # the model's inputs, each measured on one thread, uncontended by the shards
+    def timed(fn, reps):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return med(ts)
+    shard_s = {}
+    for n in (1, *SCALING_MODEL):
+        b = -(-c["B"] // n)                         # sequences per shard: B / n, at least 1 (more threads than
+        if b not in shard_s:                        # sequences: the batch grows to n x b)
+            x, y = batch(b)
+            shard_s[b] = timed(lambda: gm.loss_and_grads(params, x, y, cfg), max(2, a.steps))
+    g = {k: np.ones_like(v) for k, v in params.items()}
+    one = pools[1]
+    out["add_ms"] = 1e3 * timed(lambda: parallel.add_into(one, g, params), 5)
+    out["adamw_ms"] = 1e3 * timed(lambda: parallel.adamw_step(one, gm, params, g, state, 0.0), 5)
+    out["clip_ms"] = 1e3 * timed(lambda: gm.clip_grad_norm(g, 1.0), 5)
+    # the Python of a shard, which holds the GIL: the same calls on arrays too small to take time (as many
+    # attention blocks as the config's T has, each of 4 rows)
+    blocks = -(-c["T"] // gm.ATT_BLOCK) if gm.attends_by_blocks(c["T"]) else 1
+    tiny = gm.GPTConfig(vocab_size=16, n_layer=c["L"], n_head=c["H"], d_model=2 * c["H"], d_ff=8,
+                        max_seq_len=4 * blocks)
+    tp = gm.init_params(tiny, seed=0)
+    x, y = batch(1, T=4 * blocks, V=16)
+    att_block, gm.ATT_BLOCK = gm.ATT_BLOCK, (4 if blocks > 1 else gm.ATT_BLOCK)
+    try:
+        out["python_ms"] = 1e3 * timed(lambda: gm.loss_and_grads(tp, x, y, tiny), 20)
+    finally:
+        gm.ATT_BLOCK = att_block
+    out["shard_ms"] = {b: 1e3 * t for b, t in shard_s.items()}
+    out["load_after"] = common.loadavg()
+    common.print_result(out)
+
+
+def scaling_model(r, c):
+    """[(n, batch, sequences per shard, model ms/step, model speedup in tokens/s)] for SCALING_MODEL:
+    each of n threads runs one shard of b = ceil(B / n) sequences (the batch grows to n b where n > B), its
+    wave lasting the longer of the shard's one-thread time and n x the Python a shard runs under the GIL
+    (the shards' interpreter time cannot overlap); then the (n - 1) gradient sums and AdamW, split n ways,
+    and the gradient norm, serial. Not modeled: memory bandwidth and caches shared by the cores, and a
+    core's slower clock when all are busy (the measured 2-thread step shows how much they cost here)."""
+    t1 = r["shard_ms"][str(c["B"])] + r["clip_ms"] + r["adamw_ms"]
+    rows = [(1, c["B"], c["B"], t1, 1.0)]
+    for n in SCALING_MODEL:
+        b = -(-c["B"] // n)
+        wave = max(r["shard_ms"][str(b)], n * r["python_ms"])
+        t = wave + (n - 1) * r["add_ms"] / n + r["adamw_ms"] / n + r["clip_ms"]
+        rows.append((n, n * b, b, t, (n * b / t) / (c["B"] / t1)))
+    return rows
+
+
+def scaling_main(a, names):
+    n = a.threads
+    print(f"bench/training.py --scaling: 1 thread vs {n} (shards of B/{n} sequences, one BLAS thread each, "
+          f"lib/parallel.py), steps alternating in one process; steps={a.steps} x trials={a.trials}; "
+          f"cpus={os.cpu_count()}; load={common.loadavg()}")
+    for name in names:
+        c = CONFIGS[name]
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--child-scaling", "--threads", str(n),
+               "--steps", str(a.steps), "--warmup", str(a.warmup), "--trials", str(a.trials)]
+        r = common.run_child(cmd, 1, f"the scaling child for {name}")
+        ms = {int(k): v for k, v in r["ms"].items()}
+        cpu = {int(k): v for k, v in r["cpu_ms"].items()}
+        sp = r["trial_speedups"]
+        print(f"{name} (B {c['B']}, T {c['T']}): 1 thread {ms[1]:.1f} ms/step, {n} threads {ms[n]:.1f}: "
+              f"x{ms[1] / ms[n]:.2f} (trials x{min(sp):.2f}-{max(sp):.2f}); load {r['load_before']} -> "
+              f"{r['load_after']}")
+        print(f"  CPU seconds per step {cpu[1]:.1f} -> {cpu[n]:.1f} ms (x{cpu[n] / cpu[1]:.2f}: the work itself); serial "
+              f"in the {n}-thread step {r['serial_ms']:.1f} ms; the machine's own {n}-core scaling meanwhile "
+              f"(one-thread matmul loops at once / in a row): x{r['machine']:.2f} "
+              f"(x{r['machine_range'][0]:.2f}-{r['machine_range'][1]:.2f})")
+        shard = ", ".join(f"{b} seq {t:.1f} ms" for b, t in r["shard_ms"].items())
+        print(f"  model, from one-thread measurements: a shard's forward+backward ({shard}), its Python (GIL) "
+              f"{r['python_ms']:.1f} ms, a gradient sum {r['add_ms']:.1f} ms, AdamW {r['adamw_ms']:.1f} ms, the "
+              f"norm {r['clip_ms']:.1f} ms (serial)")
+        for k, batch_, b, t, speed in scaling_model(r, c):
+            seen = f"   measured x{ms[1] / ms[n]:.2f}" if k == n else ""
+            print(f"    {k:>3} threads: batch {batch_:>3}, {b} seq/shard: {t:8.1f} ms/step, x{speed:5.2f} tokens/s{seen}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,12 +595,15 @@ def dp_estimate(a):
 # ----------------------------------------------------------------------------------------------------
 # Optional: the same architecture in PyTorch eager, same weights, same step (clip + AdamW).
 
-def torch_bench(a, c, params, ids, targets, peak_gflops, loss_ref):
+def torch_setup(a, c, params, ids, targets, loss_ref):
+    """(step, info): PyTorch eager's training step on these weights and this batch, with as many threads as
+    ours, and what to report of it (its version, threads, the loss difference on the same weights); (None,
+    {"torch": None}) where PyTorch is not installed."""
     try:
         import torch
         import torch.nn.functional as F
     except ImportError:
-        return {"torch": None}
+        return None, {"torch": None}
     import numpy as np
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     dev = "cuda" if a.backend == "cupy" else "cpu"     # on a GPU run, PyTorch on the same GPU
@@ -436,19 +662,10 @@ def torch_bench(a, c, params, ids, targets, peak_gflops, loss_ref):
 
     with torch.no_grad():                           # same weights, same batch: the same loss?
         check = abs(float(loss_fn(ti, tt)) - float(loss_ref))
-    for _ in range(a.warmup):
+    for _ in range(max(1, a.warmup)):
         step()
     sync()
-    times, peaks = [], []
-    for _ in range(a.trials):
-        peaks.append(peak_gflops())
-        for _ in range(a.steps):
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
-    return {"torch": torch.__version__, "torch_loss_diff": check, "torch_ms": 1e3 * float(np.median(times)),
-            "torch_peak": float(np.median(peaks)), "torch_threads": torch.get_num_threads()}
+    return step, {"torch": torch.__version__, "torch_loss_diff": check, "torch_threads": torch.get_num_threads()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -463,6 +680,7 @@ def run_child(a, name, ckpt, activations=False):
     cmd += ["--activations"] if activations else []
     cmd += ["--no-malloc-tuning"] if a.no_malloc_tuning else []
     cmd += ["--accum", str(a.accum)] if a.accum > 1 else []
+    cmd += ["--threads", str(a.threads), "--parallel", a.parallel]
     return common.run_child(cmd, a.threads, f"bench child for {name}")
 
 
@@ -494,6 +712,15 @@ def parse_args(argv):
     ap.add_argument("--memory", action="store_true",
                     help=f"activation bytes kept between forward and backward for {MEMORY_CONFIG} "
                          "(8 layers) with and without checkpointing, and the step-time ratio")
+    ap.add_argument("--parallel", choices=("shards", "blas"), default="shards",
+                    help="numpy with --threads N > 1: 'shards' runs the batch as train.py --threads N does, N "
+                         "shards of B/N sequences at once, one BLAS thread each (lib/parallel.py); 'blas' runs it "
+                         "whole, N BLAS threads in each matmul (train.py --threads 1 with OPENBLAS_NUM_THREADS=N) "
+                         "(default: %(default)s)")
+    ap.add_argument("--scaling", action="store_true",
+                    help="numpy: the step time on 1 thread and on --threads N (shards), alternating in one "
+                         "process, with the machine's own N-core scaling beside it, and a model of "
+                         f"{', '.join(map(str, SCALING_MODEL))} threads from one-thread measurements")
     ap.add_argument("--tf32", action="store_true", help="cupy: TF32 tensor-core matmuls (the peak too)")
     ap.add_argument("--torch", action="store_true", help="add PyTorch eager on the same model, if installed")
     ap.add_argument("--torch-attention", choices=("sdpa", "math"), default="sdpa",
@@ -523,6 +750,7 @@ def parse_args(argv):
     ap.add_argument("--activations", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--accum", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--child-dist", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-scaling", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     common.check_threads(a.threads)
@@ -540,7 +768,7 @@ def main(argv=None):
 
 def bench(a):
     if a.child:
-        return child_dist(a) if a.child_dist else child(a)
+        return child_dist(a) if a.child_dist else child_scaling(a) if a.child_scaling else child(a)
     if a.dp_estimate:
         return dp_estimate(a)
     if a.backend == "cupy":                         # fail early, with gpt_cupy's message
@@ -553,8 +781,11 @@ def bench(a):
         return dist_main(a, names)
     if a.optimizer_memory:
         return memory_main(a, names)
+    if a.scaling:
+        return scaling_main(a, names)
     malloc = "" if a.backend != "numpy" else ("  malloc=default" if a.no_malloc_tuning else "  malloc=keep_freed_memory")
-    print(f"bench/training.py  backend={a.backend}{' tf32' if a.tf32 else ''}{malloc}  threads={a.threads}  "
+    par = f" ({a.parallel})" if a.backend == "numpy" and a.threads > 1 else ""
+    print(f"bench/training.py  backend={a.backend}{' tf32' if a.tf32 else ''}{malloc}  threads={a.threads}{par}  "
           f"steps={a.steps} x trials={a.trials} (after {a.warmup} warm-up)  cpus={os.cpu_count()}  "
           f"load={common.loadavg()}")
     print("FLOPs/step = 6 * N_mm * tokens + 12 * L * T * C * tokens, "
@@ -591,11 +822,13 @@ def bench(a):
             r = rs[False]
             fl = flops_per_step(c)
             gf = fl / (r["torch_ms"] / 1e3) / 1e9
+            ratios = [x / y for x, y in zip(r["trial_ms"], r["torch_trial_ms"])]     # the trials alternate
             print(f"{'':<16} torch {r['torch']} ({r['torch_threads']} threads, {a.torch_attention} attention): "
                   f"{r['torch_ms']:.1f} ms/step, "
                   f"{gf:.1f} GFLOP/s, MFU {100 * gf / r['torch_peak']:.1f}% of peak {r['torch_peak']:.1f}; "
-                  f"numpy / torch time = {r['ms'] / r['torch_ms']:.2f} "
-                  f"(|loss difference| on the same weights {r['torch_loss_diff']:.1e})")
+                  f"numpy / torch time = {r['ms'] / r['torch_ms']:.2f} (trial by trial "
+                  f"{min(ratios):.2f}-{max(ratios):.2f}; |loss difference| on the same weights "
+                  f"{r['torch_loss_diff']:.1e})")
         elif a.torch:
             print(f"{'':<16} torch: not installed, column skipped")
     return 0

@@ -129,6 +129,11 @@ class TrainConfig:
     out_dir: str = flag("", "checkpoint and log folder (default: out/<data>-<tokenizer>)")
     data_dir: str = flag("data", "root folder of the data caches")
     skip_nonfinite: bool = flag(False, "skip a step whose loss or gradient is nan/inf instead of stopping")
+    threads: int = flag(1, "threads of a training step, e.g. the number of cores: each micro-batch is cut into N "
+                        "shards of batch_size / N sequences, computed at once, one per thread with one BLAS thread "
+                        "each, their gradients summed in shard order, AdamW split among them too: the run is bit for "
+                        "bit the one with --batch-size B/N --grad-accum G*N on one thread (lib/parallel.py). 1: "
+                        "no shards, the BLAS's own threads (OPENBLAS_NUM_THREADS) in the matmuls only")
     # under mpiexec (dist.py; ignored by a single process)
     zero: int = flag(0, "under mpiexec: 1 shards AdamW's moments across the ranks (ZeRO stage 1: 1/N of the "
                      "optimizer memory per rank, the same weights), 0 keeps them whole on every rank", choices=[0, 1])
@@ -167,7 +172,8 @@ RESUME_MAY_CHANGE = {"max_iters", "eval_interval", "eval_iters", "log_interval",
                      "sample_tokens", "sample_prompt", "backend", "tf32", "fused_kernels", "out_dir", "data_dir",
                      "skip_nonfinite", "data", "name", "zero", "bucket_mb", "dist_timeout", "lora_merge", "sft",
                      "eval_mc", "eval_mc_limit",
-                     "grad_accum"}      # grad_accum: as long as the global batch stays (resume_world)
+                     "grad_accum",      # grad_accum: as long as the global batch stays (resume_world)
+                     "threads"}         # the same batches; the gradients equal up to float rounding (train_step)
 
 # What a fine-tuning run (--init-from) takes from its checkpoint instead of from the preset and flags, with
 # the tokenizer; an explicit flag that differs is an error. (block_size is a flag, up to its max_seq_len.)
@@ -258,6 +264,14 @@ def check_config(cfg):
     for name in ("tf32", "fused_kernels"):
         if getattr(cfg, name) and cfg.backend != "cupy":
             raise UserError(f"--{name.replace('_', '-')} is for --backend cupy (an NVIDIA GPU)")
+    if cfg.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {cfg.threads}")
+    if cfg.threads > 1 and cfg.backend != "numpy":
+        raise UserError(f"--threads {cfg.threads} is for --backend numpy (the CPU; a GPU runs the batch whole): "
+                        f"pass --threads 1")
+    if cfg.batch_size % cfg.threads:
+        raise UserError(f"--batch-size {cfg.batch_size} does not divide into --threads {cfg.threads} equal shards: "
+                        f"pass a --batch-size that is a multiple of {cfg.threads}")
     if cfg.lora_rank < 0:
         raise UserError(f"--lora-rank must be >= 0 (0: no LoRA), got {cfg.lora_rank}")
     lora_config(cfg)                                    # alpha, targets and dropout, when LoRA is on
@@ -301,6 +315,10 @@ def check_memory(cfg, mcfg, gm=None):
     """Refuse a run whose weights, AdamW state and activations cannot fit in the machine's memory (the
     GPU's for gm = gpt_cupy): memory.py's estimate, one line naming it, instead of an out-of-memory kill."""
     need = memory.training_bytes(mcfg, cfg.batch_size, cfg.block_size, cfg.mixed_precision)
+    if cfg.threads > 1 and not cfg.lora_rank:
+        # the shards' activations add up to the batch's, but each shard has its own gradients until they are
+        # summed (a LoRA run's: its adapters', small)
+        need["the other shards' gradients"] = 4 * (cfg.threads - 1) * memory.count_params(mcfg)[0]
     memory.check_fits(need, f"this run ({mcfg.n_layer} layers, d_model {mcfg.d_model}, batch {cfg.batch_size} x "
                             f"{cfg.block_size} tokens)", gm,
                       hint="use a smaller model, --batch-size or --block-size (or --checkpoint-activations)")
