@@ -1025,6 +1025,130 @@ def attention_backward_blocked(dout, cache):
     return dx, dWqkv, dWproj
 
 
+# The KV-cache forward's block (forward_cached: generation and scoring, no gradients): identical to
+# block_forward with a KV cache, except that it keeps nothing for a backward and makes fewer passes over
+# memory. FAST_FORMS hands it every block_forward call with a cache, outside LoRA (uses_cached_block).
+# - Attention by query blocks as in attention_forward_blocked, but each block's scores are dropped once
+#   used, and the block is sized to its keys (cached_attention_blocks): about CACHED_SCORES_BYTES of scores,
+#   which the allocator then hands back block after block, instead of fresh memory the kernel must fault in
+#   and zero (at T = 8192 the blocked form keeps 1.2 GB of probabilities per layer of SmolLM2).
+# - Each block's probabilities stay unnormalized: with e = exp(s - rowmax(s)), y = (e @ v) / rowsum(e)
+#   (FlashAttention's deferred division), one pass over (rows, hs) instead of (rows, n).
+# - SwiGLU in place: silu(a) * b = a / (1 + exp(-a)) * b, in a's buffer.
+# - Decoding (T = 1) runs the same code: one block of one query row, which needs no mask.
+CACHED_SCORES_BYTES = 8 << 20                   # a block's scores, at most (unless a block would go below 16 rows)
+CACHED_ROWS = 16, 128                           # query rows per block: the fewest, the most
+
+
+def cached_attention_blocks(B, T, pos, n_head):
+    """(i0, i1, n) as attention_blocks, for the KV-cache forward of T queries after pos cached positions:
+    blocks of 16 .. 128 rows whose float32 scores, B * n_head * rows * n, stay near CACHED_SCORES_BYTES for
+    the longest (the last) block. T = 1: one block of one row."""
+    lo, hi = CACHED_ROWS
+    rows = max(lo, min(hi, CACHED_SCORES_BYTES // (4 * B * n_head * (pos + T))))
+    return [(i0, min(T, i0 + rows), pos + min(T, i0 + rows)) for i0 in range(0, T, rows)]
+
+
+def attention_forward_cached(x, Wqkv, Wproj, cos, sin, n_head, kv, pos):
+    """attention_forward(x, Wqkv, Wproj, cos, sin, n_head, kv=kv, pos=pos) without dropout: its output
+    alone."""
+    B, T, C = x.shape
+    hs = C // n_head
+    q, k, v, _ = qkv_forward(x, Wqkv, cos, sin, n_head, kv, pos)      # (B, nh, T, hs), 2 x (B, nkv, Tk, hs)
+    n_kv = k.shape[1]
+    g = n_head // n_kv
+    q5 = q.reshape(B, n_kv, g, T, hs)                                # the query heads of each group, a view
+    y = xp.empty((B, n_kv, g, T, hs), dtype=x.dtype)
+    for i0, i1, n in cached_attention_blocks(B, T, pos, n_head):
+        rows = i1 - i0
+        qb = q5[:, :, :, i0:i1] * (1.0 / math.sqrt(hs))              # the block's rows of the g heads, scaled
+        qb = qb.reshape(B, n_kv, g * rows, hs)
+        s = upcast(qb @ k[:, :, :n].transpose(0, 1, 3, 2))           # (B, nkv, g*rows, n)
+        if rows > 1:                                                 # the diagonal square (a lone row sees all)
+            s.reshape(B, n_kv, g, rows, n)[..., n - rows:] += causal_mask(rows, rows, 0, s.dtype)
+        s -= s.max(axis=-1, keepdims=True)
+        xp.exp(s, out=s)                                             # e, unnormalized
+        yb = s.astype(x.dtype, copy=False) @ v[:, :, :n]             # (B, nkv, g*rows, n) @ (B, nkv, n, hs)
+        yb /= xp.einsum("...j->...", s)[..., None].astype(x.dtype, copy=False)   # / rowsum(e)
+        y[:, :, :, i0:i1] = yb.reshape(B, n_kv, g, rows, hs)
+    y = merge_heads(y.reshape(B, n_head, T, hs))                     # (B, T, C)
+    return matmul(y, Wproj)
+
+
+def swiglu_forward_cached(x, Wg, Wu, Wd):
+    """swiglu_forward(x, Wg, Wu, Wd)'s output alone, its gating in a's buffer."""
+    a = matmul(x, Wg)                                                # (B, T, F)
+    b = matmul(x, Wu)
+    e = xp.negative(a)
+    xp.exp(e, out=e)
+    e += 1.0                                                         # 1 + exp(-a)
+    a /= e                                                           # silu(a) = a * sigmoid(a)
+    a *= b
+    return matmul(a, Wd)                                             # (B, T, C)
+
+
+def block_forward_cached(x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv=None, pos=0, recompute=False, lora=None):
+    """block_forward(x, params, i, cfg, cos, sin, kv=kv, pos=pos) for inference: (out, None)."""
+    p = f"blocks.{i}."
+    h = norm_forward(x, params, p + "norm1", cfg)[0]
+    x1 = x + attention_forward_cached(h, params[p + "attn.qkv"], params[p + "attn.proj"], cos, sin, cfg.n_head,
+                                      kv, pos)
+    h = norm_forward(x1, params, p + "norm2", cfg)[0]
+    x1 += swiglu_forward_cached(h, params[p + "ffn.w_gate"], params[p + "ffn.w_up"], params[p + "ffn.w_down"])
+    return x1, None
+
+
+def uses_cached_block(x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv=None, pos=0, recompute=False, lora=None):
+    """Does this block_forward call take block_forward_cached? With a KV cache, no dropout, no LoRA."""
+    return kv is not None and lora is None and not p_drop and not recompute
+
+
+# The weights laid out for inference (pack_for_inference; NumPy). Decoding a token multiplies one vector
+# by every weight matrix, reading all of them (538 MB for SmolLM2): its speed is the memory bandwidth those
+# matrix-vector products reach, and two things about the arrays' memory raise it:
+# - 2 MiB pages: the weights in one buffer which Linux backs with transparent huge pages
+#   (madvise(MADV_HUGEPAGE); NumPy asks for them only for arrays of 4 MiB and more, and a block's matrices
+#   are 1.3 to 3.5 MiB): one TLB entry per 2 MiB instead of per 4 KiB of weights streamed.
+# - rows of the right length: OpenBLAS streams y = x @ W fastest when W's rows in memory are long, and
+#   a (576, 1536) matrix whose 576-long rows are its inputs (ffn.w_down, (F, C), and the tied head
+#   tok_emb.T, (C, V), which is tok_emb (V, C) read sideways) streams slower than the same numbers stored
+#   the other way. So those two are stored transposed: the arrays keep their shapes and values, and are
+#   Fortran-ordered views (W.T of a C-ordered (C, F) buffer), which matmul passes to the BLAS as they are.
+def pack_for_inference(params, cfg):
+    """Move every array of params into one buffer of huge pages, ffn.w_down and a tied tok_emb stored
+    transposed (see above). In place: the dict keeps its keys and order, each value becomes a view with
+    the same shape and values, and each old array is freed as its copy is made (if nothing else holds it),
+    so the peak stays near the model's size. For generation and scoring, not training (a view cannot be
+    written back to a checkpoint as it is). NumPy only: on CuPy it does nothing. Returns params."""
+    if xp is not np:
+        return params
+    size = lambda p: -(-p.nbytes // 64) * 64                         # noqa: E731  whole cache lines
+    buf = huge_page_buffer(sum(size(p) for p in params.values()))
+    start = 0
+    for k, p in list(params.items()):
+        flip = k.endswith("ffn.w_down") or (k == "tok_emb" and cfg.tie_embeddings)
+        a = buf[start:start + p.nbytes].view(p.dtype).reshape(p.shape[::-1] if flip else p.shape)
+        a[...] = p.T if flip else p
+        params[k] = a.T if flip else a
+        start += size(p)
+    return params
+
+
+def huge_page_buffer(nbytes):
+    """A zeroed uint8 NumPy array of nbytes that starts on a 2 MiB boundary, in memory Linux may back with
+    2 MiB pages (transparent huge pages in `madvise` or `always` mode; elsewhere ordinary memory)."""
+    import mmap
+    align = 2 << 20
+    mm = mmap.mmap(-1, nbytes + align)                               # anonymous, zeroed, page-aligned
+    try:
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):                                # not Linux, or a kernel without them
+        pass
+    a = np.frombuffer(mm, np.uint8)
+    first = -a.ctypes.data % align
+    return a[first:first + nbytes]
+
+
 def embedding_backward_flat(dout, cache):
     # identical to embedding_backward except that add.at runs on the flat (V*C,) view of dW, with one
     # index per number, idx = id * C + column: NumPy's add.at is several times faster on 1-D indices
@@ -1072,6 +1196,7 @@ FAST_FORMS = {
     "attention_backward": (attention_backward_blocked, lambda dout, cache: cache.blocks is not None),   # as forward
     "embedding_backward": (embedding_backward_flat, None),
     "adamw_step": (adamw_step_inplace, None),
+    "block_forward": (block_forward_cached, uses_cached_block),
 }
 
 
