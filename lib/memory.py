@@ -20,7 +20,7 @@ checkpointing, float16):
                      included (the test allows 0.95 to 1.3): it counts the gradients and the kept
                      activations as if alive at once, while the backward frees the activations as the
                      gradients appear
-  generation_bytes   KV cache and activations 0.90 to 1.06 times generate_stream's peak (allowed: 0.85 to
+  generation_bytes   KV cache and activations 0.94 to 1.02 times generate_stream's peak (allowed: 0.85 to
                      1.25); the weights exist before
 They are used only to refuse what cannot fit; nothing here allocates.
 """
@@ -116,18 +116,21 @@ def cached_block_bytes(cfg, batch_size, block_size, pos=0, itemsize=4):
 
         qkv         the qkv matmul's output (qkv_size), q and k's contiguous copy and RoPE's three
                     temporaries (4 x (nh + nkv) hs)
-        attention   rope(q, k) ((nh + nkv) hs), the heads' output y (C) and two query blocks' float32
-                    scores (gpt_numpy.cached_attention_blocks: per query head, rows x the keys they see;
-                    a block's scores are dropped when the next block's replace them), and the first time,
-                    the diagonal's causal mask (rows x rows, built in float64, kept in float32)
+        attention   rope(q, k) ((nh + nkv) hs), the heads' output y (C), a block's scaled queries, its
+                    e @ v and acc / l (3 C a row of the block) and two tiles' float32 scores
+                    (gpt_numpy.cached_attention_blocks: per query head, a block's rows x a tile's keys;
+                    a tile's scores are dropped when the next tile's replace them), and the first time,
+                    the diagonals' causal masks (rows x rows, built in float64, kept in float32)
         SwiGLU      x1, down's output (2 C) and a, b, 1 + exp(-a) (3 F)"""
     B, T, C, F = batch_size, block_size, cfg.d_model, cfg.d_ff
     N, hq = B * T, (cfg.n_head + cfg.n_kv_head) * cfg.head_size
-    blocks = [4 * B * cfg.n_head * (i1 - i0) * n for i0, i1, n in gpt_numpy.cached_attention_blocks(B, T, pos, cfg.n_head)]
-    rows = gpt_numpy.cached_attention_blocks(B, T, pos, cfg.n_head)[0][1]
-    scores = max(map(sum, zip(blocks, blocks[1:] + [0]))) + (12 * rows * rows if rows > 1 else 0)
-    return N * 2 * C * itemsize + max(N * (cfg.qkv_size + 4 * hq) * itemsize, N * (hq + C) * itemsize + scores,
-                                      N * (2 * C + 3 * F) * itemsize)
+    blocks = gpt_numpy.cached_attention_blocks(B, T, pos, cfg.n_head)
+    tiles = [4 * B * cfg.n_head * (i1 - i0) * (j1 - j0) for i0, i1, ts in blocks for j0, j1 in ts]
+    masks = sum(12 * r * r for r in {i1 - i0 for i0, i1, _ in blocks} if r > 1)    # a mask per block height
+    scores = max(map(sum, zip(tiles, tiles[1:] + [0]))) + masks
+    block = 3 * B * blocks[0][1] * C * 4                # a block's scaled queries, its e @ v and acc / l
+    return N * 2 * C * itemsize + max(N * (cfg.qkv_size + 4 * hq) * itemsize,
+                                      N * (hq + C) * itemsize + block + scores, N * (2 * C + 3 * F) * itemsize)
 
 
 def activation_bytes(cfg, batch_size, block_size, itemsize=4):

@@ -38,13 +38,17 @@ def cached_logits(params, cfg, ids, splits, B=1):
 
 @pytest.mark.parametrize("n_kv, norm, B", [(2, "rmsnorm", 1), (4, "rmsnorm", 2), (1, "layernorm", 1)])
 def test_cached_block_equals_the_textbook_block(n_kv, norm, B, monkeypatch):
-    # a prefill in several query blocks (16 rows each: the scores budget is tiny), more positions after it,
-    # then single-token decoding: the logits of the textbook forms within float64 rounding
+    # a prefill in several query blocks of 16 rows, each block's keys in tiles of 16 (the scores budget is
+    # tiny: the online softmax runs over several tiles), more positions after it, then single-token decoding
+    # (more than 16 keys: tiles of one row too): the logits of the textbook forms within float64 rounding
     cfg = small_cfg(n_kv_head=n_kv, norm=norm, max_seq_len=60)
     params = scaled_params(cfg)
     ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (B, 60))
+    monkeypatch.setattr(gn, "CACHED_ROWS", 16)
     monkeypatch.setattr(gn, "CACHED_SCORES_BYTES", 1)
-    assert gn.cached_attention_blocks(B, 40, 0, cfg.n_head) == [(0, 16, 16), (16, 32, 32), (32, 40, 40)]
+    assert gn.cached_attention_blocks(B, 40, 0, cfg.n_head) == [
+        (0, 16, [(0, 16)]), (16, 32, [(0, 16), (16, 32)]), (32, 40, [(0, 16), (16, 32), (32, 40)])]
+    assert gn.cached_attention_blocks(B, 1, 40, cfg.n_head) == [(0, 1, [(j, j + 1) for j in range(41)])]
     splits = [40, 7] + [1] * 13
     fast = cached_logits(params, cfg, ids, splits, B)
     monkeypatch.setattr(gn, "block_forward", TEXTBOOK_BLOCK)
@@ -90,20 +94,22 @@ def test_fast_forms_route_only_inference_with_a_cache_to_the_cached_block(monkey
 
 
 def test_cached_attention_blocks_follow_the_scores_budget():
-    # rows per block: 16 .. 128, as many as keep B * n_head * rows * keys float32 scores near the budget
-    B, nh = 1, 9
-    for T, pos in ((512, 0), (8192, 0), (300, 5000), (1, 0), (1, 8000), (20, 0)):
+    # query blocks of CACHED_ROWS rows; key tiles as long as keep B * n_head * rows * keys float32 scores near
+    # the budget, together covering each block's keys once, the last tile holding the block's diagonal square
+    for B, nh, T, pos in ((1, 9, 512, 0), (1, 9, 8192, 0), (2, 9, 300, 5000), (1, 9, 1, 0), (1, 9, 1, 8000),
+                          (1, 4, 20, 0), (3, 12, 130, 7)):
         blocks = gn.cached_attention_blocks(B, T, pos, nh)
-        r = blocks[0][1]                                                 # the rows of a block (the last: what is left)
-        assert blocks == [(i0, min(T, i0 + r), pos + min(T, i0 + r)) for i0 in range(0, T, r)]
-        if len(blocks) == 1:
-            assert r == T
-        else:
-            assert 16 <= r <= 128
-            if 16 < r < 128:
-                assert 4 * B * nh * r * (pos + T) <= gn.CACHED_SCORES_BYTES < 4 * B * nh * (r + 1) * (pos + T)
-    assert gn.cached_attention_blocks(1, 512, 0, 9) == [(i, i + 128, i + 128) for i in range(0, 512, 128)]
-    assert gn.cached_attention_blocks(1, 8192, 0, 9)[0] == (0, 28, 28)
+        rows = min(T, gn.CACHED_ROWS)
+        keys = max(rows, gn.CACHED_SCORES_BYTES // (4 * B * nh * rows))
+        assert [b[:2] for b in blocks] == [(i0, min(T, i0 + rows)) for i0 in range(0, T, rows)]
+        for i0, i1, tiles in blocks:
+            n = pos + i1
+            assert tiles[0][0] == 0 and tiles[-1][1] == n and all(a[1] == b[0] for a, b in zip(tiles, tiles[1:]))
+            assert all(j1 - j0 == keys for j0, j1 in tiles[:-1]) and tiles[-1][0] <= n - (i1 - i0)
+            assert tiles[-1][1] - tiles[-1][0] < keys + (i1 - i0)
+    assert gn.cached_attention_blocks(1, 1, 8000, 9) == [(0, 1, [(0, 8001)])]         # decoding: one tile
+    assert [len(t) for _, _, t in gn.cached_attention_blocks(1, 512, 0, 9)] == [1] * 8
+    assert gn.cached_attention_blocks(1, 8192, 0, 9)[-1][2][:2] == [(0, 1820), (1820, 3640)]
 
 
 # ----------------------------------------------------------------------------------------------------
