@@ -246,6 +246,7 @@ def run(args):
             print(f"{path} is ready: score it with --ckpt RUN --mc {path}")
             return
     m = load_model(args.ckpt, args.backend)
+    m.gm.pack_for_inference(m.params, m.cfg)            # the weights laid out for inference (gpt_numpy, appendix B)
     r = eval_text(m, args) if args.text else eval_mc(m, args, path)
     if args.json:
         print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}))

@@ -138,9 +138,9 @@ def ours(m, items):
     return time.perf_counter() - t0, res
 
 
-def theirs(torch, model, tok, items, max_length):
+def theirs(torch, model, tok, items, max_length, one_by_one=False):
     """The harness's procedure with transformers (non-empty contexts, as HellaSwag's), the choices of one item
-    in one right-padded batch.
+    in one right-padded batch, or with one_by_one each in its own (the harness's default batch size of 1).
     Returns (seconds, [[(log-likelihood, tokens)] per item])."""
     enc = lambda s: tok.encode(s, add_special_tokens=False)            # noqa: E731
     t0 = time.perf_counter()
@@ -154,17 +154,70 @@ def theirs(torch, model, tok, items, max_length):
                 whole, ctx = enc(context + cont), enc(context)
                 cont = whole[len(ctx):]
                 rows.append(((ctx + cont)[-(max_length + 1):][:-1], cont))
-            T = max(len(inp) for inp, _ in rows)
-            batch = torch.zeros((len(rows), T), dtype=torch.long)
-            for b, (inp, _) in enumerate(rows):
-                batch[b, :len(inp)] = torch.tensor(inp)
-            logp = torch.log_softmax(model(batch).logits, dim=-1)   # (B, T, V), float32 as the harness
             lls = []
-            for b, (inp, cont) in enumerate(rows):
-                sl = logp[b, len(inp) - len(cont):len(inp)]           # the continuation's positions
-                lls.append((float(sl.gather(1, torch.tensor(cont)[:, None]).sum()), len(cont)))
+            for group in ([[r] for r in rows] if one_by_one else [rows]):
+                T = max(len(inp) for inp, _ in group)
+                batch = torch.zeros((len(group), T), dtype=torch.long)
+                for b, (inp, _) in enumerate(group):
+                    batch[b, :len(inp)] = torch.tensor(inp)
+                logp = torch.log_softmax(model(batch).logits, dim=-1)   # (B, T, V), float32 as the harness
+                for b, (inp, cont) in enumerate(group):
+                    sl = logp[b, len(inp) - len(cont):len(inp)]           # the continuation's positions
+                    lls.append((float(sl.gather(1, torch.tensor(cont)[:, None]).sum()), len(cont)))
+                del logp
             out.append(lls)
     return time.perf_counter() - t0, out
+
+
+def long_item(tok, text_path, n_tokens, n_choices, seed=0):
+    """One multiple-choice item (an MCItem) whose context is the first words of --text that make n_tokens
+    tokens or just over (our tokenizer's count), and n_choices endings of 10-25 words: the first (the label)
+    the words that follow in the text, the others spans from elsewhere."""
+    import numpy as np
+    from lib.scoring import MCItem
+    words = Path(text_path).read_text(encoding="utf-8", errors="replace").split()
+    lo, hi = 1, len(words) - 100                        # the fewest words whose tokens reach n_tokens
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if len(tok.encode_ordinary(" ".join(words[:mid]))) < n_tokens else (lo, mid)
+    if lo >= len(words) - 100:
+        raise UserError(f"--text {text_path} has fewer than {n_tokens} tokens")
+    rng = np.random.default_rng(seed)
+    spans = [(lo, 20)] + [(int(rng.integers(0, len(words) - 30)), int(rng.integers(10, 26))) for _ in range(n_choices - 1)]
+    return MCItem(" ".join(words[:lo]), [" ".join(words[i:i + k]) for i, k in spans], 0, 1, str(text_path))
+
+
+def bench_long(a, m, model, tok, torch):
+    """--long-context: one item with a context longer than the window, scored alternately by ours (eval.py's
+    score_requests) and by the harness's procedure on transformers with its default batch size of 1."""
+    import numpy as np
+    from lib import scoring
+    item = long_item(m.tokenizer, a.text, a.long_context, a.long_choices)
+    N = m.cfg.max_seq_len
+    req = scoring.encode_items(m.tokenizer, [item], N, start=scoring.start_ids(m.tokenizer, m.meta))[0]
+    print(f"model: {m.gm.num_params(m.params):,} parameters, window {N} tokens; one item: context "
+          f"{len(scoring.encode_pair(m.tokenizer, item.context, ' ' + item.choices[0])[0]):,} tokens, "
+          f"{len(item.choices)} choices of {', '.join(str(len(c)) for _, c in req.inputs)} tokens; each choice's "
+          f"input cut to the last {N + 1} tokens (left-truncated: {req.truncated}), so each reads its own "
+          f"{', '.join(f'{len(x) + len(c) - 1:,}' for x, c in req.inputs)} tokens")
+    print(f"threads: BLAS {a.threads}, torch {torch.get_num_threads()}; numpy {np.__version__}, torch "
+          f"{torch.__version__}, attention {model.config._attn_implementation}; loadavg {common.loadavg()}")
+    rows = []
+    for t in range(a.trials):
+        for side in ((0, 1) if t % 2 == 0 else (1, 0)):
+            if side == 0:
+                so, res = ours(m, [item])
+            else:
+                st, ref = theirs(torch, model, tok, [item], N, one_by_one=True)
+        rows.append((so, st))
+        print(f"trial {t + 1}: ours {so:.1f} s, the harness's procedure on transformers {st:.1f} s, ratio "
+              f"{st / so:.2f}x; loadavg {common.loadavg()}", flush=True)
+    worst = max(abs(x - y) / abs(y) for x, (y, _) in zip(res[0].loglikelihoods, ref[0]))
+    print(f"median: ours {float(np.median([r[0] for r in rows])):.1f} s, transformers "
+          f"{float(np.median([r[1] for r in rows])):.1f} s, ratio {float(np.median([b / x for x, b in rows])):.2f}x; "
+          f"log-likelihoods within {worst:.1e} relative, token counts "
+          f"{'equal' if res[0].tokens == [n for _, n in ref[0]] else 'DIFFER'}")
+    return 0
 
 
 def metrics_of(lls_per_item, items):
@@ -235,12 +288,19 @@ def parse_args(argv):
                    help="--gguf: the text whose perplexity both sides compute (default: %(default)s)")
     p.add_argument("--ppl-chars", type=int, default=20000, help="--gguf: its first N characters (default: %(default)s)")
     p.add_argument("--ppl-block", type=int, default=512, help="--gguf: the window in tokens (default: %(default)s)")
+    p.add_argument("--long-context", type=int, metavar="N",
+                   help="instead: one item whose context is N tokens of --text (more than the window: each choice "
+                        "left-truncated to its own window), ours against the harness's procedure with its batch "
+                        "size of 1, --trials times (default: none)")
+    p.add_argument("--long-choices", type=int, default=3, help="--long-context: the item's choices (default: %(default)s)")
     a = p.parse_args(argv)
     if a.gguf and not Path(a.gguf).is_file():
         raise UserError(f"--gguf {a.gguf}: no such file")
-    for k in ("threads", "items", "trials", "ppl_chars", "ppl_block"):
+    for k in ("threads", "items", "trials", "ppl_chars", "ppl_block", "long_choices"):
         if getattr(a, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(a, k)}")
+    if a.long_context is not None and a.long_context < 1:
+        raise UserError(f"--long-context must be at least 1, got {a.long_context}")
     return a
 
 
@@ -267,8 +327,11 @@ def bench(a):
         ckpt, where, mc = prepare(a)
         kw, what = {}, "random weights in SmolLM2-135M's shape"
     m = load_model(ckpt)
+    m.gm.pack_for_inference(m.params, m.cfg)             # as eval.py runs it
     model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw).eval()
     tok = transformers.AutoTokenizer.from_pretrained(where, **kw)
+    if a.long_context:
+        return bench_long(a, m, model, tok, torch)
     items = scoring.read_mc(mc)
     reqs = scoring.encode_items(m.tokenizer, items, m.cfg.max_seq_len, start=scoring.start_ids(m.tokenizer, m.meta))
     ctx_len = np.mean([len(r.inputs[0][0]) for r in reqs])

@@ -379,24 +379,27 @@ def rolling_windows(n_tokens, block_size):
     return windows
 
 
-def score_windows(gm, params, cfg, seqs, windows, progress=False, batch_bytes=1 << 28, batch_tokens=1 << 14):
+def score_windows(gm, params, cfg, seqs, windows, progress=False, batch_bytes=1 << 28, batch_tokens=1 << 12):
     """The summed log-probability of each window's targets. seqs: 1-D int arrays; windows: (seq, start,
     end, first): the model reads seqs[seq][start:end] and is scored on the targets seqs[seq][first:end + 1].
     Returns a float64 array, one sum per window.
 
     Windows go through the model together, longest first, each batch right-padded to its longest window
-    (causal attention: padding after a position changes nothing there), up to batch_tokens tokens and
-    batch_bytes of float32 logits at a time (bounding the activations and the logits)."""
+    (causal attention: padding after a position changes nothing there), up to batch_tokens tokens at a
+    time, and each batch in pieces of positions: a piece goes through forward_cached on top of the KV cache
+    of the pieces before it (the inference forward, which keeps nothing), its logits at most batch_bytes of
+    float32 (a window of 8192 positions has 1.6 GB of logits over SmolLM2's 49152 ids); a piece with no
+    target asks for its last position's logits alone."""
     from tqdm import tqdm
     order = sorted(range(len(windows)), key=lambda k: -(windows[k][2] - windows[k][1]))     # longest first
     sums = np.zeros(len(windows))
+    dtype = next(iter(params.values())).dtype
     with tqdm(total=len(windows), unit=" windows", desc="scoring", dynamic_ncols=True,
               disable=not progress or None) as bar:
         k = 0
         while k < len(order):
             T = windows[order[k]][2] - windows[order[k]][1]                        # the batch's longest
-            per_batch = max(1, min(batch_bytes // (T * cfg.vocab_size * 4), batch_tokens // T))
-            group = order[k:k + per_batch]
+            group = order[k:k + max(1, min(batch_tokens // T, batch_bytes // (cfg.vocab_size * 4)))]
             x = np.zeros((len(group), T), dtype=np.int64)                         # padding: id 0, never scored
             y = np.full((len(group), T), -1, dtype=np.int64)                      # -1: not scored
             for b, w in enumerate(group):
@@ -404,15 +407,21 @@ def score_windows(gm, params, cfg, seqs, windows, progress=False, batch_bytes=1 
                 ids = seqs[seq]
                 x[b, :end - start] = ids[start:end]
                 y[b, first - start - 1:end - start] = ids[first:end + 1]          # targets first .. end
-            lp = token_logprobs(gm, gm.forward(params, x, cfg), y)               # (B, T)
-            sums[group] = lp.sum(axis=1)
+            kv = gm.kv_cache_init(cfg, dtype, batch=len(group), length=T)
+            piece = max(1, batch_bytes // (len(group) * cfg.vocab_size * 4))
+            for p0 in range(0, T, piece):
+                p1 = min(T, p0 + piece)
+                scored = (y[:, p0:p1] >= 0).any()
+                logits = gm.forward_cached(params, x[:, p0:p1], cfg, kv, p0, last_only=not scored)
+                if scored:
+                    sums[group] += token_logprobs(gm, logits, y[:, p0:p1]).sum(axis=1)
             k += len(group)
             bar.update(len(group))
     return sums
 
 
 def score_text(gm, params, cfg, ids, block_size=None, stride=None, token_bytes=None, progress=False,
-               batch_bytes=1 << 28, batch_tokens=1 << 14):
+               batch_bytes=1 << 28, batch_tokens=1 << 12):
     """The "strided" procedure: mean loss of every token but the first of one token stream, in the windows
     of text_windows. ids: a 1-D int array. token_bytes (the UTF-8 length of each id,
     tokenizer.token_byte_lengths) adds bits per byte over the scored tokens' bytes. Returns {"procedure",
@@ -440,7 +449,7 @@ def count_words(doc):
 
 
 def score_rolling(gm, params, cfg, docs, prefix, block_size=None, progress=False, batch_bytes=1 << 28,
-                  batch_tokens=1 << 14):
+                  batch_tokens=1 << 12):
     """The "rolling" procedure, lm-evaluation-harness's loglikelihood_rolling with its wikitext metrics:
     each document (text, ids) is read as [prefix] + ids in rolling_windows, so every one of its tokens is
     scored; its log-likelihood is the sum. Over the documents (lm_eval/api/metrics.py):
