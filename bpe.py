@@ -6,7 +6,7 @@ bpe.py: a byte-level BPE tokenizer in the style of GPT-2 and GPT-4, in pure Pyth
 - Training counts the distinct chunks once, reading files block by block, so memory follows the number of
   distinct chunks, not the size of the corpus. Then it merges with incremental pair counts and a heap: a
   merge touches only the chunks that contain its pair, and pairs are never recounted: about 4 s for a
-  32768-token vocabulary on 8 MB of English (bench_bpe.py), where recounting all pairs costs ~0.3 s a merge.
+  32768-token vocabulary on 8 MB of English (bench/tokenizer.py), where recounting all pairs costs ~0.3 s a merge.
 - Encoding merges, inside each chunk, the adjacent pair whose concatenation has the lowest rank (rank =
   token id), exactly as tiktoken does, with a cache for repeated chunks.
 - One file format, this file's own (save/load, to_text/from_text; below). The formats of other tools
@@ -210,7 +210,7 @@ def can_cut(special_tokens):
 def read_text_blocks(path, block_size=1 << 22, cut=safe_cut, errors="surrogateescape", hasher=None):
     """Yield (text, nbytes) for a file's text in blocks of about block_size bytes, so a big file is never
     held whole: at most one block and the tail carried into the next. The one file reader of the project
-    (training here, encoding here, and data.py's corpus preparation and hashing all use it).
+    (training here, encoding here, and lib/data.py's corpus preparation and hashing all use it).
 
     - cut(text, start) -> index: where a block may end (default safe_cut: where BPE's chunking is
       unchanged, searched from start); None: nowhere, the file comes as one block.
@@ -278,7 +278,7 @@ def read_text(path):
 
 def id_dtype(vocab_size):
     """The smallest NumPy dtype that holds every id of a vocabulary: uint16 up to 65536 tokens, else
-    uint32 (the .bin files of bpe.py and data.py, like nanoGPT's).
+    uint32 (the .bin files of bpe.py and lib/data.py, like nanoGPT's).
 
     >>> id_dtype(65536).__name__, id_dtype(65537).__name__
     ('uint16', 'uint32')
@@ -658,7 +658,7 @@ class Tokenizer:
         """The smallest NumPy dtype that holds every id: uint16 up to 65536 tokens, else uint32."""
         return id_dtype(self.vocab_size)
 
-    # how data.py reads files for this tokenizer (read_text_blocks): exact bytes (invalid UTF-8 kept as
+    # how lib/data.py reads files for this tokenizer (read_text_blocks): exact bytes (invalid UTF-8 kept as
     # surrogates, encoded back to the same bytes), and blocks cut only where the chunks are unchanged
     file_errors = "surrogateescape"
 

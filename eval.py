@@ -10,7 +10,7 @@ token, or a sliding window with --stride, no BOS), is kept under its name.
     python eval.py --ckpt out/imported --download hellaswag --mc-limit 500      # fetched once into data/hellaswag/
     python eval.py --ckpt out/imported --mc my_questions.jsonl --per-item items.jsonl --json
 
-The rules (windows, the harness's tokenization, truncation, the metrics) live in scoring.py, which
+The rules (windows, the harness's tokenization, truncation, the metrics) live in lib/scoring.py, which
 train.py --eval-mc uses as well; docs/eval.md has the formats and measured results. Exit status 0; a bad
 command line prints `error: <one line>` and exits 2, a failure (a missing or malformed file) exits 1.
 """

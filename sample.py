@@ -23,7 +23,7 @@ byte-level BPE) prints whole once its last byte arrives.
 
 --chat talks to a chat model (imported with export.py --import-gguf / --import-hf, or fine-tuned here with
 train.py --sft): each turn renders the whole conversation with the model's own chat template
-(chat_template.py), feeds the model what is new since the last turn (the rest stays in the KV cache,
+(lib/chat_template.py), feeds the model what is new since the last turn (the rest stays in the KV cache,
 generation.KVSession), generates the reply token by token and stops at the template's end-of-turn token.
 Interactive: type a message, Enter; Ctrl-D or Ctrl-C ends.
 """
@@ -106,7 +106,7 @@ def stream(params, cfg, tok, gm, prompt, max_new_tokens, temperature, top_k, top
 
 
 def check_memory(m, prompt_len, new_tokens):
-    """Refuse (one line naming memory.py's estimate) a generation whose weights, KV cache and prefill
+    """Refuse (one line naming lib/memory.py's estimate) a generation whose weights, KV cache and prefill
     cannot fit."""
     need = memory.generation_bytes(m.cfg, prompt_len, new_tokens, memory.kv_cache_positions(m.cfg, prompt_len, new_tokens))
     memory.check_fits(need, f"sampling from {m.path} (context {m.cfg.max_seq_len:,})", m.gm,

@@ -137,7 +137,7 @@ def step_seed(seed, step, micro):
 def train(cfg, data, tok, gm, resume=None, log=print, init=None, comm=None):
     """Train (or continue `resume`, a checkpoint.Checkpoint) and return a summary dict. `init` (a
     Checkpoint too) fine-tunes: its weights and model config, a fresh optimizer and step 0. `comm`:
-    under mpiexec, dist.py's communicator (the ranks train one model; rank 0 logs, evaluates and saves).
+    under mpiexec, lib/dist.py's communicator (the ranks train one model; rank 0 logs, evaluates and saves).
 
     Each step (train_step): grad_accum micro-batches from the seeded sampler -> averaged gradients ->
     finite check -> clip -> AdamW at get_lr(step). Every eval_interval steps: train/val loss, val bits per
@@ -181,7 +181,7 @@ def open_run(cfg, data, tok, gm, resume, init, log, comm):
 
 
 def start_data_parallel(run, state):
-    """Under mpiexec: the gradient averaging of dist.py over the weights this run trains (a LoRA run's
+    """Under mpiexec: the gradient averaging of lib/dist.py over the weights this run trains (a LoRA run's
     adapters); with --zero 1 the ranks then keep their shards of AdamW's moments only."""
     from lib import dist
     trained = state.trained()
@@ -660,7 +660,7 @@ def run(argv=None, log=print):
 
 def prepare_and_train(cl, log=print, comm=None):
     """From a parsed command line (a CommandLine): runs.start settles the checkpoint to continue or start
-    from, the config, the folders and the data; then train(). `comm`: under mpiexec, dist.py's
+    from, the config, the folders and the data; then train(). `comm`: under mpiexec, lib/dist.py's
     communicator (only rank 0 logs)."""
     if comm is not None and comm.rank != 0:
         log = lambda *a, **k: None                      # noqa: E731
@@ -686,7 +686,7 @@ def main(argv=None):
     failure on any rank ends the whole job (report_failure)."""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)     # log lines show up at once, also in a file or a pipe
-    job = {"comm": None}                                # under mpiexec: dist.py's communicator, once started
+    job = {"comm": None}                                # under mpiexec: lib/dist.py's communicator, once started
 
     def work(cl):
         if mpi_world_size() > 1:
