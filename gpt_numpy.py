@@ -1148,13 +1148,27 @@ def pack_for_inference(params, cfg):
     size = lambda p: -(-p.nbytes // 64) * 64                         # noqa: E731  whole cache lines
     buf = huge_page_buffer(sum(size(p) for p in params.values()))
     start = 0
-    for k, p in list(params.items()):
+    for k in list(params):
+        p = params[k]
         flip = k.endswith("ffn.w_down") or (k == "tok_emb" and cfg.tie_embeddings)
         a = buf[start:start + p.nbytes].view(p.dtype).reshape(p.shape[::-1] if flip else p.shape)
         a[...] = p.T if flip else p
         params[k] = a.T if flip else a
         start += size(p)
+        del p                                                        # the old array goes (if nothing else holds it)
+        return_freed_memory()
     return params
+
+
+def return_freed_memory():
+    """Hand the memory that glibc's malloc holds freed back to the OS (malloc_trim; elsewhere nothing).
+    pack_for_inference calls it after each array it moves: a CPU program keeps freed memory for reuse
+    (lib/backend.keep_freed_memory), which would otherwise keep the old copy of the weights resident."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def huge_page_buffer(nbytes):
