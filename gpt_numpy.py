@@ -60,7 +60,8 @@ def to_host(a):
 # (use_forms, appendix B) replaces that function for every caller. The main text is the textbook form of
 # each; two tables swap in others:
 #   FAST_FORMS (appendix B): attention_forward / attention_backward (blocked, from T >= 2 * ATT_BLOCK),
-#       embedding_backward (flat indices), adamw_step (in place)
+#       block_forward (with a KV cache, for inference: block_forward_cached), embedding_backward (flat
+#       indices), adamw_step (in place)
 #   gpt_cupy.py, on the GPU: embedding_backward always (a deterministic kernel: CuPy's add.at adds
 #       atomically, in no fixed order), adamw_step with use_fused_kernels (train.py --fused-kernels)
 
@@ -1124,66 +1125,6 @@ def block_forward_cached(x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv=Non
 def uses_cached_block(x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv=None, pos=0, recompute=False, lora=None):
     """Does this block_forward call take block_forward_cached? With a KV cache, no dropout, no LoRA."""
     return kv is not None and lora is None and not p_drop and not recompute
-
-
-# The weights laid out for inference (pack_for_inference; NumPy). Decoding a token multiplies one vector
-# by every weight matrix, reading all of them (538 MB for SmolLM2): its speed is the memory bandwidth those
-# matrix-vector products reach, and two things about the arrays' memory raise it:
-# - 2 MiB pages: the weights in one buffer which Linux backs with transparent huge pages
-#   (madvise(MADV_HUGEPAGE); NumPy asks for them only for arrays of 4 MiB and more, and a block's matrices
-#   are 1.3 to 3.5 MiB): one TLB entry per 2 MiB instead of per 4 KiB of weights streamed.
-# - rows of the right length: OpenBLAS streams y = x @ W fastest when W's rows in memory are long, and
-#   a (576, 1536) matrix whose 576-long rows are its inputs (ffn.w_down, (F, C), and the tied head
-#   tok_emb.T, (C, V), which is tok_emb (V, C) read sideways) streams slower than the same numbers stored
-#   the other way. So those two are stored transposed: the arrays keep their shapes and values, and are
-#   Fortran-ordered views (W.T of a C-ordered (C, F) buffer), which matmul passes to the BLAS as they are.
-def pack_for_inference(params, cfg):
-    """Move every array of params into one buffer of huge pages, ffn.w_down and a tied tok_emb stored
-    transposed (see above). In place: the dict keeps its keys and order, each value becomes a view with
-    the same shape and values, and each old array is freed as its copy is made (if nothing else holds it),
-    so the peak stays near the model's size. For generation and scoring, not training (a view cannot be
-    written back to a checkpoint as it is). NumPy only: on CuPy it does nothing. Returns params."""
-    if xp is not np:
-        return params
-    size = lambda p: -(-p.nbytes // 64) * 64                         # noqa: E731  whole cache lines
-    buf = huge_page_buffer(sum(size(p) for p in params.values()))
-    start = 0
-    for k in list(params):
-        p = params[k]
-        flip = k.endswith("ffn.w_down") or (k == "tok_emb" and cfg.tie_embeddings)
-        a = buf[start:start + p.nbytes].view(p.dtype).reshape(p.shape[::-1] if flip else p.shape)
-        a[...] = p.T if flip else p
-        params[k] = a.T if flip else a
-        start += size(p)
-        del p                                                        # the old array goes (if nothing else holds it)
-        return_freed_memory()
-    return params
-
-
-def return_freed_memory():
-    """Hand the memory that glibc's malloc holds freed back to the OS (malloc_trim; elsewhere nothing).
-    pack_for_inference calls it after each array it moves: a CPU program keeps freed memory for reuse
-    (lib/backend.keep_freed_memory), which would otherwise keep the old copy of the weights resident."""
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def huge_page_buffer(nbytes):
-    """A zeroed uint8 NumPy array of nbytes that starts on a 2 MiB boundary, in memory Linux may back with
-    2 MiB pages (transparent huge pages in `madvise` or `always` mode; elsewhere ordinary memory)."""
-    import mmap
-    align = 2 << 20
-    mm = mmap.mmap(-1, nbytes + align)                               # anonymous, zeroed, page-aligned
-    try:
-        mm.madvise(mmap.MADV_HUGEPAGE)
-    except (AttributeError, OSError):                                # not Linux, or a kernel without them
-        pass
-    a = np.frombuffer(mm, np.uint8)
-    first = -a.ctypes.data % align
-    return a[first:first + nbytes]
 
 
 def embedding_backward_flat(dout, cache):

@@ -241,7 +241,7 @@ def run(args):
     if args.prompt_file is not None:
         args.prompt = read_prompt_file(args.prompt_file)
     m = load_model(args.ckpt, args.backend)
-    m.gm.pack_for_inference(m.params, m.cfg)            # the weights laid out for decoding (gpt_numpy, appendix B)
+    generation.pack_for_inference(m.gm, m.params, m.cfg)   # the weights laid out for decoding
     if args.chat:
         chat_session(m, args)
         return

@@ -121,7 +121,7 @@ def test_pack_for_inference_keeps_every_value_and_shape(tie):
     params = gn.init_params(cfg, seed=2)
     before = {k: v.copy() for k, v in params.items()}
     refs = [weakref.ref(v) for v in params.values()]
-    out = gn.pack_for_inference(params, cfg)
+    out = generation.pack_for_inference(gn, params, cfg)
     assert out is params and list(params) == list(before)
     assert all(r() is None for r in refs)                               # each old array freed: no second copy
     base = params["tok_emb"].base
@@ -146,8 +146,8 @@ def test_pack_for_inference_frees_each_array_as_it_goes(monkeypatch):
     params = gn.init_params(cfg, seed=2)
     refs = [weakref.ref(v) for v in params.values()]
     seen = []
-    monkeypatch.setattr(gn, "return_freed_memory", lambda: seen.append(sum(r() is None for r in refs)))
-    gn.pack_for_inference(params, cfg)
+    monkeypatch.setattr(generation, "return_freed_memory", lambda: seen.append(sum(r() is None for r in refs)))
+    generation.pack_for_inference(gn, params, cfg)
     assert seen == list(range(1, len(refs) + 1))
 
 
@@ -157,7 +157,7 @@ def test_pack_for_inference_asks_for_huge_pages():
     import os
     if not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
         pytest.skip("no transparent huge pages here")
-    buf = gn.huge_page_buffer(3 << 20)
+    buf = generation.huge_page_buffer(3 << 20)
     assert buf.ctypes.data % (2 << 20) == 0 and buf.size == 3 << 20 and not buf.any()
     addr, flags = buf.ctypes.data, None
     with open("/proc/self/smaps") as f:
@@ -180,6 +180,6 @@ def test_packed_weights_generate_the_same_tokens():
     want = generation.generate(gn, params, prompt, cfg, 20, temperature=0)
     ids = np.asarray([want])
     logits = gn.forward(params, ids, cfg)
-    gn.pack_for_inference(params, cfg)
+    generation.pack_for_inference(gn, params, cfg)
     assert generation.generate(gn, params, prompt, cfg, 20, temperature=0) == want
     assert rel_err(gn.forward(params, ids, cfg), logits) < 1e-5
