@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from errors import ArgumentParser, UsageError, UserError, run_main
-from lib import generation, scoring
+from lib import inference, scoring
 from lib.checkpoint import CHECKPOINT_HELP, load_model
 from lib.files import atomic_write
 from lib.tokenizer import token_byte_lengths
@@ -246,7 +246,7 @@ def run(args):
             print(f"{path} is ready: score it with --ckpt RUN --mc {path}")
             return
     m = load_model(args.ckpt, args.backend)
-    generation.pack_for_inference(m.gm, m.params, m.cfg)   # the weights laid out for inference
+    inference.pack_for_inference(m.gm, m.params, m.cfg)    # the weights laid out for inference
     r = eval_text(m, args) if args.text else eval_mc(m, args, path)
     if args.json:
         print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}))

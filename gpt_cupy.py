@@ -19,6 +19,7 @@ GPU-only options:
 """
 
 import importlib.util
+import sys
 from pathlib import Path
 
 
@@ -44,6 +45,7 @@ cupy = _require_gpu()
 # Load gpt_numpy.py as a separate module, so that `import gpt_numpy` elsewhere stays on NumPy.
 _spec = importlib.util.spec_from_file_location("gpt_numpy_on_cupy", Path(__file__).with_name("gpt_numpy.py"))
 _model = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _model                      # as an import does: the model finds itself there (FAST_FORMS)
 _spec.loader.exec_module(_model)
 _model.set_backend(cupy)
 

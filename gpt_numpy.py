@@ -8,8 +8,9 @@ cross-entropy, each forward with its backward right beside it; then the block an
 checkpointing, AdamW, and the forward with a KV cache that generation runs. Appendices follow, add-ons
 the main text calls by name: (A) LoRA adapters; (B) faster forms (blocked attention, the flat embedding
 backward, the in-place AdamW) and the table of which one replaces which textbook form, and when; (C)
-input checks; (D) scaled RoPE for long contexts. What needs no array code inside the model is in lib/:
-sampling and the generation loop, LoRA's bookkeeping, the loss scaler of mixed precision. The contract
+scaled RoPE for long contexts. Other add-ons are their own modules in lib/: the input checks the main
+text calls (model_checks.py), the KV-cache forward's inference block that appendix B swaps in
+(inference.py), sampling and the generation loop, LoRA's bookkeeping, the loss scaler of mixed precision. The contract
 (parameter names, shapes, conventions) is docs/SPEC.md.
 
 What it deliberately is not: no autograd, no framework, no classes where a function will do. The only
@@ -28,9 +29,13 @@ Convention: weights multiply from the right, y = x @ W with W shaped (in, out).
 from dataclasses import dataclass, asdict, replace
 import functools
 import math
+import sys
 from typing import NamedTuple
 
 import numpy as np
+
+from lib import inference                                # the inference block (appendix B swaps it in)
+from lib.model_checks import check_config, check_ids, check_targets   # the input checks
 
 # ----------------------------------------------------------------------------------------------------
 # The backend switch. `xp` is the array namespace every function below uses: NumPy here; gpt_cupy.py
@@ -60,16 +65,13 @@ def to_host(a):
 # (use_forms, appendix B) replaces that function for every caller. The main text is the textbook form of
 # each; two tables swap in others:
 #   FAST_FORMS (appendix B): attention_forward / attention_backward (blocked, from T >= 2 * ATT_BLOCK),
-#       block_forward (with a KV cache, for inference: block_forward_cached), embedding_backward (flat
-#       indices), adamw_step (in place)
+#       block_forward (with a KV cache, for inference: lib/inference.block_forward_cached),
+#       embedding_backward (flat indices), adamw_step (in place)
 #   gpt_cupy.py, on the GPU: embedding_backward always (a deterministic kernel: CuPy's add.at adds
 #       atomically, in no fixed order), adamw_step with use_fused_kernels (train.py --fused-kernels)
 
 # ----------------------------------------------------------------------------------------------------
 # Config
-
-NORMS = ("rmsnorm", "layernorm")
-
 
 @dataclass
 class GPTConfig:
@@ -85,7 +87,7 @@ class GPTConfig:
     norm_eps: float = 1e-5        # epsilon inside the norm's square root
     rope_theta: float = 10000.0   # RoPE base; inv_freq[j] = theta^(-2j/hs)
     rope_scaling: dict = None     # None, or a long-context scaling of RoPE: {"type": "linear", "factor": 4.0}
-                                  # or {"type": "llama3", ...} (appendix D)
+                                  # or {"type": "llama3", ...} (appendix C)
     tie_embeddings: bool = True   # LM head is tok_emb.T (True) or its own (C, V) matrix (False)
     dropout: float = 0.0          # dropout rate during training, e.g. 0.0 .. 0.2
     checkpoint: bool = False      # gradient checkpointing: recompute each block in the backward pass
@@ -93,7 +95,7 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head                # plain multi-head attention
-        check_config(self)                              # every field in range (appendix C)
+        check_config(self)                              # every field in range (lib/model_checks.py)
 
     @property
     def head_size(self):
@@ -319,7 +321,7 @@ def merge_heads(y):
 # their difference.
 def rope_inv_freq(hs, theta, scaling=None):
     """The hs/2 rotation frequencies inv_freq[j] = theta^(-2j/hs) (float64); scaled as cfg.rope_scaling
-    says for a long context (appendix D)."""
+    says for a long context (appendix C)."""
     inv_freq = theta ** (-np.arange(0, hs, 2, dtype=np.float64) / hs)   # (hs/2,)
     return inv_freq if scaling is None else rope_scaled(inv_freq, scaling)
 
@@ -941,19 +943,19 @@ def lora_backward(dout, cache):
 
 # ====================================================================================================
 # Appendix B. Faster forms, each identical to a textbook form of the main text except for how it computes
-# (a test holds the two equal). FAST_FORMS, at the end, says which replaces which and when; use_forms
-# swaps them in by the swap rule (the top of this file); REFERENCE_FORMS keeps the textbook forms.
+# (a test holds the two equal). FAST_FORMS, at the end, says which replaces which and when (one of them,
+# the KV-cache forward's inference block, is its own module: lib/inference.py); use_forms swaps them in by
+# the swap rule (the top of this file); REFERENCE_FORMS keeps the textbook forms.
 
 # Causal attention by query blocks: identical to attention_forward / attention_backward except that the
 # queries go ATT_BLOCK rows at a time, each block against the keys it can see (0 .. pos + its last row),
 # so the fully masked key columns to the right of the diagonal are never computed: at T = 512 that skips
 # 3/8 of the score work, and of the att memory kept for the backward. (FlashAttention tiles keys too,
-# with an online softmax; here a block's scores fit in memory, and the softmax is the plain one.) Two
+# with an online softmax, as lib/inference.py does; here a block's scores must stay for the backward.) Two
 # passes over the scores are saved as well: the block's queries are scaled by 1/sqrt(hs) as they are
 # gathered (a copy anyway), and the mask is added to the block's diagonal square only, the keys left of
-# it being visible to every row. The dropout masks are the reference's, sliced. Training and prefill take
-# this form once T >= 2 blocks (a 512-token prefill of SmolLM2: 0.79 s instead of 0.87 s; at T = 256 in
-# training it saves memory, not time: docs/pretrained.md has the profile).
+# it being visible to every row. The dropout masks are the reference's, sliced. Training (and a forward
+# without a KV cache) takes this form once T >= 2 blocks; at T = 256 it saves memory more than time.
 ATT_BLOCK = 128
 
 
@@ -1026,107 +1028,6 @@ def attention_backward_blocked(dout, cache):
     return dx, dWqkv, dWproj
 
 
-# The KV-cache forward's block (forward_cached: generation and scoring, no gradients): identical to
-# block_forward with a KV cache, except that it keeps nothing for a backward and makes fewer passes over
-# memory. FAST_FORMS hands it every block_forward call with a cache, outside LoRA (uses_cached_block).
-# - Attention in tiles, FlashAttention's way (Dao et al. 2022): the queries by blocks of CACHED_ROWS rows,
-#   and each block's keys by tiles of about CACHED_SCORES_BYTES of scores (cached_attention_blocks), so
-#   that a tile's scores stay in the cache while the softmax passes over them and the matmuls see
-#   shapes the BLAS runs near its peak: at T = 8192, 64 x 2048 tiles take 1.75 s a layer of SmolLM2
-#   instead of 1.92 s for whole rows of keys (and 6.3 s for attention_forward_blocked, which keeps 1.2 GB
-#   of probabilities a layer, mostly time spent faulting in fresh memory). Nothing is kept.
-# - The softmax over the tiles of a row, online: with m the largest score so far, each tile adds
-#   e = exp(s - m) to l = sum(e) and to acc = e @ v, after rescaling the earlier sums by exp(m_old - m)
-#   when the new tile raises m; y = acc / l at the end (FlashAttention's deferred division: a pass over
-#   (rows, hs) instead of (rows, keys)). The sums stay in float32 or wider.
-# - SwiGLU in place: silu(a) * b = a / (1 + exp(-a)) * b, in a's buffer.
-# - Decoding (T = 1) runs the same code: one block of one query row, its keys in one tile, no mask.
-CACHED_ROWS = 64                                # query rows per block
-CACHED_SCORES_BYTES = 4 << 20                   # a tile's float32 scores, about
-
-
-def cached_attention_blocks(B, T, pos, n_head):
-    """[(i0, i1, tiles)]: for the KV-cache forward of T queries after pos cached positions, query rows
-    i0 .. i1-1, CACHED_ROWS at a time, and the key tiles (j0, j1) that cover the keys they see, 0 .. pos + i1:
-    as many keys a tile as keep B * n_head * rows * keys * 4 bytes near CACHED_SCORES_BYTES, the last tile
-    holding the block's diagonal square (its keys pos + i0 .. pos + i1 - 1, the only ones masked).
-    T = 1 (decoding): one row, its keys in one tile."""
-    rows = min(T, CACHED_ROWS)
-    keys = max(rows, CACHED_SCORES_BYTES // (4 * B * n_head * rows))
-    out = []
-    for i0 in range(0, T, rows):
-        i1 = min(T, i0 + rows)
-        n = pos + i1
-        last = (n - (i1 - i0)) // keys * keys                       # at or before the diagonal square
-        out.append((i0, i1, [(j0, j0 + keys) for j0 in range(0, last, keys)] + [(last, n)]))
-    return out
-
-
-def attention_forward_cached(x, Wqkv, Wproj, cos, sin, n_head, kv, pos):
-    """attention_forward(x, Wqkv, Wproj, cos, sin, n_head, kv=kv, pos=pos) without dropout: its output
-    alone."""
-    B, T, C = x.shape
-    hs = C // n_head
-    q, k, v, _ = qkv_forward(x, Wqkv, cos, sin, n_head, kv, pos)      # (B, nh, T, hs), 2 x (B, nkv, Tk, hs)
-    n_kv = k.shape[1]
-    g = n_head // n_kv
-    q5 = q.reshape(B, n_kv, g, T, hs)                                # the query heads of each group, a view
-    y = xp.empty((B, n_kv, g, T, hs), dtype=x.dtype)
-    for i0, i1, tiles in cached_attention_blocks(B, T, pos, n_head):
-        rows = i1 - i0
-        qb = q5[:, :, :, i0:i1] * (1.0 / math.sqrt(hs))              # the block's rows of the g heads, scaled
-        qb = qb.reshape(B, n_kv, g * rows, hs)
-        m = None
-        for j0, j1 in tiles:
-            s = upcast(qb @ k[:, :, j0:j1].transpose(0, 1, 3, 2))    # (B, nkv, g*rows, keys)
-            if j1 == pos + i1 and rows > 1:                          # the diagonal square (a lone row sees all)
-                s.reshape(B, n_kv, g, rows, j1 - j0)[..., -rows:] += causal_mask(rows, rows, 0, s.dtype)
-            m_tile = s.max(axis=-1, keepdims=True)                   # (B, nkv, g*rows, 1)
-            m_new = m_tile if m is None else xp.maximum(m, m_tile)
-            s -= m_new
-            xp.exp(s, out=s)                                         # e, unnormalized
-            l_tile = xp.einsum("...j->...", s)[..., None]            # rowsum(e)
-            acc_tile = s @ upcast(v[:, :, j0:j1])                    # (B, nkv, g*rows, keys) @ (B, nkv, keys, hs)
-            if m is None:
-                l, acc = l_tile, acc_tile
-            else:
-                rescale = xp.exp(m - m_new)                          # the earlier tiles' terms, to the new max
-                l = l * rescale + l_tile
-                acc = acc * rescale + acc_tile
-            m = m_new
-        y[:, :, :, i0:i1] = (acc / l).reshape(B, n_kv, g, rows, hs)
-    y = merge_heads(y.reshape(B, n_head, T, hs))                     # (B, T, C)
-    return matmul(y, Wproj)
-
-
-def swiglu_forward_cached(x, Wg, Wu, Wd):
-    """swiglu_forward(x, Wg, Wu, Wd)'s output alone, its gating in a's buffer."""
-    a = matmul(x, Wg)                                                # (B, T, F)
-    b = matmul(x, Wu)
-    e = xp.negative(a)
-    xp.exp(e, out=e)
-    e += 1.0                                                         # 1 + exp(-a)
-    a /= e                                                           # silu(a) = a * sigmoid(a)
-    a *= b
-    return matmul(a, Wd)                                             # (B, T, C)
-
-
-def block_forward_cached(x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv=None, pos=0, recompute=False, lora=None):
-    """block_forward(x, params, i, cfg, cos, sin, kv=kv, pos=pos) for inference: (out, None)."""
-    p = f"blocks.{i}."
-    h = norm_forward(x, params, p + "norm1", cfg)[0]
-    x1 = x + attention_forward_cached(h, params[p + "attn.qkv"], params[p + "attn.proj"], cos, sin, cfg.n_head,
-                                      kv, pos)
-    h = norm_forward(x1, params, p + "norm2", cfg)[0]
-    x1 += swiglu_forward_cached(h, params[p + "ffn.w_gate"], params[p + "ffn.w_up"], params[p + "ffn.w_down"])
-    return x1, None
-
-
-def uses_cached_block(x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv=None, pos=0, recompute=False, lora=None):
-    """Does this block_forward call take block_forward_cached? With a KV cache, no dropout, no LoRA."""
-    return kv is not None and lora is None and not p_drop and not recompute
-
-
 def embedding_backward_flat(dout, cache):
     # identical to embedding_backward except that add.at runs on the flat (V*C,) view of dW, with one
     # index per number, idx = id * C + column: NumPy's add.at is several times faster on 1-D indices
@@ -1174,7 +1075,10 @@ FAST_FORMS = {
     "attention_backward": (attention_backward_blocked, lambda dout, cache: cache.blocks is not None),   # as forward
     "embedding_backward": (embedding_backward_flat, None),
     "adamw_step": (adamw_step_inplace, None),
-    "block_forward": (block_forward_cached, uses_cached_block),
+    # the KV-cache forward's block for inference (generation, scoring): its own module, lib/inference.py,
+    # given this module (gpt_numpy, or gpt_cupy's copy) to compute with
+    "block_forward": (functools.partial(inference.block_forward_cached, sys.modules[__name__]),
+                      inference.uses_cached_block),
 }
 
 
@@ -1196,73 +1100,7 @@ REFERENCE_FORMS = use_forms(FAST_FORMS)                  # the textbook forms, k
 
 
 # ====================================================================================================
-# Appendix C. Input checks: a wrong shape, dtype or id raises ValueError with a message that names it,
-# before any array work (CuPy would wrap a bad index silently). GPTConfig calls check_config; forward,
-# loss_fn, loss_and_grads and forward_cached call check_ids (and check_targets).
-
-def check_config(cfg):
-    """Raise ValueError unless every field of cfg is in range; puts rope_scaling in its one form."""
-    for name in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_seq_len"):
-        v = getattr(cfg, name)
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if not isinstance(cfg.n_kv_head, (int, np.integer)) or isinstance(cfg.n_kv_head, bool) \
-            or cfg.n_kv_head < 1 or cfg.n_head % cfg.n_kv_head != 0:
-        raise ValueError(f"n_kv_head must be a positive divisor of n_head ({cfg.n_head}), got {cfg.n_kv_head!r}")
-    if cfg.d_model % cfg.n_head != 0:
-        raise ValueError(f"d_model ({cfg.d_model}) must be divisible by n_head ({cfg.n_head})")
-    if (cfg.d_model // cfg.n_head) % 2 != 0:
-        raise ValueError(f"head size d_model / n_head = {cfg.d_model // cfg.n_head} must be even "
-                         f"for RoPE (it rotates pairs of dimensions)")
-    if cfg.norm not in NORMS:
-        raise ValueError(f"unknown norm {cfg.norm!r}: choose one of {', '.join(NORMS)}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if not cfg.norm_eps > 0:
-        raise ValueError(f"norm_eps must be > 0, got {cfg.norm_eps}")
-    if not cfg.rope_theta > 0:
-        raise ValueError(f"rope_theta must be > 0, got {cfg.rope_theta}")
-    if cfg.rope_scaling is not None:
-        cfg.rope_scaling = check_rope_scaling(cfg.rope_scaling)
-
-
-def check_ids(ids, cfg, what="ids"):
-    """Raise ValueError unless ids is a (B, T) integer array with 1 <= T <= max_seq_len and every
-    id in [0, vocab_size). Checked on the host: CuPy would wrap a bad index silently."""
-    h = to_host(ids)
-    if h.ndim != 2:
-        raise ValueError(f"{what} must have shape (B, T), got shape {h.shape}")
-    if not np.issubdtype(h.dtype, np.integer):
-        raise ValueError(f"{what} must be integers, got dtype {h.dtype}")
-    B, T = h.shape
-    if B < 1 or T < 1:
-        raise ValueError(f"{what} must not be empty, got shape {h.shape}")
-    if T > cfg.max_seq_len:
-        raise ValueError(f"sequence length {T} exceeds max_seq_len {cfg.max_seq_len}: "
-                         f"T must be in [1, {cfg.max_seq_len}]")
-    lo, hi = int(h.min()), int(h.max())
-    if lo < 0 or hi >= cfg.vocab_size:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"token id {bad} out of range: ids must be in [0, {cfg.vocab_size})")
-
-
-def check_targets(targets, ids, cfg):
-    """Raise ValueError unless targets (ids' shape) are in [0, vocab_size) or -1 (ignored), not all -1."""
-    h = to_host(targets)
-    if h.shape != tuple(ids.shape):
-        raise ValueError(f"targets shape {h.shape} differs from ids shape {tuple(ids.shape)}")
-    if not np.issubdtype(h.dtype, np.integer):
-        raise ValueError(f"targets must be integers, got dtype {h.dtype}")
-    lo, hi = int(h.min()), int(h.max())
-    if lo < -1 or hi >= cfg.vocab_size:
-        bad = lo if lo < -1 else hi
-        raise ValueError(f"target {bad} out of range: targets must be in [0, {cfg.vocab_size}) or -1 (ignored)")
-    if hi < 0:
-        raise ValueError("every target is -1: the loss needs at least one position to predict")
-
-
-# ====================================================================================================
-# Appendix D. Scaled RoPE, for checkpoints stretched to a longer context than they were trained on
+# Appendix C. Scaled RoPE, for checkpoints stretched to a longer context than they were trained on
 # (cfg.rope_scaling; rope_inv_freq calls rope_scaled):
 # - linear, position interpolation (Chen et al. 2023, arXiv:2306.15595): inv_freq / factor, so position p
 #   turns as position p / factor did in training.
@@ -1272,36 +1110,8 @@ def check_targets(targets, ids, cfg):
 #   divided by factor, and in between s = (L0 / w - low_freq_factor) / (high_freq_factor - low_freq_factor)
 #   blends the two: inv_freq' = (1 - s) * inv_freq / factor + s * inv_freq.
 
-# The scalings real checkpoints use, with their required fields
-ROPE_SCALINGS = {"linear": ("factor",),
-                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-
-
-def check_rope_scaling(rs):
-    """A rope_scaling dict in the one form the model reads: {"type": name, field: number, ...}. Hugging
-    Face's "rope_type" key is read as "type"; a type other than linear or llama3 (dynamic, yarn, longrope...)
-    raises ValueError naming it.
-
-    Example: {"rope_type": "linear", "factor": 2} -> {"type": "linear", "factor": 2.0}.
-    """
-    if not isinstance(rs, dict):
-        raise ValueError(f"rope_scaling must be None or a dict, got {rs!r}")
-    kind = rs.get("type", rs.get("rope_type"))
-    if kind not in ROPE_SCALINGS:
-        raise ValueError(f"rope_scaling type {kind!r} is not implemented: choose one of {', '.join(ROPE_SCALINGS)}")
-    out = {"type": kind}
-    for f in ROPE_SCALINGS[kind]:
-        v = rs.get(f)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
-            raise ValueError(f"rope_scaling {kind}: {f} must be a positive number, got {v!r}")
-        out[f] = int(v) if f == "original_max_position_embeddings" else float(v)
-    if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
-        raise ValueError("rope_scaling llama3: high_freq_factor must exceed low_freq_factor")
-    return out
-
-
 def rope_scaled(inv_freq, scaling):
-    """inv_freq (hs/2,) scaled as `scaling` (check_rope_scaling's form) says, float64."""
+    """inv_freq (hs/2,) scaled as `scaling` (lib/model_checks.check_rope_scaling's form) says, float64."""
     factor = scaling["factor"]
     if scaling["type"] == "linear":
         return inv_freq / factor

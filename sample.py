@@ -34,7 +34,7 @@ import sys
 
 from bpe import read_text
 from errors import ArgumentParser, UserError, run_main
-from lib import chat_template as chat, generation, memory
+from lib import chat_template as chat, generation, inference, memory
 from lib.checkpoint import CHECKPOINT_HELP, load_model
 from lib.tokenizer import encode_prompt
 
@@ -241,7 +241,7 @@ def run(args):
     if args.prompt_file is not None:
         args.prompt = read_prompt_file(args.prompt_file)
     m = load_model(args.ckpt, args.backend)
-    generation.pack_for_inference(m.gm, m.params, m.cfg)   # the weights laid out for decoding
+    inference.pack_for_inference(m.gm, m.params, m.cfg)    # the weights laid out for decoding
     if args.chat:
         chat_session(m, args)
         return

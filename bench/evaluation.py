@@ -314,7 +314,7 @@ def bench(a):
     import numpy as np
     import torch
     import transformers
-    from lib import generation, scoring
+    from lib import inference, scoring
     from lib.checkpoint import load_model
     torch.set_num_threads(a.threads)
     transformers.logging.set_verbosity_error()
@@ -327,7 +327,7 @@ def bench(a):
         ckpt, where, mc = prepare(a)
         kw, what = {}, "random weights in SmolLM2-135M's shape"
     m = load_model(ckpt)
-    generation.pack_for_inference(m.gm, m.params, m.cfg)  # as eval.py runs it
+    inference.pack_for_inference(m.gm, m.params, m.cfg)   # as eval.py runs it
     model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw).eval()
     tok = transformers.AutoTokenizer.from_pretrained(where, **kw)
     if a.long_context:

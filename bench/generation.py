@@ -27,7 +27,7 @@ within a minute, falls on both alike; the table gives the best of --rounds (the 
 bench/tokenizer.py does) and the median. Memory is measured in a fresh process per engine. The weights
 are the checkpoint's float32 arrays; transformers reads the same arrays through export.py's Hugging Face
 directory (written to a temporary folder). Both greedy decodes must give the same tokens. Ours runs as
-sample.py runs it: the weights laid out for inference (lib/generation.pack_for_inference).
+sample.py runs it: the weights laid out for inference (lib/inference.pack_for_inference).
 
 With --llama-gguf FILE the other side is llama.cpp instead: its `llama-bench` (on PATH, or --llama-bench
 PATH; docs/pretrained.md has the recipe that builds it and makes an F32 GGUF of the same weights) on FILE,
@@ -83,10 +83,10 @@ def prompt_ids(tok, n):
 def ours(a):
     import numpy as np
     import gpt_numpy as gn
-    from lib import generation
+    from lib import inference
     from lib.checkpoint import load_model
     m = load_model(a.ckpt)
-    params, cfg = generation.pack_for_inference(gn, m.params, m.cfg), m.cfg   # as sample.py and eval.py run it
+    params, cfg = inference.pack_for_inference(gn, m.params, m.cfg), m.cfg    # as sample.py and eval.py run it
     long = prompt_ids(m.tokenizer, a.prefill)
     short = long[:a.prompt]
 

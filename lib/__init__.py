@@ -12,6 +12,9 @@ everything here sits between them and the programs, and no module here imports a
     memory             what a run or a generation needs, refused up front when it cannot fit
     train_config, runs train.py's config and its checks; how a run starts (--resume, --init-from, data)
     generation         sampling, generate_stream, the KV session of a chat
+    inference          the KV-cache forward's inference block; the weights' memory layout for it
+    model_checks       the model's input checks (gpt_numpy calls them)
+    parallel           train.py --threads: a step's shards on N threads
     lora, mixed_precision   the bookkeeping of LoRA runs; float16 steps with loss scaling
     chat_template, sft, scoring, dist   chat templates; instruction data; evaluation; MPI data parallel
     hf, peft_adapter, gguf_model   Hugging Face Llama folders both ways; PEFT LoRA adapters; GGUF files both ways

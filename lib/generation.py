@@ -7,8 +7,7 @@ the cache kept from one call to the next so that a chat feeds the model only wha
     for i in generate_stream(gm, params, prompt_ids, cfg, 100, stop_ids={2}): ...          # one id at a time
 
 gm is the model module, gpt_numpy or gpt_cupy: the array work runs there (forward_cached, kv_cache_init);
-the sampling itself is host NumPy on one row of logits. pack_for_inference (at the end) lays the weights
-out in memory for generation and scoring on the CPU (sample.py and eval.py call it after loading).
+the sampling itself is host NumPy on one row of logits.
 """
 
 import math
@@ -138,65 +137,3 @@ def generate(gm, params, ids, cfg, max_new_tokens, temperature=1.0, top_k=None, 
     prompt = [int(i) for i in np.asarray(gm.to_host(ids) if hasattr(ids, "shape") else ids).ravel()]
     return prompt + list(generate_stream(gm, params, prompt, cfg, max_new_tokens, temperature, top_k, top_p,
                                          seed, stop_ids, lora, session))
-
-
-# ----------------------------------------------------------------------------------------------------
-# The weights laid out for inference (pack_for_inference; NumPy). Decoding a token multiplies one vector
-# by every weight matrix, reading all of them (538 MB for SmolLM2): its speed is the memory bandwidth those
-# matrix-vector products reach, and two things about the arrays' memory raise it:
-# - 2 MiB pages: the weights in one buffer which Linux backs with transparent huge pages
-#   (madvise(MADV_HUGEPAGE); NumPy asks for them only for arrays of 4 MiB and more, and a block's matrices
-#   are 1.3 to 3.5 MiB): one TLB entry per 2 MiB instead of per 4 KiB of weights streamed.
-# - rows of the right length: OpenBLAS streams y = x @ W fastest when W's rows in memory are long, and
-#   a (576, 1536) matrix whose 576-long rows are its inputs (ffn.w_down, (F, C), and the tied head
-#   tok_emb.T, (C, V), which is tok_emb (V, C) read sideways) streams slower than the same numbers stored
-#   the other way. So those two are stored transposed: the arrays keep their shapes and values, and are
-#   Fortran-ordered views (W.T of a C-ordered (C, F) buffer), which matmul passes to the BLAS as they are.
-def pack_for_inference(gm, params, cfg):
-    """Move every array of params into one buffer of huge pages, ffn.w_down and a tied tok_emb stored
-    transposed (see above). In place: the dict keeps its keys and order, each value becomes a view with
-    the same shape and values, and each old array is freed as its copy is made (if nothing else holds it),
-    so the peak stays near the model's size. For generation and scoring, not training (a view cannot be
-    written back to a checkpoint as it is). NumPy only: on CuPy (gm = gpt_cupy) it does nothing. Returns
-    params."""
-    if gm.xp is not np:
-        return params
-    size = lambda p: -(-p.nbytes // 64) * 64                         # noqa: E731  whole cache lines
-    buf = huge_page_buffer(sum(size(p) for p in params.values()))
-    start = 0
-    for k in list(params):
-        p = params[k]
-        flip = k.endswith("ffn.w_down") or (k == "tok_emb" and cfg.tie_embeddings)
-        a = buf[start:start + p.nbytes].view(p.dtype).reshape(p.shape[::-1] if flip else p.shape)
-        a[...] = p.T if flip else p
-        params[k] = a.T if flip else a
-        start += size(p)
-        del p                                                        # the old array goes (if nothing else holds it)
-        return_freed_memory()
-    return params
-
-
-def return_freed_memory():
-    """Hand the memory that glibc's malloc holds freed back to the OS (malloc_trim; elsewhere nothing).
-    pack_for_inference calls it after each array it moves: a CPU program keeps freed memory for reuse
-    (lib/backend.keep_freed_memory), which would otherwise keep the old copy of the weights resident."""
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def huge_page_buffer(nbytes):
-    """A zeroed uint8 NumPy array of nbytes that starts on a 2 MiB boundary, in memory Linux may back with
-    2 MiB pages (transparent huge pages in `madvise` or `always` mode; elsewhere ordinary memory)."""
-    import mmap
-    align = 2 << 20
-    mm = mmap.mmap(-1, nbytes + align)                               # anonymous, zeroed, page-aligned
-    try:
-        mm.madvise(mmap.MADV_HUGEPAGE)
-    except (AttributeError, OSError):                                # not Linux, or a kernel without them
-        pass
-    a = np.frombuffer(mm, np.uint8)
-    first = -a.ctypes.data % align
-    return a[first:first + nbytes]

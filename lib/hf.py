@@ -58,6 +58,7 @@ from lib.chat_template import chat_info
 from lib.checkpoint import check_finite, check_layer_count, check_param_shapes
 from lib.files import file_mode
 from lib.memory import LONGEST_CONTEXT
+from lib.model_checks import check_rope_scaling
 from lib.tokenizer_files import from_hf_json, preview, to_hf_json
 
 
@@ -246,7 +247,7 @@ def config_from_hf(hf, max_seq_len=None, name="config.json"):
         need(field, isinstance(kind, str), "its rope_type must be a string")
         if kind != "default":
             try:
-                scaling = gn.check_rope_scaling({**rs, "type": kind})
+                scaling = check_rope_scaling({**rs, "type": kind})
             except ValueError as e:
                 need(field, False, str(e))
     if max_seq_len is None:

@@ -29,7 +29,7 @@ import os
 from dataclasses import replace
 
 import gpt_numpy
-from lib import generation
+from lib import generation, inference
 
 LONGEST_CONTEXT = 1 << 24   # max_seq_len above this (16.8M positions) is refused as absurd metadata
 
@@ -110,7 +110,7 @@ def block_activation_bytes(cfg, batch_size, block_size, itemsize=4, pos=0, dropo
 
 
 def cached_block_bytes(cfg, batch_size, block_size, pos=0, itemsize=4):
-    """Peak bytes of the arrays alive inside one block of the KV-cache forward (gpt_numpy.block_forward_cached,
+    """Peak bytes of the arrays alive inside one block of the KV-cache forward (lib/inference.block_forward_cached,
     which keeps nothing) for B x T new tokens after pos cached positions, the block's input x included: x
     and the norm's output h (2 C per token), then the largest of
 
@@ -118,13 +118,13 @@ def cached_block_bytes(cfg, batch_size, block_size, pos=0, itemsize=4):
                     temporaries (4 x (nh + nkv) hs)
         attention   rope(q, k) ((nh + nkv) hs), the heads' output y (C), a block's scaled queries, its
                     e @ v and acc / l (3 C a row of the block) and two tiles' float32 scores
-                    (gpt_numpy.cached_attention_blocks: per query head, a block's rows x a tile's keys;
+                    (lib/inference.cached_attention_blocks: per query head, a block's rows x a tile's keys;
                     a tile's scores are dropped when the next tile's replace them), and the first time,
                     the diagonals' causal masks (rows x rows, built in float64, kept in float32)
         SwiGLU      x1, down's output (2 C) and a, b, 1 + exp(-a) (3 F)"""
     B, T, C, F = batch_size, block_size, cfg.d_model, cfg.d_ff
     N, hq = B * T, (cfg.n_head + cfg.n_kv_head) * cfg.head_size
-    blocks = gpt_numpy.cached_attention_blocks(B, T, pos, cfg.n_head)
+    blocks = inference.cached_attention_blocks(B, T, pos, cfg.n_head)
     tiles = [4 * B * cfg.n_head * (i1 - i0) * (j1 - j0) for i0, i1, ts in blocks for j0, j1 in ts]
     masks = sum(12 * r * r for r in {i1 - i0 for i0, i1, _ in blocks} if r > 1)    # a mask per block height
     scores = max(map(sum, zip(tiles, tiles[1:] + [0]))) + masks

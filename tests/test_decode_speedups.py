@@ -1,5 +1,5 @@
 """
-The inference path's faster forms (gpt_numpy appendix B): block_forward_cached, which FAST_FORMS hands every
+The inference path's faster forms (lib/inference.py): block_forward_cached, which FAST_FORMS hands every
 block_forward call with a KV cache (prefill by query blocks sized to their keys, decoding, no dropout, no
 LoRA), against the textbook block_forward it replaces; and pack_for_inference, the weights in one buffer
 of huge pages with ffn.w_down and a tied head stored transposed, against the arrays it moves. The speed
@@ -13,7 +13,7 @@ import pytest
 
 import gpt_numpy as gn
 from conftest import rel_err, small_cfg
-from lib import generation
+from lib import generation, inference
 
 TEXTBOOK_BLOCK = gn.REFERENCE_FORMS["block_forward"]
 
@@ -44,11 +44,11 @@ def test_cached_block_equals_the_textbook_block(n_kv, norm, B, monkeypatch):
     cfg = small_cfg(n_kv_head=n_kv, norm=norm, max_seq_len=60)
     params = scaled_params(cfg)
     ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (B, 60))
-    monkeypatch.setattr(gn, "CACHED_ROWS", 16)
-    monkeypatch.setattr(gn, "CACHED_SCORES_BYTES", 1)
-    assert gn.cached_attention_blocks(B, 40, 0, cfg.n_head) == [
+    monkeypatch.setattr(inference, "CACHED_ROWS", 16)
+    monkeypatch.setattr(inference, "CACHED_SCORES_BYTES", 1)
+    assert inference.cached_attention_blocks(B, 40, 0, cfg.n_head) == [
         (0, 16, [(0, 16)]), (16, 32, [(0, 16), (16, 32)]), (32, 40, [(0, 16), (16, 32), (32, 40)])]
-    assert gn.cached_attention_blocks(B, 1, 40, cfg.n_head) == [(0, 1, [(j, j + 1) for j in range(41)])]
+    assert inference.cached_attention_blocks(B, 1, 40, cfg.n_head) == [(0, 1, [(j, j + 1) for j in range(41)])]
     splits = [40, 7] + [1] * 13
     fast = cached_logits(params, cfg, ids, splits, B)
     monkeypatch.setattr(gn, "block_forward", TEXTBOOK_BLOCK)
@@ -75,8 +75,8 @@ def test_fast_forms_route_only_inference_with_a_cache_to_the_cached_block(monkey
     cfg = small_cfg()
     params = gn.init_params(cfg, dtype=np.float64)
     seen = []
-    monkeypatch.setattr(gn, "block_forward_cached", lambda *a, **k: seen.append("cached") or TEXTBOOK_BLOCK(*a, **k))
-    gn.use_forms({"block_forward": (lambda *a, **k: gn.block_forward_cached(*a, **k), gn.uses_cached_block)})
+    monkeypatch.setattr(inference, "block_forward_cached", lambda gm, *a, **k: seen.append("cached") or TEXTBOOK_BLOCK(*a, **k))
+    gn.use_forms({"block_forward": (lambda *a, **k: inference.block_forward_cached(gn, *a, **k), inference.uses_cached_block)})
     try:
         ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 5))
         gn.forward_cached(params, ids, cfg, gn.kv_cache_init(cfg, np.float64), 0)
@@ -86,11 +86,11 @@ def test_fast_forms_route_only_inference_with_a_cache_to_the_cached_block(monkey
         gn.forward(params, ids, cfg)                                              # no cache: the textbook block
         assert seen == []
     finally:
-        gn.use_forms({"block_forward": (gn.FAST_FORMS["block_forward"][0], gn.uses_cached_block)})
-    assert gn.uses_cached_block(None, params, 0, cfg, None, None, kv=([], []))
-    assert not gn.uses_cached_block(None, params, 0, cfg, None, None, kv=([], []), lora=object())
-    assert not gn.uses_cached_block(None, params, 0, cfg, None, None, p_drop=0.1, kv=([], []))
-    assert not gn.uses_cached_block(None, params, 0, cfg, None, None)
+        gn.use_forms({"block_forward": (gn.FAST_FORMS["block_forward"][0], inference.uses_cached_block)})
+    assert inference.uses_cached_block(None, params, 0, cfg, None, None, kv=([], []))
+    assert not inference.uses_cached_block(None, params, 0, cfg, None, None, kv=([], []), lora=object())
+    assert not inference.uses_cached_block(None, params, 0, cfg, None, None, p_drop=0.1, kv=([], []))
+    assert not inference.uses_cached_block(None, params, 0, cfg, None, None)
 
 
 def test_cached_attention_blocks_follow_the_scores_budget():
@@ -98,18 +98,18 @@ def test_cached_attention_blocks_follow_the_scores_budget():
     # the budget, together covering each block's keys once, the last tile holding the block's diagonal square
     for B, nh, T, pos in ((1, 9, 512, 0), (1, 9, 8192, 0), (2, 9, 300, 5000), (1, 9, 1, 0), (1, 9, 1, 8000),
                           (1, 4, 20, 0), (3, 12, 130, 7)):
-        blocks = gn.cached_attention_blocks(B, T, pos, nh)
-        rows = min(T, gn.CACHED_ROWS)
-        keys = max(rows, gn.CACHED_SCORES_BYTES // (4 * B * nh * rows))
+        blocks = inference.cached_attention_blocks(B, T, pos, nh)
+        rows = min(T, inference.CACHED_ROWS)
+        keys = max(rows, inference.CACHED_SCORES_BYTES // (4 * B * nh * rows))
         assert [b[:2] for b in blocks] == [(i0, min(T, i0 + rows)) for i0 in range(0, T, rows)]
         for i0, i1, tiles in blocks:
             n = pos + i1
             assert tiles[0][0] == 0 and tiles[-1][1] == n and all(a[1] == b[0] for a, b in zip(tiles, tiles[1:]))
             assert all(j1 - j0 == keys for j0, j1 in tiles[:-1]) and tiles[-1][0] <= n - (i1 - i0)
             assert tiles[-1][1] - tiles[-1][0] < keys + (i1 - i0)
-    assert gn.cached_attention_blocks(1, 1, 8000, 9) == [(0, 1, [(0, 8001)])]         # decoding: one tile
-    assert [len(t) for _, _, t in gn.cached_attention_blocks(1, 512, 0, 9)] == [1] * 8
-    assert gn.cached_attention_blocks(1, 8192, 0, 9)[-1][2][:2] == [(0, 1820), (1820, 3640)]
+    assert inference.cached_attention_blocks(1, 1, 8000, 9) == [(0, 1, [(0, 8001)])]         # decoding: one tile
+    assert [len(t) for _, _, t in inference.cached_attention_blocks(1, 512, 0, 9)] == [1] * 8
+    assert inference.cached_attention_blocks(1, 8192, 0, 9)[-1][2][:2] == [(0, 1820), (1820, 3640)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def test_pack_for_inference_keeps_every_value_and_shape(tie):
     params = gn.init_params(cfg, seed=2)
     before = {k: v.copy() for k, v in params.items()}
     refs = [weakref.ref(v) for v in params.values()]
-    out = generation.pack_for_inference(gn, params, cfg)
+    out = inference.pack_for_inference(gn, params, cfg)
     assert out is params and list(params) == list(before)
     assert all(r() is None for r in refs)                               # each old array freed: no second copy
     base = params["tok_emb"].base
@@ -146,8 +146,8 @@ def test_pack_for_inference_frees_each_array_as_it_goes(monkeypatch):
     params = gn.init_params(cfg, seed=2)
     refs = [weakref.ref(v) for v in params.values()]
     seen = []
-    monkeypatch.setattr(generation, "return_freed_memory", lambda: seen.append(sum(r() is None for r in refs)))
-    generation.pack_for_inference(gn, params, cfg)
+    monkeypatch.setattr(inference, "return_freed_memory", lambda: seen.append(sum(r() is None for r in refs)))
+    inference.pack_for_inference(gn, params, cfg)
     assert seen == list(range(1, len(refs) + 1))
 
 
@@ -157,7 +157,7 @@ def test_pack_for_inference_asks_for_huge_pages():
     import os
     if not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
         pytest.skip("no transparent huge pages here")
-    buf = generation.huge_page_buffer(3 << 20)
+    buf = inference.huge_page_buffer(3 << 20)
     assert buf.ctypes.data % (2 << 20) == 0 and buf.size == 3 << 20 and not buf.any()
     addr, flags = buf.ctypes.data, None
     with open("/proc/self/smaps") as f:
@@ -180,6 +180,6 @@ def test_packed_weights_generate_the_same_tokens():
     want = generation.generate(gn, params, prompt, cfg, 20, temperature=0)
     ids = np.asarray([want])
     logits = gn.forward(params, ids, cfg)
-    generation.pack_for_inference(gn, params, cfg)
+    inference.pack_for_inference(gn, params, cfg)
     assert generation.generate(gn, params, prompt, cfg, 20, temperature=0) == want
     assert rel_err(gn.forward(params, ids, cfg), logits) < 1e-5
