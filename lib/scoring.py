@@ -379,7 +379,13 @@ def rolling_windows(n_tokens, block_size):
     return windows
 
 
-def score_windows(gm, params, cfg, seqs, windows, progress=False, batch_bytes=1 << 28, batch_tokens=1 << 12):
+# How much text scoring puts through the model at once (score_windows): tokens of a batch of windows, and
+# bytes of float32 logits of a piece of positions
+BATCH_TOKENS = 1 << 12
+BATCH_BYTES = 1 << 28
+
+
+def score_windows(gm, params, cfg, seqs, windows, progress=False, batch_bytes=BATCH_BYTES, batch_tokens=BATCH_TOKENS):
     """The summed log-probability of each window's targets. seqs: 1-D int arrays; windows: (seq, start,
     end, first): the model reads seqs[seq][start:end] and is scored on the targets seqs[seq][first:end + 1].
     Returns a float64 array, one sum per window.
@@ -421,7 +427,7 @@ def score_windows(gm, params, cfg, seqs, windows, progress=False, batch_bytes=1 
 
 
 def score_text(gm, params, cfg, ids, block_size=None, stride=None, token_bytes=None, progress=False,
-               batch_bytes=1 << 28, batch_tokens=1 << 12):
+               batch_bytes=BATCH_BYTES, batch_tokens=BATCH_TOKENS):
     """The "strided" procedure: mean loss of every token but the first of one token stream, in the windows
     of text_windows. ids: a 1-D int array. token_bytes (the UTF-8 length of each id,
     tokenizer.token_byte_lengths) adds bits per byte over the scored tokens' bytes. Returns {"procedure",
@@ -448,8 +454,8 @@ def count_words(doc):
     return len(re.split(r"\s+", doc))
 
 
-def score_rolling(gm, params, cfg, docs, prefix, block_size=None, progress=False, batch_bytes=1 << 28,
-                  batch_tokens=1 << 12):
+def score_rolling(gm, params, cfg, docs, prefix, block_size=None, progress=False, batch_bytes=BATCH_BYTES,
+                  batch_tokens=BATCH_TOKENS):
     """The "rolling" procedure, lm-evaluation-harness's loglikelihood_rolling with its wikitext metrics:
     each document (text, ids) is read as [prefix] + ids in rolling_windows, so every one of its tokens is
     scored; its log-likelihood is the sum. Over the documents (lm_eval/api/metrics.py):
