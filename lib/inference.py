@@ -169,7 +169,9 @@ def huge_page_buffer(nbytes):
     2 MiB pages (transparent huge pages in `madvise` or `always` mode; elsewhere ordinary memory)."""
     import mmap
     align = 2 << 20
-    mm = mmap.mmap(-1, nbytes + align)                               # anonymous, zeroed, page-aligned
+    # private: Python's anonymous mmap is shared by default, and shared memory gets huge pages only where
+    # the kernel's shmem_enabled allows them (often "never"), whatever the advice
+    mm = mmap.mmap(-1, nbytes + align, flags=mmap.MAP_PRIVATE)       # anonymous, zeroed, page-aligned
     try:
         mm.madvise(mmap.MADV_HUGEPAGE)
     except (AttributeError, OSError):                                # not Linux, or a kernel without them
