@@ -130,9 +130,16 @@ def test_pack_for_inference_keeps_every_value_and_shape(tie):
     for k, v in params.items():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
         assert v.dtype == before[k].dtype and v.shape == before[k].shape
-        assert np.shares_memory(v, params["norm_f.weight"]) or v.ctypes.data % 64 == 0, k
+        assert np.shares_memory(v, params["norm_f.weight"]) or k.endswith("ffn.w_up") or v.ctypes.data % 64 == 0, k
         flipped = k.endswith("ffn.w_down") or (k == "tok_emb" and tie)
+        if k.endswith(("ffn.w_gate", "ffn.w_up")):                      # the two halves of one (C, 2F) buffer
+            assert v.strides == (2 * v.shape[1] * v.itemsize, v.itemsize), k
+            continue
         assert (v.flags.f_contiguous and not v.flags.c_contiguous) if flipped else v.flags.c_contiguous, k
+    for i in range(cfg.n_layer):
+        g, u = params[f"blocks.{i}.ffn.w_gate"], params[f"blocks.{i}.ffn.w_up"]
+        np.testing.assert_array_equal(inference.side_by_side(g, u), np.concatenate([before[f"blocks.{i}.ffn.w_gate"],
+                                                                                   before[f"blocks.{i}.ffn.w_up"]], axis=1))
     starts = sorted(v.ctypes.data for v in params.values())
     assert starts[0] % (2 << 20) == 0                                   # the buffer starts on a 2 MiB page
     assert gn.lm_head(params, cfg).flags.c_contiguous                   # the head: (C, V), rows of V numbers
@@ -148,7 +155,9 @@ def test_pack_for_inference_frees_each_array_as_it_goes(monkeypatch):
     seen = []
     monkeypatch.setattr(inference, "return_freed_memory", lambda: seen.append(sum(r() is None for r in refs)))
     inference.pack_for_inference(gn, params, cfg)
-    assert seen == list(range(1, len(refs) + 1))
+    pairs = cfg.n_layer                                                 # a block's gate and up matrices go together
+    assert len(seen) == len(refs) - pairs and seen[-1] == len(refs)
+    assert all(0 < b - a <= 2 for a, b in zip([0] + seen, seen))
 
 
 def test_pack_for_inference_asks_for_huge_pages():
@@ -187,3 +196,37 @@ def test_packed_weights_generate_the_same_tokens():
     inference.pack_for_inference(gn, params, cfg)
     assert generation.generate(gn, params, prompt, cfg, 20, temperature=0) == want
     assert rel_err(gn.forward(params, ids, cfg), logits) < 1e-5
+
+
+def test_packed_gate_and_up_are_one_product_with_the_textbook_values():
+    # after packing, each block's gate and up matrices are the halves of one buffer, multiplied in one
+    # product (side_by_side); prefill and decoding on the packed weights give the textbook block's logits
+    cfg = small_cfg(n_kv_head=2, max_seq_len=40)
+    params = scaled_params(cfg, dtype=np.float32)
+    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, (1, 30))
+    want = cached_logits(params, cfg, ids, [20] + [1] * 10)
+    g, u = params["blocks.0.ffn.w_gate"], params["blocks.0.ffn.w_up"]
+    assert inference.side_by_side(g, u) is None                         # two arrays of their own
+    inference.pack_for_inference(gn, params, cfg)
+    for i in range(cfg.n_layer):
+        g, u = params[f"blocks.{i}.ffn.w_gate"], params[f"blocks.{i}.ffn.w_up"]
+        both = inference.side_by_side(g, u)
+        assert both.shape == (g.shape[0], 2 * g.shape[1]) and np.shares_memory(both, g) and np.shares_memory(both, u)
+        assert inference.side_by_side(u, g) is None and inference.side_by_side(g[:, 1:], u) is None
+    assert rel_err(cached_logits(params, cfg, ids, [20] + [1] * 10), want) < 1e-5
+    assert rel_err(cached_logits(params, cfg, ids, [30]), gn.forward(params, ids, cfg)) < 1e-5
+
+
+def test_every_single_position_takes_the_decoding_form_with_the_textbook_values(monkeypatch):
+    # block_forward_decode: every T = 1 call of block_forward_cached, none of a prefill; grouped heads
+    # (nkv < nh), batch 2, a cache with earlier positions: the textbook block's logits within float64 rounding
+    cfg = small_cfg(n_kv_head=2, max_seq_len=24)
+    params = scaled_params(cfg)
+    ids = np.random.default_rng(7).integers(0, cfg.vocab_size, (2, 24))
+    seen = []
+    decode = inference.block_forward_decode
+    monkeypatch.setattr(inference, "block_forward_decode", lambda gm, x, *a: seen.append(x.shape[1]) or decode(gm, x, *a))
+    fast = cached_logits(params, cfg, ids, [8, 3] + [1] * 13, B=2)
+    assert seen == [1] * (13 * cfg.n_layer)
+    monkeypatch.setattr(gn, "block_forward", TEXTBOOK_BLOCK)
+    np.testing.assert_allclose(fast, cached_logits(params, cfg, ids, [8, 3] + [1] * 13, B=2), rtol=1e-11, atol=1e-11)
