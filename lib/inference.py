@@ -9,6 +9,7 @@ as in lib/generation.py and lib/scoring.py.
 """
 
 import math
+import weakref
 
 import numpy as np
 
@@ -209,6 +210,7 @@ def pack_for_inference(gm, params, cfg):
             both = buf[start:start + 2 * size(p)].view(p.dtype)[:2 * p.size].reshape(n, 2 * F)
             both[:, :F], both[:, F:] = p, params[up]
             params[k], params[up] = both[:, :F], both[:, F:]
+            _record_side_by_side(params[k], params[up], both)
             start += 2 * size(p)
         else:
             flip = k.endswith("ffn.w_down") or (k == "tok_emb" and cfg.tie_embeddings)
@@ -222,17 +224,19 @@ def pack_for_inference(gm, params, cfg):
 
 
 def side_by_side(a, b):
-    """[a | b], (n, p + q), as a view, where a (n, p) and b (n, q) are the left and right halves of one
-    C-ordered buffer as pack_for_inference lays out the gate and up matrices (b's row r right after a's);
-    otherwise None."""
-    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.ndim == b.ndim == 2
-            and a.dtype == b.dtype and a.shape[0] == b.shape[0]):
-        return None
-    row = (a.shape[1] + b.shape[1]) * a.itemsize
-    if a.strides != (row, a.itemsize) or b.strides != (row, a.itemsize) \
-            or b.ctypes.data != a.ctypes.data + a.shape[1] * a.itemsize:
-        return None
-    return np.lib.stride_tricks.as_strided(a, (a.shape[0], a.shape[1] + b.shape[1]), a.strides, writeable=False)
+    """[a | b], (n, p + q), where pack_for_inference made a (n, p) and b (n, q) the left and right halves of
+    one buffer (a block's gate and up matrices), else None. A lookup (two weak references compared), not
+    a test of addresses, as it runs for every block of every decoded token."""
+    entry = _SIDE_BY_SIDE.get(id(a))
+    return entry[2] if entry is not None and entry[0]() is a and entry[1]() is b else None
+
+
+_SIDE_BY_SIDE = {}          # id(a) -> (weakref to a, weakref to b, [a | b]), while a lives
+
+
+def _record_side_by_side(a, b, both):
+    key = id(a)
+    _SIDE_BY_SIDE[key] = (weakref.ref(a, lambda _: _SIDE_BY_SIDE.pop(key, None)), weakref.ref(b), both)
 
 
 def return_freed_memory():

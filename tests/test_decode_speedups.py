@@ -215,6 +215,11 @@ def test_packed_gate_and_up_are_one_product_with_the_textbook_values():
         assert inference.side_by_side(u, g) is None and inference.side_by_side(g[:, 1:], u) is None
     assert rel_err(cached_logits(params, cfg, ids, [20] + [1] * 10), want) < 1e-5
     assert rel_err(cached_logits(params, cfg, ids, [30]), gn.forward(params, ids, cfg)) < 1e-5
+    keys = {id(params[f"blocks.{i}.ffn.w_gate"]) for i in range(cfg.n_layer)}
+    assert keys <= set(inference._SIDE_BY_SIDE)
+    params.clear()                                                      # the record goes with the weights
+    del g, u, both
+    assert not keys & set(inference._SIDE_BY_SIDE)
 
 
 def test_every_single_position_takes_the_decoding_form_with_the_textbook_values(monkeypatch):
