@@ -15,7 +15,9 @@ Defaults per mode: plain text samples at temperature 0.8 among the top 200 token
 the small models trained here); --chat answers at temperature 0.2 with top-p 0.9 (SmolLM2's model card:
 at 0.8 / top-k 200 its answers drift). Any flag given overrides its mode's default; --temperature 0 is
 greedy. --stop TEXT (repeatable) ends a sample when the text it produced reaches TEXT, which is not
-printed: the stream holds back, until it is known, any text that could be the start of a stop string.
+printed: the stream holds back, until it is known, any text that could be the start of a stop string. A
+model that names its end-of-text token (imported models, fine-tuned chat models) ends a plain sample
+there too, as transformers' generate() and llama.cpp do (--ignore-eos goes on past it).
 
 The checkpoint carries its tokenizer, so nothing else is needed. Each token's bytes go through an
 incremental UTF-8 decoder before printing, so a character split over two tokens (an emoji, "é" in a
@@ -82,10 +84,10 @@ class StopText:
 
 
 def stream(params, cfg, tok, gm, prompt, max_new_tokens, temperature, top_k, top_p, seed, out=None, info=None,
-           stops=()):
+           stops=(), stop_ids=()):
     """Write the prompt, then each new token's text as soon as it is complete UTF-8, until a stop string
-    (not written). Returns the new ids. info: the checkpoint's chat metadata, whose add_bos puts BOS
-    before the prompt (not written out)."""
+    or a token of stop_ids (neither written). Returns the new ids (a stop id included). info: the
+    checkpoint's chat metadata, whose add_bos puts BOS before the prompt (not written out)."""
     out = out or sys.stdout
     shown = encode_prompt(tok, prompt)                                  # the prompt, written out
     ids = chat.with_bos(info, shown)                                    # what the model reads
@@ -94,8 +96,10 @@ def stream(params, cfg, tok, gm, prompt, max_new_tokens, temperature, top_k, top
     out.flush()
     text, new = StopText(out, stops), []
     for i in generation.generate_stream(gm, params, ids, cfg, max_new_tokens, temperature=temperature, top_k=top_k,
-                                top_p=top_p, seed=seed):
+                                top_p=top_p, seed=seed, stop_ids=stop_ids):
         new.append(i)
+        if i in stop_ids:                                 # the model's end of text: the sample ends here
+            break
         if text.add(dec.decode(tok.decode_bytes([i]))):  # "" while a character is still incomplete
             out.write("\n")
             out.flush()
@@ -207,6 +211,10 @@ def parse_args(argv):
                    help="end a sample when the text it produced reaches TEXT (not printed, nor what follows); "
                         "repeatable, e.g. "
                         "--stop $'\\n\\n' --stop 'User:'")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="plain text: go on past the model's end-of-text token (by default a sample from a model that "
+                        "names one, as imported and chat models do, ends there, the token not printed; models "
+                        "trained here name none)")
     p.add_argument("--seed", type=int, metavar="N", default=None, help="seed for reproducible samples (default: random)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="numpy (CPU) or cupy (GPU)")
     args = p.parse_args(argv)
@@ -220,6 +228,8 @@ def parse_args(argv):
                         "0 < --top-p <= 1, --seed >= 0 and --num-samples >= 1")
     if args.system is not None and not args.chat:
         raise UserError("--system needs --chat")
+    if args.ignore_eos and args.chat:
+        raise UserError("--ignore-eos is for plain text: --chat always ends a reply at the end of its turn")
     if "" in args.stop:
         raise UserError("--stop needs a non-empty text")
     if args.chat and args.prompt is None and args.prompt_file is None and args.num_samples > 1:
@@ -247,12 +257,14 @@ def run(args):
         return
     info = m.meta.get("chat")
     check_memory(m, len(chat.with_bos(info, encode_prompt(m.tokenizer, args.prompt))), args.max_new_tokens)
+    ends = chat.from_meta(m.meta, m.tokenizer)
+    stop_ids = set() if args.ignore_eos or ends is None else set(ends["stop_ids"])
     for k in range(args.num_samples):
         if k:
             print(SEPARATOR)
         stream(m.params, m.cfg, m.tokenizer, m.gm, args.prompt, args.max_new_tokens, args.temperature,
                args.top_k or None, args.top_p if args.top_p < 1.0 else None, sample_seed(args, k), info=info,
-               stops=args.stop)
+               stops=args.stop, stop_ids=stop_ids)
 
 
 def main(argv=None):

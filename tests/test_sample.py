@@ -86,3 +86,26 @@ def test_process_exit_status_and_help(tmp_path):
     assert r.returncode == 1 and r.stderr == "error: no checkpoint at nothing\n"
     r = run("--top-k", "x")
     assert r.returncode == 2 and r.stderr.startswith("error: argument --top-k") and "Traceback" not in r.stderr
+
+
+def test_plain_sample_ends_at_the_models_end_of_text_token(tiny_run, tmp_path, capsys):
+    # a model whose metadata names its end-of-text token (imported and chat models do) ends a plain sample
+    # there, the token not printed, as transformers' generate() and llama.cpp do; --ignore-eos goes on past
+    # it; a model trained here names none and runs to --max-new-tokens (the first test)
+    from lib.checkpoint import build_meta, load_checkpoint, save_checkpoint
+    argv = ["--prompt", "the ", "--max-new-tokens", "30", "--temperature", "0"]
+    assert sample.main(["--ckpt", str(tiny_run)] + argv) == 0
+    full = capsys.readouterr().out[len("the "):-1]                           # 30 greedy characters
+    end = full[len(full) // 2]                                                # a character it reaches
+    ck = load_checkpoint(tiny_run)
+    tok = ck.tokenizer()
+    meta = build_meta(ck.model_config(), tok, chat={"template": "{{ messages }}", "eos_token": None, "bos_token": None,
+                                                   "bos_id": None, "add_bos": False,
+                                                   "stop_ids": [int(tok.encode_ordinary(end)[0])]})
+    save_checkpoint(tmp_path / "eos" / "ckpt.safetensors", ck.params, {}, {}, meta)
+    assert sample.main(["--ckpt", str(tmp_path / "eos")] + argv) == 0
+    assert capsys.readouterr().out == "the " + full[:full.index(end)] + "\n"
+    assert sample.main(["--ckpt", str(tmp_path / "eos"), "--ignore-eos"] + argv) == 0
+    assert capsys.readouterr().out == "the " + full + "\n"
+    code, err = main_error(sample.main, ["--ckpt", str(tmp_path / "eos"), "--chat", "--ignore-eos"], capsys)
+    assert code == 2 and "--ignore-eos is for plain text" in err
