@@ -213,8 +213,8 @@ def parse_args(argv):
                         "--stop $'\\n\\n' --stop 'User:'")
     p.add_argument("--ignore-eos", action="store_true",
                    help="plain text: go on past the model's end-of-text token (by default a sample from a model that "
-                        "names one, as imported and chat models do, ends there, the token not printed; models "
-                        "trained here name none)")
+                        "names one, as imported models and --sft runs do, ends there, the token not printed; other "
+                        "runs of train.py name none)")
     p.add_argument("--seed", type=int, metavar="N", default=None, help="seed for reproducible samples (default: random)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="numpy (CPU) or cupy (GPU)")
     args = p.parse_args(argv)
