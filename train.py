@@ -480,7 +480,7 @@ def train_step(run, state):
     masks drawn per shard). (--sft: a shard keeps its micro-batch's padding, so there the step equals the
     smaller micro-batches' up to float rounding.)"""
     cfg, gm, dp, N = run.cfg, run.gm, run.dp, run.cfg.threads
-    pool = parallel.pool(N) if N > 1 else None
+    pool = parallel.pool(N) if N > 1 else None                         # None: one thread (lib/parallel's helpers too)
     n = cfg.grad_accum * run.world                                     # micro-batches in the global batch
     mine = range(run.rank * cfg.grad_accum, (run.rank + 1) * cfg.grad_accum)
     loss, grads, overflow, tokens = 0.0, None, False, 0
@@ -489,8 +489,8 @@ def train_step(run, state):
         tokens += positions
         if micro not in mine or overflow:
             continue
-        for j, (l, g) in enumerate(shard_grads(run, state, batch, micro, pool)):
-            first = micro == mine[0] and j == 0
+        first, last = micro == mine[0], micro == mine[-1]
+        for j, (l, g) in enumerate(shard_grads(run, state, batch, micro, pool, first, last)):
             loss += l / (n * N)
             overflow = cfg.mixed_precision and g is None               # float16 overflowed: no gradients
             if overflow:
@@ -498,14 +498,11 @@ def train_step(run, state):
             if g is None:                                              # (they are in dp's buffer)
                 continue
             if dp is not None:
-                dp.accumulate(g, first=first)
+                dp.accumulate(g, first=first and j == 0)
             elif grads is None:
                 grads = g
-            elif pool is not None:
-                parallel.add_into(pool, grads, g)                      # the rows split among the threads
             else:
-                for k in grads:
-                    grads[k] += g[k]
+                parallel.add_into(pool, grads, g)                      # by rows on the threads, if any
     if dp is not None:                                                 # summed over the ranks
         loss, overflow = dp.finish(loss, overflow)
     lr, norm = get_lr(state.step, cfg), math.nan
@@ -514,11 +511,7 @@ def train_step(run, state):
         norm = dp.clip_grad_norm(cfg.grad_clip)                        # the same on every rank
     elif not overflow:
         if cfg.grad_accum * N > 1:                                     # the mean of the micro-batches (shards)
-            if pool is not None:
-                parallel.scale(pool, grads, 1.0 / (cfg.grad_accum * N))
-            else:
-                for g in grads.values():
-                    g *= 1.0 / (cfg.grad_accum * N)
+            parallel.scale(pool, grads, 1.0 / (cfg.grad_accum * N))
         norm = gm.clip_grad_norm(grads, cfg.grad_clip)
     if cfg.mixed_precision:
         mixed_precision.loss_scaler_update(state.scaler, not overflow)
@@ -528,25 +521,22 @@ def train_step(run, state):
         skip_nonfinite(run, state, loss, norm)
     elif dp is not None:
         dp.adamw_step(state.trained(), state.opt, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
-    elif pool is not None:                                             # the rows split among the threads
+    else:                                                              # by rows on the threads, if any
         parallel.adamw_step(pool, gm, state.trained(), grads, state.opt, lr, cfg.beta1, cfg.beta2, cfg.eps,
                             cfg.weight_decay)
-    else:
-        gm.adamw_step(state.trained(), grads, state.opt, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
     state.step += 1
     state.tokens_seen += tokens
     return loss, norm, lr, overflow
 
 
-def shard_grads(run, state, batch, micro, pool):
-    """[(loss, gradients)] of micro-batch `micro` (micro_grads): of the whole batch, or with --threads N of
-    its N shards of rows, computed at once in the pool, in shard order; shard j's dropout is keyed as
-    micro-batch micro * N + j."""
+def shard_grads(run, state, batch, micro, pool, first, last):
+    """[(loss, gradients)] of micro-batch `micro` (micro_grads; first, last: this rank's first and last of the
+    step): of the whole batch, or with --threads N of its N shards of rows, computed at once in the pool, in
+    shard order; shard j's dropout is keyed as micro-batch micro * N + j."""
     cfg = run.cfg
-    mine = range(run.rank * cfg.grad_accum, (run.rank + 1) * cfg.grad_accum)
     if pool is None:
         seed = step_seed(cfg.seed, state.step, micro)
-        return [micro_grads(run, state, *batch, seed, first=micro == mine[0], last=micro == mine[-1])]
+        return [micro_grads(run, state, *batch, seed, first=first, last=last)]
     N, (x, y) = cfg.threads, batch
     b = len(x) // N
 

@@ -29,6 +29,7 @@ thread count while a pool runs; with another BLAS, set its own variable (MKL_NUM
     out = pool.map(f, items)                        # [f(item) for item in items], items run at once
     add_into(pool, grads, g)                        # grads[k] += g[k] for every k, split by rows
     adamw_step(pool, gm, params, grads, state, lr, ...)   # gm.adamw_step, the same bits
+    add_into(None, grads, g)                        # pool None: the same, here in one thread
     pool.close()
 """
 
@@ -184,13 +185,22 @@ def row_parts(dicts, n):
     return parts
 
 
+def by_rows(pool, fn, dicts):
+    """fn(part) for the parts of row_parts(dicts, pool.threads), one per thread at once; with pool None,
+    fn(dicts) here, the arrays whole (a step on one thread: train.py calls the helpers below either way)."""
+    if pool is None:
+        fn(tuple(dicts))
+    else:
+        pool.map(fn, row_parts(dicts, pool.threads))
+
+
 def add_into(pool, grads, g):
     """grads[k] += g[k] for every k (g: another shard's gradients), the rows split among the threads."""
     def add(part):
         mine, other = part
         for k, a in mine.items():
             a += other[k]
-    pool.map(add, row_parts([grads, g], pool.threads))
+    by_rows(pool, add, [grads, g])
 
 
 def scale(pool, grads, s):
@@ -198,14 +208,16 @@ def scale(pool, grads, s):
     def mul(part):
         for a in part[0].values():
             a *= s
-    pool.map(mul, row_parts([grads], pool.threads))
+    by_rows(pool, mul, [grads])
 
 
 def adamw_step(pool, gm, params, grads, state, *args, **kwargs):
-    """gm.adamw_step(params, grads, state, *args, **kwargs), the rows split among the threads: AdamW
-    updates each number by itself, so each thread calls gm.adamw_step on its rows of the weights, the
-    gradients and the moments (with the step count t of the whole), and the update is the very one of a
-    single call, bit for bit. state's t then counts the step, once."""
+    """gm.adamw_step(params, grads, state, *args, **kwargs), the rows split among the threads (pool None:
+    that one call): AdamW updates each number by itself, so each thread calls gm.adamw_step on its rows of
+    the weights, the gradients and the moments (with the step count t of the whole), and the update is the
+    very one of a single call, bit for bit. state's t then counts the step, once."""
+    if pool is None:
+        return gm.adamw_step(params, grads, state, *args, **kwargs)
     t = state["t"]
 
     def update(part):
