@@ -135,8 +135,7 @@ def block_forward_decode(gm, x, params, i, cfg, cos, sin, kv, pos):
     """block_forward_cached's output for x (B, 1, C) at position pos: (B, 1, C)."""
     xp = gm.xp
     B, _, C = x.shape
-    nh = cfg.n_head
-    hs = C // nh
+    nh, hs = cfg.n_head, cfg.head_size
     K, V = kv                                                        # (B, nkv, length, hs) each
     nkv = K.shape[1]
     p = f"blocks.{i}."

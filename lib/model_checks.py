@@ -2,7 +2,7 @@
 lib/model_checks.py: the model's input checks. A wrong config, shape, dtype or id raises ValueError with a
 message that names it, before any array work (CuPy would wrap a bad index silently). gpt_numpy calls them
 by these names: GPTConfig calls check_config; forward, loss_fn, loss_and_grads and forward_cached call
-check_ids (and check_targets). check_rope_scaling puts a long-context RoPE scaling (gpt_numpy appendix D)
+check_ids (and check_targets). check_rope_scaling puts a long-context RoPE scaling (gpt_numpy appendix C)
 in the one form the model reads; the Hugging Face import calls it too (lib/hf.py).
 """
 
