@@ -128,9 +128,11 @@ def block_forward_cached(gm, x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv
 # (B, C) rows in fewer array calls. A decoded token's arrays are small (a (1, 576) row a layer for
 # SmolLM2), so its time outside the matrix-vector products goes to the number of calls (2-4 us each), not
 # to their work: the general form's calls were ~5 ms of a ~30 ms token. Here one row sees every key (no
-# mask, no query blocks, no key tiles: the softmax in one pass); q, k and v stay views of the qkv row; the
-# grouped query heads meet their key/value head by a reshape, (B, nkv, g, hs); and a single row's RMSNorm
-# takes its statistic as one dot product and Python floats (norm_row).
+# mask, no query blocks, no key tiles: the softmax in one pass); v stays a view of the qkv row; the
+# grouped query heads meet their key/value head by a reshape, (B, nkv, g, hs); RoPE is one small product
+# by the position's rotation matrix (rope_rotation), q's with the 1/sqrt(hs) of the scores in it (two
+# calls instead of eight); and a single row's RMSNorm takes its statistic as one dot product and Python
+# floats (norm_row).
 def block_forward_decode(gm, x, params, i, cfg, cos, sin, kv, pos):
     """block_forward_cached's output for x (B, 1, C) at position pos: (B, 1, C)."""
     xp = gm.xp
@@ -142,9 +144,9 @@ def block_forward_decode(gm, x, params, i, cfg, cos, sin, kv, pos):
     x = x.reshape(B, C)
     h = norm_row(gm, x, params, p + "norm1", cfg)
     heads = (h @ params[p + "attn.qkv"]).reshape(B, nh + 2 * nkv, hs)   # q, k, v heads side by side
-    qk = gm.rope_forward(heads[:, :nh + nkv], cos, sin)             # (B, nh+nkv, hs); cos, sin (1, hs)
-    K[:, :, pos], V[:, :, pos] = qk[:, nh:], heads[:, nh + nkv:]     # the new key and value into the cache
-    q = qk[:, :nh].reshape(B, nkv, nh // nkv, hs) * (1.0 / math.sqrt(hs))    # (B, nkv, g, hs)
+    R, R_q = rope_rotation(gm, cos, sin)                             # (hs, hs): u @ R = rope_forward(u)
+    K[:, :, pos], V[:, :, pos] = heads[:, nh:nh + nkv] @ R, heads[:, nh + nkv:]   # the new key (rotated), value
+    q = (heads[:, :nh] @ R_q).reshape(B, nkv, nh // nkv, hs)         # rotated and scaled, (B, nkv, g, hs)
     s = gm.upcast(q @ K[:, :, :pos + 1].transpose(0, 1, 3, 2))       # (B, nkv, g, Tk)
     s -= s.max(axis=-1, keepdims=True)
     xp.exp(s, out=s)                                                 # e, unnormalized
@@ -153,6 +155,29 @@ def block_forward_decode(gm, x, params, i, cfg, cos, sin, kv, pos):
     h = norm_row(gm, x1, params, p + "norm2", cfg)
     x1 += swiglu_forward_cached(gm, h, params[p + "ffn.w_gate"], params[p + "ffn.w_up"], params[p + "ffn.w_down"])
     return x1.reshape(B, 1, C)
+
+
+def rope_rotation(gm, cos, sin):
+    """(R, R / sqrt(hs)) for the tables cos, sin (1, hs) of one position: u @ R equals
+    gm.rope_forward(u, cos, sin), which is linear in u: u * cos + rotate_half(u) * sin, rotate_half(u) =
+    (-u2, u1) for the halves u1, u2, so R = diag(cos) with -sin[j] at (j + hs/2, j) and sin[j + hs/2] at
+    (j, j + hs/2), j < hs/2 (each output a sum of two products, as rope_forward's). Made once per decoded
+    token: forward_cached hands the same cos to every block, and the last pair made is kept for it."""
+    entry = _ROTATION.get("last")
+    if entry is not None and entry[0] is cos and entry[1] is sin:
+        return entry[2]
+    xp = gm.xp
+    hs = cos.shape[-1]
+    j = xp.arange(hs // 2)
+    R = xp.diag(cos[0])                                              # (hs, hs)
+    R[j + hs // 2, j] = -sin[0, :hs // 2]
+    R[j, j + hs // 2] = sin[0, hs // 2:]
+    pair = R, R * R.dtype.type(1.0 / math.sqrt(hs))
+    _ROTATION["last"] = (cos, sin, pair)                             # holds cos and sin: `is` stays sound
+    return pair
+
+
+_ROTATION = {}
 
 
 def norm_row(gm, x, params, prefix, cfg):

@@ -235,3 +235,20 @@ def test_every_single_position_takes_the_decoding_form_with_the_textbook_values(
     assert seen == [1] * (13 * cfg.n_layer)
     monkeypatch.setattr(gn, "block_forward", TEXTBOOK_BLOCK)
     np.testing.assert_allclose(fast, cached_logits(params, cfg, ids, [8, 3] + [1] * 13, B=2), rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-14), (np.float32, 1e-6)])
+def test_rope_rotation_is_rope_as_one_product(dtype, tol):
+    # block_forward_decode rotates q and k by u @ R: the textbook rope_forward's numbers, and R_q = R / sqrt(hs)
+    hs = 16
+    u = np.random.default_rng(3).standard_normal((2, 5, hs)).astype(dtype)
+    for pos in (0, 1, 37, 4000):
+        cos, sin = gn.rope_tables(np.arange(pos, pos + 1), hs, 10000.0, dtype)
+        R, R_q = inference.rope_rotation(gn, cos, sin)
+        assert R.shape == (hs, hs) and R.dtype == dtype and R_q.dtype == dtype
+        want = gn.rope_forward(u, cos, sin)
+        np.testing.assert_allclose(u @ R, want, rtol=tol, atol=tol)
+        np.testing.assert_allclose(u @ R_q, want / np.sqrt(hs), rtol=tol, atol=tol)
+        assert inference.rope_rotation(gn, cos, sin)[0] is R            # the 30 blocks of a token share one
+        cos2, sin2 = gn.rope_tables(np.arange(pos, pos + 1), hs, 10000.0, dtype)
+        assert inference.rope_rotation(gn, cos2, sin2)[0] is not R       # new tables (the next token): made anew
