@@ -48,8 +48,6 @@ _model = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = _model                      # as an import does: the model finds itself there (FAST_FORMS)
 _spec.loader.exec_module(_model)
 _model.set_backend(cupy)
-_model.ATT_BLOCK = 128      # blocked attention's query rows: 64 was measured faster on the CPU only; on a GPU
-                            # fewer, larger blocks mean fewer kernel launches (the size it was run with)
 
 # Re-export the model's public names: these are the very function objects of the CuPy copy, so they
 # look up `xp` (and each other) in that copy.

@@ -957,7 +957,7 @@ def lora_backward(dout, cache):
 # only, the keys left of it being visible to every row. The dropout masks are the reference's, sliced.
 # Training (and a forward without a KV cache) takes this form once T >= 2 blocks. Blocks of 64 rows
 # rather than 128: a 1-thread cpu-mid step (T = 256) 3% faster, bpe-mid 1-2% (AMD EPYC Zen 4, OpenBLAS);
-# 32 rows gain nothing more. (gpt_cupy keeps 128: fewer, larger kernels on a GPU.)
+# 32 rows gain nothing more. (gpt_cupy runs the same blocks; lib/memory.py's estimate counts them.)
 ATT_BLOCK = 64
 
 
