@@ -10,8 +10,8 @@ the main text calls by name: (A) LoRA adapters; (B) faster forms (blocked attent
 backward, the in-place AdamW) and the table of which one replaces which textbook form, and when; (C)
 scaled RoPE for long contexts. Other add-ons are their own modules in lib/: the input checks the main
 text calls (model_checks.py), the KV-cache forward's inference block that appendix B swaps in
-(inference.py), sampling and the generation loop, LoRA's bookkeeping, the loss scaler of mixed precision. The contract
-(parameter names, shapes, conventions) is docs/SPEC.md.
+(inference.py), sampling and the generation loop, LoRA's bookkeeping, the loss scaler of mixed precision.
+The contract (parameter names, shapes, conventions) is docs/SPEC.md.
 
 What it deliberately is not: no autograd, no framework, no classes where a function will do. The only
 state is the parameter dict, the optimizer-state dict and the KV cache.

@@ -12,7 +12,7 @@ it, and writes the token ids once to memory-mapped files under data/<name>/. Eac
 and redone only when its inputs change. A bad command line prints `error: <one line>` and exits 2, any
 later failure exits 1 (errors.run_main).
 
-    pip install -r requirements.txt && python train.py     # the default job: stdlib sources, BPE, ~3 min on 2 cores
+    pip install -r requirements.txt && python train.py     # the default job: stdlib sources, BPE, 2-3 min on 2 cores
     python train.py --preset shakespeare-char --data ../shared/data/tinyshakespeare.txt   # nanoGPT's CPU run
     python train.py --preset shakespeare-char              # the same, downloading Tiny Shakespeare
     python train.py --preset tiny --data notes.txt         # seconds: a smoke test on any text

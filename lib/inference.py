@@ -131,7 +131,7 @@ def block_forward_cached(gm, x, params, i, cfg, cos, sin, p_drop=0.0, seed=0, kv
 # mask, no query blocks, no key tiles: the softmax in one pass); v stays a view of the qkv row; the
 # grouped query heads meet their key/value head by a reshape, (B, nkv, g, hs); RoPE is one small product
 # by the position's rotation matrix (rope_rotation), q's with the 1/sqrt(hs) of the scores in it (two
-# calls instead of eight); and a single row's RMSNorm takes its statistic as one dot product and Python
+# calls instead of seven); and a single row's RMSNorm takes its statistic as one dot product and Python
 # floats (norm_row).
 def block_forward_decode(gm, x, params, i, cfg, cos, sin, kv, pos):
     """block_forward_cached's output for x (B, 1, C) at position pos: (B, 1, C)."""

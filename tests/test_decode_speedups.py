@@ -1,9 +1,11 @@
 """
 The inference path's faster forms (lib/inference.py): block_forward_cached, which FAST_FORMS hands every
 block_forward call with a KV cache (prefill by query blocks sized to their keys, decoding, no dropout, no
-LoRA), against the textbook block_forward it replaces; and pack_for_inference, the weights in one buffer
-of huge pages with ffn.w_down and a tied head stored transposed, against the arrays it moves. The speed
-itself is shown by bench/generation.py and bench/evaluation.py, never timed here.
+LoRA; every decoded position through block_forward_decode, its RoPE one product by rope_rotation's
+matrix), against the textbook block_forward it replaces; and pack_for_inference, the weights in one buffer
+of huge pages with ffn.w_down and a tied head stored transposed and each block's gate and up matrices side
+by side, against the arrays it moves. The speed itself is shown by bench/generation.py and
+bench/evaluation.py, never timed here.
 """
 import weakref
 from dataclasses import replace
