@@ -298,3 +298,24 @@ def test_an_empty_context_starts_with_the_models_bos():
     assert scoring.start_ids(tok, {"chat": {**chat, "bos_token": None}}) == [258]
     assert scoring.start_ids(tok, {}) == scoring.start_ids(tok, None) == [256]
     assert scoring.encode_pair(tok, "", " a", [257]) == ([257], [32, 97])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_token_logprobs_by_row_blocks_equal_one_block_and_the_log_softmax(dtype):
+    # the CPU form runs exp over blocks of rows; 7 rows of 3 * 5 positions leave a short last block, and the
+    # result must not depend on the block size, nor differ from log softmax computed in float64
+    rng = np.random.default_rng(0)
+    V = 50
+    logits = (rng.standard_normal((3, 5, V)) * 4).astype(dtype)
+    targets = rng.integers(0, V, (3, 5))
+    targets[2, 3:] = -1                                                       # padding scores 0
+    whole = scoring.token_logprobs(gpt_numpy, logits, targets, block_bytes=1 << 30)
+    for rows in (1, 2, 7):
+        got = scoring.token_logprobs(gpt_numpy, logits, targets, block_bytes=rows * V * logits.itemsize)
+        np.testing.assert_array_equal(got, whole)
+    x = logits.astype(np.float64)
+    ref = x - x.max(-1, keepdims=True)
+    ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+    ref = np.where(targets >= 0, np.take_along_axis(ref, np.maximum(targets, 0)[..., None], -1)[..., 0], 0.0)
+    assert (whole[2, 3:] == 0).all() and (whole[:2] < 0).all()
+    np.testing.assert_allclose(whole, ref, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
