@@ -887,6 +887,38 @@ def test_fast_adamw_equals_reference(backend, dtype):
         assert rel_err(s1["v"][k], s2["v"][k]) < tol, k
 
 
+@pytest.mark.parametrize("block", [1, 5, 24, 1 << 20])
+def test_adamw_by_blocks_of_rows_is_bit_identical(monkeypatch, block):
+    # adamw_step_inplace runs each parameter through its passes in blocks of rows of ~ADAMW_BLOCK numbers:
+    # blocks of single numbers, of a row and a half (5 of the 3-wide rows: one row each), of 8 rows of the
+    # (13, 3) matrix (a short last block) and whole parameters must give the same bits, the decay still
+    # decided by the whole parameter's ndim (the 1-D "b" is never decayed), views written in place
+    rng = np.random.default_rng(3)
+    params = {"w": rng.standard_normal((13, 3)), "b": rng.standard_normal(7), "t": rng.standard_normal((4, 2, 3))}
+    grads = [{k: rng.standard_normal(p.shape) for k, p in params.items()} for _ in range(2)]
+
+    def run(b):
+        monkeypatch.setattr(gn, "ADAMW_BLOCK", b)
+        p = {k: v.copy() for k, v in params.items()}
+        st = gn.adamw_init(p)
+        held = {k: (p[k], st["m"][k], st["v"][k]) for k in p}
+        for g in grads:
+            gn.adamw_step_inplace(p, g, st, 0.01, weight_decay=0.5)
+        assert all(a is b for k in p for a, b in zip(held[k], (p[k], st["m"][k], st["v"][k])))
+        return p, st
+
+    (p1, s1), (p2, s2) = run(block), run(1 << 30)
+    for k in params:
+        for a, b in ((p1[k], p2[k]), (s1["m"][k], s2["m"][k]), (s1["v"][k], s2["v"][k])):
+            np.testing.assert_array_equal(a, b)
+    ref = {k: v.copy() for k, v in params.items()}
+    st = gn.adamw_init(ref)
+    for g in grads:
+        gn.REFERENCE_FORMS["adamw_step"](ref, g, st, 0.01, weight_decay=0.5)
+    for k in params:
+        np.testing.assert_allclose(p1[k], ref[k], rtol=1e-12, atol=1e-14)
+
+
 def test_clip_grad_norm(backend):
     gm = backend
     g = {"a": gm.to_device(np.array([3.0, 0.0])), "b": gm.to_device(np.array([[4.0]]))}
