@@ -250,26 +250,39 @@ def token_logprobs(gm, logits, targets, block_bytes=LOGPROB_BLOCK_BYTES):
     return np.where(targets >= 0, lp, 0.0)
 
 
-def score_continuations(gm, params, cfg, ctx, conts):
-    """Summed log p(cont | ctx) for each continuation of one shared context, in one batch.
+# How much scoring puts through the model at once: tokens of a batch of windows (score_windows), or
+# positions in a batch of choices' KV caches (score_requests), and bytes of float32 logits of a piece of
+# positions or of a batch of choices
+BATCH_TOKENS = 1 << 12
+BATCH_BYTES = 1 << 28
 
-    The context is read once: all of it but its last token goes through forward_cached into a KV cache,
-    whose keys and values are then copied for each choice; the batch row of choice i is
-    [ctx[-1]] + cont_i[:-1], right-padded (causal: padding at the end changes no earlier position), and
-    its logits predict cont_i. Returns (log-likelihoods, per-token log-probabilities)."""
-    c, longest = len(ctx), max(len(x) for x in conts)
-    T = longest                                                   # ctx[-1] + the longest cont minus its last
+
+def score_continuations(gm, params, cfg, ctxs, conts):
+    """Summed log p(cont | ctx) of each continuation of several contexts of one length, in one batch.
+    ctxs: G contexts, each of the same length c; conts: for each context, its continuations. Returns (the
+    log-likelihoods of all the continuations in order, context by context; their per-token
+    log-probabilities, one row each).
+
+    Each context is read once: all of it but its last token goes through forward_cached into a KV cache
+    (the G contexts as G rows: one length, so no padding and one position for all), whose keys and values
+    are then copied for each of its continuations; the batch row of a continuation is
+    [ctx[-1]] + cont[:-1], right-padded (causal: padding at the end changes no earlier position), and
+    its logits predict cont."""
+    c = len(ctxs[0])
+    T = max(len(x) for cs in conts for x in cs)                   # ctx[-1] + the longest cont minus its last
     ccfg = replace(cfg, max_seq_len=c - 1 + T)                    # a cache just as long as needed
     dtype = params["tok_emb"].dtype
-    kv = gm.kv_cache_init(ccfg, dtype, batch=1)
-    if c > 1:
-        gm.forward_cached(params, np.asarray([ctx[:-1]]), ccfg, kv, 0, last_only=True)   # prefill (logits unused)
-    B = len(conts)
-    kv = [(gm.xp.repeat(K, B, axis=0), gm.xp.repeat(V, B, axis=0)) for K, V in kv]   # the context, per choice
+    kv = gm.kv_cache_init(ccfg, dtype, batch=len(ctxs))
+    if c > 1:                                                     # prefill (logits unused)
+        gm.forward_cached(params, np.asarray([ctx[:-1] for ctx in ctxs]), ccfg, kv, 0, last_only=True)
+    of = gm.xp.asarray(np.repeat(np.arange(len(ctxs)), [len(cs) for cs in conts]))   # each row's context
+    kv = [(K[of], V[of]) for K, V in kv]                          # the contexts, a copy per continuation
+    B = len(of)
     ids = np.zeros((B, T), dtype=np.int64)                       # padding: id 0, never scored
     targets = np.full((B, T), -1, dtype=np.int64)
-    for b, x in enumerate(conts):
-        row = [ctx[-1]] + x[:-1]
+    rows = [(ctx[-1], x) for ctx, cs in zip(ctxs, conts) for x in cs]
+    for b, (last, x) in enumerate(rows):
+        row = [last] + x[:-1]
         ids[b, :len(row)] = row
         targets[b, :len(x)] = x
     logits = gm.forward_cached(params, ids, ccfg, kv, c - 1)     # (B, T, V)
@@ -312,21 +325,59 @@ def score_request(gm, params, cfg, req, index=0):
     for i, (ctx, _) in enumerate(req.inputs):
         groups.setdefault(tuple(ctx), []).append(i)
     for ctx, members in groups.items():
-        sums, _ = score_continuations(gm, params, cfg, list(ctx), [req.inputs[i][1] for i in members])
+        sums, _ = score_continuations(gm, params, cfg, [list(ctx)], [[req.inputs[i][1] for i in members]])
         for i, s in zip(members, sums):
             ll[i] = float(s)
+    return result_of(req, ll, index)
+
+
+def result_of(req, ll, index):
     return MCResult(index, req.item.line, req.item.label, ll, [len(cont) for _, cont in req.inputs],
                     [len(c) for c in req.item.choices], req.truncated)
 
 
-def score_requests(gm, params, cfg, reqs, progress=False, desc="scoring"):
-    """MCResults of every request, in order; a tqdm bar (items/s) when progress is true."""
+def score_requests(gm, params, cfg, reqs, progress=False, desc="scoring", batch_bytes=BATCH_BYTES,
+                   batch_tokens=BATCH_TOKENS):
+    """MCResults of every request, in order; a tqdm bar (items/s) when progress is true.
+
+    Items whose choices share one context go through the model together with the next such items whose
+    context has the same length in tokens (score_continuations: one prefill for their contexts, one batch
+    for all their choices), up to batch_tokens positions in the choices' KV caches (a row per choice) and
+    batch_bytes of their float32 logits at a time: one item's products have few rows (~50 for HellaSwag),
+    which a BLAS multiplies well below its peak.
+    An item's log-likelihoods depend on its batch only through float rounding (the same sums, which the
+    BLAS may block otherwise: ~1e-7 relative). The others (left-truncated items whose choices see
+    different contexts) go one by one (score_request)."""
     from tqdm import tqdm
+    batches, open_batch = [], {}                    # open_batch: context length -> its batch being filled
+    for k, req in enumerate(reqs):
+        if len({tuple(ctx) for ctx, _ in req.inputs}) > 1:
+            batches.append([k])                     # contexts that differ between choices: alone
+            continue
+        c, conts = len(req.inputs[0][0]), [cont for _, cont in req.inputs]
+        b = open_batch.get(c)
+        if b is not None:
+            rows, longest = b["rows"] + len(conts), max(b["longest"], max(map(len, conts)))
+            if rows * (c - 1 + longest) <= batch_tokens and rows * longest * cfg.vocab_size * 4 <= batch_bytes:
+                b["items"].append(k)
+                b["rows"], b["longest"] = rows, longest
+                continue
+        open_batch[c] = {"items": [k], "rows": len(conts), "longest": max(map(len, conts))}
+        batches.append(open_batch[c]["items"])
+    out = [None] * len(reqs)
     with tqdm(total=len(reqs), unit=" items", desc=desc, dynamic_ncols=True, disable=not progress or None) as bar:
-        out = []
-        for k, req in enumerate(reqs):
-            out.append(score_request(gm, params, cfg, req, k))
-            bar.update(1)
+        for batch in batches:
+            inputs = [reqs[k].inputs for k in batch]
+            if len({tuple(ctx) for ctx, _ in inputs[0]}) > 1:
+                out[batch[0]] = score_request(gm, params, cfg, reqs[batch[0]], batch[0])
+            else:
+                sums, _ = score_continuations(gm, params, cfg, [x[0][0] for x in inputs],
+                                              [[cont for _, cont in x] for x in inputs])
+                at = 0
+                for k, x in zip(batch, inputs):
+                    out[k] = result_of(reqs[k], [float(v) for v in sums[at:at + len(x)]], k)
+                    at += len(x)
+            bar.update(len(batch))
     return out
 
 
@@ -394,10 +445,6 @@ def rolling_windows(n_tokens, block_size):
     return windows
 
 
-# How much text scoring puts through the model at once (score_windows): tokens of a batch of windows, and
-# bytes of float32 logits of a piece of positions
-BATCH_TOKENS = 1 << 12
-BATCH_BYTES = 1 << 28
 
 
 def score_windows(gm, params, cfg, seqs, windows, progress=False, batch_bytes=BATCH_BYTES, batch_tokens=BATCH_TOKENS):

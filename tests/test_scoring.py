@@ -245,6 +245,47 @@ def test_kv_cache_batch_equals_a_plain_forward_of_each_choice(window):
         assert len({tuple(ctx) for ctx, _ in reqs[0].inputs}) == 3     # " jumps over", " sleeps" cut it
 
 
+@pytest.mark.parametrize("limits, calls", [(dict(), [2, 1, 3, 1, 1, 1]),
+                                           (dict(batch_tokens=40), [1, 1, 2, 1, 1, 1, 1, 1]),
+                                           (dict(batch_bytes=1), [1] * 9)])
+def test_items_of_one_context_length_score_together_as_each_alone(monkeypatch, limits, calls):
+    # score_requests batches the items whose context has the same length: their contexts as rows of one
+    # prefill, all their choices as rows of one batch. Each choice must still equal the harness's plain
+    # forward of ctx + cont (float64: to rounding), the results come back in the items' order, and an item
+    # whose choices see different (left-truncated) contexts, between them, goes alone. batch_tokens=40
+    # splits the 5-character contexts into batches; batch_bytes=1 leaves every item alone.
+    window = 12
+    cfg = small_cfg(vocab_size=CHARS.vocab_size, max_seq_len=window)
+    params = gpt_numpy.init_params(cfg, seed=4, dtype=np.float64)
+    params = {k: v * 8 if v.ndim == 2 else v for k, v in params.items()}           # far from uniform
+    items = [scoring.MCItem("a cat", ["sat", "ran off"], 0, 1),
+             scoring.MCItem("the dog", ["barks", "b"], 1, 2),
+             scoring.MCItem("big ox", ["eats", "x", "runs"], 2, 3),
+             scoring.MCItem("the fox", ["jumps over", "a", "dog", "sleeps"], 0, 4),    # cut: contexts differ
+             scoring.MCItem("a hen", ["lays", "clucks"], 1, 5),
+             scoring.MCItem("my ant", ["hi"], 0, 6),
+             scoring.MCItem("an elk", ["is", "was", "z"], 2, 7)]
+    reqs = scoring.encode_items(CHARS, items, window)
+    assert len({tuple(ctx) for ctx, _ in reqs[3].inputs}) > 1
+    assert sorted(len(r.inputs[0][0]) for r in reqs if r is not reqs[3]) == [5, 5, 6, 6, 6, 7]
+    seen, score = [], scoring.score_continuations
+
+    def spy(gm, params, cfg, ctxs, conts):
+        seen.append(len(ctxs))
+        return score(gm, params, cfg, ctxs, conts)
+    monkeypatch.setattr(scoring, "score_continuations", spy)
+    results = scoring.score_requests(gpt_numpy, params, cfg, reqs, **limits)
+    # contexts per call, in order: items 0 and 4 (length 5), item 1 (length 7), items 2, 5 and 6 (length 6),
+    # item 3's three distinct contexts one by one; with batch_tokens=40 the rows' KV positions split them
+    # (item 4 leaves item 0: 4 rows x 12 > 40; item 6 leaves items 2 and 5: 7 rows x 10)
+    assert seen == calls
+    assert [r.index for r in results] == list(range(7)) and [r.line for r in results] == list(range(1, 8))
+    for req, r in zip(reqs, results):
+        assert len(r.loglikelihoods) == len(req.inputs)
+        for (ctx, cont), ll in zip(req.inputs, r.loglikelihoods):
+            assert rel_err(ll, plain_loglikelihood(params, cfg, ctx, cont)) < 1e-12
+
+
 # ----------------------------------------------------------------------------------------------------
 # text windows
 
