@@ -1062,7 +1062,7 @@ def adamw_step_inplace(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8
     bc2 = 1.0 - beta2 ** t
     for k, p in params.items():
         decay = weight_decay and p.ndim >= 2             # matrices only, decided on the whole parameter
-        row = p.size // len(p) if p.ndim else 1          # numbers in one row (p[i]) of p
+        row = p.size // max(1, len(p)) if p.ndim else 1  # numbers in one row (p[i]) of p
         rows = max(1, ADAMW_BLOCK // max(1, row)) if xp is np else len(p)
         for i in range(0, len(p) if p.ndim else 1, rows):
             at = slice(i, i + rows) if p.ndim else ...   # a block of rows: views, written in place

@@ -445,8 +445,6 @@ def rolling_windows(n_tokens, block_size):
     return windows
 
 
-
-
 def score_windows(gm, params, cfg, seqs, windows, progress=False, batch_bytes=BATCH_BYTES, batch_tokens=BATCH_TOKENS):
     """The summed log-probability of each window's targets. seqs: 1-D int arrays; windows: (seq, start,
     end, first): the model reads seqs[seq][start:end] and is scored on the targets seqs[seq][first:end + 1].
