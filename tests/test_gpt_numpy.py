@@ -890,8 +890,8 @@ def test_fast_adamw_equals_reference(backend, dtype):
 @pytest.mark.parametrize("block", [1, 5, 24, 1 << 20])
 def test_adamw_by_blocks_of_rows_is_bit_identical(monkeypatch, block):
     # adamw_step_inplace runs each parameter through its passes in blocks of rows of ~ADAMW_BLOCK numbers:
-    # blocks of single numbers, of a row and a half (5 of the 3-wide rows: one row each), of 8 rows of the
-    # (13, 3) matrix (a short last block) and whole parameters must give the same bits, the decay still
+    # blocks of single numbers, of 5 (one 3-wide row of "w" a block, 5 numbers of "b"), of 24 (8 rows of the
+    # (13, 3) matrix: a short last block) and whole parameters must give the same bits, the decay still
     # decided by the whole parameter's ndim (the 1-D "b" is never decayed), views written in place
     rng = np.random.default_rng(3)
     params = {"w": rng.standard_normal((13, 3)), "b": rng.standard_normal(7), "t": rng.standard_normal((4, 2, 3))}

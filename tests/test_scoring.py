@@ -253,7 +253,7 @@ def test_items_of_one_context_length_score_together_as_each_alone(monkeypatch, l
     # prefill, all their choices as rows of one batch. Each choice must still equal the harness's plain
     # forward of ctx + cont (float64: to rounding), the results come back in the items' order, and an item
     # whose choices see different (left-truncated) contexts, between them, goes alone. batch_tokens=40
-    # splits the 5-character contexts into batches; batch_bytes=1 leaves every item alone.
+    # splits two of the batches; batch_bytes=1 leaves every item alone.
     window = 12
     cfg = small_cfg(vocab_size=CHARS.vocab_size, max_seq_len=window)
     params = gpt_numpy.init_params(cfg, seed=4, dtype=np.float64)
