@@ -955,9 +955,8 @@ def lora_backward(dout, cache):
 # the backward.) Two passes over the scores are saved as well: the block's queries are scaled by
 # 1/sqrt(hs) as they are gathered (a copy anyway), and the mask is added to the block's diagonal square
 # only, the keys left of it being visible to every row. The dropout masks are the reference's, sliced.
-# Training (and a forward without a KV cache) takes this form once T >= 2 blocks. Blocks of 64 rows
-# rather than 128: a 1-thread cpu-mid step (T = 256) 3% faster, bpe-mid 1-2% (AMD EPYC Zen 4, OpenBLAS);
-# 32 rows gain nothing more. (gpt_cupy runs the same blocks; lib/memory.py's estimate counts them.)
+# Training (and a forward without a KV cache) takes this form once T >= 2 blocks. 64 rows: 1-3% faster
+# than 128 at T = 256, 32 no faster (gpt_cupy runs the same blocks; lib/memory.py counts them).
 ATT_BLOCK = 64
 
 
@@ -1043,30 +1042,23 @@ def embedding_backward_flat(dout, cache):
     return dW
 
 
-# adamw_step_inplace's passes go over this many numbers of a parameter at a time (on NumPy): a block's p, g,
-# m, v and u (640 KB) stay in the core's cache through all twelve passes instead of each pass reading a
-# whole matrix from memory (cpu-mid's AdamW 38 -> 27 ms, 1 thread, Xeon)
-ADAMW_BLOCK = 1 << 15
+ADAMW_BLOCK = 1 << 15       # numbers in a block of adamw_step_inplace (NumPy): in cache through its passes
 
 
 def adamw_step_inplace(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
     """identical to adamw_step except that every pass writes into m, v, p or one scratch array u (no
-    temporaries: about 1.5% of a cpu-small step), that the bias corrections go into the scalars:
-    mhat / (sqrt(vhat) + eps) = sqrt(bc2) / bc1 * m / (sqrt(v) + eps * sqrt(bc2)), and
-    p - lr * (update + wd * p) is taken as p * (1 - lr * wd) - lr * update, and that on NumPy a parameter
-    goes through the passes in blocks of rows of about ADAMW_BLOCK numbers (each number's update is the same
-    either way, bit for bit; a GPU takes each parameter whole)."""
+    temporaries), that the bias corrections go into the scalars: mhat / (sqrt(vhat) + eps) = sqrt(bc2) /
+    bc1 * m / (sqrt(v) + eps * sqrt(bc2)), that p - lr * (update + wd * p) is taken as p * (1 - lr * wd) -
+    lr * update, and that on NumPy a parameter goes in blocks of rows of ~ADAMW_BLOCK numbers, which stay
+    in cache through the twelve passes (cpu-mid's AdamW 38 -> 27 ms; the same bits; a GPU takes it whole)."""
     state["t"] += 1
     t = state["t"]
     bc1 = 1.0 - beta1 ** t                               # bias corrections
     bc2 = 1.0 - beta2 ** t
     for k, p in params.items():
-        decay = weight_decay and p.ndim >= 2             # matrices only, decided on the whole parameter
-        row = p.size // max(1, len(p)) if p.ndim else 1  # numbers in one row (p[i]) of p
-        rows = max(1, ADAMW_BLOCK // max(1, row)) if xp is np else len(p)
-        for i in range(0, len(p) if p.ndim else 1, rows):
-            at = slice(i, i + rows) if p.ndim else ...   # a block of rows: views, written in place
-            p_, g, m, v = p[at], grads[k][at], state["m"][k][at], state["v"][k][at]
+        rows = max(1, ADAMW_BLOCK * len(p) // max(1, p.size) if xp is np else len(p))
+        for i in range(0, len(p), rows):                 # blocks of rows: views, written in place
+            p_, g, m, v = (a[i:i + rows] for a in (p, grads[k], state["m"][k], state["v"][k]))
             u = xp.multiply(g, 1.0 - beta1)              # the scratch array
             m *= beta1
             m += u                                       # first moment
@@ -1074,7 +1066,7 @@ def adamw_step_inplace(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8
             u *= 1.0 - beta2
             v *= beta2
             v += u                                       # second moment
-            if decay:
+            if weight_decay and p.ndim >= 2:             # (p, the whole parameter: matrices only)
                 p_ *= 1.0 - lr * weight_decay            # decoupled decay, before the Adam step
             xp.sqrt(v, out=u)
             u += eps * math.sqrt(bc2)                    # (sqrt(vhat) + eps) * sqrt(bc2)

@@ -351,14 +351,13 @@ def bench(a):
           f"{torch.__version__}, transformers {transformers.__version__}; loadavg {common.loadavg()}")
     ours(m, items[:2])                                    # warm-up: caches, allocator, thread pools
     theirs(torch, model, tok, items[:2], m.cfg.max_seq_len)
-    rows = []
+    rows, turn, n = [], 0, a.chunk or len(items)
     for t in range(a.trials):
         so = st = 0.0
         res, ref = [], []
-        n = a.chunk or len(items)                         # interleaved chunk by chunk, the order alternating
-        for k in range(0, len(items), n):                 # (and between trials), so that load changes hit
-            turn = k // n + t * -(-len(items) // n)       # both sides alike
-            for side in ((0, 1) if turn % 2 == 0 else (1, 0)):
+        for k in range(0, len(items), n):                 # chunk by chunk, which side goes first alternating
+            turn += 1                                     # (across trials too), so that load changes hit
+            for side in ((0, 1) if turn % 2 else (1, 0)):     # both sides alike
                 if side == 0:
                     dt, r = ours(m, items[k:k + n])
                     so, res = so + dt, res + r

@@ -349,26 +349,26 @@ def score_requests(gm, params, cfg, reqs, progress=False, desc="scoring", batch_
     BLAS may block otherwise: ~1e-7 relative). The others (left-truncated items whose choices see
     different contexts) go one by one (score_request)."""
     from tqdm import tqdm
-    batches, open_batch = [], {}                    # open_batch: context length -> its batch being filled
+    shared = lambda req: len({tuple(ctx) for ctx, _ in req.inputs}) == 1     # noqa: E731  one context
+    batches, filling = [], {}                       # filling: context length -> (its batch, rows, longest)
     for k, req in enumerate(reqs):
-        if len({tuple(ctx) for ctx, _ in req.inputs}) > 1:
+        if not shared(req):
             batches.append([k])                     # contexts that differ between choices: alone
             continue
-        c, conts = len(req.inputs[0][0]), [cont for _, cont in req.inputs]
-        b = open_batch.get(c)
-        if b is not None:
-            rows, longest = b["rows"] + len(conts), max(b["longest"], max(map(len, conts)))
-            if rows * (c - 1 + longest) <= batch_tokens and rows * longest * cfg.vocab_size * 4 <= batch_bytes:
-                b["items"].append(k)
-                b["rows"], b["longest"] = rows, longest
-                continue
-        open_batch[c] = {"items": [k], "rows": len(conts), "longest": max(map(len, conts))}
-        batches.append(open_batch[c]["items"])
+        c, lens = len(req.inputs[0][0]), [len(cont) for _, cont in req.inputs]
+        batch, rows, longest = filling.get(c, (None, 0, 0))
+        rows, longest = rows + len(lens), max(longest, *lens)
+        kv_positions, logit_bytes = rows * (c - 1 + longest), rows * longest * cfg.vocab_size * 4
+        if batch is None or kv_positions > batch_tokens or logit_bytes > batch_bytes:
+            batch, rows, longest = [], len(lens), max(lens)                  # a new batch for this length
+            batches.append(batch)
+        batch.append(k)
+        filling[c] = (batch, rows, longest)
     out = [None] * len(reqs)
     with tqdm(total=len(reqs), unit=" items", desc=desc, dynamic_ncols=True, disable=not progress or None) as bar:
         for batch in batches:
             inputs = [reqs[k].inputs for k in batch]
-            if len({tuple(ctx) for ctx, _ in inputs[0]}) > 1:
+            if not shared(reqs[batch[0]]):
                 out[batch[0]] = score_request(gm, params, cfg, reqs[batch[0]], batch[0])
             else:
                 sums, _ = score_continuations(gm, params, cfg, [x[0][0] for x in inputs],
